@@ -1,0 +1,1 @@
+"""Array/tensor engines behind the public API. Nothing in this package imports AnnData."""

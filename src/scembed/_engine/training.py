@@ -1,0 +1,104 @@
+"""The one training loop every network in scembed uses: epochs, progress bar, history, stopping, best weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from .._utils._logging import progress
+
+
+def minibatches(
+    n: int,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    device: torch.device | str = "cpu",
+) -> Iterator[torch.Tensor]:
+    """Index tensors covering ``range(n)`` in batches (a fresh permutation per call when ``shuffle``)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(device)
+    stop = n - n % batch_size if (drop_last and n > batch_size) else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train(
+    step: Callable[[int], float | Mapping[str, float]],
+    n_epochs: int,
+    *,
+    desc: str = "training",
+    show_progress: bool | None = None,
+    monitor: str = "loss",
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    module: torch.nn.Module | None = None,
+    keep_best: bool = False,
+    stop: Callable[[int, Mapping[str, float]], bool] | None = None,
+) -> tuple[dict[str, list[float]], int]:
+    """Run ``step(epoch)`` for up to ``n_epochs`` epochs.
+
+    Parameters
+    ----------
+    step
+        Does one epoch of work and returns its loss, or a mapping of named losses (``monitor`` names the one
+        used for stopping and best weights).
+    n_epochs
+        Maximum number of epochs.
+    desc
+        Label of the progress bar.
+    show_progress
+        Force the progress bar on/off (default: follows verbosity).
+    monitor
+        The history entry watched by ``patience`` and ``keep_best``.
+    patience
+        Stop when ``monitor`` has not improved by more than ``min_delta`` (relative) for this many epochs.
+    min_delta
+        Relative improvement that counts.
+    module
+        The network whose best weights ``keep_best`` restores at the end.
+    keep_best
+        Restore ``module``'s weights from the epoch with the lowest ``monitor``.
+    stop
+        Extra stopping rule, called after every epoch with the epoch and its losses.
+
+    Returns
+    -------
+    history
+        Every loss per epoch (plain floats: writable to ``uns``).
+    n_run
+        Epochs actually run.
+    """
+    history: dict[str, list[float]] = {}
+    best, best_epoch, best_state = math.inf, -1, None
+    bar = progress(range(n_epochs), desc=desc, show=show_progress)
+    n_run = 0
+    for epoch in bar:
+        out = step(epoch)
+        losses = {monitor: float(out)} if not isinstance(out, Mapping) else {k: float(v) for k, v in out.items()}
+        for name, value in losses.items():
+            history.setdefault(name, []).append(value)
+        n_run = epoch + 1
+        current = losses.get(monitor, math.nan)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=False)
+        if not math.isfinite(current):
+            raise FloatingPointError(
+                f"{desc}: the loss became {current} at epoch {epoch + 1}; try a smaller learning rate."
+            )
+        if current < best - min_delta * abs(best if math.isfinite(best) else current):
+            best, best_epoch = current, epoch
+            if keep_best and module is not None:
+                best_state = copy.deepcopy(module.state_dict())
+        if patience is not None and epoch - best_epoch >= patience:
+            break
+        if stop is not None and stop(epoch, losses):
+            break
+    bar.close()
+    if keep_best and module is not None and best_state is not None:
+        module.load_state_dict(best_state)
+    return history, n_run

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .._settings import settings
+
+_logger = logging.getLogger("scembed")
+
+
+def verbosity() -> int:
+    """Effective verbosity: scembed's own setting, else scanpy's (0 error … 4 debug)."""
+    if settings.verbosity is not None:
+        return int(settings.verbosity)
+    try:
+        import scanpy as sc
+
+        return int(sc.settings.verbosity)
+    except Exception:  # scanpy missing or its setting unreadable: default to warnings
+        return 1
+
+
+def get_logger() -> logging.Logger:
+    """The package logger, its level following :func:`verbosity`."""
+    level = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.INFO}.get(verbosity(), logging.DEBUG)
+    _logger.setLevel(level)
+    if not _logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        _logger.addHandler(handler)
+    return _logger
+
+
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    show: bool | None = None,
+    **kwargs: Any,
+) -> tqdm:
+    """A tqdm bar shown when ``show`` is True, or when ``show`` is None and verbosity ≥ 2 (scanpy's info)."""
+    if show is None:
+        show = settings.progress and verbosity() >= 2
+    return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True, **kwargs)

@@ -1,0 +1,3 @@
+"""Tools: embeddings, clustering and integration."""
+
+__all__: list[str] = []
