@@ -1,0 +1,35 @@
+"""Shared fixtures: small data sets, the shared real data (skipped when absent) and the ``gpu`` marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def load_shared(name: str) -> ad.AnnData:
+    """Read ``../shared/data/<name>.h5ad``, skipping the calling test when the folder or file is absent."""
+    path = SHARED_DATA / f"{name}.h5ad"
+    if not path.exists():
+        pytest.skip(f"shared data set {path} not available")
+    return ad.read_h5ad(path)
+
+
+@pytest.fixture
+def shared_data():
+    """The loader of the shared real data sets (see :func:`load_shared`)."""
+    return load_shared
