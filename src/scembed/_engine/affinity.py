@@ -7,7 +7,7 @@ import torch
 from scipy import sparse
 
 #: rows calibrated together; bounds the working memory to a few arrays of _ROW_CHUNK × k float64
-_ROW_CHUNK = 1_000_000
+_ROW_CHUNK = 262_144
 
 
 def calibrate_perplexity(
@@ -124,9 +124,10 @@ def symmetrize(indices: np.ndarray, P_cond: np.ndarray, n: int | None = None) ->
     cond = sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(n, n), dtype=np.float64)
     P = (cond + cond.T).tocsr()
     P.data /= 2.0 * n_rows
-    P.eliminate_zeros()
+    P = P.astype(np.float32)
+    P.eliminate_zeros()  # after the cast: values below float32's range must not stay as stored zeros
     P.sort_indices()
-    return P.astype(np.float32)
+    return P
 
 
 def entropic_affinities(

@@ -8,13 +8,13 @@ from anndata import AnnData
 from scipy import sparse
 
 
-def check_adata(adata: object, *, min_obs: int = 1, name: str = "adata") -> AnnData:
-    """Check that ``adata`` is a non-empty AnnData (at least ``min_obs`` cells and one variable)."""
+def check_adata(adata: object, *, min_obs: int = 1, name: str = "adata", require_vars: bool = True) -> AnnData:
+    """Check that ``adata`` is a non-empty AnnData (at least ``min_obs`` cells and, if ``require_vars``, a variable)."""
     if not isinstance(adata, AnnData):
         raise TypeError(f"`{name}` must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs < min_obs:
         raise ValueError(f"`{name}` has {adata.n_obs} cells; at least {min_obs} are needed.")
-    if adata.n_vars == 0:
+    if require_vars and adata.n_vars == 0:
         raise ValueError(f"`{name}` has no variables (n_vars = 0).")
     return adata
 

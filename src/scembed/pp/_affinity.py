@@ -95,7 +95,8 @@ def affinity(
     >>> adata.obsp["affinity"].sum()  # doctest: +ELLIPSIS
     np.float32(1.0...)
     """
-    check_adata(adata, min_obs=3)
+    needs_X = use_rep == "X" or (use_rep is None and neighbors_key is None and "X_pca" not in getattr(adata, "obsm", {}))
+    check_adata(adata, min_obs=3, require_vars=needs_X)
     perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
     if method not in KNN_METHODS:
         raise ValueError(f"`method` must be one of {KNN_METHODS}, got {method!r}.")
@@ -139,7 +140,7 @@ def affinity(
             X, k, method=used_method, metric=metric, n_jobs=n_jobs, device=dev, random_state=seed
         )
 
-    P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device="cpu")
+    P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device=dev)
     if n_bad:
         log.warning(
             f"{n_bad} cell(s) could not be calibrated to perplexity {perplexity:g} within tol={tol:g} "

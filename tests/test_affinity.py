@@ -1,0 +1,255 @@
+"""``se.pp.affinity`` against an independent float64 brute-force reference, its invariants and its error paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+from anndata import AnnData
+from scipy import sparse
+
+import scembed as se
+from scembed._engine.affinity import calibrate_perplexity
+from scembed._engine.knn import nearest_neighbors
+
+
+def reference_affinities(X: np.ndarray, perplexity: float, k: int) -> np.ndarray:
+    """Dense float64 P: full distance matrix, per-row bisection on β over the k nearest, then symmetrised."""
+    X = X.astype(np.float64)
+    n = X.shape[0]
+    D2 = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(D2, np.inf)
+    P_cond = np.zeros((n, n))
+    target = np.log(perplexity)
+    for i in range(n):
+        nn = np.argsort(D2[i], kind="stable")[:k]
+        d = D2[i, nn] - D2[i, nn].min()
+        lo, hi = 0.0, 1e12
+        for _ in range(200):
+            beta = (lo + hi) / 2 if hi < 1e12 else (lo * 2 if lo > 0 else 1.0)
+            w = np.exp(-beta * d)
+            p = w / w.sum()
+            h = -(p[p > 0] * np.log(p[p > 0])).sum()
+            if h > target:
+                lo = beta
+            else:
+                hi = beta
+        P_cond[i, nn] = p
+    return (P_cond + P_cond.T) / (2 * n)
+
+
+@pytest.fixture
+def small() -> AnnData:
+    return se.datasets.simulate_embedding(n_cells=300, n_dims=10, n_celltypes=4, random_state=1)
+
+
+def conditional_entropy(P_cond_rows: np.ndarray) -> np.ndarray:
+    p = np.where(P_cond_rows > 0, P_cond_rows, 1.0)
+    return -(P_cond_rows * np.log(p)).sum(1)
+
+
+@pytest.mark.parametrize("perplexity", [5.0, 30.0])
+def test_exact_matches_float64_brute_force(small: AnnData, perplexity: float) -> None:
+    se.pp.affinity(small, perplexity=perplexity, method="exact")
+    P = small.obsp["affinity"]
+    ref = reference_affinities(small.obsm["X_pca"], perplexity, k=int(3 * perplexity))
+    assert sparse.issparse(P) and P.dtype == np.float32
+    assert np.abs(P.toarray() - ref).max() / ref.max() < 1e-4
+
+
+def test_invariants(small: AnnData) -> None:
+    se.pp.affinity(small, perplexity=20)
+    P = small.obsp["affinity"]
+    assert abs(P.sum() - 1) < 1e-5
+    assert abs(P - P.T).max() < 1e-9
+    assert P.diagonal().max() == 0
+    assert (P.data > 0).all()
+    # memory N·k: at most 2k stored entries per row
+    assert P.nnz <= 2 * 60 * small.n_obs
+    info = small.uns["affinity"]
+    assert info["n_neighbors"] == 60 and info["method"] == "exact" and info["n_unconverged"] == 0
+    assert info["params"]["perplexity"] == 20
+
+
+def test_each_row_has_entropy_log_perplexity() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 8)).astype(np.float32)
+    idx, dist, _ = nearest_neighbors(X, 45, method="exact")
+    P_cond, beta, n_bad = calibrate_perplexity(dist, 15.0, tol=1e-6)
+    assert n_bad == 0
+    np.testing.assert_allclose(P_cond.sum(1), 1, atol=1e-12)
+    np.testing.assert_allclose(conditional_entropy(P_cond), np.log(15.0), atol=1e-6)
+    # larger precision for cells in denser regions: β is positive and finite everywhere
+    assert np.isfinite(beta).all() and (beta > 0).all()
+
+
+def test_calibration_of_far_away_scales() -> None:
+    """Rows whose distances differ by orders of magnitude all calibrate (the Newton/bisection guard)."""
+    rng = np.random.default_rng(3)
+    base = np.sort(rng.uniform(1, 2, size=(4, 30)), axis=1)
+    dist = base * np.array([[1e-4], [1.0], [1e3], [1e6]])
+    P_cond, _, n_bad = calibrate_perplexity(dist, 10.0)
+    assert n_bad == 0
+    np.testing.assert_allclose(conditional_entropy(P_cond), np.log(10.0), atol=1e-5)
+
+
+def clustered(n: int, d: int = 20, seed: int = 0) -> np.ndarray:
+    return se.datasets.simulate_embedding(n_cells=n, n_dims=d, n_celltypes=8, random_state=seed).obsm["X_pca"]
+
+
+def recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx, exact))
+    return hits / exact.size
+
+
+def test_annoy_recall_against_exact() -> None:
+    X = clustered(3000)
+    exact, _, _ = nearest_neighbors(X, 30, method="exact")
+    approx, dist, used = nearest_neighbors(X, 30, method="annoy", random_state=0)
+    assert used == "annoy"
+    assert recall(approx, exact) >= 0.95
+    assert (approx != np.arange(len(X))[:, None]).all()
+    np.testing.assert_allclose(dist, np.linalg.norm(X[:, None] - X[approx], axis=-1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_pynndescent_recall_against_exact() -> None:
+    X = clustered(3000)
+    exact, _, _ = nearest_neighbors(X, 30, method="exact")
+    approx, _, used = nearest_neighbors(X, 30, method="pynndescent", random_state=0, n_jobs=1)
+    assert used == "pynndescent"
+    assert recall(approx, exact) >= 0.95
+
+
+def test_approximate_affinity_close_to_exact() -> None:
+    adata = AnnData(obsm={"X_pca": clustered(2000)})
+    exact = se.pp.affinity(adata, perplexity=10, method="exact", copy=True).obsp["affinity"]
+    approx = se.pp.affinity(adata, perplexity=10, method="annoy", copy=True).obsp["affinity"]
+    assert abs(exact - approx).sum() < 0.05  # both sum to 1: total variation distance below 2.5 %
+
+
+def test_cosine_metric(small: AnnData) -> None:
+    X = small.obsm["X_pca"]
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    idx, dist, _ = nearest_neighbors(X, 10, method="exact", metric="cosine")
+    np.testing.assert_allclose(dist, 1 - (unit[:, None] * unit[idx]).sum(-1), atol=1e-5)
+    annoy_idx, annoy_dist, _ = nearest_neighbors(X, 10, method="annoy", metric="cosine")
+    assert recall(annoy_idx, idx) > 0.95
+    np.testing.assert_allclose(annoy_dist, 1 - (unit[:, None] * unit[annoy_idx]).sum(-1), atol=1e-4)
+
+
+def test_reuse_scanpy_graph(small: AnnData) -> None:
+    sc.pp.neighbors(small, n_neighbors=31, use_rep="X_pca", method="gauss", knn=True)
+    se.pp.affinity(small, perplexity=10, neighbors_key="neighbors", key_added="from_graph")
+    se.pp.affinity(small, perplexity=10, n_neighbors=30, method="exact")
+    assert small.uns["from_graph"]["method"] == "graph"
+    np.testing.assert_allclose(small.obsp["from_graph"].toarray(), small.obsp["affinity"].toarray(), atol=1e-7)
+
+
+def test_scanpy_graph_too_small_for_perplexity(small: AnnData) -> None:
+    sc.pp.neighbors(small, n_neighbors=15, use_rep="X_pca", method="gauss")
+    with pytest.raises(ValueError, match=r"perplexity=30.*neighbours"):
+        se.pp.affinity(small, perplexity=30, neighbors_key="neighbors")
+    with pytest.raises(KeyError, match="neighbors_key"):
+        se.pp.affinity(small, perplexity=5, neighbors_key="nope")
+
+
+def test_dense_and_sparse_X_give_the_same_result() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.poisson(1.0, size=(200, 30)).astype(np.float32)
+    dense, sp = AnnData(X), AnnData(sparse.csr_matrix(X))
+    se.pp.affinity(dense, perplexity=10, use_rep="X")
+    se.pp.affinity(sp, perplexity=10, use_rep="X")
+    np.testing.assert_allclose(dense.obsp["affinity"].toarray(), sp.obsp["affinity"].toarray(), atol=1e-7)
+
+
+def test_pca_computed_when_missing_and_not_stored() -> None:
+    adata = se.datasets.simulate(n_cells=300, n_genes=200, random_state=0)
+    sc.pp.log1p(adata)
+    se.pp.affinity(adata, perplexity=10)
+    assert "X_pca" not in adata.obsm
+    assert adata.uns["affinity"]["params"]["use_rep"].startswith("pca(X")
+
+
+def test_copy_and_n_pcs(small: AnnData) -> None:
+    out = se.pp.affinity(small, perplexity=10, n_pcs=5, copy=True)
+    assert isinstance(out, AnnData) and "affinity" in out.obsp and "affinity" not in small.obsp
+    assert se.pp.affinity(small, perplexity=10, key_added="P5", n_pcs=5) is None
+    np.testing.assert_array_equal(out.obsp["affinity"].toarray(), small.obsp["P5"].toarray())
+    ref = reference_affinities(small.obsm["X_pca"][:, :5], 10, k=30)
+    assert np.abs(small.obsp["P5"].toarray() - ref).max() / ref.max() < 1e-4
+
+
+def test_duplicated_cells() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 5)).astype(np.float32)
+    X = np.vstack([X, X[:20]])  # 20 exact duplicates: zero distances
+    adata = AnnData(obsm={"X_pca": X})
+    se.pp.affinity(adata, perplexity=10)
+    P = adata.obsp["affinity"]
+    assert np.isfinite(P.data).all() and abs(P.sum() - 1) < 1e-5
+    assert P[0, 100] > 0  # a cell and its duplicate are neighbours
+
+
+def test_h5ad_round_trip(small: AnnData, tmp_path) -> None:
+    se.pp.affinity(small, perplexity=10)
+    small.write_h5ad(tmp_path / "a.h5ad")
+    back = sc.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.obsp["affinity"].toarray(), small.obsp["affinity"].toarray())
+    assert back.uns["affinity"]["params"]["perplexity"] == 10
+
+
+def test_same_seed_same_result() -> None:
+    adata = AnnData(obsm={"X_pca": clustered(1500)})
+    a = se.pp.affinity(adata, perplexity=10, method="annoy", random_state=3, copy=True).obsp["affinity"]
+    b = se.pp.affinity(adata, perplexity=10, method="annoy", random_state=3, copy=True).obsp["affinity"]
+    assert (a != b).nnz == 0
+
+
+def snapshot(adata: AnnData) -> tuple:
+    return set(adata.obsp), set(adata.uns), set(adata.obsm), adata.shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"perplexity": 0}, ValueError, "perplexity"),
+        ({"perplexity": -3}, ValueError, "perplexity"),
+        ({"perplexity": 299}, ValueError, "perplexity"),
+        ({"perplexity": 30, "n_neighbors": 20}, ValueError, "perplexity"),
+        ({"n_neighbors": 400}, ValueError, "n_neighbors"),
+        ({"use_rep": "X_missing"}, KeyError, "use_rep"),
+        ({"method": "faiss"}, ValueError, "method"),
+        ({"metric": "hamming"}, ValueError, "metric"),
+        ({"n_pcs": 0}, ValueError, "n_pcs"),
+        ({"n_pcs": 11}, ValueError, "n_pcs"),
+        ({"key_added": ""}, TypeError, "key_added"),
+        ({"device": "tpu"}, ValueError, "device"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_adata_unchanged(small: AnnData, kwargs, error, match) -> None:
+    before = snapshot(small)
+    with pytest.raises(error, match=match):
+        se.pp.affinity(small, **kwargs)
+    assert snapshot(small) == before
+
+
+def test_nan_and_empty_input() -> None:
+    X = np.ones((50, 4), dtype=np.float32)
+    X[3, 1] = np.nan
+    adata = AnnData(obsm={"X_pca": X})
+    with pytest.raises(ValueError, match="NaN"):
+        se.pp.affinity(adata, perplexity=5)
+    assert "affinity" not in adata.obsp
+    with pytest.raises(ValueError, match="adata"):
+        se.pp.affinity(AnnData(np.zeros((0, 5), dtype=np.float32)), perplexity=5)
+    with pytest.raises(TypeError, match="adata"):
+        se.pp.affinity(np.zeros((10, 3)), perplexity=2)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(small: AnnData) -> None:
+    cpu = se.pp.affinity(small, perplexity=10, device="cpu", copy=True).obsp["affinity"]
+    gpu = se.pp.affinity(small, perplexity=10, device="cuda", copy=True).obsp["affinity"]
+    assert small.uns.get("affinity") is None
+    assert abs(cpu - gpu).max() / cpu.max() < 1e-4
