@@ -74,7 +74,7 @@ def test_invariants(small: AnnData) -> None:
 def test_each_row_has_entropy_log_perplexity() -> None:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(500, 8)).astype(np.float32)
-    idx, dist, _ = nearest_neighbors(X, 45, method="exact")
+    _, dist, _ = nearest_neighbors(X, 45, method="exact")
     P_cond, beta, n_bad = calibrate_perplexity(dist, 15.0, tol=1e-6)
     assert n_bad == 0
     np.testing.assert_allclose(P_cond.sum(1), 1, atol=1e-12)

@@ -95,7 +95,9 @@ def affinity(
     >>> adata.obsp["affinity"].sum()  # doctest: +ELLIPSIS
     np.float32(1.0...)
     """
-    needs_X = use_rep == "X" or (use_rep is None and neighbors_key is None and "X_pca" not in getattr(adata, "obsm", {}))
+    needs_X = use_rep == "X" or (
+        use_rep is None and neighbors_key is None and "X_pca" not in getattr(adata, "obsm", {})
+    )
     check_adata(adata, min_obs=3, require_vars=needs_X)
     perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
     if method not in KNN_METHODS:
