@@ -33,8 +33,10 @@ def simulate(
 
     Parameters
     ----------
-    n_cells, n_genes
-        Size of the count matrix.
+    n_cells
+        Number of cells (rows).
+    n_genes
+        Number of genes (columns).
     n_celltypes
         Number of cell types (with unequal abundances).
     n_batches
@@ -141,6 +143,21 @@ def simulate_embedding(
 
     Cell types are Gaussian clusters whose centres sit around ``n_lineages`` lineage centres, so the data has
     both local (type) and global (lineage) structure. The PCs' variance decreases with the component index.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells.
+    n_dims
+        Number of dimensions ("PCs").
+    n_celltypes
+        Number of cell types (Gaussian clusters, unequal abundances).
+    n_lineages
+        Number of lineages grouping the cell types (the global structure).
+    spread
+        Within-type standard deviation relative to the default.
+    random_state
+        Seed.
 
     Returns
     -------

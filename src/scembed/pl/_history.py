@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from anndata import AnnData
 
 from .._utils import check_key
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def history(
@@ -14,9 +18,9 @@ def history(
     *,
     curves: Sequence[str] | None = None,
     log_y: bool = False,
-    ax=None,
+    ax: Axes | None = None,
     show: bool | None = None,
-):
+) -> Axes:
     """Plot the per-iteration histories that a tool stored in ``adata.uns[key]["history"]``.
 
     Parameters
