@@ -1,0 +1,306 @@
+"""Tests of tl.scdeepcluster and its engine: ZINB loss, DEC target/KL, clustering, batches, errors, model I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData, read_h5ad
+from scipy import sparse, stats
+from sklearn.metrics import adjusted_rand_score
+
+import scembed as se
+from scembed._engine import scdeepcluster as eng
+
+FAST = dict(pretrain_epochs=25, maxiter=40, batch_size=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the CI machine has 2 cores shared with other jobs: one torch thread avoids OpenMP spinning on tiny batches
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sim() -> AnnData:
+    return se.datasets.simulate(400, 200, n_celltypes=4, de_fraction=0.2, de_scale=2.0, random_state=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(sim):
+    adata = sim.copy()
+    model = se.tl.scdeepcluster(adata, n_clusters=4, random_state=0, return_model=True, **FAST)
+    return adata, model
+
+
+# ---------------------------------------------------------------------------------------------------- ZINB loss
+def _random_zinb(seed: int = 0, n: int = 40, g: int = 30):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n, g, generator=gen, dtype=torch.float64) * 4)
+    x[0, :5] = torch.tensor([0.0, 1.0, 50.0, 300.0, 2.0], dtype=torch.float64)
+    logits = torch.randn(n, 3 * g, generator=gen, dtype=torch.float64) * 2
+    logits[1, :3] = torch.tensor([-30.0, 20.0, 0.5])  # mean below/above the clamps
+    logits[2, g : g + 2] = torch.tensor([-15.0, 1e4 + 5])  # dispersion below/above the clamps
+    sf = torch.rand(n, generator=gen, dtype=torch.float64) + 0.3
+    return x, logits, sf
+
+
+def _scipy_zinb(x, mean, disp, pi):
+    nb = stats.nbinom.pmf(x, disp, disp / (disp + mean))
+    return -np.log(np.where(x == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
+
+
+def test_zinb_nll_matches_scipy():
+    x, logits, sf = _random_zinb()
+    mean, disp, pi = eng.zinb_heads(logits, x.shape[1])
+    ref = _scipy_zinb(x.numpy(), (mean * sf[:, None]).numpy(), disp.numpy(), pi.numpy())
+    np.testing.assert_allclose(eng.zinb_nll(x, mean, disp, pi, sf).numpy(), ref, rtol=1e-8, atol=1e-10)
+    fused = eng.zinb_nll_logits(logits, x, sf).item()
+    np.testing.assert_allclose(fused, ref.mean(), rtol=1e-10)
+    # float32 agrees too
+    fused32 = eng.zinb_nll_logits(logits.float(), x.float(), sf.float()).item()
+    np.testing.assert_allclose(fused32, ref.mean(), rtol=1e-4)
+
+
+def test_zinb_fused_gradient_matches_autograd():
+    x, logits, sf = _random_zinb(1)
+    lg = logits.clone().requires_grad_()
+    eng.zinb_nll_logits(lg, x, sf).mul(3.0).backward()
+    fused = lg.grad.clone()
+    lg.grad = None
+    mean, disp, pi = eng.zinb_heads(lg, x.shape[1])
+    eng.zinb_nll(x, mean, disp, pi, sf).mean().mul(3.0).backward()
+    np.testing.assert_allclose(fused.numpy(), lg.grad.numpy(), rtol=1e-7, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t: eng.zinb_nll_logits(t, x[:5, :4], sf[:5]), logits[:5, :12].clone().requires_grad_()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- DEC parts
+def test_soft_assign_target_and_kl_by_hand():
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    mu = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    q = eng.soft_assign(z, mu).numpy()
+    d2 = np.array([[0.0, 25.0], [1.0, 20.0], [25.0, 0.0]])
+    q_ref = 1 / (1 + d2)
+    q_ref /= q_ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(q, q_ref, rtol=1e-12)
+    p_ref = q_ref**2 / q_ref.sum(0)
+    p_ref /= p_ref.sum(1, keepdims=True)
+    p = eng.target_distribution(torch.from_numpy(q_ref)).numpy()
+    np.testing.assert_allclose(p, p_ref, rtol=1e-12)
+    kl_ref = np.mean(np.sum(p_ref * np.log(p_ref / (q_ref + 1e-6)), 1))
+    kl = eng.kl_divergence(torch.from_numpy(p_ref), torch.from_numpy(q_ref)).item()
+    np.testing.assert_allclose(kl, kl_ref, rtol=1e-12)
+
+
+def test_assignments_in_chunks_equal_full(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    z, mu = torch.randn(50, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    q_full = eng.soft_assign(z, mu)
+    p_full = eng.target_distribution(q_full)
+    monkeypatch.setattr(eng, "INFER_BATCH", 7)
+    q, p = eng.assignments(z, mu)
+    torch.testing.assert_close(q, q_full)
+    torch.testing.assert_close(p, p_full)
+
+
+def test_fuzzy_connectivities_calibrated_and_symmetric():
+    X = np.random.default_rng(0).normal(size=(120, 5)).astype(np.float32)
+    idx, dist, _ = se._engine.knn.nearest_neighbors(X, 9, method="exact")
+    W = eng.fuzzy_connectivities(idx, dist, 10)
+    dense = W.toarray()
+    np.testing.assert_allclose(dense, dense.T, atol=1e-12)
+    assert dense.max() <= 1 + 1e-12 and dense.min() >= 0 and np.diag(dense).max() == 0
+    # directed memberships: exp(−(d − ρ)/σ) sums to log2(k) per cell (UMAP's smooth kNN calibration); the fuzzy
+    # union a + b − ab is at least the directed weight
+    rho = dist[:, :1]
+    directed = np.exp(-(dist - rho) / _sigma_bisect(dist - rho, np.log2(10))[:, None])
+    np.testing.assert_allclose(directed.sum(1), np.log2(10), rtol=1e-4)
+    assert (dense[np.arange(120)[:, None], idx] >= directed - 1e-6).all()
+
+
+def _sigma_bisect(d: np.ndarray, target: float) -> np.ndarray:
+    out = np.empty(len(d))
+    for i, row in enumerate(d):
+        lo, hi = 1e-8, 1e3
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if np.exp(-row / mid).sum() > target else (mid, hi)
+        out[i] = mid
+    return out
+
+
+def test_gene_selection_criterion():
+    adata = se.datasets.simulate(300, 150, dropout=0.3, random_state=0)
+    X = adata.X
+    sel = eng.select_genes_by_zero_rate(X, 40)
+    assert 25 <= len(sel) <= 55
+    dense = X.toarray()
+    sel_dense = eng.select_genes_by_zero_rate(dense, 40)
+    np.testing.assert_array_equal(sel, sel_dense)
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+def test_clusters_simulated_types(fitted, sim):
+    adata, _ = fitted
+    assert adjusted_rand_score(sim.obs["celltype"], adata.obs["scdeepcluster"]) > 0.9
+    u = adata.uns["scdeepcluster"]
+    assert u["n_clusters"] == 4 and u["n_clusters_method"] == "given"
+    assert adata.obs["scdeepcluster"].dtype == "category"
+    assert adata.obsm["X_scdeepcluster"].shape == (400, 32) and adata.obsm["X_scdeepcluster"].dtype == np.float32
+    proba = adata.obsm["scdeepcluster_proba"]
+    assert proba.shape == (400, 4)
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(proba.argmax(1).astype(str), adata.obs["scdeepcluster"].astype(str))
+    assert len(u["history"]["pretrain_zinb"]) == 25
+    assert u["history"]["pretrain_zinb"][-1] < u["history"]["pretrain_zinb"][0]
+    assert 1 <= u["n_epochs_cluster"] <= 40
+    assert sim.X.nnz == adata.X.nnz and "scdeepcluster" not in sim.obs  # the simulated input was copied
+
+
+def test_h5ad_round_trip(fitted, tmp_path):
+    adata, _ = fitted
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = read_h5ad(tmp_path / "a.h5ad")
+    assert back.uns["scdeepcluster"]["n_clusters"] == 4
+    np.testing.assert_array_equal(back.obs["scdeepcluster"], adata.obs["scdeepcluster"])
+
+
+def test_model_predict_save_load(fitted, tmp_path):
+    adata, model = fitted
+    labels, proba, latent = model.predict(adata)
+    np.testing.assert_array_equal(labels.astype(str), adata.obs["scdeepcluster"].astype(str))
+    np.testing.assert_allclose(latent, adata.obsm["X_scdeepcluster"], rtol=1e-5, atol=1e-5)
+    # new cells, one at a time agree with all at once
+    lab1, _, _ = model.predict(adata[:7].copy())
+    np.testing.assert_array_equal(lab1, labels[:7])
+    model.save(tmp_path / "m.pt")
+    loaded = se.tl.ScDeepClusterModel.load(tmp_path / "m.pt")
+    lab2, proba2, _ = loaded.predict(adata)
+    np.testing.assert_array_equal(lab2, labels)
+    np.testing.assert_allclose(proba2, proba, rtol=1e-6)
+    wrong = adata[:, ::-1].copy()
+    with pytest.raises(ValueError, match="features"):
+        model.predict(wrong)
+
+
+def test_dense_sparse_and_copy(sim):
+    small = sim[:200].copy()
+    dense = small.copy()
+    dense.X = dense.X.toarray()
+    kw = dict(n_clusters=3, pretrain_epochs=5, maxiter=5, random_state=1)
+    out_sparse = se.tl.scdeepcluster(small, copy=True, **kw)
+    out_dense = se.tl.scdeepcluster(dense, copy=True, **kw)
+    assert "scdeepcluster" not in small.obs and "scdeepcluster" not in dense.obs
+    np.testing.assert_allclose(
+        out_sparse.obsm["X_scdeepcluster"], out_dense.obsm["X_scdeepcluster"], rtol=1e-3, atol=1e-3
+    )
+    assert adjusted_rand_score(out_sparse.obs["scdeepcluster"], out_dense.obs["scdeepcluster"]) > 0.95
+
+
+def test_same_seed_same_labels_and_no_global_side_effects(sim):
+    small = sim[:200].copy()
+    kw = dict(n_clusters=0, pretrain_epochs=5, maxiter=5, knn=10)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    dtype = torch.get_default_dtype()
+    a = se.tl.scdeepcluster(small, copy=True, random_state=7, **kw)
+    torch.testing.assert_close(torch.rand(3), expected)  # the global RNG was not advanced
+    assert torch.get_default_dtype() == dtype
+    b = se.tl.scdeepcluster(small, copy=True, random_state=7, **kw)
+    np.testing.assert_array_equal(a.obs["scdeepcluster"], b.obs["scdeepcluster"])
+    np.testing.assert_array_equal(a.obsm["X_scdeepcluster"], b.obsm["X_scdeepcluster"])
+    assert a.uns["scdeepcluster"]["n_clusters_method"] == "leiden"
+    assert a.uns["scdeepcluster"]["n_clusters"] >= 2
+
+
+def test_layer_and_select_genes(sim):
+    adata = sim[:200].copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sparse.csr_matrix(np.log1p(adata.X.toarray()))  # not counts: must read the layer
+    se.tl.scdeepcluster(adata, 3, layer="counts", select_genes=60, pretrain_epochs=3, maxiter=3, key_added="sdc")
+    u = adata.uns["sdc"]
+    assert 30 <= u["n_genes_used"] <= 90
+    assert u["params"]["layer"] == "counts" and "X_sdc" in adata.obsm and "sdc_proba" in adata.obsm
+
+
+def test_batch_aware():
+    adata = se.datasets.simulate(300, 150, n_celltypes=3, n_batches=2, batch_scale=0.8, de_scale=2.0, random_state=5)
+    model = se.tl.scdeepcluster(
+        adata, 3, batch_key="batch", pretrain_epochs=10, maxiter=10, random_state=0, return_model=True
+    )
+    assert model.net.encoder[0].in_features == 150 + 2
+    assert model.net.decoder[0].in_features == 32 + 2
+    assert model.batch_categories == ["batch0", "batch1"]
+    _, _, z = model.predict(adata)
+    flipped = adata.copy()
+    flipped.obs["batch"] = flipped.obs["batch"].map({"batch0": "batch1", "batch1": "batch0"})
+    _, _, z_flipped = model.predict(flipped)
+    assert np.abs(z - z_flipped).max() > 1e-3  # the batch reaches the encoder
+    unknown = adata.copy()
+    unknown.obs["batch"] = "batch9"
+    with pytest.raises(ValueError, match="not trained on"):
+        model.predict(unknown)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def _snapshot(adata: AnnData):
+    return (set(adata.obs.columns), set(adata.obsm), set(adata.uns), adata.X.copy())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "err", "match"),
+    [
+        (lambda a: a.X.data.__setitem__(0, -1.0), {}, ValueError, "negative"),
+        (lambda a: a.X.data.__setitem__(0, 0.5), {}, ValueError, "integer"),
+        (lambda a: a.X.data.__setitem__(0, np.nan), {}, ValueError, "NaN"),
+        (None, {"n_clusters": 10_000}, ValueError, "n_clusters"),
+        (None, {"n_clusters": -1}, ValueError, "n_clusters"),
+        (None, {"batch_key": "nope"}, KeyError, "batch_key"),
+        (None, {"layer": "nope"}, KeyError, "layer"),
+        (None, {"select_genes": 10_000}, ValueError, "select_genes"),
+        (None, {"encoder": ()}, TypeError, "encoder"),
+        (None, {"tol": 2.0}, ValueError, "tol"),
+        (None, {"knn": 1}, ValueError, "knn"),
+        (None, {"resolution": 0}, ValueError, "resolution"),
+    ],
+)
+def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):
+    adata = sim[:50].copy()
+    if mutate is not None:
+        mutate(adata)
+    before = _snapshot(adata)
+    with pytest.raises(err, match=match):
+        se.tl.scdeepcluster(adata, **{"pretrain_epochs": 1, "maxiter": 1, **kwargs})
+    after = _snapshot(adata)
+    assert before[:3] == after[:3]
+    np.testing.assert_array_equal(before[3].toarray(), after[3].toarray())
+
+
+def test_error_names_layer_and_empty_cells(sim):
+    adata = sim[:50].copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.layers["counts"].data[0] = 1.5
+    with pytest.raises(ValueError, match="counts"):
+        se.tl.scdeepcluster(adata, layer="counts")
+    empty = sim[:50].copy()
+    keep = np.ones((50, 1), dtype=np.float32)
+    keep[3] = 0
+    empty.X = sparse.csr_matrix(empty.X.multiply(keep))
+    with pytest.raises(ValueError, match="without counts"):
+        se.tl.scdeepcluster(empty)
+
+
+@pytest.mark.gpu
+def test_gpu_runs(sim):
+    adata = sim.copy()
+    model = se.tl.scdeepcluster(adata, 4, device="cuda", return_model=True, **FAST)
+    assert adjusted_rand_score(sim.obs["celltype"], adata.obs["scdeepcluster"]) > 0.9
+    assert adata.uns["scdeepcluster"]["device"].startswith("cuda")
+    labels, _, _ = model.predict(adata, device="cuda")
+    np.testing.assert_array_equal(labels.astype(str), adata.obs["scdeepcluster"].astype(str))
