@@ -1,0 +1,570 @@
+"""NeuralEE: a network f_θ mapping cells to an embedding, trained on the Elastic Embedding objective.
+
+Three ways to train, all minimising E(Y) = Σ W⁺‖y_n − y_m‖² + λ Σ W⁻ exp(−‖y_n − y_m‖²) with Y = f_θ(X):
+
+- full batch (every cell in every step) on the sparse global affinities, with :class:`EEObjective`;
+- mini-batches with in-batch affinities (``"batch"``): every step draws B fresh cells, finds their k nearest
+  neighbours *within the batch*, calibrates them to the perplexity and evaluates EE on the batch, as the original
+  did on its fixed partitions (but re-drawn every epoch and without storing any B×B matrix);
+- mini-batches on the global graph (``"graph"``): every step draws B fresh cells and, for each, a few neighbours
+  from the global sparse affinities; attraction is estimated from these edges (importance-weighted, unbiased),
+  repulsion from all pairs of the batch. This is a stochastic gradient of the EE objective of all N cells.
+
+Memory: the inputs (N·D), the optional affinity graph (N·k) and tiles of (tile × B) inside a batch; nothing of size
+N·B or N² is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import nn
+
+from .._utils._io import check_features, load_checkpoint, save_checkpoint
+from .affinity import calibrate_perplexity, entropic_affinities
+from .ee_objective import EEObjective
+from .knn import nearest_neighbors
+from .nn import mlp, predict_in_batches
+from .training import train
+
+BatchAffinity = Literal["batch", "graph"]
+BATCH_AFFINITIES = ("batch", "graph")
+#: elements of one (tile × B) block in the in-batch repulsion
+_TILE_ELEMENTS = {"cpu": 4 * 2**20, "cuda": 64 * 2**20}
+
+
+# --------------------------------------------------------------------------------------------------- network
+def build_network(n_in: int, n_out: int, hidden: Sequence[int] = (50, 50)) -> nn.Sequential:
+    """The original's network: Linear–BatchNorm–ReLU blocks through ``hidden``, then Linear; weights N(0, 0.1²)."""
+    net = mlp((n_in, *hidden, n_out), batchnorm=True, activation=nn.ReLU)
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.1)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, X: torch.Tensor, batch_size: int = 65536) -> None:
+    """Set every BatchNorm's running statistics to those of all rows of X (cumulative average over chunks).
+
+    After training, the running averages lag behind the final weights; with this, ``net.eval()(X)`` matches what
+    training saw, so ``transform`` of the training cells reproduces the stored embedding.
+    """
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was_training = net.training
+    net.train()
+    n = X.shape[0]
+    # equal-sized chunks, so the average of chunk means is the mean of all rows
+    n_chunks = max(1, math.ceil(n / batch_size))
+    size = math.ceil(n / n_chunks)
+    for start in range(0, n, size):
+        net(X[start : start + size])
+    for m, (mom, _) in zip(bns, saved):
+        m.momentum = mom
+    net.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------- losses
+def batch_repulsion(
+    Y: torch.Tensor, X: torch.Tensor | None = None, *, x_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_{n≠m} W⁻_nm exp(−‖y_n − y_m‖²) over the rows of a batch, and its gradient; tiled, O(tile · B) memory.
+
+    ``X is None``: uniform W⁻ = 1 / (B(B−1)). Otherwise W⁻_nm = ‖x_n − x_m‖² / S, where S is ``x_scale`` when given
+    (an estimate of the global normaliser, scaled to the batch) and the batch's own Σ_{n≠m} ‖x_n − x_m‖² otherwise
+    (the original's in-batch normalisation).
+    """
+    B = Y.shape[0]
+    if B < 2:
+        return Y.new_zeros(()), torch.zeros_like(Y)
+    y_sq = (Y * Y).sum(1)
+    if X is not None:
+        x_sq = (X * X).sum(1)
+        if x_scale is None:
+            x_scale = float(2 * B * x_sq.double().sum() - 2 * (X.double().sum(0) ** 2).sum())
+        scale = 1.0 / x_scale if x_scale > 0 else 0.0
+    else:
+        scale = 1.0 / (B * (B - 1))
+    total = torch.zeros((), dtype=torch.float64, device=Y.device)
+    grad = torch.empty_like(Y)
+    step = max(1, min(B, _TILE_ELEMENTS.get(Y.device.type, _TILE_ELEMENTS["cpu"]) // B))
+    for start in range(0, B, step):
+        stop = min(start + step, B)
+        block = Y[start:stop]
+        w = torch.addmm(y_sq[None, :], block, Y.T, alpha=-2.0).add_(y_sq[start:stop, None]).clamp_min_(0)
+        w.neg_().exp_()
+        if X is not None:
+            wx = torch.addmm(x_sq[None, :], X[start:stop], X.T, alpha=-2.0).add_(x_sq[start:stop, None])
+            w.mul_(wx.clamp_min_(0))
+        rows = torch.arange(stop - start, device=Y.device)
+        w[rows, rows + start] = 0
+        total += w.sum(dtype=torch.float64)
+        grad[start:stop] = -4 * (w.sum(1, keepdim=True) * block - w @ Y)
+    return (total * scale).to(Y.dtype), grad * scale
+
+
+def in_batch_affinities(
+    Xb: torch.Tensor, perplexity: float, *, n_neighbors: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropic affinities of a batch among itself: edges (rows, cols) and weights p_{j|i} / B.
+
+    Σ_ij P_ij ‖y_i − y_j‖² with the symmetrised P = (P_cond + P_condᵀ) / (2B) equals Σ_ij P_cond,ij ‖y_i − y_j‖² / B,
+    so the conditional affinities are enough. The perplexity is capped at (B − 1) / 3 for tiny batches.
+    """
+    B = Xb.shape[0]
+    k = min(int(3 * perplexity), B - 1) if n_neighbors is None else min(n_neighbors, B - 1)
+    perp = min(perplexity, max(1.0, (B - 1) / 3.0), k - 1e-3 if k > 1 else 1.0)
+    device = Xb.device
+    idx, dist, _ = nearest_neighbors(Xb.detach().cpu().numpy(), k, method="exact", device=device)
+    P_cond, _, _ = calibrate_perplexity(dist, perp, device=device)
+    rows = torch.arange(B, device=device).repeat_interleave(k)
+    cols = torch.as_tensor(idx.ravel(), device=device)
+    w = torch.as_tensor(P_cond.ravel() / B, dtype=Xb.dtype, device=device)
+    return rows, cols, w
+
+
+class GraphSampler:
+    """Draws, for given cells, neighbours from a sparse affinity graph with importance weights.
+
+    For cell i with c_i stored neighbours, j is drawn uniformly among them and the edge gets the weight
+    c_i · P_ij; then (N / B) Σ_{i ∈ batch} c_i P_ij ‖y_i − y_j‖² (averaged over draws) is an unbiased estimate of
+    Σ_ij P_ij ‖y_i − y_j‖². Memory: the CSR arrays only (N·k).
+    """
+
+    def __init__(self, P: sparse.spmatrix | sparse.sparray, device: torch.device) -> None:
+        P = sparse.csr_matrix(P)
+        self.n = P.shape[0]
+        counts = np.diff(P.indptr)
+        if (counts == 0).any():
+            raise ValueError("every cell needs at least one neighbour in the affinity graph")
+        self.indptr = torch.as_tensor(P.indptr[:-1], dtype=torch.int64, device=device)
+        self.counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
+        self.indices = torch.as_tensor(P.indices, dtype=torch.int64, device=device)
+        self.data = torch.as_tensor(P.data, dtype=torch.float32, device=device)
+        self.device = device
+
+    def sample(
+        self, cells: torch.Tensor, n_per_cell: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, weights)`` with ``n_per_cell`` draws for each of ``cells``."""
+        rows = cells.repeat_interleave(n_per_cell)
+        u = torch.rand(rows.shape[0], generator=generator).to(self.device)
+        c = self.counts[rows]
+        offset = torch.minimum((u * c).long(), c - 1)
+        pos = self.indptr[rows] + offset
+        return rows, self.indices[pos], c.float() * self.data[pos]
+
+
+# --------------------------------------------------------------------------------------------------- model
+class NeuralEEModel:
+    """A trained NeuralEE network with what it needs to embed new cells.
+
+    The network maps the *input representation* to the embedding. ``input`` (metadata) says what that is:
+
+    - ``"obsm:<key>"`` — the first ``n_inputs`` columns of ``adata.obsm[key]`` (e.g. ``"obsm:X_pca"``);
+    - ``"X"`` — ``adata.X`` itself;
+    - ``"pca"`` — a PCA of ``adata.X`` computed when the model was fitted; its loadings and centre are stored in the
+      model, so new cells are projected with them (``adata.X`` must hold the training genes, preprocessed alike).
+
+    When the model has loadings and a new AnnData lacks the obsm key, ``X`` is projected with them too
+    (``obsm:X_pca`` with scanpy's ``varm["PCs"]`` available at training time).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        metadata: Mapping[str, Any],
+        *,
+        loadings: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> None:
+        self.net = net
+        self.metadata = dict(metadata)
+        self.loadings = loadings
+        self.offset = offset
+
+    # -- properties
+    @property
+    def n_inputs(self) -> int:
+        """Columns of the input representation."""
+        return int(self.metadata["n_inputs"])
+
+    @property
+    def n_components(self) -> int:
+        """Embedding dimensions."""
+        return int(self.metadata["n_components"])
+
+    @property
+    def var_names(self) -> list[str] | None:
+        """Genes the model was trained on (``None`` when unknown)."""
+        names = self.metadata.get("var_names")
+        return list(names) if names else None
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuralEEModel(input={self.metadata.get('input')!r}, n_inputs={self.n_inputs}, "
+            f"n_components={self.n_components}, hidden={tuple(self.metadata.get('hidden', ()))})"
+        )
+
+    # -- applying
+    def _project(self, X: Any, device: torch.device, batch_size: int) -> torch.Tensor:
+        W = self.loadings.to(device)
+        off = self.offset.to(device)
+        out = []
+        for start in range(0, X.shape[0], batch_size):
+            block = X[start : start + batch_size]
+            block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+            t = torch.as_tensor(np.asarray(block, dtype=np.float32), device=device)
+            out.append((t @ W - off).cpu())
+        return torch.cat(out) if out else torch.empty((0, W.shape[1]))
+
+    def _input_from_adata(self, adata: Any, device: torch.device, batch_size: int) -> torch.Tensor | np.ndarray:
+        source = str(self.metadata["input"])
+        if self.var_names is not None:
+            check_features(self.var_names, list(adata.var_names))
+        if source.startswith("obsm:") and source[5:] in adata.obsm:
+            key = source[5:]
+            rep = adata.obsm[key]
+            rep = rep.to_numpy() if hasattr(rep, "to_numpy") else rep
+            rep = rep.toarray() if sparse.issparse(rep) else np.asarray(rep)
+            if rep.ndim != 2 or rep.shape[1] < self.n_inputs:
+                raise ValueError(
+                    f"adata.obsm[{key!r}] has shape {rep.shape}; the model needs at least {self.n_inputs} columns."
+                )
+            return rep[:, : self.n_inputs]
+        if source == "X" and self.loadings is None:
+            return adata.X
+        if self.loadings is not None:
+            return self._project(adata.X, device, batch_size)
+        raise KeyError(
+            f"the model reads adata.obsm[{source[5:]!r}], which this AnnData lacks, and has no PCA loadings to "
+            "compute it from adata.X; compute the representation the same way as for the training data."
+        )
+
+    def transform(self, data: Any, *, batch_size: int = 65536, device: str | torch.device | None = None) -> np.ndarray:
+        """Embed cells with the trained network.
+
+        Parameters
+        ----------
+        data
+            An AnnData (its representation is read as described in the class docstring, after checking that its
+            ``var_names`` equal the training genes), or an array: ``(n, n_inputs)`` in the input representation,
+            or ``(n, n_genes)`` genes when the model holds PCA loadings.
+        batch_size
+            Cells per forward pass.
+        device
+            Where to compute (default: CPU).
+
+        Returns
+        -------
+        ``(n, n_components)`` float32 embedding.
+        """
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if hasattr(data, "obsm") and hasattr(data, "var_names"):
+            X = self._input_from_adata(data, dev, batch_size)
+        else:
+            if not (hasattr(data, "shape") and len(data.shape) == 2):
+                raise TypeError(f"`data` must be an AnnData or a 2-D array, got {type(data).__name__}.")
+            if data.shape[1] == self.n_inputs:
+                X = data
+            elif self.loadings is not None and data.shape[1] == self.loadings.shape[0]:
+                X = self._project(data, dev, batch_size)
+            else:
+                genes = f" or {self.loadings.shape[0]} genes" if self.loadings is not None else ""
+                raise ValueError(
+                    f"`data` has {data.shape[1]} columns; the model expects {self.n_inputs} (its input "
+                    f"representation){genes}."
+                )
+        values = X.data if sparse.issparse(X) else (X.numpy() if isinstance(X, torch.Tensor) else np.asarray(X))
+        if values.size and not np.isfinite(values).all():
+            raise ValueError("the input of transform contains NaN or infinite values.")
+
+        def to_tensor(rows: slice) -> torch.Tensor:
+            block = X[rows]
+            if sparse.issparse(block):
+                block = block.toarray()
+            return torch.as_tensor(np.asarray(block, dtype=np.float32))
+
+        self.net.to(dev)
+        Y = predict_in_batches(self.net, X, batch_size=batch_size, device=dev, to_tensor=to_tensor)
+        self.net.cpu()
+        return Y.numpy()
+
+    # -- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights, PCA loadings (if any) and JSON metadata to ``path`` (one torch file)."""
+        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        if self.loadings is not None:
+            state["projection.loadings"] = self.loadings
+            state["projection.offset"] = self.offset
+        save_checkpoint(path, state, {**self.metadata, "kind": "neuralee"})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuralEEModel:
+        """Read a model written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled)."""
+        state, meta = load_checkpoint(path)
+        if meta.get("kind") != "neuralee":
+            raise ValueError(f"{os.fspath(path)!r} does not hold a NeuralEE model (kind={meta.get('kind')!r}).")
+        net = build_network(int(meta["n_inputs"]), int(meta["n_components"]), tuple(meta["hidden"]))
+        net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        net.eval()
+        return cls(net, meta, loadings=state.get("projection.loadings"), offset=state.get("projection.offset"))
+
+
+# --------------------------------------------------------------------------------------------------- training
+def affinity_graph(
+    X: np.ndarray, perplexity: float, *, device: torch.device, n_jobs: int | None = None, random_state: int = 0
+) -> sparse.csr_matrix:
+    """Symmetric entropic affinities on the k = min(3·perplexity, n − 1) nearest neighbours (as ``pp.affinity``)."""
+    n = X.shape[0]
+    k = min(int(3 * perplexity), n - 1)
+    perp = min(perplexity, k - 1e-3)
+    idx, dist, _ = nearest_neighbors(X, k, method="auto", device=device, n_jobs=n_jobs, random_state=random_state)
+    P, _, _ = entropic_affinities(idx, dist, perp, device="cpu")
+    return P
+
+
+def fit_neuralee(
+    X: np.ndarray,
+    *,
+    n_components: int = 2,
+    lam: float = 1.0,
+    perplexity: float = 30.0,
+    repulsion: str = "uniform",
+    P: sparse.spmatrix | sparse.sparray | None = None,
+    get_P: Callable[[], sparse.spmatrix] | None = None,
+    batch_size: int | None = None,
+    batch_affinity: BatchAffinity = "graph",
+    n_subsample: int | None = None,
+    maxit: int = 500,
+    refine_epochs: int = 0,
+    lr: float = 0.01,
+    hidden: Sequence[int] = (50, 50),
+    early_exaggeration: float = 1.0,
+    exaggeration_epochs: int = 0,
+    neighbor_samples: int = 4,
+    patience: int | None = 50,
+    min_delta: float = 1e-4,
+    device: torch.device | str = "cpu",
+    random_state: int = 0,
+    n_jobs: int | None = None,
+    show_progress: bool | None = None,
+    on_shape: Callable[[str, tuple[int, ...]], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a NeuralEE network on ``X`` (cells × D, float32). See the module docstring for the three modes.
+
+    Parameters
+    ----------
+    X
+        Input representation.
+    n_components, lam, perplexity, repulsion
+        Embedding dimension, repulsion weight λ, perplexity of the affinities, ``"uniform"``/``"distance"`` W⁻.
+    P
+        Global affinities of all cells (full batch and ``"graph"`` refinement); ``get_P`` computes them lazily.
+    batch_size
+        Cells per step; ``None`` or ≥ N: full batch.
+    batch_affinity
+        ``"batch"`` or ``"graph"`` (mini-batches only).
+    n_subsample
+        Train first on this many random cells (with their own affinities in ``"graph"`` mode), map everything and
+        refine on all cells for ``refine_epochs`` epochs (openTSNE's large-data recipe). ``None``: all cells.
+    maxit
+        Epochs (passes over the training cells) of the main phase.
+    lr, hidden
+        Adam learning rate and hidden layer sizes.
+    early_exaggeration, exaggeration_epochs
+        Attraction multiplied by ``early_exaggeration`` during the first ``exaggeration_epochs`` epochs.
+    neighbor_samples
+        ``"graph"`` mode: neighbours drawn per batch cell and step.
+    patience, min_delta
+        Stop when the loss has not improved by a relative ``min_delta`` for ``patience`` epochs (after the
+        exaggeration phase); the weights of the best epoch are kept.
+    on_shape
+        Called with a name and the shape of every large buffer the trainer builds (for memory tests).
+
+    Returns
+    -------
+    net
+        The trained network, in eval mode, BatchNorm statistics recomputed on all cells.
+    info
+        ``history`` (``loss`` per epoch, and ``phase``), ``n_epochs``, ``mode``, ``batch_size``, ``n_subsample``.
+    """
+    device = torch.device(device)
+    N, D = X.shape
+    B = N if batch_size is None else min(int(batch_size), N)
+    full = B >= N
+    note = on_shape or (lambda name, shape: None)
+    gen = torch.Generator().manual_seed(int(random_state))
+    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device)
+    note("X", tuple(Xt.shape))
+    # global normaliser of the distance repulsion: mean ‖x_n − x_m‖² over all pairs, O(N·D)
+    xd = Xt.double()
+    mean_pair = float((2 * N * (xd * xd).sum() - 2 * (xd.sum(0) ** 2).sum()) / max(N * (N - 1), 1))
+    del xd
+
+    net = build_network(D, n_components, hidden).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    history: dict[str, list[float]] = {"loss": [], "phase": []}
+
+    def run_phase(step: Callable[[int], float], n_epochs: int, phase: int) -> int:
+        if n_epochs <= 0:
+            return 0
+        n_ex = min(exaggeration_epochs, n_epochs) if phase == 0 else 0
+        n_run = 0
+        if n_ex:
+            h, n_run = train(step, n_ex, desc="NeuralEE (exaggeration)", show_progress=show_progress)
+            history["loss"] += h["loss"]
+        h, n = train(
+            lambda e: step(e + n_ex),
+            n_epochs - n_ex,
+            desc="NeuralEE" if phase == 0 else "NeuralEE (refine)",
+            show_progress=show_progress,
+            patience=patience,
+            min_delta=min_delta,
+            module=net,
+            keep_best=True,
+        )
+        history["loss"] += h["loss"]
+        history["phase"] += [phase] * (n_run + n)
+        return n_run + n
+
+    def alpha(epoch: int, phase: int) -> float:
+        return early_exaggeration if (phase == 0 and epoch < exaggeration_epochs) else 1.0
+
+    if full:
+        if P is None:
+            P = get_P()
+        obj = EEObjective(P, lam=lam, repulsion=repulsion, X=X, device=device)
+        note("P", (int(sparse.csr_matrix(P).nnz),))
+
+        def full_step(epoch: int) -> float:
+            net.train()
+            opt.zero_grad(set_to_none=True)
+            Y = net(Xt)
+            Yd = Y.detach()
+            ea, ga = obj.attractive(Yd)
+            er, gr = obj.repulsive(Yd)
+            a = alpha(epoch, 0)
+            Y.backward(a * ga + lam * gr)
+            opt.step()
+            return float(ea + lam * er)
+
+        n_epochs = run_phase(full_step, maxit, 0)
+        recalibrate_batchnorm(net, Xt)
+        net.eval()
+        return net, {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
+
+    # ---- mini-batches
+    n_sub = N if n_subsample is None else min(int(n_subsample), N)
+    cells_all = torch.arange(N)
+
+    def make_step(train_cells: torch.Tensor, phase: int) -> Callable[[int], float]:
+        """One epoch with in-batch affinities: every step is EE on a fresh random batch."""
+        n_train = train_cells.shape[0]
+        b = min(B, n_train)
+
+        def step(epoch: int) -> float:
+            net.train()
+            order = train_cells[torch.randperm(n_train, generator=gen)]
+            n_steps = max(1, n_train // b)  # full batches; the remainder is drawn in the next epoch's permutation
+            a = alpha(epoch, phase)
+            total = 0.0
+            for s in range(n_steps):
+                Xb = Xt[order[s * b : (s + 1) * b].to(device)]
+                rows, cols, w = in_batch_affinities(Xb, perplexity)
+                note("batch_input", tuple(Xb.shape))
+                note("edges", (rows.shape[0],))
+                opt.zero_grad(set_to_none=True)
+                Yb = net(Xb)
+                diff = Yb[rows] - Yb[cols]
+                att = (w * (diff * diff).sum(1)).sum()
+                er, gr = batch_repulsion(Yb.detach(), Xb if repulsion == "distance" else None)
+                torch.autograd.backward([a * att, Yb], [None, lam * gr])
+                opt.step()
+                total += float(att.detach()) + lam * float(er)
+            return total / n_steps
+
+        return step
+
+    # the "graph" sampler indexes rows by position in the training set; batches are drawn as positions too
+    def graph_step(train_P: sparse.spmatrix, train_cells: torch.Tensor, phase: int) -> Callable[[int], float]:
+        sampler = GraphSampler(train_P, device)
+        note("P", (int(sampler.indices.shape[0]),))
+        n_train = train_cells.shape[0]
+        b = min(B, n_train)
+        x_scale = mean_pair * b * (b - 1)
+        Xtrain = Xt if n_train == N else Xt[train_cells.to(device)]
+
+        def step(epoch: int) -> float:
+            net.train()
+            order = torch.randperm(n_train, generator=gen)
+            n_steps = max(1, n_train // b)
+            a = alpha(epoch, phase)
+            total = 0.0
+            for s in range(n_steps):
+                pos = order[s * b : (s + 1) * b]
+                _, cols, w = sampler.sample(pos.to(device), neighbor_samples, gen)
+                inputs = torch.cat([Xtrain[pos.to(device)], Xtrain[cols]])
+                note("batch_input", tuple(inputs.shape))
+                opt.zero_grad(set_to_none=True)
+                Yall = net(inputs)
+                Yb = Yall[:b]
+                diff = Yb.repeat_interleave(neighbor_samples, 0) - Yall[b:]
+                att = (w * (diff * diff).sum(1)).sum() * (n_train / (b * neighbor_samples))
+                er, gr = batch_repulsion(
+                    Yb.detach(),
+                    inputs[:b] if repulsion == "distance" else None,
+                    x_scale=x_scale if b < n_train else None,
+                )
+                torch.autograd.backward([a * att, Yb], [None, lam * gr])
+                opt.step()
+                total += float(att.detach()) + lam * float(er)
+            return total / n_steps
+
+        return step
+
+    n_epochs = 0
+    if batch_affinity == "graph":
+        if n_sub < N:
+            sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
+            P_sub = affinity_graph(X[sub.numpy()], perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
+            n_epochs += run_phase(graph_step(P_sub, sub, 0), maxit, 0)
+            del P_sub
+            if refine_epochs > 0:
+                P = P if P is not None else get_P()
+                n_epochs += run_phase(graph_step(P, cells_all, 1), refine_epochs, 1)
+        else:
+            P = P if P is not None else get_P()
+            n_epochs += run_phase(graph_step(P, cells_all, 0), maxit, 0)
+    elif batch_affinity == "batch":
+        if n_sub < N:
+            sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
+            n_epochs += run_phase(make_step(sub, 0), maxit, 0)
+            n_epochs += run_phase(make_step(cells_all, 1), refine_epochs, 1)
+        else:
+            n_epochs += run_phase(make_step(cells_all, 0), maxit, 0)
+    else:
+        raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
+    recalibrate_batchnorm(net, Xt)
+    net.eval()
+    info = {
+        "history": history,
+        "n_epochs": n_epochs,
+        "mode": batch_affinity,
+        "batch_size": B,
+        "n_subsample": n_sub,
+    }
+    return net, info
