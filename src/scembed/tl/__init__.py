@@ -1,3 +1,5 @@
 """Tools: embeddings, clustering and integration."""
 
-__all__: list[str] = []
+from ._neuralee import neuralee
+
+__all__: list[str] = ["neuralee"]
