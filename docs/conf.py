@@ -1,0 +1,58 @@
+"""Sphinx configuration: API pages generated from the numpydoc docstrings, tutorials executed by myst-nb."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import scembed
+
+HERE = Path(__file__).parent
+# the tutorials live at the repository root (tutorials/) so users find them; sphinx needs them inside docs/
+shutil.copytree(HERE.parent / "tutorials", HERE / "tutorials", dirs_exist_ok=True)
+
+project = "scembed"
+author = "the scembed developers"
+copyright = "2026, the scembed developers"
+version = release = scembed.__version__
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinx_autodoc_typehints",
+]
+autosummary_generate = True
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = True
+typehints_defaults = "braces"
+always_document_param_types = False
+
+myst_enable_extensions = ["colon_fence", "dollarmath"]
+nb_execution_mode = "cache"
+nb_execution_timeout = 900
+nb_execution_raise_on_error = True
+
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", None),
+    "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+    "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+    "numpy": ("https://numpy.org/doc/stable/", None),
+    "scipy": ("https://docs.scipy.org/doc/scipy/", None),
+    "torch": ("https://pytorch.org/docs/stable/", None),
+}
+# no network on build machines: intersphinx failures are not errors
+intersphinx_timeout = 5
+suppress_warnings = ["intersphinx", "config.cache"]
+
+templates_path = []
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
+html_theme = "sphinx_book_theme"
+html_title = "scembed"
+html_theme_options = {"repository_url": "https://github.com/scembed/scembed", "use_repository_button": True}

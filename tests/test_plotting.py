@@ -1,0 +1,28 @@
+"""``se.pl.history`` draws the stored histories."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from anndata import AnnData  # noqa: E402
+
+import scembed as se  # noqa: E402
+
+
+def test_history_plots_every_curve() -> None:
+    adata = AnnData(np.zeros((3, 2), dtype=np.float32))
+    adata.uns["ee"] = {"history": {"objective": [3.0, 2.0, 1.5], "step": [1.0, 2.0, 2.0]}}
+    ax = se.pl.history(adata, "ee", log_y=True, show=False)
+    assert [line.get_label() for line in ax.get_lines()] == ["objective", "step"]
+    np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), [3.0, 2.0, 1.5])
+    assert ax.get_yscale() == "log"
+    plt.close("all")
+    with pytest.raises(KeyError, match="key"):
+        se.pl.history(adata, "neuralee")
+    with pytest.raises(KeyError, match="curves"):
+        se.pl.history(adata, "ee", curves=["loss"])
