@@ -386,7 +386,10 @@ def pretrain(
     show_progress: bool | None = None,
 ) -> dict[str, list[float]]:
     """Denoising ZINB autoencoder: Gaussian noise σ on the encoder input, Adam(amsgrad) on the ZINB NLL."""
-    opt = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
+    try:  # the fused kernel is ~3x faster than the per-parameter loop on a CPU
+        opt = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
     n = data.n_obs
 
     def step(epoch: int) -> float:
