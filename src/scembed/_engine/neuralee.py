@@ -373,7 +373,8 @@ def fit_neuralee(
     n_components, lam, perplexity, repulsion
         Embedding dimension, repulsion weight λ, perplexity of the affinities, ``"uniform"``/``"distance"`` W⁻.
     P
-        Global affinities of all cells (full batch and ``"graph"`` refinement); ``get_P`` computes them lazily.
+        Global affinities of all cells (full batch and ``"graph"`` refinement); ``get_P`` computes them lazily when
+        needed (default: :func:`affinity_graph` of ``X``).
     batch_size
         Cells per step; ``None`` or ≥ N: full batch.
     batch_affinity
@@ -414,6 +415,11 @@ def fit_neuralee(
     xd = Xt.double()
     mean_pair = float((2 * N * (xd * xd).sum() - 2 * (xd.sum(0) ** 2).sum()) / max(N * (N - 1), 1))
     del xd
+
+    if get_P is None:
+
+        def get_P() -> sparse.csr_matrix:
+            return affinity_graph(X, perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
 
     net = build_network(D, n_components, hidden).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)

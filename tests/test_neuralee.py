@@ -1,0 +1,321 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from scipy import sparse
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import scembed as se
+from scembed._engine.ee_objective import EEObjective
+from scembed._engine.neuralee import NeuralEEModel, affinity_graph, batch_repulsion, build_network, fit_neuralee
+
+FAST = dict(maxit=40, perplexity=10.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead on a busy CI machine (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def emb():
+    return se.datasets.simulate_embedding(400, 10, n_celltypes=4, random_state=3)
+
+
+@pytest.fixture
+def counts():
+    a = se.datasets.simulate(300, 80, n_celltypes=3, random_state=1)
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    return a
+
+
+def knn_acc(Y, labels):
+    return cross_val_score(KNeighborsClassifier(10), Y, labels, cv=3).mean()
+
+
+# ------------------------------------------------------------------ engine pieces against independent references
+@pytest.mark.parametrize("distance", [False, True])
+def test_batch_repulsion_matches_autograd(distance):
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(37, 2, generator=g, dtype=torch.float64)
+    X = torch.randn(37, 5, generator=g, dtype=torch.float64) if distance else None
+    E, G = batch_repulsion(Y, X)
+    Yr = Y.clone().requires_grad_(True)
+    d2 = ((Yr[:, None] - Yr[None]) ** 2).sum(-1)
+    W = ((X[:, None] - X[None]) ** 2).sum(-1) if distance else torch.ones(37, 37, dtype=torch.float64)
+    W = W * (1 - torch.eye(37, dtype=torch.float64))
+    ref = (W * torch.exp(-d2)).sum() / W.sum()
+    ref.backward()
+    assert float(E.detach()) == pytest.approx(float(ref), rel=1e-10)
+    np.testing.assert_allclose(G.numpy(), Yr.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_network_is_the_original_architecture():
+    net = build_network(50, 2)
+    kinds = [type(m).__name__ for m in net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert net[0].out_features == 50 and net[3].out_features == 50 and net[6].out_features == 2
+
+
+# ------------------------------------------------------------------ training behaviour
+def test_full_batch_loss_decreases_and_separates_types(emb):
+    se.tl.neuralee(emb, N_small=1.0, **FAST)
+    info = emb.uns["neuralee"]
+    assert info["mode"] == "full"
+    loss = np.asarray(info["loss"])
+    assert np.isfinite(loss).all() and loss[-1] < 0.7 * loss[0]
+    Y = emb.obsm["X_neuralee"]
+    assert Y.shape == (400, 2) and Y.dtype == np.float32
+    labels = emb.obs["celltype"].to_numpy()
+    assert knn_acc(Y, labels) > 0.9
+    # the affinity graph was computed (it was absent) and stored as pp.affinity would
+    assert "affinity" in emb.obsp and emb.obsp["affinity"].sum() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_full_batch_objective_is_the_ee_objective(emb):
+    """The recorded loss is E(f(X)) on the affinity graph, computed independently here."""
+    se.pp.affinity(emb, perplexity=10.0)
+    model = se.tl.neuralee(emb, N_small=1.0, return_model=True, **FAST)
+    Y = torch.as_tensor(model.transform(emb))
+    obj = EEObjective(emb.obsp["affinity"], lam=1.0, X=emb.obsm["X_pca"])
+    e_final = obj.value(Y)
+    # the kept weights are those of the best recorded epoch (up to the BatchNorm recalibration)
+    assert e_final == pytest.approx(min(emb.uns["neuralee"]["loss"]), rel=0.05)
+    # far below the objective of the untrained network
+    with torch.no_grad():
+        Y0 = build_network(10, 2).eval()(torch.as_tensor(emb.obsm["X_pca"]))
+    assert e_final < obj.value(Y0)
+
+
+def test_objective_comparable_to_tl_ee(emb):
+    ee = getattr(se.tl, "ee", None)
+    if ee is None:
+        pytest.skip("se.tl.ee is not available yet")
+    se.pp.affinity(emb, perplexity=10.0)
+    ee(emb)
+    se.tl.neuralee(emb, N_small=1.0, maxit=150, perplexity=10.0, patience=None)
+    obj = EEObjective(emb.obsp["affinity"], lam=1.0, X=emb.obsm["X_pca"])
+    e_ee = obj.value(torch.as_tensor(emb.obsm["X_ee"]))
+    e_nee = obj.value(torch.as_tensor(emb.obsm["X_neuralee"]))
+    # a parametric embedding cannot beat the free optimum by much, and must come close to it
+    assert e_nee == pytest.approx(e_ee, rel=0.15)
+
+
+@pytest.mark.parametrize("mode", ["graph", "batch"])
+def test_minibatch_modes_train(emb, mode):
+    se.tl.neuralee(emb, N_small=100, batch_affinity=mode, maxit=15, perplexity=10.0)
+    info = emb.uns["neuralee"]
+    assert info["mode"] == mode and info["params"]["N_small"] == 100
+    loss = np.asarray(info["loss"])
+    assert np.isfinite(loss).all() and loss[-3:].mean() < loss[0]
+    assert knn_acc(emb.obsm["X_neuralee"], emb.obs["celltype"].to_numpy()) > 0.85
+
+
+def test_subsample_recipe(emb):
+    se.tl.neuralee(emb, N_small=100, n_subsample=200, refine_epochs=3, maxit=10, perplexity=10.0, patience=None)
+    info = emb.uns["neuralee"]
+    assert info["phase"].count(0) == 10 and info["phase"].count(1) == 3
+    assert knn_acc(emb.obsm["X_neuralee"], emb.obs["celltype"].to_numpy()) > 0.85
+
+
+def test_fraction_N_small_and_exaggeration(emb):
+    se.tl.neuralee(emb, N_small=0.5, early_exaggeration=4.0, exaggeration_epochs=3, maxit=8, perplexity=10.0)
+    info = emb.uns["neuralee"]
+    assert info["params"]["N_small"] == 200 and len(info["loss"]) == len(info["phase"]) <= 8
+
+
+def test_same_seed_same_result(emb):
+    se.pp.affinity(emb, perplexity=10.0)
+    a = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True)
+    b = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True)
+    c = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True, random_state=1)
+    np.testing.assert_array_equal(a.obsm["X_neuralee"], b.obsm["X_neuralee"])
+    assert not np.allclose(a.obsm["X_neuralee"], c.obsm["X_neuralee"])
+    # the caller's global RNG is untouched
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    se.tl.neuralee(emb, N_small=100, maxit=1, perplexity=10.0, copy=True)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ------------------------------------------------------------------ memory: nothing grows like N · N_small
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode", ["graph", "batch"])
+def test_minibatch_memory_does_not_grow_with_n_times_batch(mode):
+    B, D, largest, shapes = 150, 4, {}, {}
+    for n in (1500, 3000):
+        X = se.datasets.simulate_embedding(n, D, random_state=0).X
+        P = affinity_graph(X, 5.0, device=torch.device("cpu"))  # the global graph: N·k, built before training
+        seen: list = []
+        with LargestTensor() as probe:
+            fit_neuralee(
+                X,
+                P=P,
+                perplexity=5.0,
+                batch_size=B,
+                batch_affinity=mode,
+                maxit=1,
+                show_progress=False,
+                on_shape=lambda name, shape, seen=seen: seen.append((name, shape)),
+            )
+        largest[n], shapes[n] = probe.largest, seen
+        # the biggest tensor is a B × B tile, the inputs (N × D), the hidden layer on all cells (N × 50) or the
+        # sparse graph (≤ 2 N k entries) — never N × B
+        assert probe.largest <= max(B * B, n * 50, 2 * n * 15), (mode, n, probe.largest)
+        assert probe.largest < n * B / 2
+    batch_shapes = {n: {s for name, s in shapes[n] if name in ("batch_input", "edges")} for n in shapes}
+    assert batch_shapes[1500] == batch_shapes[3000]  # per-step buffers do not depend on N at all
+    assert largest[3000] <= 2 * largest[1500] + 1
+
+
+# ------------------------------------------------------------------ model: transform, save/load, features
+def test_transform_reproduces_embedding_and_save_load(emb, tmp_path):
+    model = se.tl.neuralee(emb, N_small=100, maxit=5, perplexity=10.0, return_model=True)
+    assert isinstance(model, NeuralEEModel) and model.metadata["input"] == "obsm:X_pca"
+    np.testing.assert_allclose(model.transform(emb), emb.obsm["X_neuralee"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.transform(emb.obsm["X_pca"]), emb.obsm["X_neuralee"], rtol=1e-5, atol=1e-5)
+    path = tmp_path / "nee.pt"
+    model.save(path)
+    loaded = NeuralEEModel.load(path)
+    np.testing.assert_array_equal(loaded.transform(emb), model.transform(emb))
+    assert loaded.metadata["params"] == model.metadata["params"]
+    payload = torch.load(path, weights_only=True)  # plain tensors and JSON only
+    assert "state_dict" in payload
+
+
+def test_pca_on_the_fly_sparse_input_and_new_cells(counts, tmp_path):
+    assert sparse.issparse(counts.X) and "X_pca" not in counts.obsm
+    model = se.tl.neuralee(counts, N_small=1.0, return_model=True, **FAST)
+    assert model.metadata["input"] == "pca" and "X_pca" not in counts.obsm
+    np.testing.assert_allclose(model.transform(counts), counts.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
+    dense = counts.copy()
+    dense.X = dense.X.toarray()
+    np.testing.assert_allclose(model.transform(dense), counts.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
+    # new cells of the same genes: projected with the stored loadings
+    new = se.datasets.simulate(50, 80, n_celltypes=3, random_state=9)
+    sc.pp.normalize_total(new, target_sum=1e4)
+    sc.pp.log1p(new)
+    Y_new = model.transform(new)
+    assert Y_new.shape == (50, 2) and np.isfinite(Y_new).all()
+    model.save(tmp_path / "m.pt")
+    np.testing.assert_allclose(NeuralEEModel.load(tmp_path / "m.pt").transform(new), Y_new, rtol=1e-6)
+
+
+def test_scanpy_pca_loadings_project_new_cells(counts):
+    sc.pp.pca(counts, n_comps=10)
+    model = se.tl.neuralee(counts, N_small=1.0, maxit=5, perplexity=10.0, return_model=True)
+    assert model.loadings is not None
+    stripped = counts.copy()
+    del stripped.obsm["X_pca"]
+    np.testing.assert_allclose(model.transform(stripped), counts.obsm["X_neuralee"], rtol=1e-3, atol=1e-3)
+
+
+def test_transform_refuses_mismatched_features(counts):
+    model = se.tl.neuralee(counts, N_small=1.0, maxit=3, perplexity=10.0, return_model=True)
+    other = counts[:, ::-1].copy()
+    with pytest.raises(ValueError, match="features"):
+        model.transform(other)
+    with pytest.raises(ValueError, match="columns"):
+        model.transform(np.zeros((5, 7), dtype=np.float32))
+    bad = counts.obsm["X_neuralee"][:, :1]
+    with pytest.raises(ValueError):
+        model.transform(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        model.transform(np.full((3, 80), np.nan, dtype=np.float32))
+
+
+def test_load_refuses_other_files(tmp_path):
+    from scembed._utils import save_checkpoint
+
+    save_checkpoint(tmp_path / "x.pt", {}, {"kind": "other"})
+    with pytest.raises(ValueError, match="NeuralEE"):
+        NeuralEEModel.load(tmp_path / "x.pt")
+
+
+# ------------------------------------------------------------------ AnnData conventions
+def test_copy_and_h5ad_round_trip(emb, tmp_path):
+    before = emb.copy()
+    out = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True)
+    assert isinstance(out, ad.AnnData) and "X_neuralee" not in emb.obsm and "neuralee" not in emb.uns
+    assert set(emb.obsm) == set(before.obsm)
+    out.write_h5ad(tmp_path / "o.h5ad")
+    back = ad.read_h5ad(tmp_path / "o.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_neuralee"], out.obsm["X_neuralee"])
+    assert back.uns["neuralee"]["params"]["lam"] == 1.0
+    np.testing.assert_allclose(back.uns["neuralee"]["loss"], out.uns["neuralee"]["loss"])
+    res = se.tl.neuralee(emb, N_small=100, maxit=2, perplexity=10.0, key_added="X_nee2", copy=True, return_model=True)
+    assert isinstance(res, tuple) and "X_nee2" in res[0].obsm and "nee2" in res[0].uns
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (dict(N_small=0), ValueError, "N_small"),
+        (dict(N_small=1.5), ValueError, "N_small"),
+        (dict(N_small=-0.2), ValueError, "N_small"),
+        (dict(N_small=0.001), ValueError, "N_small"),
+        (dict(N_small="all"), TypeError, "N_small"),
+        (dict(N_small=True), TypeError, "N_small"),
+        (dict(lam=0), ValueError, "lam"),
+        (dict(perplexity=1000), ValueError, "perplexity"),
+        (dict(maxit=0), ValueError, "maxit"),
+        (dict(repulsion="foo"), ValueError, "repulsion"),
+        (dict(batch_affinity="foo"), ValueError, "batch_affinity"),
+        (dict(n_subsample=10, N_small=100), ValueError, "n_subsample"),
+        (dict(use_rep="nope"), KeyError, "use_rep"),
+        (dict(device="cuda:99"), ValueError, "device"),
+        (dict(n_components=0), ValueError, "n_components"),
+    ],
+)
+def test_bad_arguments_raise_before_work(emb, kwargs, exc, match):
+    before = emb.copy()
+    with pytest.raises(exc, match=match):
+        se.tl.neuralee(emb, **kwargs)
+    assert set(emb.obsm) == set(before.obsm) and set(emb.uns) == set(before.uns) and set(emb.obsp) == set()
+
+
+def test_nan_input_raises(emb):
+    emb.obsm["X_pca"][3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        se.tl.neuralee(emb, maxit=2)
+    assert "X_neuralee" not in emb.obsm
+
+
+def test_engine_without_anndata():
+    X = se.datasets.simulate_embedding(300, 6, random_state=0).X
+    _, info = fit_neuralee(X, perplexity=8.0, batch_size=None, maxit=3, show_progress=False)
+    assert info["mode"] == "full" and len(info["history"]["loss"]) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N_small", [1.0, 200])
+def test_gpu(emb, N_small):
+    model = se.tl.neuralee(emb, N_small=N_small, device="cuda", maxit=20, perplexity=10.0, return_model=True)
+    np.testing.assert_allclose(model.transform(emb), emb.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
+    a = se.tl.neuralee(emb, N_small=N_small, device="cuda", maxit=5, perplexity=10.0, copy=True)
+    b = se.tl.neuralee(emb, N_small=N_small, device="cuda", maxit=5, perplexity=10.0, copy=True)
+    np.testing.assert_allclose(a.obsm["X_neuralee"], b.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
