@@ -284,8 +284,7 @@ def optimize_ee(
     history, steps = [E], []
     n_evals, alpha, converged, reason = 1, 1.0, False, "maxiter"
     bar = progress(range(maxiter), desc="EE", show=show_progress)
-    it = 0
-    for it in bar:
+    for _ in bar:
         t0 = time.perf_counter()
         p = solve(G)
         slope = float((G * p).sum())

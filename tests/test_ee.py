@@ -1,0 +1,256 @@
+"""tl.ee and its engine: objective/gradient against dense float64 references, optimiser invariants, API."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+import scembed as se
+from scembed._engine.ee import SpectralDirection, optimize_ee, rescale, spectral_init
+from scembed._engine.ee_objective import EEObjective
+
+
+def _random_problem(n: int = 120, D: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, D))
+    P = sparse.random(n, n, density=0.08, random_state=seed, format="csr")
+    P = P + P.T
+    return X, (P / P.sum()).tocsr()
+
+
+def _dense_reference(Y: np.ndarray, P, X: np.ndarray, lam: float, repulsion: str):
+    """E and ∇E by autograd on dense float64 matrices (independent of the tiled code)."""
+    Yt = torch.tensor(Y, dtype=torch.float64, requires_grad=True)
+    n = Y.shape[0]
+    D2 = ((Yt[:, None] - Yt[None]) ** 2).sum(-1)
+    if repulsion == "uniform":
+        Wn = (1 - torch.eye(n, dtype=torch.float64)) / (n * (n - 1))
+    else:
+        Xt = torch.tensor(X, dtype=torch.float64)
+        Wn = ((Xt[:, None] - Xt[None]) ** 2).sum(-1)
+        Wn = Wn / Wn.sum()
+    E = (torch.tensor(P.toarray(), dtype=torch.float64) * D2).sum() + lam * (Wn * torch.exp(-D2)).sum()
+    E.backward()
+    return float(E.detach()), Yt.grad.numpy()
+
+
+@pytest.fixture(scope="module")
+def emb() -> ad.AnnData:
+    a = se.datasets.simulate_embedding(n_cells=300, n_dims=10, n_celltypes=4, random_state=1)
+    se.pp.affinity(a, perplexity=10.0)
+    return a
+
+
+FAST = {"maxiter": 40}
+
+
+@pytest.mark.parametrize("repulsion", ["uniform", "distance"])
+@pytest.mark.parametrize(("d", "scale"), [(2, 1e-3), (2, 3.0), (3, 0.5), (5, 1.0)])
+def test_objective_and_gradient_match_dense_float64(repulsion, d, scale):
+    X, P = _random_problem()
+    Y = np.random.default_rng(1).normal(size=(X.shape[0], d)) * scale
+    Y = Y.astype(np.float32).astype(np.float64)  # the objective sees float32 coordinates
+    obj = EEObjective(P, lam=1.7, repulsion=repulsion, X=X)
+    E, G = obj(torch.tensor(Y, dtype=torch.float32))
+    E_ref, G_ref = _dense_reference(Y, P, X, 1.7, repulsion)
+    assert float(E) == pytest.approx(E_ref, rel=1e-6)
+    assert np.linalg.norm(G.double().numpy() - G_ref) <= 1e-5 * np.linalg.norm(G_ref)
+
+
+def test_objective_tiles_agree_with_one_tile(monkeypatch):
+    X, P = _random_problem(n=200)
+    Y = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    obj = EEObjective(P, repulsion="distance", X=X)
+    E1, G1 = obj(Y)
+    monkeypatch.setattr(obj, "_tile_rows", lambda: 7)
+    E2, G2 = obj(Y)
+    assert float(E1) == pytest.approx(float(E2), rel=1e-9)
+    torch.testing.assert_close(G1, G2, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["splu", "cg"])
+def test_spectral_direction_solves_the_system(solver):
+    _, P = _random_problem(n=150)
+    sd = SpectralDirection(P, solver=solver)
+    g = torch.randn(150, 2, generator=torch.Generator().manual_seed(3))
+    g = g - g.mean(0)  # gradients of EE sum to zero over cells
+    p = sd(g).double().numpy()
+    L = sparse.csgraph.laplacian(P.astype(np.float64))
+    B = 4 * L + sd.mu * sparse.identity(150)
+    residual = np.linalg.norm(B @ p + g.double().numpy()) / np.linalg.norm(g.double().numpy())
+    assert residual < (1e-6 if solver == "splu" else 2e-3)  # p is returned in float32
+    assert float((g.double().numpy() * p).sum()) < 0  # a descent direction
+
+
+def test_spectral_init_matches_dense_eigenvectors():
+    _, P = _random_problem(n=400, seed=2)
+    Y = spectral_init(P, 2)
+    W = P.toarray().astype(np.float64)
+    deg = W.sum(1)
+    vals, vecs = np.linalg.eigh(W / np.sqrt(np.outer(deg, deg)))
+    ref = vecs[:, ::-1][:, 1:3] / np.sqrt(deg)[:, None]
+    for j in range(2):
+        c = abs(np.corrcoef(Y[:, j], ref[:, j])[0, 1])
+        assert c > 0.999
+
+
+def test_recorded_objective_never_increases_and_converges(emb):
+    se.tl.ee(emb, **FAST)
+    obj = np.asarray(emb.uns["ee"]["objective"])
+    assert len(obj) == emb.uns["ee"]["n_iter"] + 1
+    assert np.all(np.diff(obj) <= 0)
+    assert obj[-1] < 0.5 * obj[0]
+    # the recorded final objective is the objective of the stored embedding
+    check = EEObjective(emb.obsp["affinity"], repulsion="distance", X=emb.obsm["X_pca"])
+    assert check.value(torch.as_tensor(emb.obsm["X_ee"])) == pytest.approx(obj[-1], rel=1e-5)
+
+
+def test_spectral_direction_beats_gradient_descent(emb):
+    P, X = emb.obsp["affinity"], emb.obsm["X_pca"]
+    obj = EEObjective(P, repulsion="uniform", X=X)
+    Y0 = torch.as_tensor(rescale(spectral_init(P, 2), 1e-2), dtype=torch.float32)
+    _, sd = optimize_ee(obj, Y0, P=P, direction="spectral", maxiter=30, tol=0)
+    _, gd = optimize_ee(obj, Y0, direction="gradient", maxiter=30, tol=0)
+    assert sd["objective"][-1] < gd["objective"][-1]
+    assert np.all(np.diff(gd["objective"]) <= 0)
+
+
+def test_splu_and_cg_reach_the_same_objective(emb):
+    P = emb.obsp["affinity"]
+    obj = EEObjective(P, repulsion="uniform")
+    Y0 = torch.as_tensor(rescale(spectral_init(P, 2)), dtype=torch.float32)
+    _, a = optimize_ee(obj, Y0, P=P, solver="splu", maxiter=150)
+    _, b = optimize_ee(obj, Y0, P=P, solver="cg", maxiter=150)
+    assert b["solver"] == "cg" and len(b["cg_iterations"]) == b["n_iter"]
+    assert a["objective"][-1] == pytest.approx(b["objective"][-1], rel=1e-3)
+
+
+def test_embedding_separates_cell_types(emb):
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    se.tl.ee(emb, **FAST)
+    labels = emb.obs["celltype"].to_numpy()
+    acc = cross_val_score(KNeighborsClassifier(10), emb.obsm["X_ee"], labels, cv=3).mean()
+    rand = cross_val_score(KNeighborsClassifier(10), np.random.default_rng(0).normal(size=(300, 2)), labels, cv=3)
+    assert acc > 0.9 > rand.mean()
+
+
+def test_same_seed_same_embedding_and_inits(emb):
+    a = se.tl.ee(emb, init="random", random_state=3, copy=True, **FAST)
+    b = se.tl.ee(emb, init="random", random_state=3, copy=True, **FAST)
+    c = se.tl.ee(emb, init="random", random_state=4, copy=True, maxiter=2)
+    np.testing.assert_array_equal(a.obsm["X_ee"], b.obsm["X_ee"])
+    assert not np.allclose(a.obsm["X_ee"][:, 0], c.obsm["X_ee"][:, 0])
+    for init in ["pca", "spectral", emb.obsm["X_pca"][:, :2] * 1e-3]:
+        out = se.tl.ee(emb, init=init, copy=True, maxiter=3)
+        assert out.obsm["X_ee"].shape == (300, 2) and np.isfinite(out.obsm["X_ee"]).all()
+    emb.obsm["start"] = emb.obsm["X_pca"][:, :3] * 1e-3
+    out = se.tl.ee(emb, n_components=3, init="start", copy=True, maxiter=3)
+    assert out.obsm["X_ee"].shape == (300, 3)
+    assert out.uns["ee"]["params"]["init"] == "obsm['start']"
+    del emb.obsm["start"]
+
+
+def test_computes_affinity_when_missing_and_copy(emb):
+    a = ad.AnnData(emb.X.copy(), obs=emb.obs.copy())
+    a.obsm["X_pca"] = emb.obsm["X_pca"].copy()
+    out = se.tl.ee(a, perplexity=10.0, copy=True, **FAST)
+    assert "affinity" not in a.obsp and "X_ee" not in a.obsm and "ee" not in a.uns  # copy leaves the input alone
+    assert "affinity" in out.obsp and "X_ee" in out.obsm
+    assert out.uns["affinity"]["params"]["perplexity"] == 10.0
+    # the same affinities as pp.affinity computes
+    np.testing.assert_allclose(out.obsp["affinity"].toarray(), emb.obsp["affinity"].toarray(), rtol=1e-4, atol=1e-9)
+    assert se.tl.ee(a, perplexity=10.0, maxiter=2) is None
+    assert "affinity" in a.obsp and "X_ee" in a.obsm
+
+
+def test_sparse_and_dense_input_agree():
+    a = se.datasets.simulate(n_cells=200, n_genes=40, n_celltypes=3, random_state=0)  # < 50 genes: X is used
+    b = a.copy()
+    b.X = b.X.toarray()
+    se.tl.ee(a, perplexity=10.0, **FAST)
+    se.tl.ee(b, perplexity=10.0, **FAST)
+    np.testing.assert_allclose(a.obsm["X_ee"], b.obsm["X_ee"], rtol=1e-4, atol=1e-4)
+
+
+def test_h5ad_round_trip_and_key_added(emb, tmp_path):
+    out = se.tl.ee(emb, key_added="X_ee2", repulsion="uniform", solver="cg", copy=True, maxiter=5)
+    assert "X_ee2" in out.obsm and "ee2" in out.uns
+    path = tmp_path / "ee.h5ad"
+    out.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    np.testing.assert_array_equal(back.obsm["X_ee2"], out.obsm["X_ee2"])
+    np.testing.assert_allclose(back.uns["ee2"]["objective"], out.uns["ee2"]["objective"])
+    assert back.uns["ee2"]["params"]["repulsion"] == "uniform"
+    assert back.uns["ee2"]["solver"] == "cg"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lam": -1.0}, ValueError, "lam"),
+        ({"lam": float("nan")}, TypeError, "lam"),
+        ({"n_components": 0}, ValueError, "n_components"),
+        ({"n_components": 1.5}, TypeError, "n_components"),
+        ({"maxiter": 0}, ValueError, "maxiter"),
+        ({"tol": -1}, ValueError, "tol"),
+        ({"repulsion": "cauchy"}, ValueError, "repulsion"),
+        ({"solver": "qr"}, ValueError, "solver"),
+        ({"init": "umap"}, KeyError, "init"),
+        ({"init": np.zeros((5, 2))}, ValueError, "init"),
+        ({"init": 3}, TypeError, "init"),
+        ({"key_added": ""}, TypeError, "key_added"),
+        ({"device": "tpu"}, ValueError, "device"),
+    ],
+)
+def test_bad_parameters_raise_before_work(emb, kwargs, error, match):
+    before = (set(emb.obsm), set(emb.uns), set(emb.obsp))
+    with pytest.raises(error, match=match):
+        se.tl.ee(emb, **kwargs)
+    assert (set(emb.obsm), set(emb.uns), set(emb.obsp)) == before
+
+
+def test_missing_affinity_and_representation_raise_and_leave_adata_unchanged():
+    a = se.datasets.simulate_embedding(n_cells=50, n_dims=5, random_state=0)
+    del a.obsm["X_pca"]
+    snapshot = a.copy()
+    with pytest.raises(KeyError, match="use_rep"):
+        se.tl.ee(a, affinity_key="nope", use_rep="X_missing", perplexity=5.0)
+    a.X[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        se.tl.ee(a, perplexity=5.0)
+    with pytest.raises(ValueError, match="perplexity"):
+        se.tl.ee(snapshot.copy(), perplexity=80.0)
+    assert set(a.obsm) == set(snapshot.obsm) and set(a.obsp) == set(snapshot.obsp) and set(a.uns) == set(snapshot.uns)
+
+
+def test_nan_init_and_bad_affinities_raise(emb):
+    bad = emb.obsm["X_pca"][:, :2].copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        se.tl.ee(emb, init=bad)
+    a = emb.copy()
+    a.obsp["affinity"] = -a.obsp["affinity"]
+    with pytest.raises(ValueError, match="negative"):
+        se.tl.ee(a)
+    assert "X_ee" not in a.obsm or np.array_equal(a.obsm["X_ee"], emb.obsm.get("X_ee", a.obsm["X_ee"]))
+
+
+@pytest.mark.gpu
+def test_ee_on_cuda_matches_cpu(emb):
+    cpu = se.tl.ee(emb, device="cpu", repulsion="uniform", copy=True, maxiter=30)
+    gpu = se.tl.ee(emb, device="cuda", repulsion="uniform", copy=True, maxiter=30)
+    assert gpu.uns["ee"]["params"]["device"].startswith("cuda")
+    assert gpu.uns["ee"]["objective"][-1] == pytest.approx(cpu.uns["ee"]["objective"][-1], rel=1e-2)
+    again = se.tl.ee(emb, device="cuda", repulsion="uniform", copy=True, maxiter=30)
+    np.testing.assert_array_equal(gpu.obsm["X_ee"], again.obsm["X_ee"])
+
+
+@pytest.mark.gpu
+def test_cg_solver_on_cuda(emb):
+    out = se.tl.ee(emb, device="cuda", solver="cg", copy=True, maxiter=20)
+    assert out.uns["ee"]["solver"] == "cg" and np.all(np.diff(out.uns["ee"]["objective"]) <= 0)
