@@ -39,12 +39,12 @@ def _dense_reference(Y: np.ndarray, P, X: np.ndarray, lam: float, repulsion: str
 
 @pytest.fixture(scope="module")
 def emb() -> ad.AnnData:
-    a = se.datasets.simulate_embedding(n_cells=300, n_dims=10, n_celltypes=4, random_state=1)
+    a = se.datasets.simulate_embedding(n_cells=200, n_dims=10, n_celltypes=4, random_state=1)
     se.pp.affinity(a, perplexity=10.0)
     return a
 
 
-FAST = {"maxiter": 40}
+FAST = {"maxiter": 25, "repulsion": "uniform"}
 
 
 @pytest.mark.parametrize("repulsion", ["uniform", "distance"])
@@ -90,7 +90,7 @@ def test_spectral_init_matches_dense_eigenvectors():
     Y = spectral_init(P, 2)
     W = P.toarray().astype(np.float64)
     deg = W.sum(1)
-    vals, vecs = np.linalg.eigh(W / np.sqrt(np.outer(deg, deg)))
+    _, vecs = np.linalg.eigh(W / np.sqrt(np.outer(deg, deg)))
     ref = vecs[:, ::-1][:, 1:3] / np.sqrt(deg)[:, None]
     for j in range(2):
         c = abs(np.corrcoef(Y[:, j], ref[:, j])[0, 1])
@@ -98,7 +98,7 @@ def test_spectral_init_matches_dense_eigenvectors():
 
 
 def test_recorded_objective_never_increases_and_converges(emb):
-    se.tl.ee(emb, **FAST)
+    se.tl.ee(emb, maxiter=25)
     obj = np.asarray(emb.uns["ee"]["objective"])
     assert len(obj) == emb.uns["ee"]["n_iter"] + 1
     assert np.all(np.diff(obj) <= 0)
@@ -112,8 +112,8 @@ def test_spectral_direction_beats_gradient_descent(emb):
     P, X = emb.obsp["affinity"], emb.obsm["X_pca"]
     obj = EEObjective(P, repulsion="uniform", X=X)
     Y0 = torch.as_tensor(rescale(spectral_init(P, 2), 1e-2), dtype=torch.float32)
-    _, sd = optimize_ee(obj, Y0, P=P, direction="spectral", maxiter=30, tol=0)
-    _, gd = optimize_ee(obj, Y0, direction="gradient", maxiter=30, tol=0)
+    _, sd = optimize_ee(obj, Y0, P=P, direction="spectral", maxiter=20, tol=0)
+    _, gd = optimize_ee(obj, Y0, direction="gradient", maxiter=20, tol=0)
     assert sd["objective"][-1] < gd["objective"][-1]
     assert np.all(np.diff(gd["objective"]) <= 0)
 
@@ -122,9 +122,9 @@ def test_splu_and_cg_reach_the_same_objective(emb):
     P = emb.obsp["affinity"]
     obj = EEObjective(P, repulsion="uniform")
     Y0 = torch.as_tensor(rescale(spectral_init(P, 2)), dtype=torch.float32)
-    _, a = optimize_ee(obj, Y0, P=P, solver="splu", maxiter=150)
-    _, b = optimize_ee(obj, Y0, P=P, solver="cg", maxiter=150)
-    assert b["solver"] == "cg" and len(b["cg_iterations"]) == b["n_iter"]
+    _, a = optimize_ee(obj, Y0, P=P, solver="splu", maxiter=100)
+    _, b = optimize_ee(obj, Y0, P=P, solver="cg", maxiter=100)
+    assert b["solver"] == "cg" and len(b["cg_iterations"]) >= b["n_iter"]
     assert a["objective"][-1] == pytest.approx(b["objective"][-1], rel=1e-3)
 
 
@@ -135,22 +135,22 @@ def test_embedding_separates_cell_types(emb):
     se.tl.ee(emb, **FAST)
     labels = emb.obs["celltype"].to_numpy()
     acc = cross_val_score(KNeighborsClassifier(10), emb.obsm["X_ee"], labels, cv=3).mean()
-    rand = cross_val_score(KNeighborsClassifier(10), np.random.default_rng(0).normal(size=(300, 2)), labels, cv=3)
+    rand = cross_val_score(KNeighborsClassifier(10), np.random.default_rng(0).normal(size=(200, 2)), labels, cv=3)
     assert acc > 0.9 > rand.mean()
 
 
 def test_same_seed_same_embedding_and_inits(emb):
-    a = se.tl.ee(emb, init="random", random_state=3, copy=True, **FAST)
-    b = se.tl.ee(emb, init="random", random_state=3, copy=True, **FAST)
-    c = se.tl.ee(emb, init="random", random_state=4, copy=True, maxiter=2)
+    a = se.tl.ee(emb, init="random", random_state=3, copy=True, maxiter=10, repulsion="uniform")
+    b = se.tl.ee(emb, init="random", random_state=3, copy=True, maxiter=10, repulsion="uniform")
+    c = se.tl.ee(emb, init="random", random_state=4, copy=True, maxiter=2, repulsion="uniform")
     np.testing.assert_array_equal(a.obsm["X_ee"], b.obsm["X_ee"])
     assert not np.allclose(a.obsm["X_ee"][:, 0], c.obsm["X_ee"][:, 0])
     for init in ["pca", "spectral", emb.obsm["X_pca"][:, :2] * 1e-3]:
-        out = se.tl.ee(emb, init=init, copy=True, maxiter=3)
-        assert out.obsm["X_ee"].shape == (300, 2) and np.isfinite(out.obsm["X_ee"]).all()
+        out = se.tl.ee(emb, init=init, copy=True, maxiter=3, repulsion="uniform")
+        assert out.obsm["X_ee"].shape == (200, 2) and np.isfinite(out.obsm["X_ee"]).all()
     emb.obsm["start"] = emb.obsm["X_pca"][:, :3] * 1e-3
-    out = se.tl.ee(emb, n_components=3, init="start", copy=True, maxiter=3)
-    assert out.obsm["X_ee"].shape == (300, 3)
+    out = se.tl.ee(emb, n_components=3, init="start", copy=True, maxiter=3, repulsion="uniform")
+    assert out.obsm["X_ee"].shape == (200, 3)
     assert out.uns["ee"]["params"]["init"] == "obsm['start']"
     del emb.obsm["start"]
 
@@ -169,11 +169,11 @@ def test_computes_affinity_when_missing_and_copy(emb):
 
 
 def test_sparse_and_dense_input_agree():
-    a = se.datasets.simulate(n_cells=200, n_genes=40, n_celltypes=3, random_state=0)  # < 50 genes: X is used
+    a = se.datasets.simulate(n_cells=120, n_genes=30, n_celltypes=3, random_state=0)  # < 50 genes: X is used
     b = a.copy()
     b.X = b.X.toarray()
-    se.tl.ee(a, perplexity=10.0, **FAST)
-    se.tl.ee(b, perplexity=10.0, **FAST)
+    se.tl.ee(a, perplexity=10.0, maxiter=10)  # "distance" repulsion: uses X itself
+    se.tl.ee(b, perplexity=10.0, maxiter=10)
     np.testing.assert_allclose(a.obsm["X_ee"], b.obsm["X_ee"], rtol=1e-4, atol=1e-4)
 
 

@@ -20,6 +20,8 @@ Repulsion = Literal["uniform", "distance"]
 REPULSIONS = ("uniform", "distance")
 #: bytes of one N-wide tile of the repulsion kept at once
 _TILE_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+#: the squared input distances of ``repulsion="distance"`` are kept between calls up to this size
+_CACHE_BYTES = 256 * 2**20
 
 
 class EEObjective:
@@ -90,8 +92,12 @@ class EEObjective:
             self.X = Xd.to(dtype)
             self.x_sq = sq.to(dtype)
             self.w_scale = float(1.0 / total) if total > 0 else 0.0
+            # the input distances do not change: keep them when they are small (N ≤ ~8,000 at 256 MB), else
+            # recompute them in every tile (O(N) memory)
+            self._cache: dict[tuple[int, int], torch.Tensor] | None = {} if 4 * self.n * self.n <= _CACHE_BYTES else None
         else:
             self.X = None
+            self._cache = None
             self.w_scale = 1.0 / (self.n * (self.n - 1)) if self.n > 1 else 0.0
 
     @torch.no_grad()
@@ -133,9 +139,14 @@ class EEObjective:
                 d2 = torch.addmm(y_sq[None, :], block, Y.T, alpha=-2.0).add_(y_sq[start:stop, None]).clamp_min_(0)
             wk = d2.neg_().expm1_()  # exp(−d²) − 1, in place: the passes over the tile, not arithmetic, bound speed
             if self.X is not None:
-                xb = self.X[start:stop]
-                wx = torch.addmm(self.x_sq[None, :], xb, self.X.T, alpha=-2.0).add_(self.x_sq[start:stop, None])
-                wk.mul_(wx.clamp_min_(0))
+                wx = self._cache.get((start, stop)) if self._cache is not None else None
+                if wx is None:
+                    xb = self.X[start:stop]
+                    wx = torch.addmm(self.x_sq[None, :], xb, self.X.T, alpha=-2.0).add_(self.x_sq[start:stop, None])
+                    wx.clamp_min_(0)
+                    if self._cache is not None:
+                        self._cache[(start, stop)] = wx
+                wk.mul_(wx)
                 total += wk.sum(dtype=torch.float64)
                 wk.add_(wx)  # w (exp(−d²) − 1) + w = w exp(−d²)
             else:
