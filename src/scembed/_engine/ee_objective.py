@@ -94,7 +94,8 @@ class EEObjective:
             self.w_scale = float(1.0 / total) if total > 0 else 0.0
             # the input distances do not change: keep them when they are small (N ≤ ~8,000 at 256 MB), else
             # recompute them in every tile (O(N) memory)
-            self._cache: dict[tuple[int, int], torch.Tensor] | None = {} if 4 * self.n * self.n <= _CACHE_BYTES else None
+            small = 4 * self.n * self.n <= _CACHE_BYTES
+            self._cache: dict[tuple[int, int], torch.Tensor] | None = {} if small else None
         else:
             self.X = None
             self._cache = None
