@@ -133,7 +133,10 @@ def neuralee(
       batch: a stochastic gradient of the EE objective of all N cells. With ``batch_affinity="batch"`` the
       affinities are recomputed among the batch's cells on the device (exact kNN in the batch + entropic
       calibration, as the original did on its fixed partitions): no global graph is needed at all. Host memory is
-      O(N·D + N·k) in both; nothing of size N·N_small is stored.
+      O(N·D + N·k) in both; nothing of size N·N_small is stored. ``"graph"`` is the default because it optimises
+      the EE objective of all cells and measured both faster and more faithful: on pbmc_10x_4k (batches of 1,024,
+      100 epochs, 2 CPU threads) 5.1 s, 10-NN accuracy 0.888, centroid-distance Spearman 0.81, against 23 s, 0.888
+      and 0.74 for ``"batch"`` (whose per-batch kNN search and calibration dominate the step).
     - **large data** (openTSNE's recipe): with ``n_subsample`` < N (default: 100,000 cells once N exceeds that),
       the network is trained on a random subsample (with its own affinities), then every cell is mapped through
       it and training is refined on all cells for ``refine_epochs`` epochs.
@@ -173,7 +176,10 @@ def neuralee(
     refine_epochs
         Epochs on all cells after the subsample phase (only when ``n_subsample`` < ``n_obs``).
     early_exaggeration, exaggeration_epochs
-        Multiply the attraction by ``early_exaggeration`` during the first ``exaggeration_epochs`` epochs.
+        Multiply the attraction by ``early_exaggeration`` during the first ``exaggeration_epochs`` epochs. Off by
+        default: unlike t-SNE, the network's smoothness already keeps clusters together, and on pbmc_10x_4k an
+        exaggeration of 4 for 25 of 100 epochs lowered the centroid-distance Spearman from 0.81 to 0.48 and the
+        10-NN accuracy from 0.888 to 0.878.
     patience
         Epochs without improvement before stopping (``None``: run ``maxit`` epochs).
     affinity_key
