@@ -416,7 +416,7 @@ def initial_clusters(
     n_clusters: int,
     *,
     knn: int = 20,
-    resolution: float = 0.8,
+    resolution: float = 0.2,
     n_init: int = 20,
     random_state: int = 0,
     device: torch.device | str = "cpu",
