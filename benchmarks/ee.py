@@ -1,0 +1,180 @@
+"""Benchmark tl.ee against the original NeuralEE EE (neuralee 0.1.6) and openTSNE, side by side.
+
+Every method runs in a fresh subprocess (peak RSS = that process's ru_maxrss) on the same 50-PC input. scembed and
+the original get the SAME affinities P (scembed.pp.affinity, perplexity 30, stored dense into the original's
+dataset) and the SAME repulsive weights (squared input distances normalised to sum 1 = repulsion="distance") and
+λ = 1, so their objectives are directly comparable; both are evaluated with one EEObjective. openTSNE uses its own
+affinities (perplexity 30) and optimises another objective: no EE objective is reported for it.
+
+Usage:
+    /work/venvs/neuralee/bin/python benchmarks/ee.py [--quick] [--threads 1]
+(the venv sees the global packages and adds neuralee; --quick runs pbmc68k_reduced only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "data"
+METHODS = ("scembed_ee", "scembed_ee_uniform", "neuralee_EE", "openTSNE")
+
+
+def prepare(name: str, out: Path) -> None:
+    import anndata as ad
+    import scanpy as sc
+
+    import scembed as se
+
+    if name == "pbmc68k_reduced":
+        a = sc.datasets.pbmc68k_reduced()
+        labels = a.obs["bulk_labels"].astype(str).to_numpy()
+    else:
+        a = ad.read_h5ad(SHARED / f"{name}.h5ad")
+        sc.pp.normalize_total(a)
+        sc.pp.log1p(a)
+        sc.pp.pca(a, n_comps=50, random_state=0)
+        labels = a.obs["celltype"].astype(str).to_numpy()
+    X = np.ascontiguousarray(a.obsm["X_pca"][:, :50], dtype=np.float32)
+    se.pp.affinity(a, perplexity=30.0, use_rep="X_pca")
+    P = a.obsp["affinity"].tocoo()
+    np.savez(out, X=X, labels=labels, row=P.row, col=P.col, data=P.data)
+
+
+def worker(method: str, data: Path, out: Path, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    d = np.load(data, allow_pickle=True)
+    X = d["X"]
+    n = X.shape[0]
+    from scipy import sparse
+
+    P = sparse.csr_matrix((d["data"], (d["row"], d["col"])), shape=(n, n))
+    info: dict = {}
+    if method.startswith("scembed_ee"):
+        import anndata as ad
+
+        import scembed as se
+
+        a = ad.AnnData(np.zeros((n, 1), dtype=np.float32))
+        a.obsm["X_pca"] = X
+        a.obsp["affinity"] = P
+        rep = "uniform" if method.endswith("uniform") else "distance"
+        t = time.perf_counter()
+        se.tl.ee(a, repulsion=rep, device="cpu")
+        elapsed = time.perf_counter() - t
+        Y = a.obsm["X_ee"]
+        info = {"n_iter": a.uns["ee"]["n_iter"], "stop": a.uns["ee"]["stop_reason"]}
+    elif method == "neuralee_EE":
+        torch.cholesky = lambda A, upper=False: torch.linalg.cholesky(A, upper=upper)  # removed from torch
+        np.str = str  # removed from numpy, used by neuralee's datasets
+        sys.modules.setdefault("loompy", types.ModuleType("loompy"))  # imported by neuralee.dataset, unused here
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/neuralee.py shadows it
+        from neuralee.dataset import GeneExpressionDataset
+        from neuralee.embedding import NeuralEE
+
+        ds = GeneExpressionDataset(X)
+        ds.Wp = P.toarray().astype(np.float32)  # the same affinities as scembed
+        sq = (X.astype(np.float64) ** 2).sum(1)
+        Wn = np.maximum(sq[:, None] + sq[None] - 2 * X.astype(np.float64) @ X.T.astype(np.float64), 0)
+        np.fill_diagonal(Wn, 0)
+        ds.Wn = (Wn / Wn.sum()).astype(np.float32)  # the original's normalisation of its dense distances
+        del Wn
+        model = NeuralEE(ds, d=2, lam=1, device=torch.device("cpu"))
+        t = time.perf_counter()
+        torch.manual_seed(0)
+        res = model.EE(maxit=200, tol=1e-5)
+        elapsed = time.perf_counter() - t
+        Y = res["X"].numpy()
+    elif method == "openTSNE":
+        from openTSNE import TSNE
+
+        t = time.perf_counter()
+        Y = np.asarray(TSNE(n_jobs=threads, random_state=0).fit(X))
+        elapsed = time.perf_counter() - t
+    else:
+        raise ValueError(method)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    np.save(out, np.asarray(Y, dtype=np.float32))
+    out.with_suffix(".json").write_text(json.dumps({"time": elapsed, "peak_gb": peak, **info}))
+
+
+def evaluate(data: Path, Y: np.ndarray) -> dict:
+    import torch
+    from scipy import sparse
+
+    sys.path.insert(0, str(HERE))
+    from _metrics import embedding_metrics
+
+    from scembed._engine.ee_objective import EEObjective
+
+    d = np.load(data, allow_pickle=True)
+    X, labels = d["X"], d["labels"]
+    n = X.shape[0]
+    P = sparse.csr_matrix((d["data"], (d["row"], d["col"])), shape=(n, n))
+    E = EEObjective(P, lam=1.0, repulsion="distance", X=X).value(torch.as_tensor(Y))
+    return {"E": E, **embedding_metrics(X, Y, labels)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--worker", nargs=3)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], Path(args.worker[1]), Path(args.worker[2]), args.threads)
+        return
+    names = ["pbmc68k_reduced"] if args.quick else ["pbmc68k_reduced", "pbmc_10x_4k", "worm_neuron_4k"]
+    tmp = Path(tempfile.mkdtemp(prefix="ee_bench_"))
+    rows = []
+    for name in names:
+        data = tmp / f"{name}.npz"
+        prepare(name, data)
+        for method in METHODS:
+            out = tmp / f"{name}_{method}.npy"
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--worker", method, str(data), str(out)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"{name} {method} failed:\n{r.stderr[-2000:]}", flush=True)
+                continue
+            res = json.loads(out.with_suffix(".json").read_text())
+            res.update(evaluate(data, np.load(out)), data=name, method=method)
+            if method == "openTSNE":
+                res["E"] = float("nan")  # another objective: the EE objective of a t-SNE map says nothing
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    header = "| data | method | EE objective | time (s) | peak RSS (GB) | 10-NN pres. | 10-NN acc. | centroid ρ |"
+    print("\n" + header + "\n|" + " --- |" * 8)
+    for r in rows:
+        E = "—" if np.isnan(r["E"]) else f"{r['E']:.5f}"
+        print(
+            f"| {r['data']} | {r['method']} | {E} | {r['time']:.1f} | {r['peak_gb']:.2f} | {r['knn_pres']:.3f} | "
+            f"{r['knn_acc']:.3f} | {r['centroid_rho']:.3f} |"
+        )
+    print("\nratios (neuralee_EE / scembed_ee): time, objective difference; scembed_ee − openTSNE: acc, ρ")
+    for name in names:
+        by = {r["method"]: r for r in rows if r["data"] == name}
+        if "scembed_ee" in by and "neuralee_EE" in by:
+            s, o = by["scembed_ee"], by["neuralee_EE"]
+            print(f"{name}: time ×{o['time'] / s['time']:.1f}, ΔE (original − scembed) = {o['E'] - s['E']:+.5f}")
+        if "scembed_ee" in by and "openTSNE" in by:
+            s, t = by["scembed_ee"], by["openTSNE"]
+            print(
+                f"{name}: Δacc = {s['knn_acc'] - t['knn_acc']:+.3f}, Δρ = {s['centroid_rho'] - t['centroid_rho']:+.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
