@@ -1,0 +1,527 @@
+"""iMAP (Wang et al. 2021): stage I content autoencoder on mixup samples, stage II WGAN-GP residual correction.
+
+Pure numpy/scipy/torch; the AnnData side lives in :mod:`scembed.tl._imap`. Differences from the original that do
+not change the maths: the encoder runs once per step instead of three times, the batch branch of the decoder is
+evaluated on the ``n_batches`` one-hot vectors only (it sees nothing else), critic steps do not back-propagate
+through the generator, sampling is vectorised in torch, and sparse input is densified one mini-batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import nn
+
+from .knn import nearest_neighbors, resolve_n_jobs
+from .nn import mlp, predict_in_batches
+from .training import train
+
+#: rows densified at once when a whole batch of cells is encoded or corrected
+CHUNK = 8192
+
+
+# ------------------------------------------------------------------------------------------------ data access
+class RowSource:
+    """Rows of a dense or CSR matrix as dense float32 tensors on ``device``, densified a mini-batch at a time.
+
+    A CSR matrix is kept as its three arrays (on the device) and rows are scattered into a dense block, so the
+    same gather runs on a GPU; a dense matrix stays where it is and only the requested rows are copied.
+    """
+
+    def __init__(self, X: np.ndarray | sparse.spmatrix | sparse.sparray, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.shape = X.shape
+        if sparse.issparse(X):
+            X = sparse.csr_matrix(X)
+            self.indptr = torch.from_numpy(X.indptr.astype(np.int64)).to(self.device)
+            self.indices = torch.from_numpy(X.indices.astype(np.int64)).to(self.device)
+            self.data = torch.from_numpy(X.data.astype(np.float32, copy=False)).to(self.device)
+            self.dense = None
+        else:
+            self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+
+    def __call__(self, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
+        if isinstance(rows, slice):
+            rows = torch.arange(*rows.indices(self.shape[0]))
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        if self.dense is not None:
+            return self.dense[rows.cpu()].to(self.device)
+        rows = rows.to(self.device)
+        start, stop = self.indptr[rows], self.indptr[rows + 1]
+        counts = stop - start
+        out = torch.zeros((rows.shape[0], self.shape[1]), dtype=torch.float32, device=self.device)
+        total = int(counts.sum())
+        if total:
+            row_of = torch.repeat_interleave(torch.arange(rows.shape[0], device=self.device), counts)
+            offsets = torch.arange(total, device=self.device) - torch.repeat_interleave(
+                torch.cumsum(counts, 0) - counts, counts
+            )
+            pos = start[row_of] + offsets
+            out[row_of, self.indices[pos]] = self.data[pos]
+        return out
+
+
+def batch_total_std(source: RowSource, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum over genes of the per-gene (population) standard deviation of every batch, in float64."""
+    totals = []
+    for rows in groups:
+        s = torch.zeros(source.shape[1], dtype=torch.float64)
+        s2 = torch.zeros(source.shape[1], dtype=torch.float64)
+        for start in range(0, len(rows), CHUNK):
+            block = source(rows[start : start + CHUNK]).double().cpu()
+            s += block.sum(0)
+            s2 += (block * block).sum(0)
+        mean = s / len(rows)
+        var = (s2 / len(rows) - mean * mean).clamp_min(0)
+        totals.append(float(var.sqrt().sum()))
+    return np.asarray(totals)
+
+
+# ------------------------------------------------------------------------------------------------ networks
+def init_weights(module: nn.Module) -> None:
+    """The original's initialisation: Linear weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), shifts 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm1d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class BatchDecoder(nn.Module):
+    """Dec(c, b) = ReLU(G2([c; b]) + G1(b)) with b the one-hot batch."""
+
+    def __init__(self, latent_dim: int, n_batches: int, n_genes: int):
+        super().__init__()
+        self.n_batches = n_batches
+        self.content = mlp((latent_dim + n_batches, 512, 1024, n_genes), batchnorm=False, activation=nn.Mish)
+        self.batch = mlp((n_batches, 512, 1024, n_genes), batchnorm=False, activation=nn.Mish)
+
+    def forward(self, code: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Decode ``code`` as if measured in ``batch`` (integer batch index per row)."""
+        eye = torch.eye(self.n_batches, device=code.device, dtype=code.dtype)
+        # G1 depends on the one-hot batch only: evaluate it on the n_batches distinct inputs, then index
+        return torch.relu(self.content(torch.cat([code, eye[batch]], 1)) + self.batch(eye)[batch])
+
+
+class ResidualGenerator(nn.Module):
+    """G(x) = ReLU(x + F(x)), F: D→1024→512→latent (BatchNorm) →512→1024→D, BatchNorm + Mish."""
+
+    def __init__(self, n_genes: int, latent_dim: int = 256):
+        super().__init__()
+        self.residual = nn.Sequential(
+            mlp((n_genes, 1024, 512, latent_dim), activation=nn.Mish),
+            nn.BatchNorm1d(latent_dim),
+            mlp((latent_dim, 512, 1024, n_genes), activation=nn.Mish),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Corrected expression of ``x``."""
+        return torch.relu(x + self.residual(x))
+
+
+def make_critic(n_genes: int) -> nn.Sequential:
+    """The WGAN critic D→512→512→1 (Mish, no normalisation, as a gradient penalty requires)."""
+    return mlp((n_genes, 512, 512, 1), batchnorm=False, activation=nn.Mish)
+
+
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor | None = None, generator=None
+) -> torch.Tensor:
+    """WGAN-GP penalty mean_i (‖∇ critic(x̂_i)‖₂ − 1)², x̂_i = ε_i real_i + (1 − ε_i) fake_i, ε_i ~ U(0, 1)."""
+    if eps is None:
+        eps = torch.rand((real.shape[0], 1), generator=generator).to(real.device)
+    mixed = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
+    out = critic(mixed)
+    (grad,) = torch.autograd.grad(out.sum(), mixed, create_graph=True)
+    return ((grad.norm(2, dim=1) - 1) ** 2).mean()
+
+
+# ------------------------------------------------------------------------------------------------ stage I
+def _adam(params, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+
+
+def train_stage1(
+    source: RowSource,
+    groups: Sequence[np.ndarray],
+    *,
+    latent_dim: int = 256,
+    n_epochs: int = 150,
+    steps_per_epoch: int = 20,
+    batch_size: int = 512,
+    lr: float = 5e-4,
+    lambda_recon: float = 1.0,
+    lambda_content: float = 3.0,
+    generator: torch.Generator,
+    show_progress: bool | None = None,
+) -> tuple[nn.Module, BatchDecoder, dict[str, list[float]]]:
+    """Train the content encoder and batch-conditioned decoder on batch-balanced mixup samples.
+
+    Every step draws ``batch_size`` mixup cells α x₁ + (1 − α) x₂ (x₁, x₂ from the same batch, α ~ U(0, 1)) per
+    batch and minimises λ_recon · MSE(Dec(E(x), b), x) + λ_content · MSE(E(x), E(Dec(E(x), b̃))), b̃ random.
+    """
+    device = source.device
+    n_genes, n_b = source.shape[1], len(groups)
+    encoder = mlp((n_genes, 1024, 512, latent_dim), activation=nn.Mish).to(device)
+    decoder = BatchDecoder(latent_dim, n_b, n_genes).to(device)
+    encoder.apply(init_weights)
+    decoder.apply(init_weights)
+    opt = _adam([*encoder.parameters(), *decoder.parameters()], lr)
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+    offsets = np.concatenate([[0], np.cumsum([len(g) for g in groups])])
+    all_rows = torch.from_numpy(np.concatenate(groups).astype(np.int64))
+    batch_of = torch.arange(n_b).repeat_interleave(batch_size).to(device)
+    mse = nn.functional.mse_loss
+
+    def step(epoch: int) -> dict[str, float]:
+        encoder.train()
+        decoder.train()
+        tot = {"loss": 0.0, "recon": 0.0, "content": 0.0}
+        for _ in range(steps_per_epoch):
+            # two cells of the same batch per sample: positions drawn within each batch's block of all_rows
+            u = torch.rand((2, n_b, batch_size), generator=generator, dtype=torch.float64)
+            pick = (u * sizes[None, :, None]).long() + torch.from_numpy(offsets[:-1])[None, :, None]
+            alpha = torch.rand((n_b * batch_size, 1), generator=generator).to(device)
+            other = torch.randint(n_b, (n_b * batch_size,), generator=generator).to(device)
+            x1 = source(all_rows[pick[0].reshape(-1)])
+            x2 = source(all_rows[pick[1].reshape(-1)])
+            x = alpha * x1 + (1 - alpha) * x2
+            code = encoder(x)
+            recon = mse(decoder(code, batch_of), x)
+            content = mse(code, encoder(decoder(code, other)))
+            loss = lambda_recon * recon + lambda_content * content
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot["loss"] += loss.item()
+            tot["recon"] += recon.item()
+            tot["content"] += content.item()
+        return {k: v / steps_per_epoch for k, v in tot.items()}
+
+    history, _ = train(step, n_epochs, desc="iMAP stage I", show_progress=show_progress)
+    encoder.eval()
+    decoder.eval()
+    return encoder, decoder, history
+
+
+def apply_in_chunks(module: nn.Module, source: RowSource, rows: np.ndarray) -> np.ndarray:
+    """``module`` (eval mode) on the given rows of ``source``, densifying ``CHUNK`` rows at a time."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = predict_in_batches(
+        module, rows, batch_size=CHUNK, device=source.device, to_tensor=lambda sl: source(rows[sl])
+    )
+    return out.numpy()
+
+
+# ------------------------------------------------------------------------------------------------ stage II pairs
+def cross_neighbors(
+    index: np.ndarray, query: np.ndarray, k: int, *, method: str, metric: str, random_state: int = 0
+) -> np.ndarray:
+    """The ``k`` nearest rows of ``index`` for every row of ``query`` (``(n_query, k)`` int64, nearest first).
+
+    :func:`scembed._engine.knn.nearest_neighbors` searches within one set only; this is its two-set twin with the
+    same methods (exact: chunked torch; annoy: same tree count) and metrics.
+    """
+    n_index = index.shape[0]
+    if not 1 <= k <= n_index:
+        raise ValueError(f"k must lie in [1, {n_index}], got {k}.")
+    index = np.ascontiguousarray(index, dtype=np.float32)
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    if method == "annoy":
+        from annoy import AnnoyIndex
+
+        tree = AnnoyIndex(index.shape[1], "angular" if metric == "cosine" else "euclidean")
+        tree.set_seed(int(random_state))
+        for i in range(n_index):
+            tree.add_item(i, index[i])
+        tree.build(5 + int(round(np.sqrt(n_index) / 20)), n_jobs=resolve_n_jobs(None))
+        out = np.empty((query.shape[0], k), dtype=np.int64)
+        for i in range(query.shape[0]):
+            nn_i = tree.get_nns_by_vector(query[i], k)
+            if len(nn_i) < k:  # annoy may return fewer on tiny indexes: pad with the last one found
+                nn_i = nn_i + [nn_i[-1]] * (k - len(nn_i))
+            out[i] = nn_i
+        return out
+    a, b = torch.from_numpy(index), torch.from_numpy(query)
+    if metric == "cosine":
+        a, b = nn.functional.normalize(a, dim=1), nn.functional.normalize(b, dim=1)
+    out = []
+    chunk = max(1, (64 * 2**20) // (4 * n_index))
+    for start in range(0, b.shape[0], chunk):
+        d2 = torch.cdist(b[start : start + chunk].double(), a.double())
+        out.append(torch.topk(d2, k, dim=1, largest=False, sorted=True).indices)
+    return torch.cat(out).numpy().astype(np.int64)
+
+
+def mutual_pairs(
+    A: np.ndarray, Q: np.ndarray, k: int, *, method: str = "annoy", metric: str = "cosine", random_state: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours between A and Q: (a, q) with q among the k nearest Q of a and vice versa.
+
+    Returns the pairs as two index arrays (into A and into Q), sorted by a then q.
+    """
+    k_aq = min(k, Q.shape[0])
+    k_qa = min(k, A.shape[0])
+    nn_a = cross_neighbors(Q, A, k_aq, method=method, metric=metric, random_state=random_state)  # A → Q
+    nn_q = cross_neighbors(A, Q, k_qa, method=method, metric=metric, random_state=random_state)  # Q → A
+    nq = Q.shape[0]
+    forward = np.unique(np.repeat(np.arange(A.shape[0]), k_aq) * nq + nn_a.ravel())
+    backward = np.unique(nn_q.ravel() * nq + np.repeat(np.arange(nq), k_qa))
+    both = np.intersect1d(forward, backward, assume_unique=True)
+    return both // nq, both % nq
+
+
+def mutual_knn_graph(
+    X: np.ndarray, k: int, *, method: str = "annoy", metric: str = "cosine", random_state: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual kNN graph within X plus self-loops, as CSR arrays ``(indptr, indices)``.
+
+    Every cell keeps itself as a neighbour (the original's annoy query returns the cell first), so a random walk
+    may stay in place and no cell is isolated.
+    """
+    n = X.shape[0]
+    if n == 1:
+        return np.array([0, 1]), np.array([0])
+    idx, _, _ = nearest_neighbors(X, min(k, n - 1), method=method, metric=metric, random_state=random_state)
+    rows = np.repeat(np.arange(n), idx.shape[1])
+    adj = sparse.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, idx.ravel())), shape=(n, n))
+    mutual = adj.multiply(adj.T).tocsr() + sparse.identity(n, dtype=np.float32, format="csr")
+    mutual.sort_indices()
+    return mutual.indptr.astype(np.int64), mutual.indices.astype(np.int64)
+
+
+def random_walk_pairs(
+    pairs_a: np.ndarray,
+    pairs_q: np.ndarray,
+    graph_a: tuple[np.ndarray, np.ndarray],
+    graph_q: tuple[np.ndarray, np.ndarray],
+    n_steps: int,
+    generator: torch.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expand every MNN pair by an ``n_steps``-long walk moving both ends to a random graph neighbour each step.
+
+    Returns the visited (anchor, query) cells, ``len(pairs) * n_steps`` each, the start pairs included.
+    """
+    out_a, out_q = [], []
+    cur_a, cur_q = pairs_a.astype(np.int64), pairs_q.astype(np.int64)
+    for _ in range(n_steps):
+        out_a.append(cur_a)
+        out_q.append(cur_q)
+        cur_a = _walk(cur_a, graph_a, generator)
+        cur_q = _walk(cur_q, graph_q, generator)
+    return np.concatenate(out_a), np.concatenate(out_q)
+
+
+def _walk(cur: np.ndarray, graph: tuple[np.ndarray, np.ndarray], generator: torch.Generator) -> np.ndarray:
+    indptr, indices = graph
+    deg = indptr[cur + 1] - indptr[cur]
+    u = torch.rand(cur.shape[0], generator=generator, dtype=torch.float64).numpy()
+    return indices[indptr[cur] + np.minimum((u * deg).astype(np.int64), deg - 1)]
+
+
+# ------------------------------------------------------------------------------------------------ stage II GAN
+def train_generator(
+    query_pool: torch.Tensor,
+    anchor_pool: torch.Tensor,
+    query_weights: torch.Tensor,
+    anchor_weights: torch.Tensor,
+    *,
+    n_epochs: int = 150,
+    steps_per_epoch: int = 10,
+    batch_size: int = 1024,
+    n_critic: int = 10,
+    lr: float = 2e-4,
+    penalty: float = 10.0,
+    latent_dim: int = 256,
+    generator: torch.Generator,
+    desc: str = "iMAP stage II",
+    show_progress: bool | None = None,
+) -> tuple[ResidualGenerator, dict[str, list[float]]]:
+    """WGAN-GP: a residual generator maps query cells onto the anchor cells of the pool.
+
+    ``*_pool`` hold the distinct cells of the random-walk pool (on the device), ``*_weights`` how often each was
+    visited; training batches are drawn with these weights, as the original draws uniformly from the visits. The
+    critic is updated every step; the generator after every ``n_critic``-th critic step (the original: once per
+    epoch of 10 steps).
+    """
+    device = query_pool.device
+    n_genes = query_pool.shape[1]
+    gen = ResidualGenerator(n_genes, latent_dim).to(device)
+    critic = make_critic(n_genes).to(device)
+    gen.apply(init_weights)
+    critic.apply(init_weights)
+    opt_g, opt_d = _adam(gen.parameters(), lr), _adam(critic.parameters(), lr)
+    counter = [0]
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        iq = torch.multinomial(query_weights, batch_size, replacement=True, generator=generator)
+        ia = torch.multinomial(anchor_weights, batch_size, replacement=True, generator=generator)
+        return query_pool[iq.to(device)], anchor_pool[ia.to(device)]
+
+    def step(epoch: int) -> dict[str, float]:
+        gen.train()
+        tot = {"critic": 0.0, "wasserstein": 0.0, "penalty": 0.0}
+        g_losses = []
+        for _ in range(steps_per_epoch):
+            z, real = draw()
+            with torch.no_grad():
+                fake = gen(z)
+            w_dist = critic(real).mean() - critic(fake).mean()
+            gp = gradient_penalty(critic, real, fake, generator=generator)
+            d_loss = -w_dist + penalty * gp
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            tot["critic"] += d_loss.item()
+            tot["wasserstein"] += w_dist.item()
+            tot["penalty"] += gp.item()
+            if counter[0] % n_critic == 0:
+                g_loss = -critic(gen(z)).mean()
+                opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                opt_g.step()
+                g_losses.append(g_loss.item())
+            counter[0] += 1
+        out = {k: v / steps_per_epoch for k, v in tot.items()}
+        out["generator"] = float(np.mean(g_losses)) if g_losses else float("nan")
+        return out
+
+    history, _ = train(step, n_epochs, desc=desc, show_progress=show_progress, monitor="critic")
+    gen.eval()
+    return gen, history
+
+
+def run_stage2(
+    source: RowSource,
+    groups: Sequence[np.ndarray],
+    codes: np.ndarray,
+    order: Sequence[int],
+    *,
+    incremental: bool = False,
+    n_sample: int = 3000,
+    k_within: int = 30,
+    k_mnn: int = 15,
+    walk_steps: int = 50,
+    metric: str = "cosine",
+    knn_method: str = "annoy",
+    n_epochs: int = 150,
+    n_critic: int = 10,
+    batch_size: int = 1024,
+    latent_dim: int = 256,
+    generator: torch.Generator,
+    random_state: int = 0,
+    labels: Sequence[str] | None = None,
+    show_progress: bool | None = None,
+) -> tuple[np.ndarray, dict[int, ResidualGenerator], list[dict], list[dict[str, list[float]]]]:
+    """Correct every batch but the anchor ``order[0]`` onto it (or onto everything corrected so far).
+
+    ``groups[b]`` are the rows of batch b, ``codes`` the stage-I representation of every row. Returns the corrected
+    expression of every row (the anchor's rows unchanged), the generator of every query batch, per-query
+    information (sample sizes, number of MNN pairs, pool sizes) and per-query training histories.
+    """
+    n, n_genes = source.shape
+    labels = [str(b) for b in range(len(groups))] if labels is None else list(labels)
+    corrected = np.empty((n, n_genes), dtype=np.float32)
+    anchor = np.asarray(groups[order[0]], dtype=np.int64)
+    for start in range(0, len(anchor), CHUNK):
+        rows = anchor[start : start + CHUNK]
+        corrected[rows] = source(rows).cpu().numpy()
+    generators, infos, histories = {}, [], []
+    for q in order[1:]:
+        query = np.asarray(groups[q], dtype=np.int64)
+        sa = anchor[torch.randperm(len(anchor), generator=generator).numpy()[:n_sample]]
+        sq = query[torch.randperm(len(query), generator=generator).numpy()[:n_sample]]
+        ca, cq = codes[sa], codes[sq]
+        kw = {"method": knn_method, "metric": metric, "random_state": random_state}
+        graph_a = mutual_knn_graph(ca, k_within, **kw)
+        graph_q = mutual_knn_graph(cq, k_within, **kw)
+        pa, pq = mutual_pairs(ca, cq, k_mnn, **kw)
+        fallback = len(pa) == 0
+        if fallback:  # no mutual pair at all: pair every query cell with its nearest anchor cell
+            pq = np.arange(len(sq))
+            pa = cross_neighbors(ca, cq, 1, **kw)[:, 0]
+        va, vq = random_walk_pairs(pa, pq, graph_a, graph_q, walk_steps, generator)
+        wa, wq = np.bincount(va, minlength=len(sa)), np.bincount(vq, minlength=len(sq))
+        ua, uq = np.flatnonzero(wa), np.flatnonzero(wq)
+        anchor_pool = torch.from_numpy(corrected[sa[ua]]).to(source.device)
+        query_pool = source(sq[uq])
+        gen, history = train_generator(
+            query_pool,
+            anchor_pool,
+            torch.from_numpy(wq[uq].astype(np.float64)),
+            torch.from_numpy(wa[ua].astype(np.float64)),
+            n_epochs=n_epochs,
+            n_critic=n_critic,
+            batch_size=batch_size,
+            latent_dim=latent_dim,
+            generator=generator,
+            desc=f"iMAP stage II ({labels[q]})",
+            show_progress=show_progress,
+        )
+        corrected[query] = apply_in_chunks(gen, source, query)
+        generators[q] = gen
+        histories.append(history)
+        infos.append(
+            {
+                "batch": labels[q],
+                "n_anchor_sample": int(len(sa)),
+                "n_query_sample": int(len(sq)),
+                "n_mnn_pairs": 0 if fallback else int(len(pa)),
+                "n_anchor_pool": int(len(ua)),
+                "n_query_pool": int(len(uq)),
+            }
+        )
+        if incremental:
+            anchor = np.concatenate([anchor, query])
+    return corrected, generators, infos, histories
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@dataclass
+class IMAPModel:
+    """The trained iMAP networks.
+
+    Attributes
+    ----------
+    encoder
+        Stage-I content encoder (genes → ``latent_dim``).
+    decoder
+        Stage-I batch-conditioned decoder.
+    generators
+        Stage-II residual generator of every query batch, keyed by batch label; anchor batches have none.
+    batches
+        Batch labels in stage-I index order.
+    order
+        Batch labels in integration order (anchor first).
+    genes
+        Names of the genes (columns) the networks expect, in order.
+    """
+
+    encoder: nn.Module
+    decoder: nn.Module
+    generators: dict = field(default_factory=dict)
+    batches: list = field(default_factory=list)
+    order: list = field(default_factory=list)
+    genes: list = field(default_factory=list)
+
+    def _source(self, X) -> RowSource:
+        if X.shape[1] != len(self.genes):
+            raise ValueError(f"X must have the {len(self.genes)} genes in `model.genes`, got {X.shape[1]} columns.")
+        return RowSource(X, next(self.encoder.parameters()).device)
+
+    def encode(self, X: np.ndarray | sparse.spmatrix) -> np.ndarray:
+        """Stage-I content representation of new cells (log-normalised expression of ``model.genes``)."""
+        return apply_in_chunks(self.encoder, self._source(X), np.arange(X.shape[0]))
+
+    def correct(self, X: np.ndarray | sparse.spmatrix, batch) -> np.ndarray:
+        """Batch-corrected expression of new cells that all come from the known batch ``batch``."""
+        if batch not in self.batches:
+            raise ValueError(f"`batch={batch!r}` is not one of the trained batches {self.batches}.")
+        source = self._source(X)
+        if batch not in self.generators:  # the anchor is left as it is
+            return source(np.arange(X.shape[0])).cpu().numpy()
+        return apply_in_chunks(self.generators[batch], source, np.arange(X.shape[0]))
