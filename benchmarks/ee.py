@@ -64,6 +64,7 @@ def worker(method: str, data: Path, out: Path, threads: int) -> None:
     info: dict = {}
     if method.startswith("scembed_ee"):
         import anndata as ad
+        import scanpy  # noqa: F401  (imported by scembed's logger on first use: keep it out of the timing)
 
         import scembed as se
 
