@@ -1,0 +1,262 @@
+"""Tests of se.tl.imap_integrate and its engine (iMAP)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from scipy import sparse
+from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
+
+import scembed as se
+from scembed._engine import imap as engine
+
+FAST = dict(
+    use_hvg=False,
+    stage1_epochs=4,
+    stage2_epochs=4,
+    stage1_batch_size=32,
+    stage2_batch_size=64,
+    latent_dim=16,
+    n_sample=200,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # small networks on a shared 2-core machine: one thread avoids OpenMP spin-waiting
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n_cells=240, n_genes=60, n_batches=2, batch_scale=0.5, seed=0):
+    a = se.datasets.simulate(
+        n_cells, n_genes, n_batches=n_batches, n_celltypes=3, batch_scale=batch_scale, de_scale=1.5, random_state=seed
+    )
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    return a
+
+
+@pytest.fixture(scope="module")
+def run():
+    torch.set_num_threads(1)
+    a = _data()
+    b, model = se.tl.imap_integrate(a, copy=True, return_model=True, **FAST)
+    return a, b, model
+
+
+def _lisi(Z, labels, k=30):
+    idx = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors(return_distance=False)
+    lab = np.asarray(labels)[idx]
+    p = np.stack([(lab == c).mean(1) for c in np.unique(labels)], 1)
+    return float(np.mean(1 / (p**2).sum(1)))
+
+
+# ---------------------------------------------------------------- engine pieces against independent references
+def test_stage1_losses_decrease(run):
+    hist = run[1].uns["imap"]["stage1"]
+    assert len(hist["loss"]) == FAST["stage1_epochs"]
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert hist["recon"][-1] < hist["recon"][0]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_mnn_pairs_match_brute_force(metric):
+    rng = np.random.default_rng(0)
+    A, Q = rng.normal(size=(80, 5)), rng.normal(size=(70, 5)) + 0.3
+    k = 6
+    pa, pq = engine.mutual_pairs(A, Q, k, method="exact", metric=metric)
+    if metric == "cosine":
+        An, Qn = A / np.linalg.norm(A, axis=1, keepdims=True), Q / np.linalg.norm(Q, axis=1, keepdims=True)
+        D = 1 - An @ Qn.T
+    else:
+        D = np.linalg.norm(A[:, None] - Q[None], axis=2)
+    a_to_q = np.argsort(D, axis=1)[:, :k]
+    q_to_a = np.argsort(D, axis=0)[:k].T
+    ref = {(a, q) for a in range(80) for q in a_to_q[a] if a in q_to_a[q]}
+    assert set(zip(pa.tolist(), pq.tolist(), strict=True)) == ref
+    assert len(ref) > 0
+
+
+def test_mutual_knn_graph_brute_force():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(50, 4))
+    indptr, indices = engine.mutual_knn_graph(X, 5, method="exact", metric="euclidean")
+    D = np.linalg.norm(X[:, None] - X[None], axis=2)
+    np.fill_diagonal(D, np.inf)
+    knn = np.argsort(D, axis=1)[:, :5]
+    for i in range(50):
+        ref = {j for j in knn[i] if i in knn[j]} | {i}
+        assert set(indices[indptr[i] : indptr[i + 1]].tolist()) == ref
+
+
+def test_random_walk_stays_on_graph():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 3))
+    ga = engine.mutual_knn_graph(X, 4, method="exact", metric="euclidean")
+    pa, pq = np.arange(5), np.arange(5, 10)
+    va, vq = engine.random_walk_pairs(pa, pq, ga, ga, 7, torch.Generator().manual_seed(0))
+    assert va.shape == vq.shape == (35,)
+    np.testing.assert_array_equal(va[:5], pa)
+    edges = {(i, j) for i in range(40) for j in ga[1][ga[0][i] : ga[0][i + 1]]}
+    for v in (va, vq):
+        steps = v.reshape(7, 5)
+        assert all((int(a), int(b)) in edges for a, b in zip(steps[:-1].ravel(), steps[1:].ravel(), strict=True))
+
+
+def test_gradient_penalty_hand_computed():
+    torch.manual_seed(0)
+    real, fake = torch.randn(6, 4), torch.randn(6, 4)
+    eps = torch.rand(6, 1)
+    # linear critic: the gradient is w everywhere → penalty (‖w‖ − 1)²
+    lin = torch.nn.Linear(4, 1)
+    w = lin.weight.detach().ravel()
+    gp = engine.gradient_penalty(lin, real, fake, eps)
+    assert gp.item() == pytest.approx(float((w.norm() - 1) ** 2), rel=1e-5)
+
+    # quadratic critic ½‖x‖²: the gradient is x̂ itself
+    class Quad(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * (x * x).sum(1, keepdim=True)
+
+    mixed = (eps * real + (1 - eps) * fake).double()
+    ref = ((mixed.norm(dim=1) - 1) ** 2).mean()
+    assert engine.gradient_penalty(Quad(), real, fake, eps).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_row_source_sparse_equals_dense():
+    rng = np.random.default_rng(3)
+    X = sparse.random(30, 12, density=0.3, format="csr", random_state=3, dtype=np.float32)
+    rows = rng.integers(30, size=50)
+    np.testing.assert_array_equal(engine.RowSource(X)(rows).numpy(), X.toarray()[rows])
+    np.testing.assert_array_equal(engine.RowSource(X.toarray())(rows).numpy(), X.toarray()[rows])
+
+
+# ---------------------------------------------------------------- the public function
+def test_outputs_in_input_order(run):
+    a, b, model = run
+    X = a.X.toarray()
+    assert b.obsm["X_imap"].shape == (a.n_obs, FAST["latent_dim"])
+    assert b.obsm["X_imap"].dtype == np.float32
+    np.testing.assert_allclose(model.encode(a.X), b.obsm["X_imap"], rtol=1e-5, atol=1e-5)
+    L = b.layers["imap"].toarray()
+    anchor = b.uns["imap"]["anchor"]
+    is_anchor = (a.obs["batch"].astype(str) == anchor).to_numpy()
+    np.testing.assert_array_equal(L[is_anchor], X[is_anchor])  # anchor cells unchanged, in place
+    query = b.uns["imap"]["order"][1]
+    is_q = (a.obs["batch"].astype(str) == query).to_numpy()
+    np.testing.assert_allclose(model.correct(a.X[is_q], query), L[is_q], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(L[is_q], X[is_q])
+    assert (L >= 0).all()
+    assert list(b.obs_names) == list(a.obs_names)
+    assert b.var["imap_used"].all()
+
+
+def test_caller_unchanged_and_copy_false(run):
+    a = run[0]
+    assert "imap" not in a.layers and "X_imap" not in a.obsm and "imap_used" not in a.var
+    c = _data()
+    X0, var0, obs0 = c.X.copy(), c.var.copy(), c.obs_names.copy()
+    assert se.tl.imap_integrate(c, **{**FAST, "stage1_epochs": 1, "stage2_epochs": 1}) is None
+    assert (c.X != X0).nnz == 0
+    assert list(c.obs_names) == list(obs0)
+    assert c.var.drop(columns="imap_used").equals(var0)
+    assert "imap" in c.layers and "X_imap" in c.obsm
+
+
+def test_sparse_and_dense_same_result():
+    a = _data(n_cells=120, n_genes=40)
+    d = a.copy()
+    d.X = d.X.toarray()
+    kw = {**FAST, "stage1_epochs": 2, "stage2_epochs": 2}
+    rs = se.tl.imap_integrate(a, copy=True, **kw)
+    rd = se.tl.imap_integrate(d, copy=True, **kw)
+    np.testing.assert_array_equal(rs.obsm["X_imap"], rd.obsm["X_imap"])
+    assert sparse.issparse(rs.layers["imap"]) and isinstance(rd.layers["imap"], np.ndarray)
+    np.testing.assert_array_equal(rs.layers["imap"].toarray(), rd.layers["imap"])
+    # same seed → same result
+    rs2 = se.tl.imap_integrate(a, copy=True, **kw)
+    np.testing.assert_array_equal(rs.layers["imap"].toarray(), rs2.layers["imap"].toarray())
+
+
+def test_integer_labels_hvg_order_incremental_and_h5ad(tmp_path):
+    a = _data(n_cells=180, n_genes=80, n_batches=3, seed=4)
+    a.obs["b"] = a.obs["batch"].cat.codes.astype(int)  # integer labels
+    a.var["keep"] = 1
+    var0 = a.var.copy()
+    kw = {**FAST, "use_hvg": True, "n_top_genes": 30, "stage1_epochs": 1, "stage2_epochs": 1}
+    b = se.tl.imap_integrate(a, "b", order=[2, 0, 1], incremental=True, copy=True, **kw)
+    assert b.uns["imap"]["order"] == ["2", "0", "1"]
+    assert b.var["imap_used"].sum() == 30
+    assert a.var.equals(var0) and "highly_variable" not in a.var
+    X = a.X.toarray()
+    L = b.layers["imap"].toarray()
+    unused = ~b.var["imap_used"].to_numpy()
+    np.testing.assert_array_equal(L[:, unused], X[:, unused])  # genes not integrated keep their input values
+    assert b.uns["imap"]["stage2"]["critic"].shape == (2, 1)
+    path = tmp_path / "imap.h5ad"
+    b.write_h5ad(path)
+    r = ad.read_h5ad(path)
+    assert list(r.uns["imap"]["order"]) == ["2", "0", "1"]
+    np.testing.assert_array_equal(r.obsm["X_imap"], b.obsm["X_imap"])
+
+
+def test_small_batch_warns_and_works(caplog):
+    a = _data(n_cells=150, n_genes=40)
+    small = np.flatnonzero(a.obs["batch"] == "batch1")[:6]
+    keep = np.r_[np.flatnonzero(a.obs["batch"] == "batch0"), small]
+    a = a[keep].copy()
+    b = se.tl.imap_integrate(a, copy=True, **{**FAST, "stage1_epochs": 1, "stage2_epochs": 1})
+    assert b.uns["imap"]["params"]["k_within"] == 5
+    assert any("lowered" in r.getMessage() for r in caplog.records)
+
+
+def test_errors_before_any_work():
+    a = _data(n_cells=60, n_genes=20)
+    a.obs["one"] = "x"
+    before = a.copy()
+    with pytest.raises(ValueError, match="single batch"):
+        se.tl.imap_integrate(a, "one")
+    with pytest.raises(KeyError, match="batch_key='nope'"):
+        se.tl.imap_integrate(a, "nope")
+    with pytest.raises(KeyError, match="layer"):
+        se.tl.imap_integrate(a, layer="nope")
+    with pytest.raises(ValueError, match="order"):
+        se.tl.imap_integrate(a, order=["batch0", "zzz"])
+    with pytest.raises(ValueError, match="metric"):
+        se.tl.imap_integrate(a, metric="manhattan")
+    with pytest.raises(ValueError, match="stage1_epochs"):
+        se.tl.imap_integrate(a, stage1_epochs=-1)
+    a.obs.loc[a.obs_names[0], "one"] = np.nan
+    with pytest.raises(ValueError, match="missing"):
+        se.tl.imap_integrate(a, "one")
+    assert a.layers.keys() == before.layers.keys() and a.obsm.keys() == before.obsm.keys()
+    assert a.var.equals(before.var)
+
+
+def test_batch_mixing_rises_and_celltypes_kept():
+    a = _data(n_cells=400, n_genes=60, batch_scale=0.6, seed=5)
+    b = se.tl.imap_integrate(
+        a, copy=True, **{**FAST, "stage1_epochs": 8, "stage2_epochs": 15, "n_critic": 2, "stage2_batch_size": 128}
+    )
+    pcs0 = PCA(10, random_state=0).fit_transform(a.X.toarray())
+    pcs1 = PCA(10, random_state=0).fit_transform(b.layers["imap"].toarray())
+    ilisi0, ilisi1 = _lisi(pcs0, a.obs["batch"]), _lisi(pcs1, a.obs["batch"])
+    clisi0, clisi1 = _lisi(pcs0, a.obs["celltype"]), _lisi(pcs1, a.obs["celltype"])
+    assert ilisi1 > ilisi0 + 0.02  # weak: few GAN steps in a test
+    assert clisi1 < clisi0 + 0.15
+
+
+@pytest.mark.gpu
+def test_gpu_runs_and_is_seeded():
+    a = _data()
+    r1 = se.tl.imap_integrate(a, copy=True, device="cuda", **FAST)
+    r2 = se.tl.imap_integrate(a, copy=True, device="cuda", **FAST)
+    assert r1.uns["imap"]["params"]["device"].startswith("cuda")
+    np.testing.assert_array_equal(r1.obsm["X_imap"], r2.obsm["X_imap"])
