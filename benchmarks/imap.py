@@ -1,0 +1,181 @@
+"""Benchmark: scembed's imap_integrate vs the original imap 1.0.0, Harmony and uncorrected PCA.
+
+Every method runs in a fresh subprocess (wall time and peak RSS of that process); scib-metrics scores are computed
+afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony-corrected PCs, or the PCs.
+
+    python benchmarks/imap.py --epochs1 150 --epochs2 150          # full
+    python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs
+    IMAP_PYTHON=/work/venvs/imap/bin/python (default) runs the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+IMAP_PYTHON = os.environ.get("IMAP_PYTHON", "/work/venvs/imap/bin/python")
+METHODS = ("pca", "harmony", "scembed", "imap_original")
+
+
+def prepare(name: str, out: Path, n_top_genes: int) -> Path:
+    """normalize_total + log1p, 2000 HVGs (seurat flavour, per batch) → dense float32 h5ad."""
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.read_h5ad(DATA / f"{name}.h5ad")
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, n_top_genes=n_top_genes, flavor="seurat", batch_key="batch")
+    a = a[:, a.var["highly_variable"]].copy()
+    a.X = np.asarray(a.X.toarray(), dtype=np.float32)
+    a.obs = a.obs[["batch", "celltype"]].astype(str)
+    path = out / f"{name}.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def pca(X: np.ndarray, n: int = 50) -> np.ndarray:
+    import scanpy as sc
+
+    return np.asarray(sc.pp.pca(np.asarray(X, dtype=np.float32), n_comps=min(n, X.shape[1] - 1), random_state=0))
+
+
+def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> None:
+    """Run one method; save the embedding and the seconds the method itself took."""
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(threads)
+    a = ad.read_h5ad(path)
+    t = time.perf_counter()
+    if method == "pca":
+        emb = pca(a.X)
+    elif method == "harmony":
+        import harmonypy
+
+        pcs = pca(a.X)
+        emb = np.asarray(harmonypy.run_harmony(pcs, a.obs, "batch", random_state=0).Z_corr).T
+    elif method == "scembed":
+        import scembed as se
+
+        se.tl.imap_integrate(a, "batch", use_hvg=False, stage1_epochs=e1, stage2_epochs=e2, device="cpu")
+        emb = pca(a.layers["imap"])
+    elif method == "imap_original":
+        import anndata as ad2
+        import imap  # the original, from its own venv
+
+        np.bool8 = np.bool_  # removed in NumPy 2; the original still uses it
+        # its input: dense X, string batch labels, a copy (it filters in place); its stage-II output comes back in
+        # input order, its stage-I AnnData in batch order (only used internally here)
+        b = ad2.AnnData(X=np.array(a.X), obs=a.obs[["batch"]].astype(str).copy())
+        b.var_names = a.var_names.copy()
+        _, ec_data = imap.stage1.iMAP_fast(b.copy(), key="batch", n_epochs=e1)
+        corrected = imap.stage2.integrate_data(b, ec_data, key="batch", n_epochs=e2)
+        emb = pca(corrected)
+    else:
+        raise ValueError(method)
+    seconds = time.perf_counter() - t
+    np.save(out, emb.astype(np.float32))
+    Path(out + ".json").write_text(json.dumps({"seconds": seconds}))
+
+
+def run_method(method: str, path: Path, tmp: Path, args) -> dict:
+    out = str(tmp / f"{path.stem}_{method}.npy")
+    python = IMAP_PYTHON if method == "imap_original" else sys.executable
+    epochs = [str(args.epochs1), str(args.epochs2), str(args.threads)]
+    cmd = [python, __file__, "--worker", method, str(path), out, *epochs]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if status != 0:
+        return {"error": f"exit status {status}"}
+    info = json.loads(Path(out + ".json").read_text())
+    return {"emb": np.load(out), "seconds": info["seconds"], "wall": wall, "peak_mb": usage.ru_maxrss / 1024}
+
+
+def scores(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> dict:
+    import scib_metrics as sm
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, idx = NearestNeighbors(n_neighbors=90).fit(emb).kneighbors(emb)
+    nn = NeighborsResults(indices=idx, distances=dist)
+    s = {
+        "iLISI": float(sm.ilisi_knn(nn, batch)),
+        "cLISI": float(sm.clisi_knn(nn, labels)),
+        "batch_ASW": float(sm.silhouette_batch(emb, labels, batch)),
+        "label_ASW": float(sm.silhouette_label(emb, labels)),
+        "graph_conn": float(sm.graph_connectivity(nn, labels)),
+    }
+    try:
+        s["kBET"] = float(sm.kbet_per_label(nn, batch, labels))
+    except Exception as e:  # report which metric failed rather than abort
+        print(f"kBET failed: {e}", file=sys.stderr)
+        s["kBET"] = float("nan")
+    bio = np.mean([s["cLISI"], s["label_ASW"]])
+    batch_scores = [s[k] for k in ("iLISI", "batch_ASW", "graph_conn", "kBET") if np.isfinite(s[k])]
+    s["bio"], s["batch"] = float(bio), float(np.mean(batch_scores))
+    s["total"] = 0.6 * s["bio"] + 0.4 * s["batch"]
+    return s
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        m, path, out, e1, e2, threads = sys.argv[2:8]
+        worker(m, path, out, int(e1), int(e2), int(threads))
+        return
+    p = argparse.ArgumentParser()
+    p.add_argument("--datasets", nargs="+", default=["cellbench_3cl_2batches", "kang_ifnb_2batches"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--epochs1", type=int, default=150)
+    p.add_argument("--epochs2", type=int, default=150)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-top-genes", type=int, default=2000)
+    p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs")
+    args = p.parse_args()
+    if args.quick:
+        args.datasets, args.epochs1, args.epochs2 = ["cellbench_3cl_2batches"], 1, 1
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name in args.datasets:
+            import anndata as ad
+
+            path = prepare(name, tmp, args.n_top_genes)
+            a = ad.read_h5ad(path, backed="r")
+            batch, labels = a.obs["batch"].to_numpy(), a.obs["celltype"].to_numpy()
+            res = {}
+            for m in args.methods:
+                r = run_method(m, path, tmp, args)
+                if "error" in r:
+                    print(f"{name} {m}: {r['error']}", file=sys.stderr)
+                    continue
+                r.update(scores(r.pop("emb"), batch, labels))
+                res[m] = r
+                print(name, m, {k: round(v, 3) for k, v in r.items()}, flush=True)
+            ref = res.get("imap_original", {}).get("seconds")
+            for m, r in res.items():
+                r["time_ratio"] = r["seconds"] / ref if ref else float("nan")
+                rows.append((name, m, r))
+    keys = ["seconds", "time_ratio", "peak_mb", "iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn"]
+    keys += ["bio", "batch", "total"]
+    print(f"\nepochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
+    print("| data | method | " + " | ".join(keys) + " |")
+    print("|" + " --- |" * (len(keys) + 2))
+    for name, m, r in rows:
+        print(f"| {name} | {m} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
