@@ -63,7 +63,8 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
         import harmonypy
 
         pcs = pca(a.X)
-        emb = np.asarray(harmonypy.run_harmony(pcs, a.obs, "batch", random_state=0).Z_corr).T
+        emb = np.asarray(harmonypy.run_harmony(pcs, a.obs, "batch", random_state=0).Z_corr)
+        emb = emb if emb.shape[0] == a.n_obs else emb.T  # (d, n) in older harmonypy
     elif method == "scembed":
         import scembed as se
 
