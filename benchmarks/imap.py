@@ -72,6 +72,9 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
         emb = pca(a.layers["imap"])
     elif method == "imap_original":
         import anndata as ad2
+
+        here = Path(__file__).resolve().parent  # this script is also named imap.py: keep it off the import path
+        sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != here]
         import imap  # the original, from its own venv
 
         np.bool8 = np.bool_  # removed in NumPy 2; the original still uses it
