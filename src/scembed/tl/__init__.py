@@ -1,8 +1,18 @@
 """Tools: embeddings, clustering and integration."""
 
+from .._engine.imap import IMAPModel
+from .._engine.neuralee import NeuralEEModel
 from ._ee import ee
 from ._imap import imap_integrate
 from ._neuralee import neuralee
 from ._scdeepcluster import ScDeepClusterModel, scdeepcluster
 
-__all__: list[str] = ["ScDeepClusterModel", "ee", "imap_integrate", "neuralee", "scdeepcluster"]
+__all__: list[str] = [
+    "IMAPModel",
+    "NeuralEEModel",
+    "ScDeepClusterModel",
+    "ee",
+    "imap_integrate",
+    "neuralee",
+    "scdeepcluster",
+]
