@@ -253,3 +253,19 @@ def test_cuda_matches_cpu(small: AnnData) -> None:
     gpu = se.pp.affinity(small, perplexity=10, device="cuda", copy=True).obsp["affinity"]
     assert small.uns.get("affinity") is None
     assert abs(cpu - gpu).max() / cpu.max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["exact", "annoy"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_query_search_against_brute_force(method: str, metric: str) -> None:
+    X, Q = clustered(1200, seed=1), clustered(300, seed=2)
+    if metric == "cosine":
+        Xn, Qn = (A / np.linalg.norm(A, axis=1, keepdims=True) for A in (X, Q))
+        D = 1 - Qn @ Xn.T
+    else:
+        D = np.linalg.norm(Q[:, None] - X[None], axis=-1)
+    ref = np.argsort(D, axis=1)[:, :15]
+    idx, dist, _ = nearest_neighbors(X, 15, method=method, metric=metric, query=Q)
+    assert idx.shape == (300, 15)
+    assert recall(idx, ref) >= (0.999 if method == "exact" else 0.95)
+    np.testing.assert_allclose(dist, np.take_along_axis(D, idx, 1), atol=1e-4)

@@ -16,7 +16,7 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from .knn import nearest_neighbors, resolve_n_jobs
+from .knn import nearest_neighbors
 from .nn import mlp, predict_in_batches
 from .training import train
 
@@ -221,40 +221,9 @@ def apply_in_chunks(module: nn.Module, source: RowSource, rows: np.ndarray) -> n
 def cross_neighbors(
     index: np.ndarray, query: np.ndarray, k: int, *, method: str, metric: str, random_state: int = 0
 ) -> np.ndarray:
-    """The ``k`` nearest rows of ``index`` for every row of ``query`` (``(n_query, k)`` int64, nearest first).
-
-    :func:`scembed._engine.knn.nearest_neighbors` searches within one set only; this is its two-set twin with the
-    same methods (exact: chunked torch; annoy: same tree count) and metrics.
-    """
-    n_index = index.shape[0]
-    if not 1 <= k <= n_index:
-        raise ValueError(f"k must lie in [1, {n_index}], got {k}.")
-    index = np.ascontiguousarray(index, dtype=np.float32)
-    query = np.ascontiguousarray(query, dtype=np.float32)
-    if method == "annoy":
-        from annoy import AnnoyIndex
-
-        tree = AnnoyIndex(index.shape[1], "angular" if metric == "cosine" else "euclidean")
-        tree.set_seed(int(random_state))
-        for i in range(n_index):
-            tree.add_item(i, index[i])
-        tree.build(5 + int(round(np.sqrt(n_index) / 20)), n_jobs=resolve_n_jobs(None))
-        out = np.empty((query.shape[0], k), dtype=np.int64)
-        for i in range(query.shape[0]):
-            nn_i = tree.get_nns_by_vector(query[i], k)
-            if len(nn_i) < k:  # annoy may return fewer on tiny indexes: pad with the last one found
-                nn_i = nn_i + [nn_i[-1]] * (k - len(nn_i))
-            out[i] = nn_i
-        return out
-    a, b = torch.from_numpy(index), torch.from_numpy(query)
-    if metric == "cosine":
-        a, b = nn.functional.normalize(a, dim=1), nn.functional.normalize(b, dim=1)
-    out = []
-    chunk = max(1, (64 * 2**20) // (4 * n_index))
-    for start in range(0, b.shape[0], chunk):
-        d2 = torch.cdist(b[start : start + chunk].double(), a.double())
-        out.append(torch.topk(d2, k, dim=1, largest=False, sorted=True).indices)
-    return torch.cat(out).numpy().astype(np.int64)
+    """The ``k`` nearest rows of ``index`` for every row of ``query`` (``(n_query, k)`` int64, nearest first)."""
+    indices, _, _ = nearest_neighbors(index, k, method=method, metric=metric, random_state=random_state, query=query)
+    return indices
 
 
 def mutual_pairs(

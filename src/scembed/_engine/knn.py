@@ -49,8 +49,9 @@ def nearest_neighbors(
     n_jobs: int | None = None,
     device: torch.device | str = "cpu",
     random_state: int = 0,
+    query: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The ``k`` nearest other cells of every cell.
+    """The ``k`` nearest other cells of every cell, or of every row of ``query`` among the rows of ``X``.
 
     Parameters
     ----------
@@ -68,11 +69,14 @@ def nearest_neighbors(
         Where the exact search runs.
     random_state
         Seed of the approximate searches.
+    query
+        Search these rows (same features as ``X``) against ``X`` instead of ``X`` against itself; nothing is
+        excluded then, and ``k`` may be as large as ``len(X)``.
 
     Returns
     -------
     indices
-        ``(n, k)`` int64, nearest first.
+        ``(n, k)`` int64 (``n`` = rows of ``query`` when given), nearest first.
     distances
         ``(n, k)`` float32, ascending.
     method
@@ -80,8 +84,9 @@ def nearest_neighbors(
     """
     device = torch.device(device)
     n = X.shape[0]
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must lie in [1, n - 1] = [1, {n - 1}], got {k}.")
+    k_max = n if query is not None else n - 1
+    if not 1 <= k <= k_max:
+        raise ValueError(f"k must lie in [1, {k_max}], got {k}.")
     method = resolve_knn_method(method, n, device)
     if method not in KNN_METHODS:
         raise ValueError(f"`method` must be one of {KNN_METHODS}, got {method!r}.")
@@ -89,18 +94,23 @@ def nearest_neighbors(
         raise ValueError(f"`metric` must be one of {METRICS} for method={method!r}, got {metric!r}.")
     n_jobs = resolve_n_jobs(n_jobs)
     X = np.ascontiguousarray(X, dtype=np.float32)
+    if query is not None:
+        query = np.ascontiguousarray(query, dtype=np.float32)
     if method == "exact":
-        idx, dist = _exact(X, k, metric=metric, device=device, n_jobs=n_jobs)
+        idx, dist = _exact(X, k, metric=metric, device=device, n_jobs=n_jobs, query=query)
     elif method == "annoy":
-        idx, dist = _annoy(X, k, metric=metric, n_jobs=n_jobs, random_state=random_state)
+        idx, dist = _annoy(X, k, metric=metric, n_jobs=n_jobs, random_state=random_state, query=query)
     else:
-        idx, dist = _pynndescent(X, k, metric=metric, n_jobs=n_jobs, random_state=random_state)
+        idx, dist = _pynndescent(X, k, metric=metric, n_jobs=n_jobs, random_state=random_state, query=query)
     return idx, dist, method
 
 
-def _exact(X: np.ndarray, k: int, *, metric: str, device: torch.device, n_jobs: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact(
+    X: np.ndarray, k: int, *, metric: str, device: torch.device, n_jobs: int, query: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute force in row chunks so that memory stays O(chunk · n), never n²."""
     n = X.shape[0]
+    n_rows = n if query is None else query.shape[0]
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(n_jobs)
@@ -109,16 +119,23 @@ def _exact(X: np.ndarray, k: int, *, metric: str, device: torch.device, n_jobs: 
         if metric == "cosine":
             data = torch.nn.functional.normalize(data, dim=1)
         sq_norms = (data * data).sum(1)
-        chunk = max(1, min(n, _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"]) // (4 * n)))
-        indices = torch.empty((n, k), dtype=torch.int64)
-        distances = torch.empty((n, k), dtype=torch.float32)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block = data[start:stop]
+        rows_data = data
+        if query is not None:
+            rows_data = torch.from_numpy(query).to(device)
+            if metric == "cosine":
+                rows_data = torch.nn.functional.normalize(rows_data, dim=1)
+        rows_sq = (rows_data * rows_data).sum(1)
+        chunk = max(1, min(n_rows, _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"]) // (4 * n)))
+        indices = torch.empty((n_rows, k), dtype=torch.int64)
+        distances = torch.empty((n_rows, k), dtype=torch.float32)
+        for start in range(0, n_rows, chunk):
+            stop = min(start + chunk, n_rows)
+            block = rows_data[start:stop]
             d2 = torch.addmm(sq_norms[None, :], block, data.T, alpha=-2.0)
-            d2.add_(sq_norms[start:stop, None])
-            rows = torch.arange(stop - start, device=device)
-            d2[rows, rows + start] = float("inf")  # a cell is not its own neighbour, duplicates are
+            d2.add_(rows_sq[start:stop, None])
+            if query is None:
+                rows = torch.arange(stop - start, device=device)
+                d2[rows, rows + start] = float("inf")  # a cell is not its own neighbour, duplicates are
             _, nn_idx = torch.topk(d2, k, dim=1, largest=False, sorted=True)
             # recompute the chosen distances directly: the expansion above loses precision for close pairs
             exact_d2 = ((block[:, None, :] - data[nn_idx]) ** 2).sum(-1)
@@ -146,7 +163,9 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     return indices[keep].reshape(n, k).astype(np.int64), distances[keep].reshape(n, k).astype(np.float32)
 
 
-def _annoy(X: np.ndarray, k: int, *, metric: str, n_jobs: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+def _annoy(
+    X: np.ndarray, k: int, *, metric: str, n_jobs: int, random_state: int, query: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     from annoy import AnnoyIndex
 
     n, dim = X.shape
@@ -159,25 +178,32 @@ def _annoy(X: np.ndarray, k: int, *, metric: str, n_jobs: int, random_state: int
     n_trees = 5 + int(round(np.sqrt(n) / 20))
     index.build(n_trees, n_jobs=n_jobs)
     search_k = _ANNOY_SEARCH_FACTOR * n_trees * (k + 1)
-    indices = np.empty((n, k + 1), dtype=np.int64)
-    distances = np.empty((n, k + 1), dtype=np.float32)
+    n_rows, width = (n, k + 1) if query is None else (query.shape[0], k)
+    indices = np.empty((n_rows, width), dtype=np.int64)
+    distances = np.empty((n_rows, width), dtype=np.float32)
 
-    def query(rows: range) -> None:
+    def search(rows: range) -> None:
         for i in rows:
-            nn, d = index.get_nns_by_item(i, k + 1, search_k=search_k, include_distances=True)
+            if query is None:
+                nn, d = index.get_nns_by_item(i, width, search_k=search_k, include_distances=True)
+            else:
+                nn, d = index.get_nns_by_vector(query[i], width, search_k=search_k, include_distances=True)
+            if len(nn) < width:  # annoy can return fewer on tiny indexes: repeat the farthest one found
+                nn, d = nn + [nn[-1]] * (width - len(nn)), d + [d[-1]] * (width - len(d))
             indices[i], distances[i] = nn, d
 
-    step = max(1, n // (n_jobs * 8))
+    step = max(1, n_rows // (n_jobs * 8))
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:  # annoy releases the GIL while it searches
-        list(pool.map(query, [range(s, min(s + step, n)) for s in range(0, n, step)]))
-    indices, distances = _drop_self(indices, distances, k)
+        list(pool.map(search, [range(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]))
+    if query is None:
+        indices, distances = _drop_self(indices, distances, k)
     if metric == "cosine":
         distances = distances**2 / 2  # annoy's angular distance is sqrt(2 (1 − cos))
     return indices, distances
 
 
 def _pynndescent(
-    X: np.ndarray, k: int, *, metric: str, n_jobs: int, random_state: int
+    X: np.ndarray, k: int, *, metric: str, n_jobs: int, random_state: int, query: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     from pynndescent import NNDescent
 
@@ -191,5 +217,8 @@ def _pynndescent(
         n_iters=max(5, int(round(np.log2(X.shape[0])))),
         compressed=True,
     )
+    if query is not None:
+        indices, distances = index.query(query, k=k)
+        return indices.astype(np.int64), distances.astype(np.float32)
     indices, distances = index.neighbor_graph
     return _drop_self(indices, distances, k)
