@@ -6,12 +6,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from anndata import AnnData  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from anndata import AnnData
 
-import scembed as se  # noqa: E402
+import scembed as se
 
 
 def test_history_plots_every_curve() -> None:

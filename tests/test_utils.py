@@ -68,7 +68,7 @@ def test_validation_messages_name_the_argument() -> None:
         check_in_range(-1.0, "lam", low=0)
     with pytest.raises(ValueError, match="NaN"):
         check_finite(np.array([[1.0, np.nan]]), "adata.X")
-    with pytest.raises(ValueError, match="NaN|infinite"):
+    with pytest.raises(ValueError, match=r"NaN|infinite"):
         check_finite(sparse.csr_matrix(np.array([[0, np.inf]])), "adata.X")
 
 
