@@ -26,3 +26,14 @@ def test_history_plots_every_curve() -> None:
         se.pl.history(adata, "neuralee")
     with pytest.raises(KeyError, match="curves"):
         se.pl.history(adata, "ee", curves=["loss"])
+
+
+def test_history_finds_curves_without_a_history_dict() -> None:
+    adata = AnnData(np.zeros((3, 2), dtype=np.float32))
+    adata.uns["ee"] = {"params": {"lam": 1.0}, "objective": [3.0, 2.0], "n_iter": 2, "stage1": {"loss": [1.0, 0.5]}}
+    ax = se.pl.history(adata, "ee", show=False)
+    assert [line.get_label() for line in ax.get_lines()] == ["objective", "stage1/loss"]
+    plt.close("all")
+    adata.uns["empty"] = {"params": {"lam": 1.0}}
+    with pytest.raises(KeyError, match="no per-iteration history"):
+        se.pl.history(adata, "empty")

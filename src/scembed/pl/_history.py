@@ -12,6 +12,25 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
+def _histories(entry: dict) -> dict[str, np.ndarray]:
+    """Per-iteration curves of a tool's ``uns`` entry.
+
+    Its ``history`` dict if it has one, else every numeric sequence in it (one level of nesting: ``outer/inner``).
+    """
+    if "history" in entry:
+        entry = entry["history"]
+    found: dict[str, np.ndarray] = {}
+    for name, value in entry.items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for inner, v in items:
+            if isinstance(v, str | bytes | dict):
+                continue
+            arr = np.asarray(v)
+            if arr.ndim == 1 and arr.size > 1 and np.issubdtype(arr.dtype, np.number):
+                found[f"{name}/{inner}" if inner else name] = arr.astype(float)
+    return found
+
+
 def history(
     adata: AnnData,
     key: str,
@@ -21,7 +40,7 @@ def history(
     ax: Axes | None = None,
     show: bool | None = None,
 ) -> Axes:
-    """Plot the per-iteration histories that a tool stored in ``adata.uns[key]["history"]``.
+    """Plot the per-iteration histories (losses, objective) that a tool stored in ``adata.uns[key]``.
 
     Parameters
     ----------
@@ -46,11 +65,12 @@ def history(
     import matplotlib.pyplot as plt
 
     check_key(adata.uns, key, arg="key", where="adata.uns")
-    check_key(adata.uns[key], "history", arg="key", where=f"adata.uns[{key!r}]")
-    hist = adata.uns[key]["history"]
+    hist = _histories(adata.uns[key])
+    if not hist:
+        raise KeyError(f"`key={key!r}`: adata.uns[{key!r}] holds no per-iteration history to plot.")
     names = list(hist) if curves is None else list(curves)
     for name in names:
-        check_key(hist, name, arg="curves", where=f"adata.uns[{key!r}]['history']")
+        check_key(hist, name, arg="curves", where=f"the histories of adata.uns[{key!r}]")
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.5))
     for name in names:

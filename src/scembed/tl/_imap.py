@@ -56,7 +56,7 @@ def imap_integrate(
     copy: bool = False,
     return_model: bool = False,
 ) -> AnnData | engine.IMAPModel | tuple[AnnData, engine.IMAPModel] | None:
-    """Batch integration with iMAP :cite:`Wang2021` (two stages: content autoencoder, then adversarial correction).
+    """Batch integration with iMAP (Wang et al. 2021) (two stages: content autoencoder, then adversarial correction).
 
     **Stage I** trains a content encoder E (genes→1024→512→``latent_dim``) and a batch-conditioned decoder
     Dec(c, b) = ReLU(G2([c; b]) + G1(b)) on batch-balanced *mixup* cells (random convex combinations of two cells
