@@ -30,6 +30,15 @@ def load_shared(name: str) -> ad.AnnData:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Run with one torch thread (restored afterwards): small networks on a 2-core machine avoid OpenMP spin-waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_data():
     """The loader of the shared real data sets (see :func:`load_shared`)."""
     return load_shared

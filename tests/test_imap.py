@@ -25,13 +25,7 @@ FAST = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small networks on a shared 2-core machine: one thread avoids OpenMP spin-waiting
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n_cells=240, n_genes=60, n_batches=2, batch_scale=0.5, seed=0):

@@ -18,13 +18,7 @@ from scembed._engine.neuralee import NeuralEEModel, affinity_graph, batch_repuls
 FAST = dict(maxit=40, perplexity=10.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead on a busy CI machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
