@@ -65,7 +65,7 @@ def test_objective_tiles_agree_with_one_tile(monkeypatch):
     Y = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
     obj = EEObjective(P, repulsion="distance", X=X)
     E1, G1 = obj(Y)
-    monkeypatch.setattr(obj, "_tile_rows", lambda: 7)
+    monkeypatch.setattr(obj, "_block_size", lambda: 7)
     E2, G2 = obj(Y)
     assert float(E1) == pytest.approx(float(E2), rel=1e-9)
     torch.testing.assert_close(G1, G2, rtol=1e-5, atol=1e-8)
