@@ -34,7 +34,8 @@ def main() -> None:
         f"N={n} device={info['params']['device']} threads={threads} repulsion={repulsion} solver={info['solver']} "
         f"affinity {t_aff:.1f} s | EE {t_ee:.1f} s for {info['n_iter']} iterations "
         f"({info['n_evaluations']} objective evaluations, {t_ee / max(info['n_iter'], 1):.1f} s/iteration) | "
-        f"objective {info['objective'][0]:.4f} -> {info['objective'][-1]:.4f} | peak RSS {peak:.2f} GB"
+        f"objective {info['objective'][0]:.4f} -> {info['objective'][-1]:.4f} | peak RSS {peak:.2f} GB | "
+        f"stop: {info['stop_reason']} | steps {[float(f'{s:.3g}') for s in info['step']]}"
     )
 
 
