@@ -118,6 +118,26 @@ def test_spectral_direction_beats_gradient_descent(emb):
     assert np.all(np.diff(gd["objective"]) <= 0)
 
 
+def test_line_search_falls_back_to_the_gradient():
+    """A direction that is descent by its slope but whose descent is buried under a stiff orthogonal component (like
+    the near-null modes of 4L⁺ moving whole clusters) fails the line search; the optimiser then takes a gradient
+    step instead of stopping. Quadratic E = (y₁² + 1e20·y₂²)/2 from (1, 0), direction (−1e-12, 1)."""
+    curvature = torch.tensor([1.0, 1e20], dtype=torch.float64)
+
+    def objective(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return 0.5 * (curvature * Y * Y).sum(), curvature * Y
+
+    def stiff(G: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[-1e-12, 1.0]], dtype=torch.float64)
+
+    _, info = optimize_ee(objective, torch.tensor([[1.0, 0.0]], dtype=torch.float64), direction=stiff, maxiter=1, tol=0)
+    assert info["n_gradient_fallbacks"] == 1
+    assert info["objective"][-1] < 0.5 * info["objective"][0]
+    # a gradient run has nothing to fall back to
+    _, plain = optimize_ee(objective, torch.tensor([[1.0, 0.0]]).double(), direction="gradient", maxiter=1, tol=0)
+    assert plain["n_gradient_fallbacks"] == 0
+
+
 def test_splu_and_cg_reach_the_same_objective(emb):
     P = emb.obsp["affinity"]
     obj = EEObjective(P, repulsion="uniform")

@@ -283,6 +283,7 @@ def optimize_ee(
         raise FloatingPointError("the EE objective is not finite at the initial embedding.")
     history, steps = [E], []
     n_evals, alpha, converged, reason = 1, 1.0, False, "maxiter"
+    n_fallbacks = 0  # iterations where the spectral direction's line search failed and the gradient was used
     bar = progress(range(maxiter), desc="EE", show=show_progress)
     for _ in bar:
         t0 = time.perf_counter()
@@ -295,6 +296,7 @@ def optimize_ee(
             converged, reason = True, "zero gradient"
             break
         trial, first = alpha, True
+        fallback = False
         while True:
             Y_new = Y + trial * p
             E_new, G_new = objective(Y_new)
@@ -308,8 +310,16 @@ def optimize_ee(
             t_q = -slope * trial * trial / curv if math.isfinite(E_new) and curv > 0 else 0.0
             trial = min(max(t_q, 0.1 * trial), shrink * trial) if interpolate else shrink * trial
             if trial * float(p.abs().max()) < 1e-12 * (1.0 + float(Y.abs().max())):
-                trial = 0.0
-                break
+                if fallback or direction == "gradient":
+                    trial = 0.0
+                    break
+                # the spectral direction can be dominated by the near-null modes of 4L⁺ (e.g. moving whole
+                # disconnected clusters): try the gradient once, with the same initial step length, before stopping
+                fallback = True
+                n_fallbacks += 1
+                g_norm = float(G.norm())
+                trial = alpha * float(p.norm()) / max(g_norm, 1e-300)
+                p, slope = -G, -(g_norm**2)
         if trial == 0.0:
             reason = "line search failed (no decrease along the direction: converged to float32 precision)"
             converged = True
@@ -318,7 +328,8 @@ def optimize_ee(
         Y, E, G = Y_new, E_new, G_new
         history.append(E)
         steps.append(trial)
-        alpha = trial * grow if first else trial
+        if not fallback:  # a gradient step's length says nothing about the next spectral step
+            alpha = trial * grow if first else trial
         bar.set_postfix({"E": f"{E:.6g}", "step": f"{trial:.3g}"}, refresh=False)
         if change < tol:
             converged, reason = True, f"relative change {change:.2e} < tol"
@@ -329,6 +340,7 @@ def optimize_ee(
         step=steps,
         n_iter=len(steps),
         n_evaluations=n_evals,
+        n_gradient_fallbacks=n_fallbacks,
         converged=converged,
         stop_reason=reason,
         time_direction=time_direction,

@@ -114,8 +114,9 @@ def ee(
         The embedding, ``(n_obs, n_components)``.
     `adata.uns['ee' | key_added without "X_"]` : `dict`
         `params` (the call's parameters), `objective` (E at the start and after every iteration; never
-        increasing), `step` (accepted line-search steps), `n_iter`, `n_evaluations`, `converged`, `stop_reason`,
-        `solver`, `mu`, `time` (seconds) and, with CG, `cg_iterations`.
+        increasing), `step` (accepted line-search steps), `n_iter`, `n_evaluations`, `n_gradient_fallbacks`
+        (iterations where the spectral line search failed and a gradient step was taken), `converged`,
+        `stop_reason`, `solver`, `mu`, `time` (seconds) and, with CG, `cg_iterations`.
     `adata.obsp[affinity_key]`, `adata.uns[affinity_key]`
         Only when the affinities were computed here (see :func:`scembed.pp.affinity`).
 
@@ -249,6 +250,7 @@ def ee(
         "step": np.asarray(info["step"], dtype=np.float64),
         "n_iter": int(info["n_iter"]),
         "n_evaluations": int(info["n_evaluations"]),
+        "n_gradient_fallbacks": int(info["n_gradient_fallbacks"]),
         "converged": bool(info["converged"]),
         "stop_reason": str(info["stop_reason"]),
         "solver": str(info["solver"]),
