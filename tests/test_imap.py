@@ -13,6 +13,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import scembed as se
 from scembed._engine import imap as engine
+from scembed._engine.nn import mlp
 
 FAST = dict(
     use_hvg=False,
@@ -102,6 +103,31 @@ def test_random_walk_stays_on_graph():
     for v in (va, vq):
         steps = v.reshape(7, 5)
         assert all((int(a), int(b)) in edges for a, b in zip(steps[:-1].ravel(), steps[1:].ravel(), strict=True))
+
+
+@pytest.mark.parametrize("n_batches", [2, 3])
+def test_stage1_losses_equal_the_full_translation(n_batches):
+    """Decoding only the cells sent to another batch gives the losses and gradients of decoding every cell."""
+    torch.manual_seed(0)
+    encoder = mlp((20, 16, 8), activation=torch.nn.Mish).double()
+    decoder = engine.BatchDecoder(8, n_batches, 20).double()
+    x = torch.rand(24, 20, dtype=torch.float64)
+    batch = torch.arange(n_batches).repeat_interleave(24 // n_batches)
+    other = torch.randint(n_batches, (24,))
+    assert (other == batch).any() and (other != batch).any()
+    params = [*encoder.parameters(), *decoder.parameters()]
+
+    recon, content = engine.stage1_losses(encoder, decoder, x, batch, other)
+    grads = torch.autograd.grad(recon + 3 * content, params)
+
+    code = encoder(x)  # the original's formula: translate every cell
+    ref_recon = torch.nn.functional.mse_loss(decoder(code, batch), x)
+    ref_content = torch.nn.functional.mse_loss(code, encoder(decoder(code, other)))
+    ref_grads = torch.autograd.grad(ref_recon + 3 * ref_content, params)
+    assert recon.item() == pytest.approx(ref_recon.item(), rel=1e-12)
+    assert content.item() == pytest.approx(ref_content.item(), rel=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_gradient_penalty_hand_computed():

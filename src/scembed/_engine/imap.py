@@ -1,9 +1,11 @@
 """iMAP (Wang et al. 2021): stage I content autoencoder on mixup samples, stage II WGAN-GP residual correction.
 
 Pure numpy/scipy/torch; the AnnData side lives in :mod:`scembed.tl._imap`. Differences from the original that do
-not change the maths: the encoder runs once per step instead of three times, the batch branch of the decoder is
-evaluated on the ``n_batches`` one-hot vectors only (it sees nothing else), critic steps do not back-propagate
-through the generator, sampling is vectorised in torch, and sparse input is densified one mini-batch at a time.
+not change the maths: the encoder runs once per step instead of three times, the decoder translates only the
+cells sent to another batch (for the others Dec(E(x), b̃) is the reconstruction already made), the batch branch of
+the decoder is evaluated on the ``n_batches`` one-hot vectors only (it sees nothing else), critic steps do not
+back-propagate through the generator, sampling is vectorised in torch, and sparse input is densified one mini-batch
+at a time.
 """
 
 from __future__ import annotations
@@ -145,6 +147,23 @@ def _adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
 
 
+def stage1_losses(
+    encoder: nn.Module, decoder: BatchDecoder, x: torch.Tensor, batch: torch.Tensor, other: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruction MSE(Dec(E(x), b), x) and content MSE(E(x), E(Dec(E(x), b̃))) of one stage-I mini-batch.
+
+    ``batch`` holds every row's own batch b, ``other`` the random batch b̃ it is translated to.
+    """
+    code = encoder(x)
+    decoded = decoder(code, batch)
+    # Dec(E(x), b̃) is the reconstruction itself wherever b̃ = b (the decoder keeps no batch statistics), so only
+    # the rows sent to another batch are decoded again: about half of them with two batches
+    moved = torch.nonzero(other != batch).squeeze(1)
+    translated = decoded.index_copy(0, moved, decoder(code[moved], other[moved]))
+    mse = nn.functional.mse_loss
+    return mse(decoded, x), mse(code, encoder(translated))
+
+
 def train_stage1(
     source: RowSource,
     groups: Sequence[np.ndarray],
@@ -175,7 +194,6 @@ def train_stage1(
     offsets = np.concatenate([[0], np.cumsum([len(g) for g in groups])])
     all_rows = torch.from_numpy(np.concatenate(groups).astype(np.int64))
     batch_of = torch.arange(n_b).repeat_interleave(batch_size).to(device)
-    mse = nn.functional.mse_loss
 
     def step(epoch: int) -> dict[str, float]:
         encoder.train()
@@ -190,9 +208,7 @@ def train_stage1(
             x1 = source(all_rows[pick[0].reshape(-1)])
             x2 = source(all_rows[pick[1].reshape(-1)])
             x = alpha * x1 + (1 - alpha) * x2
-            code = encoder(x)
-            recon = mse(decoder(code, batch_of), x)
-            content = mse(code, encoder(decoder(code, other)))
+            recon, content = stage1_losses(encoder, decoder, x, batch_of, other)
             loss = lambda_recon * recon + lambda_content * content
             opt.zero_grad(set_to_none=True)
             loss.backward()
