@@ -115,7 +115,7 @@ def ee(
     `adata.uns['ee' | key_added without "X_"]` : `dict`
         `params` (the call's parameters), `objective` (E at the start and after every iteration; never
         increasing), `step` (accepted line-search steps), `n_iter`, `n_evaluations`, `n_gradient_fallbacks`
-        (iterations where the spectral line search failed and a gradient step was taken), `converged`,
+        (times the spectral line search failed and the gradient was tried instead), `converged`,
         `stop_reason`, `solver`, `mu`, `time` (seconds) and, with CG, `cg_iterations`.
     `adata.obsp[affinity_key]`, `adata.uns[affinity_key]`
         Only when the affinities were computed here (see :func:`scembed.pp.affinity`).
