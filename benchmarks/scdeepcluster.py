@@ -6,6 +6,8 @@ and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
     python benchmarks/scdeepcluster.py --quick          # reduced budget (pretrain_epochs=50, maxiter=200), 1 seed
     python benchmarks/scdeepcluster.py                  # full defaults (300 / 2000), 3 seeds
     python benchmarks/scdeepcluster.py --scale 1000000  # GPU: time 1M simulated cells (few epochs)
+    python benchmarks/scdeepcluster.py --quick --merge benchmarks/results/scdeepcluster_quick_seed*.json
+                                                        # one table from runs saved with --json (seeds pooled)
 """
 
 from __future__ import annotations
@@ -207,6 +209,9 @@ def main() -> None:
     parser.add_argument("--scale-epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--step-compare", action="store_true", help="ms per training step vs the original's form")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="print the table of runs saved with --json (seeds pooled)"
+    )
     parser.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -221,6 +226,14 @@ def main() -> None:
         return
     pretrain = args.pretrain_epochs or (50 if args.quick else 300)
     maxiter = args.maxiter or (200 if args.quick else 2000)
+    if args.merge:  # e.g. seed 0 from one run and seeds 1 2 from another, same budget
+        pooled: dict[tuple[str, str], dict] = {}
+        for path in args.merge:
+            for row in json.loads(path.read_text()):
+                key = (row["dataset"], row["method"])
+                pooled.setdefault(key, {"dataset": key[0], "method": key[1], "runs": []})["runs"] += row["runs"]
+        report(list(pooled.values()), pretrain, maxiter)
+        return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     print(f"budget: pretrain_epochs={pretrain}, maxiter={maxiter}; seeds {seeds}; {args.threads} thread(s)")
     rows = []
@@ -237,6 +250,11 @@ def main() -> None:
             rows.append({"dataset": dataset, "method": method, "runs": runs})
             if args.json:  # written as it goes: a long run that is stopped keeps what it finished
                 args.json.write_text(json.dumps(rows, indent=1))
+    report(rows, pretrain, maxiter)
+
+
+def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
+    """Print the table (mean ± sd over the seeds of every row) and the comparison with the issue's numbers."""
     print()
     print("| data set | method | ARI | NMI | K (true) | time (s) | peak RSS (MiB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
