@@ -5,6 +5,7 @@ afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony
 
     python benchmarks/imap.py --epochs1 150 --epochs2 150          # full
     python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs
+    python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only
     IMAP_PYTHON=/work/venvs/imap/bin/python (default) runs the original.
 """
 
@@ -134,6 +135,45 @@ def scores(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> dict:
     return s
 
 
+def step_compare(threads: int, n_genes: int = 2000, batch_size: int = 512, n_steps: int = 8, rounds: int = 3) -> None:
+    """Seconds per stage-I training step, alternating in one process: the original's translation of every cell
+    (Dec(E(x), b̃) for all) and scembed's ``stage1_losses`` (decoding again only the cells with b̃ ≠ b)."""
+    import torch
+
+    from scembed._engine import imap as eng
+    from scembed._engine.nn import mlp
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    encoder = mlp((n_genes, 1024, 512, 256), activation=torch.nn.Mish)
+    decoder = eng.BatchDecoder(256, 2, n_genes)
+    opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=5e-4)
+    x = torch.rand(2 * batch_size, n_genes)
+    batch = torch.arange(2).repeat_interleave(batch_size)
+    mse = torch.nn.functional.mse_loss
+
+    def translate_all(other):
+        code = encoder(x)
+        return mse(decoder(code, batch), x), mse(code, encoder(decoder(code, other)))
+
+    def moved_only(other):
+        return eng.stage1_losses(encoder, decoder, x, batch, other)
+
+    def seconds_per_step(losses, n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            recon, content = losses(torch.randint(2, (2 * batch_size,)))
+            opt.zero_grad(set_to_none=True)
+            (recon + 3 * content).backward()
+            opt.step()
+        return (time.perf_counter() - t0) / n
+
+    seconds_per_step(translate_all, 2), seconds_per_step(moved_only, 2)  # warm-up
+    for r in range(rounds):
+        a, b = seconds_per_step(translate_all, n_steps), seconds_per_step(moved_only, n_steps)
+        print(f"round {r}: translate every cell {a:.3f} s/step, only the moved cells {b:.3f} s/step ({b / a:.2f}x)")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         m, path, out, e1, e2, threads = sys.argv[2:8]
@@ -147,7 +187,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs")
+    p.add_argument("--step-compare", action="store_true", help="time one stage-I step, both translations")
     args = p.parse_args()
+    if args.step_compare:
+        step_compare(args.threads)
+        return
     if args.quick:
         args.datasets, args.epochs1, args.epochs2 = ["cellbench_3cl_2batches"], 1, 1
     rows = []
