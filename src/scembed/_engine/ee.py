@@ -285,7 +285,7 @@ def optimize_ee(
         raise FloatingPointError("the EE objective is not finite at the initial embedding.")
     history, steps = [E], []
     n_evals, alpha, converged, reason = 1, 1.0, False, "maxiter"
-    n_fallbacks = 0  # iterations where the spectral direction's line search failed and the gradient was used
+    n_fallbacks = 0  # times the spectral direction's line search failed and the gradient was tried instead
     bar = progress(range(maxiter), desc="EE", show=show_progress)
     for _ in bar:
         t0 = time.perf_counter()
