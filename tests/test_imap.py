@@ -130,24 +130,39 @@ def test_stage1_losses_equal_the_full_translation(n_batches):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
-def test_gradient_penalty_hand_computed():
+def test_critic_losses_hand_computed():
     torch.manual_seed(0)
     real, fake = torch.randn(6, 4), torch.randn(6, 4)
     eps = torch.rand(6, 1)
-    # linear critic: the gradient is w everywhere → penalty (‖w‖ − 1)²
-    lin = torch.nn.Linear(4, 1)
-    w = lin.weight.detach().ravel()
-    gp = engine.gradient_penalty(lin, real, fake, eps)
-    assert gp.item() == pytest.approx(float((w.norm() - 1) ** 2), rel=1e-5)
+    # a critic without activations is the linear map x ↦ w₂ᵀ(W₁x + b₁) + b₂: its gradient is W₁ᵀw₂ everywhere, so the
+    # penalty is (‖W₁ᵀw₂‖ − 1)² and the Wasserstein estimate is w₂ᵀW₁(mean real − mean fake)
+    critic = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    W1, w2 = critic[0].weight.detach(), critic[1].weight.detach().ravel()
+    w_dist, gp = engine.critic_losses(critic, real, fake, eps)
+    assert gp.item() == pytest.approx(float((W1.T @ w2).norm() - 1) ** 2, rel=1e-5)
+    assert w_dist.item() == pytest.approx(float(w2 @ W1 @ (real.mean(0) - fake.mean(0))), rel=1e-5)
 
-    # quadratic critic ½‖x‖²: the gradient is x̂ itself
-    class Quad(torch.nn.Module):
-        def forward(self, x):
-            return 0.5 * (x * x).sum(1, keepdim=True)
 
-    mixed = (eps * real + (1 - eps) * fake).double()
-    ref = ((mixed.norm(dim=1) - 1) ** 2).mean()
-    assert engine.gradient_penalty(Quad(), real, fake, eps).item() == pytest.approx(ref.item(), rel=1e-5)
+def test_critic_losses_equal_the_direct_formula():
+    # the shared first layer and the Gram-matrix norm give the same losses and parameter gradients as evaluating
+    # the critic on real, fake and the detached interpolate x̂ and differentiating at x̂ (float64)
+    torch.manual_seed(1)
+    critic = engine.make_critic(7).double()
+    real, fake = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 7, dtype=torch.float64)
+    eps = torch.rand(9, 1, dtype=torch.float64)
+    params = list(critic.parameters())
+    w_dist, gp = engine.critic_losses(critic, real, fake, eps)
+    grads = torch.autograd.grad(-w_dist + 10 * gp, params)
+
+    ref_w = critic(real).mean() - critic(fake).mean()
+    mixed = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    ref_gp = ((g.norm(2, dim=1) - 1) ** 2).mean()
+    ref_grads = torch.autograd.grad(-ref_w + 10 * ref_gp, params)
+    assert w_dist.item() == pytest.approx(ref_w.item(), rel=1e-12)
+    assert gp.item() == pytest.approx(ref_gp.item(), rel=1e-10)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
 def test_row_source_sparse_equals_dense():

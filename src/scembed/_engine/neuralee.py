@@ -31,7 +31,7 @@ from .affinity import calibrate_perplexity, entropic_affinities
 from .ee_objective import EEObjective
 from .knn import nearest_neighbors
 from .nn import mlp, predict_in_batches
-from .training import train
+from .training import adam, train
 
 BatchAffinity = Literal["batch", "graph"]
 BATCH_AFFINITIES = ("batch", "graph")
@@ -422,7 +422,7 @@ def fit_neuralee(
             return affinity_graph(X, perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
 
     net = build_network(D, n_components, hidden).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = adam(net.parameters(), lr=lr)
     history: dict[str, list[float]] = {"loss": [], "phase": []}
 
     def run_phase(step: Callable[[int], float], n_epochs: int, phase: int) -> int:

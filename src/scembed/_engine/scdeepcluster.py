@@ -21,7 +21,7 @@ from scipy import sparse
 from torch import nn
 
 from .nn import mlp
-from .training import minibatches, train
+from .training import adam, minibatches, train
 
 #: clamps of the original's output activations: mean = clamp(exp, 1e-5, 1e6), dispersion = clamp(softplus, 1e-4, 1e4)
 MEAN_MIN, MEAN_MAX = 1e-5, 1e6
@@ -386,10 +386,7 @@ def pretrain(
     show_progress: bool | None = None,
 ) -> dict[str, list[float]]:
     """Denoising ZINB autoencoder: Gaussian noise σ on the encoder input, Adam(amsgrad) on the ZINB NLL."""
-    try:  # the fused kernel is ~3x faster than the per-parameter loop on a CPU
-        opt = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.Adam(net.parameters(), lr=lr, amsgrad=True)
+    opt = adam(net.parameters(), lr=lr, amsgrad=True)
     n = data.n_obs
 
     def step(epoch: int) -> float:
