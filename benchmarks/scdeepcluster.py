@@ -8,6 +8,8 @@ and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
     python benchmarks/scdeepcluster.py --scale 1000000  # GPU: time 1M simulated cells (few epochs)
     python benchmarks/scdeepcluster.py --quick --merge benchmarks/results/scdeepcluster_quick_seed*.json
                                                         # one table from runs saved with --json (seeds pooled)
+    python benchmarks/scdeepcluster.py --resolutions 0.1 0.2 0.3 0.5 0.8 --pretrain-epochs 300
+                                                        # K and ARI of Leiden on the pretrained latent space
 """
 
 from __future__ import annotations
@@ -71,6 +73,31 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
     out["ari"] = float(adjusted_rand_score(truth, labels))
     out["nmi"] = float(normalized_mutual_info_score(truth, labels))
     out["k_true"] = k_true
+    return out
+
+
+def resolution_sweep(dataset: str, seed: int, pretrain: int, resolutions: list[float], threads: int) -> dict:
+    """Pretrain once, then K and ARI of Leiden at every resolution on that latent space (what n_clusters=0 sees)."""
+    import anndata as ad
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+
+    import scembed as se
+    from scembed._engine.scdeepcluster import leiden_labels
+
+    torch.set_num_threads(threads)
+    se.settings.progress = False
+    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+    truth = adata.obs["celltype"].astype(str).to_numpy()
+    k_true = len(set(truth))
+    # K given and no clustering epochs: the latent space written is the pretrained one
+    se.tl.scdeepcluster(adata, k_true, pretrain_epochs=pretrain, maxiter=0, random_state=seed, device="cpu")
+    z = adata.obsm["X_scdeepcluster"]
+    knn = adata.uns["scdeepcluster"]["params"]["knn"]
+    out = {"k_true": k_true}
+    for r in resolutions:
+        labels = leiden_labels(z, knn=knn, resolution=r, random_state=seed)
+        out[str(r)] = (len(set(labels.tolist())), float(adjusted_rand_score(truth, labels)))
     return out
 
 
@@ -212,6 +239,9 @@ def main() -> None:
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, help="print the table of runs saved with --json (seeds pooled)"
     )
+    parser.add_argument(
+        "--resolutions", type=float, nargs="+", default=None, help="Leiden K/ARI on the pretrained latent space"
+    )
     parser.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -235,6 +265,16 @@ def main() -> None:
         report(list(pooled.values()), pretrain, maxiter)
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if args.resolutions:
+        print(f"Leiden on the latent space after {pretrain} pretraining epochs: K (ARI); seeds {seeds}")
+        print("| data set (true K) | seed | " + " | ".join(f"res {r:g}" for r in args.resolutions) + " |")
+        print("| --- | --- |" + " --- |" * len(args.resolutions))
+        for dataset in args.datasets:
+            for seed in seeds:
+                res = resolution_sweep(dataset, seed, pretrain, args.resolutions, args.threads)
+                cells = " | ".join("{} ({:.2f})".format(*res[str(r)]) for r in args.resolutions)
+                print(f"| {dataset} ({res['k_true']}) | {seed} | {cells} |", flush=True)
+        return
     print(f"budget: pretrain_epochs={pretrain}, maxiter={maxiter}; seeds {seeds}; {args.threads} thread(s)")
     rows = []
     for dataset in args.datasets:

@@ -10,7 +10,7 @@ from scipy import sparse
 
 import scembed as se
 from scembed._engine.nn import mlp, predict_in_batches
-from scembed._engine.training import minibatches, train
+from scembed._engine.training import adam, minibatches, train
 from scembed._utils import (
     check_counts,
     check_features,
@@ -138,6 +138,25 @@ def test_minibatches_cover_every_index_once() -> None:
     batches = list(minibatches(103, 10, generator=gen))
     assert sorted(torch.cat(batches).tolist()) == list(range(103))
     assert len(list(minibatches(103, 10, drop_last=True))) == 10
+
+
+def test_adam_helper_takes_the_same_steps_as_torch_adam() -> None:
+    # the fused kernel (where available) must follow the same update rule as the default implementation
+    torch.manual_seed(0)
+    nets = [mlp((5, 8, 3), batchnorm=False) for _ in range(2)]  # (BatchNorm makes the bias gradient rounding noise)
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [
+        adam(nets[0].parameters(), lr=1e-2, betas=(0.5, 0.999), amsgrad=True),
+        torch.optim.Adam(nets[1].parameters(), lr=1e-2, betas=(0.5, 0.999), amsgrad=True, foreach=False),
+    ]
+    x = torch.randn(16, 5)
+    for _ in range(5):
+        for net, opt in zip(nets, opts, strict=True):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_train_early_stopping_and_best_weights() -> None:
