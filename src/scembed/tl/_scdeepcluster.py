@@ -270,9 +270,10 @@ def scdeepcluster(
         ``n_clusters=0``.
     resolution
         Leiden resolution for ``n_clusters=0``; larger gives more clusters. The default 0.2 (the original's
-        Louvain used 0.8) came closest to the true number of types on five annotated data sets (10x PBMC,
-        worm neurons, CITE-seq PBMC; benchmarks/results_scdeepcluster.md); the number found grows with the
-        number of cells, so lower it for large data or pass ``n_clusters``.
+        Louvain used 0.8) gave the best mean ARI and nearly the smallest error in K on five annotated data sets
+        (10x PBMC, worm neurons, CITE-seq PBMC; benchmarks/README.md), after 50 and after 300 pretraining epochs;
+        still, K was off by up to 7 on single sets, and it grows with the number of cells. Pass ``n_clusters``
+        when the number of types is known, and lower the resolution for large data.
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
     random_state
