@@ -256,12 +256,12 @@ def main() -> None:
     print("|" + " --- |" * (len(keys) + 2))
     for name, m, r in rows:
         print(f"| {name} | {m} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
-    print("\nstage times (fastest of the runs; all runs in brackets), scembed / original:")
     by = {(name, m): r for name, m, r in rows}
-    for name in args.datasets:
-        mine, orig = by.get((name, "scembed")), by.get((name, "imap_original"))
-        if not (mine and orig):
-            continue
+    both = [name for name in args.datasets if (name, "scembed") in by and (name, "imap_original") in by]
+    if both:
+        print("\nstage times (fastest of the runs; all runs in brackets), scembed / original:")
+    for name in both:
+        mine, orig = by[(name, "scembed")], by[(name, "imap_original")]
         parts = []
         for key, label in (("train_stage1", "stage I"), ("run_stage2", "stage II"), ("seconds", "total")):
             runs = (
