@@ -10,7 +10,7 @@ from scipy import sparse
 
 import scembed as se
 from scembed._engine.ee import SpectralDirection, optimize_ee, rescale, spectral_init
-from scembed._engine.ee_objective import EEObjective
+from scembed._engine.ee_objective import EEObjective, exp_neg_
 
 
 def _random_problem(n: int = 120, D: int = 6, seed: int = 0):
@@ -48,7 +48,7 @@ FAST = {"maxiter": 25, "repulsion": "uniform"}
 
 
 @pytest.mark.parametrize("repulsion", ["uniform", "distance"])
-@pytest.mark.parametrize(("d", "scale"), [(2, 1e-3), (2, 3.0), (3, 0.5), (5, 1.0)])
+@pytest.mark.parametrize(("d", "scale"), [(2, 1e-3), (2, 3.0), (2, 8.0), (3, 0.5), (5, 1.0)])
 def test_objective_and_gradient_match_dense_float64(repulsion, d, scale):
     X, P = _random_problem()
     Y = np.random.default_rng(1).normal(size=(X.shape[0], d)) * scale
@@ -58,6 +58,15 @@ def test_objective_and_gradient_match_dense_float64(repulsion, d, scale):
     E_ref, G_ref = _dense_reference(Y, P, X, 1.7, repulsion)
     assert float(E) == pytest.approx(E_ref, rel=1e-6)
     assert np.linalg.norm(G.double().numpy() - G_ref) <= 1e-5 * np.linalg.norm(G_ref)
+
+
+def test_exp_neg_never_returns_subnormals():
+    # far pairs (d² past ~87) would give float32 subnormals, which the CPU computes 20-50x slower
+    d2 = torch.tensor([0.0, 1.0, 59.0, 88.0, 200.0, 1e30, float("inf")])
+    out = exp_neg_(d2.clone())
+    assert torch.all(out >= torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(out[:3], torch.exp(-d2[:3]))
+    assert torch.all(out[3:] <= 1e-26)
 
 
 def test_objective_tiles_agree_with_one_tile(monkeypatch):

@@ -22,6 +22,16 @@ REPULSIONS = ("uniform", "distance")
 _TILE_BYTES = {"cpu": 4 * 2**20, "cuda": 512 * 2**20}
 #: the squared input distances of ``repulsion="distance"`` are kept between calls up to this size
 _CACHE_BYTES = 256 * 2**20
+#: squared embedding distances are capped here before exp(−d²). Past d² ≈ 87 float32 exp returns subnormals, and
+#: the CPU's exp (and the products that follow) take a slow path 20-50x slower than usual, which in a spread-out
+#: embedding is most pairs. e^−60 ≈ 9e-27 is zero to float32 sums of kernel values ≤ 1, and stays normal after
+#: the product with a distance weight W⁻ down to ~1e-12.
+_FAR_D2 = 60.0
+
+
+def exp_neg_(d2: torch.Tensor) -> torch.Tensor:
+    """exp(−d²) in place, with d² capped at ``_FAR_D2`` so that no subnormal number is ever produced."""
+    return d2.clamp_max_(_FAR_D2).neg_().exp_()
 
 
 class EEObjective:
@@ -182,9 +192,9 @@ class EEObjective:
                 b = slice(j, min(j + size, self.n))
                 diagonal = i == j
                 wx = self._input_weights(a, b) if self.X is not None else None
-                kernel = self._squared_distances(Y, y_sq, a, b, buffers).neg_()
+                kernel = self._squared_distances(Y, y_sq, a, b, buffers)
                 if tiny:
-                    kernel.expm1_()  # exp(−d²) − 1; the diagonal is 0 here
+                    kernel.neg_().expm1_()  # exp(−d²) − 1; the diagonal is 0 here
                     if wx is not None:
                         kernel.mul_(wx)
                     # float32 row sums: a float64 reduction of the tile is ~15x slower on the CPU
@@ -193,7 +203,7 @@ class EEObjective:
                     if diagonal:
                         kernel.fill_diagonal_(0)  # no self-repulsion
                 else:
-                    kernel.exp_()
+                    exp_neg_(kernel)
                     if wx is not None:
                         kernel.mul_(wx)
                     if diagonal:

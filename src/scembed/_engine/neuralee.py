@@ -28,7 +28,7 @@ from torch import nn
 
 from .._utils._io import check_features, load_checkpoint, save_checkpoint
 from .affinity import calibrate_perplexity, entropic_affinities
-from .ee_objective import EEObjective
+from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
 from .nn import mlp, predict_in_batches
 from .training import adam, train
@@ -105,7 +105,7 @@ def batch_repulsion(
         stop = min(start + step, B)
         block = Y[start:stop]
         w = torch.addmm(y_sq[None, :], block, Y.T, alpha=-2.0).add_(y_sq[start:stop, None]).clamp_min_(0)
-        w.neg_().exp_()
+        exp_neg_(w)
         if X is not None:
             wx = torch.addmm(x_sq[None, :], X[start:stop], X.T, alpha=-2.0).add_(x_sq[start:stop, None])
             w.mul_(wx.clamp_min_(0))
