@@ -189,6 +189,36 @@ def test_embedding_separates_cell_types(emb):
     assert acc > 0.9 > rand.mean()
 
 
+def test_random_init_is_optimised():
+    # a random start of scale 1e-4 makes E ≈ 1 − O(1e-8): the line search must resolve decreases far below
+    # float32 eps · E (the repulsion's constant Σ W⁻ = 1 is added exactly), or the run stops before its first step
+    # (it did: n_iter 0 on this connected, count-derived graph)
+    import scanpy as sc
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    a = se.datasets.simulate(n_cells=1000, n_genes=300, n_celltypes=5, random_state=0)
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    sc.pp.pca(a, n_comps=20)
+    se.pp.affinity(a, perplexity=30.0)
+    se.tl.ee(a, init="random", **FAST)
+    info = a.uns["ee"]
+    assert info["n_iter"] == FAST["maxiter"] and info["objective"][-1] < 0.5 * info["objective"][0]
+    labels = a.obs["celltype"].to_numpy()
+    assert cross_val_score(KNeighborsClassifier(10), a.obsm["X_ee"], labels, cv=3).mean() > 0.9
+
+
+def test_rounding_scale_of_a_tiny_embedding():
+    X, P = _random_problem()
+    obj = EEObjective(P, repulsion="distance", X=X)
+    tiny = torch.as_tensor(np.random.default_rng(0).normal(size=(X.shape[0], 2)) * 1e-4, dtype=torch.float32)
+    E, _ = obj(tiny)
+    assert float(E) == pytest.approx(1.0, abs=1e-6) and 0 < obj.rounding_scale < 1e-6  # the O(d²) terms only
+    E, _ = obj(tiny * 1e5)
+    assert obj.rounding_scale == pytest.approx(float(E), rel=1e-6)  # spread out: every term is rounded
+
+
 def test_same_seed_same_embedding_and_inits(emb):
     a = se.tl.ee(emb, init="random", random_state=3, copy=True, maxiter=10, repulsion="uniform")
     b = se.tl.ee(emb, init="random", random_state=3, copy=True, maxiter=10, repulsion="uniform")

@@ -302,7 +302,7 @@ def optimize_ee(
         # a direction is given up once the step is negligible or the decrease it promises is below the rounding of
         # E (float32 tile sums): past that point Armijo passes or fails on noise, and every further try costs a
         # full evaluation (~20 s at 60,000 cells on the CPU)
-        resolution = 8 * torch.finfo(Y.dtype).eps * abs(E)
+        resolution = 8 * torch.finfo(Y.dtype).eps * getattr(objective, "rounding_scale", abs(E))
         negligible_step = 1e-12 * (1.0 + float(Y.abs().max()))
         while True:
             if trial * float(p.abs().max()) < negligible_step or -trial * slope < resolution:

@@ -110,6 +110,8 @@ class EEObjective:
             self.X = None
             self._cache = None
             self.w_scale = 1.0 / (self.n * (self.n - 1)) if self.n > 1 else 0.0
+        #: size of the float32-rounded terms of the last evaluation (see :meth:`__call__`)
+        self.rounding_scale = 0.0
 
     @torch.no_grad()
     def attractive(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,14 +217,22 @@ class EEObjective:
                     cols = ones_y[:, a] @ kernel  # [Σ_a K_ab, (Kᵀ y_a)ᵀ]
                     acc[b] += cols[0, :, None] * Y[b] - cols[1:].T
         value = total * self.w_scale
+        self._repulsive_rounding = float(value.abs())  # the part of the value that float32 tiles rounded
         if tiny and self.w_scale > 0:
             value = value + 1.0  # Σ W⁻ exp(−d²) = Σ W⁻ (exp(−d²) − 1) + Σ W⁻, and Σ W⁻ = 1
         return value, acc.mul_(-4.0 * self.w_scale)
 
     def __call__(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """E(Y) and ∇E(Y)."""
+        """E(Y) and ∇E(Y).
+
+        Also sets :attr:`rounding_scale`, the magnitude of the terms of E that were summed from float32 values: E is
+        resolved to about eps · rounding_scale. For a tiny embedding that is far below eps · E, because the constant
+        Σ W⁻ = 1 of the repulsion is added exactly in float64; a line search that resolved E only to eps · |E| would
+        see a flat objective at a small random start.
+        """
         ea, ga = self.attractive(Y)
         er, gr = self.repulsive(Y)
+        self.rounding_scale = float(ea) + self.lam * self._repulsive_rounding
         return ea + self.lam * er, ga + self.lam * gr
 
     def value(self, Y: torch.Tensor) -> float:
