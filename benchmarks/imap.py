@@ -245,6 +245,9 @@ def main() -> None:
                     r.update({f"{key}_runs": [r.get(key, float("nan"))] for key in TIMES})
                     r.update(scores(emb, batch, labels))
                     res[m] = r
+                    # a long run (the defaults take hours) keeps what it has measured if it is stopped
+                    shown = ("iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn", "total")
+                    print(name, m, "scores", {k: round(r[k], 4) for k in shown}, flush=True)
             ref = res.get("imap_original", {}).get("seconds")
             for m, r in res.items():
                 r["time_ratio"] = r["seconds"] / ref if ref else float("nan")
