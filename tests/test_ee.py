@@ -60,6 +60,24 @@ def test_objective_and_gradient_match_dense_float64(repulsion, d, scale):
     assert np.linalg.norm(G.double().numpy() - G_ref) <= 1e-5 * np.linalg.norm(G_ref)
 
 
+def test_attraction_resolves_small_changes_of_a_large_shifted_embedding():
+    """The trace form 2 tr(Yᵀ L⁺ Y) must not lose the local distances to cancellation (offset 1e4, spread 1e2)."""
+    X, P = _random_problem()
+    rng = np.random.default_rng(2)
+    Y = (rng.normal(size=(X.shape[0], 2)) * 100 + 1e4).astype(np.float32)
+    step = (rng.normal(size=Y.shape) * 0.01).astype(np.float32)
+    obj = EEObjective(P, repulsion="uniform")
+    Pc = P.tocoo()
+
+    def edges(Z):  # Σ W⁺ ‖y_n − y_m‖² over the stored pairs, float64
+        Z = Z.astype(np.float64)
+        return float((Pc.data * ((Z[Pc.row] - Z[Pc.col]) ** 2).sum(1)).sum())
+
+    e0, e1 = float(obj.attractive(torch.from_numpy(Y))[0]), float(obj.attractive(torch.from_numpy(Y + step))[0])
+    assert e0 == pytest.approx(edges(Y), rel=1e-10)
+    assert e1 - e0 == pytest.approx(edges(Y + step) - edges(Y), rel=1e-6)
+
+
 def test_exp_neg_never_returns_subnormals():
     # far pairs (d² past ~87) would give float32 subnormals, which the CPU computes 20-50x slower
     d2 = torch.tensor([0.0, 1.0, 59.0, 88.0, 200.0, 1e30, float("inf")])
