@@ -115,7 +115,7 @@ class EEObjective:
 
         One sparse product gives both, in float64: the trace form subtracts Σ deg‖y‖² and Σ W⁺ y_n·y_m, which
         float32 could not resolve when the embedding is large next to its local distances; centring Y first (E does
-        not change under a shift) keeps the cancellation to the spread of Y. ~6x faster than summing over the edges.
+        not change under a shift) keeps the cancellation to the spread of Y. Several times faster than an edge sum.
         """
         Y64 = Y.detach().to(torch.float64)
         Y64 = Y64 - Y64.mean(0)
