@@ -8,6 +8,7 @@ affinities (perplexity 30) and optimises another objective: no EE objective is r
 
 Usage:
     /work/venvs/neuralee/bin/python benchmarks/ee.py [--quick] [--threads 1]
+    python benchmarks/ee.py --attraction-compare --threads 1   # ms per attraction evaluation, edge sum vs now
 (the venv sees the global packages and adds neuralee; --quick runs pbmc68k_reduced only)
 """
 
@@ -128,16 +129,58 @@ def evaluate(data: Path, Y: np.ndarray) -> dict:
     return {"E": E, **embedding_metrics(X, Y, labels)}
 
 
+def attraction_compare(names: list[str], threads: int, repeats: int = 50) -> None:
+    """ms per evaluation of the attraction: the float32 edge sum (before) vs ``EEObjective.attractive``.
+
+    The edge sum is the former formulation, written here: Σ over the upper-triangle pairs of (W + Wᵀ) of w‖y_n − y_m‖²,
+    in float32 with a float64 total (the gradient then needed the sparse product as well, not timed here).
+    """
+    import torch
+    from scipy import sparse
+
+    from scembed._engine.ee_objective import EEObjective
+
+    torch.set_num_threads(threads)
+    tmp = Path(tempfile.mkdtemp(prefix="ee_att_"))
+    for name in names:
+        prepare(name, tmp / f"{name}.npz")
+        d = np.load(tmp / f"{name}.npz", allow_pickle=True)
+        n = d["X"].shape[0]
+        P = sparse.csr_matrix((d["data"], (d["row"], d["col"])), shape=(n, n))
+        obj = EEObjective(P, repulsion="uniform")
+        upper = sparse.triu(P + P.T, k=1).tocoo()
+        ru, cu = torch.as_tensor(upper.row, dtype=torch.int64), torch.as_tensor(upper.col, dtype=torch.int64)
+        wu = torch.as_tensor(upper.data, dtype=torch.float32)
+
+        def edge_sum(Y, ru=ru, cu=cu, wu=wu):
+            diff = Y[ru] - Y[cu]
+            return (wu * (diff * diff).sum(1)).sum(dtype=torch.float64)
+
+        Y = torch.as_tensor(np.random.default_rng(0).normal(size=(n, 2)) * 5, dtype=torch.float32)
+        ms = {}
+        for label, fn in [("edge sum (value only)", edge_sum), ("attractive (value + gradient)", obj.attractive)]:
+            fn(Y)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                fn(Y)
+            ms[label] = (time.perf_counter() - t) / repeats * 1e3
+        print(f"{name} ({n} cells, {upper.nnz} pairs): " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", nargs=3)
+    ap.add_argument("--attraction-compare", action="store_true", help="ms per attraction evaluation, old vs new")
     args = ap.parse_args()
+    names = ["pbmc68k_reduced"] if args.quick else ["pbmc68k_reduced", "pbmc_10x_4k", "worm_neuron_4k"]
+    if args.attraction_compare:
+        attraction_compare(names, args.threads)
+        return
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]), Path(args.worker[2]), args.threads)
         return
-    names = ["pbmc68k_reduced"] if args.quick else ["pbmc68k_reduced", "pbmc_10x_4k", "worm_neuron_4k"]
     tmp = Path(tempfile.mkdtemp(prefix="ee_bench_"))
     rows = []
     for name in names:
