@@ -165,6 +165,30 @@ def test_critic_losses_equal_the_direct_formula():
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
+def test_generator_from_projected_pool_equals_direct():
+    # critic steps gather the generator's first layer from the projected pool; in training mode (BatchNorm on the
+    # batch's own statistics) this is the generator applied to the batch, and training gives the same networks
+    torch.manual_seed(2)
+    pool = torch.rand(12, 9, dtype=torch.float64)
+    gen = engine.ResidualGenerator(9, latent_dim=4).double().train()
+    rows = torch.randint(12, (16,))
+    torch.testing.assert_close(gen.from_first(pool[rows], gen.first(pool)[rows]), gen(pool[rows]), rtol=1e-12, atol=0)
+
+    anchors, weights = torch.rand(10, 9), torch.rand(12, dtype=torch.float64) + 0.1
+    results = []
+    for project in (True, False):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        gen, hist = engine.train_generator(
+            pool.float(), anchors, weights, torch.ones(10, dtype=torch.float64), n_epochs=3, steps_per_epoch=4,
+            batch_size=16, n_critic=3, latent_dim=4, generator=g, show_progress=False, project_pool=project,
+        )  # fmt: skip
+        results.append((gen.eval()(pool.float()), hist))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for key in results[0][1]:
+        np.testing.assert_allclose(results[0][1][key], results[1][1][key], rtol=1e-4, atol=1e-6)
+
+
 def test_row_source_sparse_equals_dense():
     rng = np.random.default_rng(3)
     X = sparse.random(30, 12, density=0.3, format="csr", random_state=3, dtype=np.float32)

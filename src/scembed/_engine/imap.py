@@ -4,8 +4,8 @@ Pure numpy/scipy/torch; the AnnData side lives in :mod:`scembed.tl._imap`. Diffe
 not change the maths: the encoder runs once per step instead of three times, the decoder translates only the
 cells sent to another batch (for the others Dec(E(x), b̃) is the reconstruction already made), the batch branch of
 the decoder is evaluated on the ``n_batches`` one-hot vectors only (it sees nothing else), critic steps do not
-back-propagate through the generator, sampling is vectorised in torch, and sparse input is densified one mini-batch
-at a time.
+back-propagate through the generator and take the generator's first layer from one product with the query pool per
+generator update, sampling is vectorised in torch, and sparse input is densified one mini-batch at a time.
 """
 
 from __future__ import annotations
@@ -120,14 +120,39 @@ class ResidualGenerator(nn.Module):
             mlp((latent_dim, 512, 1024, n_genes), activation=nn.Mish),
         )
 
+    @property
+    def first(self) -> nn.Linear:
+        """The D-wide input layer of F, whose output :meth:`from_first` takes."""
+        return self.residual[0][0]
+
+    def from_first(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Corrected expression of ``x`` given ``h = self.first(x)``, so that ``h`` can be computed in advance."""
+        for layer in (*self.residual[0][1:], *self.residual[1:]):
+            h = layer(h)
+        return torch.relu(x + h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Corrected expression of ``x``."""
-        return torch.relu(x + self.residual(x))
+        return self.from_first(x, self.first(x))
 
 
 def make_critic(n_genes: int) -> nn.Sequential:
     """The WGAN critic D→512→512→1 (Mish, no normalisation, as a gradient penalty requires)."""
     return mlp((n_genes, 512, 512, 1), batchnorm=False, activation=nn.Mish)
+
+
+class _Gram(torch.autograd.Function):
+    """W Wᵀ with the backward (G + Gᵀ) W: one width × width × D product instead of autograd's two."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return weight @ weight.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        return (grad + grad.T) @ weight
 
 
 def critic_losses(
@@ -149,7 +174,7 @@ def critic_losses(
     w_dist = out[:n].mean() - out[n:].mean()
     h_mixed = eps * h[:n] + (1 - eps) * h[n:]
     (g,) = torch.autograd.grad(rest(h_mixed).sum(), h_mixed, create_graph=True)
-    gram = first.weight @ first.weight.T
+    gram = _Gram.apply(first.weight)
     # rounding can make a tiny squared norm negative; the clamp keeps sqrt real
     norm = ((g @ gram) * g).sum(1).clamp_min(1e-30).sqrt()
     return w_dist, ((norm - 1) ** 2).mean()
@@ -338,13 +363,15 @@ def train_generator(
     generator: torch.Generator,
     desc: str = "iMAP stage II",
     show_progress: bool | None = None,
+    project_pool: bool | None = None,
 ) -> tuple[ResidualGenerator, dict[str, list[float]]]:
     """WGAN-GP: a residual generator maps query cells onto the anchor cells of the pool.
 
     ``*_pool`` hold the distinct cells of the random-walk pool (on the device), ``*_weights`` how often each was
     visited; training batches are drawn with these weights, as the original draws uniformly from the visits. The
     critic is updated every step; the generator after every ``n_critic``-th critic step (the original: once per
-    epoch of 10 steps).
+    epoch of 10 steps). ``project_pool`` (default: when the pool is smaller than ``n_critic`` batches) applies the
+    generator's first layer to the whole query pool once per generator update; same maths either way.
     """
     device = query_pool.device
     n_genes = query_pool.shape[1]
@@ -354,20 +381,31 @@ def train_generator(
     critic.apply(init_weights)
     opt_g, opt_d = _adam(gen.parameters(), lr), _adam(critic.parameters(), lr)
     counter = [0]
+    # The generator changes only every n_critic-th step, so its D-wide first layer can be applied to the whole query
+    # pool once per generator update and gathered, instead of to every critic batch; worth it when the pool is
+    # smaller than the n_critic batches it serves. BatchNorm still sees each batch's own statistics.
+    if project_pool is None:
+        project_pool = len(query_pool) < n_critic * batch_size
+    projected: list[torch.Tensor | None] = [None]
 
-    def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        iq = torch.multinomial(query_weights, batch_size, replacement=True, generator=generator)
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        iq = torch.multinomial(query_weights, batch_size, replacement=True, generator=generator).to(device)
         ia = torch.multinomial(anchor_weights, batch_size, replacement=True, generator=generator)
-        return query_pool[iq.to(device)], anchor_pool[ia.to(device)]
+        return iq, query_pool[iq], anchor_pool[ia.to(device)]
 
     def step(epoch: int) -> dict[str, float]:
         gen.train()
         tot = {"critic": 0.0, "wasserstein": 0.0, "penalty": 0.0}
         g_losses = []
         for _ in range(steps_per_epoch):
-            z, real = draw()
+            iq, z, real = draw()
             with torch.no_grad():
-                fake = gen(z)
+                if project_pool:
+                    if projected[0] is None:
+                        projected[0] = gen.first(query_pool)
+                    fake = gen.from_first(z, projected[0][iq])
+                else:
+                    fake = gen(z)
             eps = torch.rand((batch_size, 1), generator=generator).to(device)
             w_dist, gp = critic_losses(critic, real, fake, eps)
             d_loss = -w_dist + penalty * gp
@@ -382,6 +420,7 @@ def train_generator(
                 opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 opt_g.step()
+                projected[0] = None
                 g_losses.append(g_loss.item())
             counter[0] += 1
         out = {k: v / steps_per_epoch for k, v in tot.items()}
