@@ -6,6 +6,7 @@ afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony
     python benchmarks/imap.py --epochs1 150 --epochs2 150          # full
     python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs
     python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only
+    python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
     python benchmarks/imap.py --epochs1 10 --epochs2 10 --repeats 2 --methods scembed imap_original
                                                                    # the two iMAPs twice, alternating: fastest times
     IMAP_PYTHON=/work/venvs/imap/bin/python (default) runs the original.
@@ -194,6 +195,31 @@ def step_compare(threads: int, n_genes: int = 2000, batch_size: int = 512, n_ste
         print(f"round {r}: translate every cell {a:.3f} s/step, only the moved cells {b:.3f} s/step ({b / a:.2f}x)")
 
 
+def stage2_compare(threads: int, n_genes: int = 2000, pool: int = 3000, epochs: int = 2, rounds: int = 3) -> None:
+    """Seconds per stage-II critic step, alternating in one process: the generator's first layer applied to every
+    critic batch vs once to the whole query pool per generator update (``train_generator(project_pool=...)``)."""
+    import torch
+
+    from scembed._engine import imap as eng
+
+    torch.set_num_threads(threads)
+    query, anchor = torch.rand(pool, n_genes), torch.rand(pool, n_genes)
+    weights = torch.ones(pool, dtype=torch.float64)
+
+    def seconds_per_step(project: bool) -> float:
+        t0 = time.perf_counter()
+        eng.train_generator(
+            query, anchor, weights, weights, n_epochs=epochs, generator=torch.Generator().manual_seed(0),
+            show_progress=False, project_pool=project,
+        )  # fmt: skip
+        return (time.perf_counter() - t0) / (10 * epochs)  # train_generator's default 10 steps per epoch
+
+    seconds_per_step(False), seconds_per_step(True)  # warm-up
+    for r in range(rounds):
+        a, b = seconds_per_step(False), seconds_per_step(True)
+        print(f"round {r}: first layer per batch {a:.3f} s/step, from the projected pool {b:.3f} s/step ({b / a:.2f}x)")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         m, path, out, e1, e2, threads = sys.argv[2:8]
@@ -208,12 +234,16 @@ def main() -> None:
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs")
     p.add_argument("--step-compare", action="store_true", help="time one stage-I step, both translations")
+    p.add_argument("--stage2-compare", action="store_true", help="time one stage-II step, with/without the projection")
     p.add_argument(
         "--repeats", type=int, default=1, help="run the two iMAPs this many times, alternating; report the fastest"
     )
     args = p.parse_args()
     if args.step_compare:
         step_compare(args.threads)
+        return
+    if args.stage2_compare:
+        stage2_compare(args.threads)
         return
     if args.quick:
         args.datasets, args.epochs1, args.epochs2 = ["cellbench_3cl_2batches"], 1, 1
