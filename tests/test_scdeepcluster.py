@@ -79,6 +79,35 @@ def test_zinb_fused_gradient_matches_autograd():
     )
 
 
+def test_zinb_float32_keeps_precision_for_near_poisson_genes():
+    # θ up to the 1e4 clamp with small means, as for genes without overdispersion: the float32 loss and its
+    # dispersion gradient must stay close to float64 there (a difference of two float32 logarithms would not)
+    gen = torch.Generator().manual_seed(3)
+    n, g = 256, 200
+    a = torch.randn(n, g, generator=gen, dtype=torch.float64) * 1.5 - 1
+    theta = 10 ** (torch.rand(n, g, generator=gen, dtype=torch.float64) * 4)
+    b = theta + torch.log(-torch.expm1(-theta))  # softplus⁻¹
+    c = torch.randn(n, g, generator=gen, dtype=torch.float64) - 2
+    x = torch.poisson(torch.exp(a), generator=gen)
+    sf = torch.ones(n, dtype=torch.float64)
+    logits = torch.cat([a, b, c], 1)
+
+    def loss_and_grad(lg, x, sf):
+        lg = lg.clone().requires_grad_()
+        loss = eng.zinb_nll_logits(lg, x, sf)
+        loss.backward()
+        return loss.item(), lg.grad.double()
+
+    loss64, g64 = loss_and_grad(logits, x, sf)
+    loss32, g32 = loss_and_grad(logits.float(), x.float(), sf.float())
+    np.testing.assert_allclose(loss32, loss64, rtol=1e-6)
+    for head in range(3):
+        cols = slice(head * g, (head + 1) * g)
+        for where in (theta > 1e3, theta <= 1e3):
+            ref, got = g64[:, cols][where], g32[:, cols][where]
+            assert float((got - ref).norm() / ref.norm()) < 1e-4, (head, where.float().mean())
+
+
 # ---------------------------------------------------------------------------------------------------- DEC parts
 def test_soft_assign_target_and_kl_by_hand():
     z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 4.0]], dtype=torch.float64)

@@ -68,6 +68,11 @@ class _ZINBLogits(torch.autograd.Function):
     The gradient is formed analytically while the loss is evaluated (with ρ the posterior probability of the
     negative-binomial component, 1 for non-zero counts, w = 1/(θ + m)):
     ∂ℓ/∂a = ρ m (θ + x) w − x, ∂ℓ/∂θ = ρ (log(θ + m) − log θ + (x − m) w) + ψ(θ) − ψ(x + θ), ∂ℓ/∂c = π − 1 + ρ.
+
+    Written so that float32 keeps its precision where θ ≫ m (near-Poisson genes, θ up to 1e4): log(1 + m/θ) comes
+    from log1p rather than a difference of two logarithms, and ψ(θ) − ψ(x + θ) is evaluated in float64 on the
+    non-zero counts. Differences of nearly equal float32 logarithms there would leave ∂ℓ/∂θ as rounding noise
+    (≫ 100 % relative error at θ > 1e3) and log NB(0) = −θ log(1 + m/θ) off by ~1e-2.
     """
 
     @staticmethod
@@ -79,10 +84,8 @@ class _ZINBLogits(torch.autograd.Function):
         sp_b = F.softplus(b)
         theta = sp_b.clamp(DISP_MIN, DISP_MAX)
         sp_c = F.softplus(c)  # −log(1 − π); log π = c − softplus(c)
-        log_theta = torch.log(theta)
-        tm = theta + m
-        log_tm = torch.log(tm)
-        log_nb0 = (log_theta - log_tm).mul_(theta)  # log NB(0) = θ log(θ / (θ + m))
+        log1p_r = torch.log1p(m / theta)  # log(θ + m) − log θ
+        log_nb0 = -theta * log1p_r  # log NB(0) = θ log(θ / (θ + m))
         log_zero_nb = log_nb0 - sp_c  # log((1 − π) NB(0))
         log_d = torch.logaddexp(c - sp_c, log_zero_nb)  # log(π + (1 − π) NB(0)): ℓ = −log_d where x = 0
         # where x > 0, ℓ = −log(1 − π) − log NB(x); evaluated on the non-zero entries only
@@ -92,15 +95,14 @@ class _ZINBLogits(torch.autograd.Function):
         def at_nz(t: torch.Tensor) -> torch.Tensor:
             return t.view(-1)[flat]
 
-        th_nz, m_nz, log_tm_nz = at_nz(theta), at_nz(m), at_nz(log_tm)
-        loss_nz = (
-            at_nz(sp_c)
-            - at_nz(log_nb0)
-            - x_nz * (torch.log(m_nz) - log_tm_nz)
-            + torch.lgamma(th_nz)
-            - torch.lgamma(x_nz + th_nz)
-            + torch.lgamma(x_nz + 1)
-        )
+        th_nz, m_nz = at_nz(theta), at_nz(m)
+        # log(m / (θ + m)) = log(m / θ) − log(1 + m / θ)
+        log_m_tm = torch.log(m_nz / th_nz) - at_nz(log1p_r)
+        # log Γ(x + θ) − log Γ(θ) − log Γ(x + 1), in float64: the first two nearly cancel when θ ≫ x
+        wide = torch.float64 if x.device.type != "mps" else x.dtype
+        x64, th64 = x_nz.to(wide), th_nz.to(wide)
+        log_binom = (torch.lgamma(x64 + th64) - torch.lgamma(th64) - torch.lgamma(x64 + 1)).to(x.dtype)
+        loss_nz = at_nz(sp_c) - at_nz(log_nb0) - x_nz * log_m_tm - log_binom
         numel = x.numel()
         total = loss_nz.sum() - log_d.sum() + at_nz(log_d).sum()
         if ctx.needs_input_grad[0]:
@@ -109,16 +111,18 @@ class _ZINBLogits(torch.autograd.Function):
             flat_a = flat + (flat // n_genes) * (2 * n_genes)  # the same entries in grad's (rows, 3, G) layout
             rho = torch.exp(log_zero_nb.sub_(log_d))  # posterior of the NB component at x = 0
             rho.view(-1).index_fill_(0, flat, 1.0)
-            w = torch.reciprocal(tm)
-            mw = m.mul_(w)
+            mw = m / (theta + m)
             # ∂ℓ/∂a = ρ θ m w (+ x m w − x where x > 0), zero where exp(a) is clamped
             torch.mul(rho * theta, mw, out=ga)
-            grad.view(-1).index_add_(0, flat_a, x_nz * (m_nz / (th_nz + m_nz) - 1.0))
+            grad.view(-1).index_add_(0, flat_a, x_nz * (at_nz(mw) - 1.0))
             ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
-            # ∂ℓ/∂θ = ρ (log(θ + m) − log θ − m w) (+ x w + ψ(θ) − ψ(x + θ) where x > 0), times softplus' = sigmoid
-            gtheta = log_tm.sub_(log_theta).sub_(mw).mul_(rho)
-            extra = x_nz / (th_nz + m_nz) + torch.digamma(th_nz) - torch.digamma(x_nz + th_nz)
-            gtheta.view(-1).index_add_(0, flat, extra)  # gtheta is log_tm's contiguous storage
+            # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m w) (+ x w + ψ(θ) − ψ(x + θ) where x > 0), times softplus' = sigmoid;
+            # where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x, so that part is summed in float64
+            gtheta = log1p_r.sub_(mw).mul_(rho)
+            m64 = m_nz.to(wide)
+            g_nz = torch.log1p(m64 / th64) + (x64 - m64) / (th64 + m64)
+            g_nz += torch.digamma(th64) - torch.digamma(x64 + th64)
+            gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
             torch.mul(gtheta, torch.sigmoid(b), out=gb)
             gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
             # ∂ℓ/∂c = π − 1 + ρ
