@@ -10,6 +10,8 @@ and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
                                                         # one table from runs saved with --json (seeds pooled)
     python benchmarks/scdeepcluster.py --resolutions 0.1 0.2 0.3 0.5 0.8 --pretrain-epochs 300
                                                         # K and ARI of Leiden on the pretrained latent space
+    python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
+                                                        # the same with everything in float64 (as the original)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ["pbmc_10x_2100", "pbmc_10x_4k", "worm_neuron_2100", "worm_neuron_4k", "cite_pbmc_3762"]
 METHODS = ["scembed_k", "scembed_auto", "leiden_pca", "kmeans_pca"]
+#: not in the default table: scembed with K given, run entirely in float64 (as the original), to see what precision does
+EXTRA_METHODS = ["scembed_k_float64"]
 #: the original scDeepCluster_pytorch on pbmc_10x_2100, reduced budget (50 / 200), as given in the issue
 ORIGINAL = {
     ("pbmc_10x_2100", "auto"): {"ari": 0.633, "nmi": 0.734, "time": 180.0},
@@ -49,7 +53,13 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
         import scembed as se
 
         se.settings.progress = False
-        k = k_true if method == "scembed_k" else 0
+        if method.endswith("_float64"):  # experiment only: network, noise and counts in float64
+            from scembed._engine import scdeepcluster as engine
+
+            torch.set_default_dtype(torch.float64)
+            as_float32 = engine._rows
+            engine._rows = lambda X, rows: as_float32(X, rows).astype(np.float64)
+        k = k_true if method.startswith("scembed_k") else 0
         se.tl.scdeepcluster(adata, k, pretrain_epochs=pretrain, maxiter=maxiter, random_state=seed, device="cpu")
         labels = adata.obs["scdeepcluster"].astype(str).to_numpy()
         u = adata.uns["scdeepcluster"]
@@ -228,7 +238,7 @@ def main() -> None:
     parser.add_argument("--maxiter", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS)
     parser.add_argument("--threads", type=int, default=1, help="threads for every method (torch, BLAS, numba)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--scale", type=int, default=0, help="time this many simulated cells instead")
