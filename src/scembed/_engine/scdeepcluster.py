@@ -99,7 +99,7 @@ class _ZINBLogits(torch.autograd.Function):
         # log(m / (θ + m)) = log(m / θ) − log(1 + m / θ)
         log_m_tm = torch.log(m_nz / th_nz) - at_nz(log1p_r)
         # log Γ(x + θ) − log Γ(θ) − log Γ(x + 1), in float64: the first two nearly cancel when θ ≫ x
-        wide = torch.float64 if x.device.type != "mps" else x.dtype
+        wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
         x64, th64 = x_nz.to(wide), th_nz.to(wide)
         log_binom = (torch.lgamma(x64 + th64) - torch.lgamma(th64) - torch.lgamma(x64 + 1)).to(x.dtype)
         loss_nz = at_nz(sp_c) - at_nz(log_nb0) - x_nz * log_m_tm - log_binom
