@@ -12,6 +12,8 @@ and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
                                                         # K and ARI of Leiden on the pretrained latent space
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
+    SCDC_ORIGINAL=/work/venvs/scdc_orig python benchmarks/scdeepcluster.py --quick \
+        --methods scembed_k original_k scembed_auto original_auto   # side by side with the original (README)
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ DATASETS = ["pbmc_10x_2100", "pbmc_10x_4k", "worm_neuron_2100", "worm_neuron_4k"
 METHODS = ["scembed_k", "scembed_auto", "leiden_pca", "kmeans_pca"]
 #: not in the default table: scembed with K given, run entirely in float64 (as the original), to see what precision does
 EXTRA_METHODS = ["scembed_k_float64"]
+#: the original scDeepCluster_pytorch, run from a folder with its code (benchmarks/README.md says how to assemble it)
+#: and an interpreter that has its dependencies (``louvain`` for original_auto): $SCDC_ORIGINAL/venv/bin/python
+#: unless $SCDC_ORIGINAL_PYTHON says otherwise
+ORIGINAL_DIR = Path(os.environ.get("SCDC_ORIGINAL", "/work/venvs/scdc_orig"))
+ORIGINAL_PYTHON = os.environ.get("SCDC_ORIGINAL_PYTHON", str(ORIGINAL_DIR / "venv" / "bin" / "python"))
+ORIGINAL_METHODS = ["original_k", "original_auto"]
 #: the original scDeepCluster_pytorch on pbmc_10x_2100, reduced budget (50 / 200), as given in the issue
-ORIGINAL = {
+ISSUE_ORIGINAL = {
     ("pbmc_10x_2100", "auto"): {"ari": 0.633, "nmi": 0.734, "time": 180.0},
     ("pbmc_10x_2100", "k"): {"ari": 0.787, "nmi": 0.786},
 }
@@ -51,11 +59,18 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
     t0 = time.perf_counter()
     if method.startswith("scembed"):
         import scembed as se
+        from scembed._engine import scdeepcluster as engine
 
         se.settings.progress = False
-        if method.endswith("_float64"):  # experiment only: network, noise and counts in float64
-            from scembed._engine import scdeepcluster as engine
+        initial_clusters = engine.initial_clusters
 
+        def recording_initial_clusters(*a, **kw):  # to report the ARI of the centroids' labels (as the original)
+            labels, centroids = initial_clusters(*a, **kw)
+            out["init_ari"] = float(adjusted_rand_score(truth, labels))
+            return labels, centroids
+
+        engine.initial_clusters = recording_initial_clusters
+        if method.endswith("_float64"):  # experiment only: network, noise and counts in float64
             torch.set_default_dtype(torch.float64)
             as_float32 = engine._rows
             engine._rows = lambda X, rows: as_float32(X, rows).astype(np.float64)
@@ -113,9 +128,14 @@ def resolution_sweep(dataset: str, seed: int, pretrain: int, resolutions: list[f
 
 def run_child(args: list[str], threads: int) -> tuple[dict, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
+    command = [sys.executable, __file__, "--worker", *args]
+    method, dataset, seed, pretrain, maxiter, _ = args
+    if method in ORIGINAL_METHODS:  # its own interpreter, with the original's code first on the path
+        glue = str(Path(__file__).with_name("_scdeepcluster_original.py"))
+        k = "-1" if method == "original_k" else "0"
+        command = [ORIGINAL_PYTHON, glue, str(DATA / f"{dataset}.h5ad"), k, seed, pretrain, maxiter, str(threads)]
+        env["PYTHONPATH"] = str(ORIGINAL_DIR)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     stdout = proc.stdout.read()
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -238,7 +258,7 @@ def main() -> None:
     parser.add_argument("--maxiter", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS + ORIGINAL_METHODS)
     parser.add_argument("--threads", type=int, default=1, help="threads for every method (torch, BLAS, numba)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--scale", type=int, default=0, help="time this many simulated cells instead")
@@ -304,28 +324,50 @@ def main() -> None:
 
 
 def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
-    """Print the table (mean ± sd over the seeds of every row) and the comparison with the issue's numbers."""
+    """Print the table (mean ± sd over the seeds of every row) and the comparisons with the original."""
     print()
-    print("| data set | method | ARI | NMI | K (true) | time (s) | peak RSS (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| data set | method | ARI | NMI | K (true) | ARI at init | epochs | time (s) | peak RSS (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         r = row["runs"]
         ks = "/".join(str(x["k"]) for x in r)
+        inits = [x["init_ari"] for x in r if x.get("init_ari") is not None]
+        epochs = "/".join(str(x["epochs"]) for x in r) if "epochs" in r[0] else ""
         print(
             f"| {row['dataset']} | {row['method']} | {fmt([x['ari'] for x in r])} | {fmt([x['nmi'] for x in r])} | "
-            f"{ks} ({r[0]['k_true']}) | {fmt([x['time'] for x in r], 1)} | {max(x['peak_mib'] for x in r):.0f} |"
+            f"{ks} ({r[0]['k_true']}) | {fmt(inits) if inits else ''} | {epochs} | {fmt([x['time'] for x in r], 1)} | "
+            f"{max(x['peak_mib'] for x in r):.0f} |"
         )
+    by = {(row["dataset"], row["method"]): row["runs"] for row in rows}
+    pairs = [
+        (d, mode) for (d, m) in by for mode in ("k", "auto") if m == f"scembed_{mode}" and (d, f"original_{mode}") in by
+    ]
+    if pairs:
+        print("\nscembed vs the original in this run (means over the seeds): ARI and NMI difference, time ratio")
+        print("| data set | K | ΔARI | ΔNMI | time scembed / original | peak RSS scembed / original |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for dataset, mode in pairs:
+            mine, orig = by[(dataset, f"scembed_{mode}")], by[(dataset, f"original_{mode}")]
+
+            def mean(runs, key):
+                return float(np.mean([x[key] for x in runs]))
+
+            label = "given" if mode == "k" else "automatic"
+            print(
+                f"| {dataset} | {label} | {mean(mine, 'ari') - mean(orig, 'ari'):+.3f} | "
+                f"{mean(mine, 'nmi') - mean(orig, 'nmi'):+.3f} | {mean(mine, 'time') / mean(orig, 'time'):.2f} | "
+                f"{mean(mine, 'peak_mib') / mean(orig, 'peak_mib'):.2f} |"
+            )
     if pretrain == 50 and maxiter == 200:
-        for (dataset, mode), ref in ORIGINAL.items():
-            mine = [row for row in rows if row["dataset"] == dataset and row["method"] == f"scembed_{mode}"]
+        for (dataset, mode), ref in ISSUE_ORIGINAL.items():
+            mine = by.get((dataset, f"scembed_{mode}"))
             if mine:
-                r = mine[0]["runs"]
-                t = np.mean([x["time"] for x in r])
+                t = np.mean([x["time"] for x in mine])
                 extra = f", time {t:.0f} s vs ~{ref['time']:.0f} s (×{t / ref['time']:.2f})" if "time" in ref else ""
                 print(
                     f"original (issue's numbers), {dataset}, {mode}: ARI {ref['ari']:.3f} / NMI {ref['nmi']:.3f}; "
-                    f"scembed ARI {np.mean([x['ari'] for x in r]):.3f} / NMI {np.mean([x['nmi'] for x in r]):.3f}"
-                    + extra
+                    f"scembed ARI {np.mean([x['ari'] for x in mine]):.3f} / "
+                    f"NMI {np.mean([x['nmi'] for x in mine]):.3f}" + extra
                 )
 
 
