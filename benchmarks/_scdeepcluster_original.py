@@ -86,11 +86,13 @@ def main(path: str, n_clusters: int, seed: int, pretrain: int, maxiter: int, thr
     shutil.rmtree(workdir, ignore_errors=True)
     text = log.getvalue()
     init_ari = re.search(r"Initializing k-means: NMI= [\d.]+, ARI= ([\d.]+)", text)
+    converged = "Reach tolerance threshold" in text
+    updates = text.count("Clustering   ")  # one per target update; the first comes before any training epoch
     return {
         "k": int(k),
         "k_true": len(set(truth)),
-        "epochs": text.count("Clustering   "),
-        "converged": "Reach tolerance threshold" in text,
+        "epochs": updates - 1 if converged else updates,  # training epochs, as scembed's n_epochs_cluster
+        "converged": converged,
         "init_ari": float(init_ari.group(1)) if init_ari else None,
         "time": elapsed,
         "time_pretrain": t_pretrain,

@@ -325,6 +325,10 @@ def main() -> None:
 
 def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
     """Print the table (mean ± sd over the seeds of every row) and the comparisons with the original."""
+
+    def mean(runs: list[dict], key: str) -> float:
+        return float(np.mean([x[key] for x in runs]))
+
     print()
     print("| data set | method | ARI | NMI | K (true) | ARI at init | epochs | time (s) | peak RSS (MiB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -348,10 +352,6 @@ def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
         print("| --- | --- | --- | --- | --- | --- |")
         for dataset, mode in pairs:
             mine, orig = by[(dataset, f"scembed_{mode}")], by[(dataset, f"original_{mode}")]
-
-            def mean(runs, key):
-                return float(np.mean([x[key] for x in runs]))
-
             label = "given" if mode == "k" else "automatic"
             print(
                 f"| {dataset} | {label} | {mean(mine, 'ari') - mean(orig, 'ari'):+.3f} | "
@@ -362,12 +362,11 @@ def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
         for (dataset, mode), ref in ISSUE_ORIGINAL.items():
             mine = by.get((dataset, f"scembed_{mode}"))
             if mine:
-                t = np.mean([x["time"] for x in mine])
+                t = mean(mine, "time")
                 extra = f", time {t:.0f} s vs ~{ref['time']:.0f} s (×{t / ref['time']:.2f})" if "time" in ref else ""
                 print(
                     f"original (issue's numbers), {dataset}, {mode}: ARI {ref['ari']:.3f} / NMI {ref['nmi']:.3f}; "
-                    f"scembed ARI {np.mean([x['ari'] for x in mine]):.3f} / "
-                    f"NMI {np.mean([x['nmi'] for x in mine]):.3f}" + extra
+                    f"scembed ARI {mean(mine, 'ari'):.3f} / NMI {mean(mine, 'nmi'):.3f}" + extra
                 )
 
 
