@@ -72,8 +72,15 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
         engine.initial_clusters = recording_initial_clusters
         if method.endswith("_float64"):  # experiment only: network, noise and counts in float64
             torch.set_default_dtype(torch.float64)
-            as_float32 = engine._rows
-            engine._rows = lambda X, rows: as_float32(X, rows).astype(np.float64)
+            as_float32 = engine.CountData.batch
+
+            def as_float64(self, rows, device):
+                mb = as_float32(self, rows, device)
+                return mb._replace(
+                    xin=mb.xin.double(), counts=mb.counts.double(), size_factors=mb.size_factors.double()
+                )
+
+            engine.CountData.batch = as_float64
         k = k_true if method.startswith("scembed_k") else 0
         se.tl.scdeepcluster(adata, k, pretrain_epochs=pretrain, maxiter=maxiter, random_state=seed, device="cpu")
         labels = adata.obs["scdeepcluster"].astype(str).to_numpy()
@@ -197,7 +204,7 @@ def step_compare(dataset: str, threads: int, n_steps: int = 20, batch_size: int 
     data = eng.CountData.fit(adata.X.tocsr(), np.flatnonzero(np.asarray((adata.X > 0).sum(0)).ravel()))
     G = len(data.genes)
     rows = np.arange(batch_size)
-    xin, raw, sf, _ = data.batch(rows, torch.device("cpu"))
+    xin, raw, sf, _, nonzero = data.batch(rows, torch.device("cpu"))
 
     def composed_zinb(x, mean, disp, pi, s):
         eps = 1e-10
@@ -238,7 +245,8 @@ def step_compare(dataset: str, threads: int, n_steps: int = 20, batch_size: int 
     opt2 = torch.optim.Adam(net.parameters(), lr=1e-3, amsgrad=True)
 
     def scembed_step():
-        loss = eng.zinb_nll_logits(net.decode(net.encode(xin + 2.5 * torch.randn_like(xin))), raw, sf)
+        noisy = torch.add(xin, torch.randn_like(xin), alpha=2.5)
+        loss = eng.zinb_nll_logits(net.decode(net.encode(noisy)), raw, sf, nonzero)
         opt2.zero_grad(set_to_none=True)
         loss.backward()
         opt2.step()

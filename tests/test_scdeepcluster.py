@@ -79,6 +79,50 @@ def test_zinb_fused_gradient_matches_autograd():
     )
 
 
+def test_zinb_given_nonzero_equals_searched_and_clamp_paths_agree():
+    # the loss takes the non-zeros' flat indices from a sparse batch instead of searching; and on a CPU it skips
+    # the clamp masks when no logit is near a clamp: both shortcuts must give the plain computation's numbers
+    x, logits, sf = _random_zinb(2, n=30, g=25)
+    flat = x.view(-1).nonzero().squeeze(1)
+    for lg in (logits, logits.clamp(-8.0, 8.0)):  # with clamped entries, and with none near a clamp
+        out = []
+        for nonzero in (None, flat, flat[torch.randperm(len(flat))]):
+            t = lg.clone().requires_grad_()
+            loss = eng.zinb_nll_logits(t, x, sf, nonzero)
+            loss.backward()
+            out.append((loss.item(), t.grad))
+        ref = lg.clone().requires_grad_()
+        ref_loss = eng.zinb_nll(x, *eng.zinb_heads(ref, x.shape[1]), sf).mean()
+        ref_loss.backward()
+        for loss, grad in out:
+            np.testing.assert_allclose(loss, ref_loss.item(), rtol=1e-12)
+            np.testing.assert_allclose(grad.numpy(), ref.grad.numpy(), rtol=1e-7, atol=1e-14)
+
+
+def test_sparse_minibatch_equals_dense():
+    # sparse counts: only the non-zeros are transformed and sent, their flat indices from the CSR structure; the
+    # result must equal the dense path, with explicit zeros dropped and a gene subset applied
+    gen = np.random.default_rng(0)
+    dense = gen.poisson(0.3, size=(60, 40)).astype(np.float32)
+    dense[:, [0, 3]] += 1.0  # every cell has counts in the gene subset below (as the callers require)
+    X = sparse.csr_matrix(dense)
+    X.data[np.flatnonzero(X.indices > 3)[:7]] = 0.0  # stored zeros
+    dense = X.toarray()
+    genes = np.array([0, 3, 4, 9, 12, 13, 20, 39])
+    rows = np.array([5, 0, 59, 17, 17, 33])
+    for g in (np.arange(40), genes):
+        sp_data = eng.CountData.fit(X, g)
+        de_data = eng.CountData.fit(dense, g)
+        np.testing.assert_allclose(sp_data.size_factors, de_data.size_factors, rtol=1e-6)
+        sp, de = sp_data.batch(rows, torch.device("cpu")), de_data.batch(rows, torch.device("cpu"))
+        assert de.nonzero is None
+        np.testing.assert_array_equal(sp.counts.numpy(), dense[rows][:, g])
+        np.testing.assert_allclose(sp.xin.numpy(), de.xin.numpy(), rtol=1e-6, atol=1e-6)
+        expected = np.flatnonzero(dense[rows][:, g])
+        np.testing.assert_array_equal(np.sort(sp.nonzero.numpy()), expected)
+        assert sp.counts.dtype == sp.xin.dtype == torch.float32
+
+
 def test_zinb_float32_keeps_precision_for_near_poisson_genes():
     # θ up to the 1e4 clamp with small means, as for genes without overdispersion: the float32 loss and its
     # dispersion gradient must stay close to float64 there (a difference of two float32 logarithms would not)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,79 +67,118 @@ class _ZINBLogits(torch.autograd.Function):
     """Mean ZINB NLL of counts ``x`` given the stacked head logits ``[a | b | c]`` (rows × 3G) and size factors.
 
     The gradient is formed analytically while the loss is evaluated (with ρ the posterior probability of the
-    negative-binomial component, 1 for non-zero counts, w = 1/(θ + m)):
-    ∂ℓ/∂a = ρ m (θ + x) w − x, ∂ℓ/∂θ = ρ (log(θ + m) − log θ + (x − m) w) + ψ(θ) − ψ(x + θ), ∂ℓ/∂c = π − 1 + ρ.
+    negative-binomial component, 1 for non-zero counts; the terms in x vanish where x = 0):
+    ∂ℓ/∂a = (ρ m − x) θ/(θ + m), ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) + x/(θ + m) + ψ(θ) − ψ(x + θ),
+    ∂ℓ/∂c = π − 1 + ρ.
 
     Written so that float32 keeps its precision where θ ≫ m (near-Poisson genes, θ up to 1e4): log(1 + m/θ) comes
-    from log1p rather than a difference of two logarithms, and ψ(θ) − ψ(x + θ) is evaluated in float64 on the
-    non-zero counts. Differences of nearly equal float32 logarithms there would leave ∂ℓ/∂θ as rounding noise
+    from log1p rather than a difference of two logarithms, and the terms of the non-zero counts are evaluated in
+    float64. Differences of nearly equal float32 logarithms there would leave ∂ℓ/∂θ as rounding noise
     (≫ 100 % relative error at θ > 1e3) and log NB(0) = −θ log(1 + m/θ) off by ~1e-2.
+
+    Written for a CPU's memory bandwidth: every operation over the full rows × G block is one pass, so there
+    are as few of them as the maths allows (about 26), mostly in place; the terms of the non-zero counts
+    (typically 5–15 % of a count matrix) are gathered once; ``nonzero`` (flat indices of the non-zero counts,
+    known from a sparse matrix for free) spares the search for them; and on a CPU the clamps' masks are only
+    built when a logit is near a clamp, which two reductions tell.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor, nonzero: torch.Tensor | None
+    ) -> torch.Tensor:
         logits, x = logits.contiguous(), x.contiguous()
         n_rows, n_genes = x.shape
         a, b, c = logits.view(n_rows, 3, n_genes).unbind(1)
-        m = torch.exp(a).clamp_(MEAN_MIN, MEAN_MAX).mul_(size_factors[:, None])
+        # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
+        on_cpu = x.device.type == "cpu"
+        clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
+        clamp_b = not on_cpu or _near_clamp(b, _SOFTPLUS_INV_DISP_MIN, DISP_MAX)
+        m = torch.exp(a)
+        if clamp_a:
+            m.clamp_(MEAN_MIN, MEAN_MAX)
+        m.mul_(size_factors[:, None])
         sp_b = F.softplus(b)
-        theta = sp_b.clamp(DISP_MIN, DISP_MAX)
+        theta = sp_b.clamp(DISP_MIN, DISP_MAX) if clamp_b else sp_b
         sp_c = F.softplus(c)  # −log(1 − π); log π = c − softplus(c)
-        log1p_r = torch.log1p(m / theta)  # log(θ + m) − log θ
-        log_nb0 = -theta * log1p_r  # log NB(0) = θ log(θ / (θ + m))
-        log_zero_nb = log_nb0 - sp_c  # log((1 − π) NB(0))
-        log_d = torch.logaddexp(c - sp_c, log_zero_nb)  # log(π + (1 − π) NB(0)): ℓ = −log_d where x = 0
+        r = m / theta
+        log1p_r = torch.log1p(r)  # log(θ + m) − log θ
+        log_zero_nb = torch.addcmul(sp_c, theta, log1p_r).neg_()  # log((1 − π) NB(0)) = −softplus(c) − θ log1p_r
+        log_pi = c - sp_c
+        log_d = torch.logaddexp(log_pi, log_zero_nb)  # log(π + (1 − π) NB(0)): ℓ = −log_d where x = 0
         # where x > 0, ℓ = −log(1 − π) − log NB(x); evaluated on the non-zero entries only
-        flat = x.view(-1).nonzero().squeeze(1)
-        x_nz = x.view(-1)[flat]
+        flat = x.view(-1).nonzero().squeeze(1) if nonzero is None else nonzero
+        x_nz = torch.take(x, flat)
 
         def at_nz(t: torch.Tensor) -> torch.Tensor:
-            return t.view(-1)[flat]
+            return torch.take(t, flat)
 
-        th_nz, m_nz = at_nz(theta), at_nz(m)
-        # log(m / (θ + m)) = log(m / θ) − log(1 + m / θ)
-        log_m_tm = torch.log(m_nz / th_nz) - at_nz(log1p_r)
-        # log Γ(x + θ) − log Γ(θ) − log Γ(x + 1), in float64: the first two nearly cancel when θ ≫ x
         wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
-        x64, th64 = x_nz.to(wide), th_nz.to(wide)
-        log_binom = (torch.lgamma(x64 + th64) - torch.lgamma(th64) - torch.lgamma(x64 + 1)).to(x.dtype)
-        loss_nz = at_nz(sp_c) - at_nz(log_nb0) - x_nz * log_m_tm - log_binom
-        numel = x.numel()
-        total = loss_nz.sum() - log_d.sum() + at_nz(log_d).sum()
+        x64, th64, m64 = x_nz.to(wide), at_nz(theta).to(wide), at_nz(m).to(wide)
+        log1p_r64 = torch.log1p(m64 / th64)
+        # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) − x log(m/(θ + m)) − log Γ(x + θ) + log Γ(θ)
+        # + log Γ(x + 1); log Γ(x + θ) − log Γ(θ) nearly cancel when θ ≫ x, hence float64
+        loss_nz = (
+            x64 * (log1p_r64 - torch.log(m64 / th64))
+            - torch.lgamma(x64 + th64)
+            + torch.lgamma(th64)
+            + torch.lgamma(x64 + 1)
+        )
+        total = (loss_nz.sum() - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
         if ctx.needs_input_grad[0]:
             grad = torch.empty(n_rows, 3, n_genes, dtype=logits.dtype, device=logits.device)
             ga, gb, gc = grad.unbind(1)
             flat_a = flat + (flat // n_genes) * (2 * n_genes)  # the same entries in grad's (rows, 3, G) layout
-            rho = torch.exp(log_zero_nb.sub_(log_d))  # posterior of the NB component at x = 0
+            rho = log_zero_nb.sub_(log_d).exp_()  # posterior of the NB component at x = 0
             rho.view(-1).index_fill_(0, flat, 1.0)
-            mw = m / (theta + m)
-            # ∂ℓ/∂a = ρ θ m w (+ x m w − x where x > 0), zero where exp(a) is clamped
-            torch.mul(rho * theta, mw, out=ga)
-            grad.view(-1).index_add_(0, flat_a, x_nz * (at_nz(mw) - 1.0))
-            ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
-            # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m w) (+ x w + ψ(θ) − ψ(x + θ) where x > 0), times softplus' = sigmoid;
-            # where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x, so that part is summed in float64
-            gtheta = log1p_r.sub_(mw).mul_(rho)
-            m64 = m_nz.to(wide)
-            g_nz = torch.log1p(m64 / th64) + (x64 - m64) / (th64 + m64)
-            g_nz += torch.digamma(th64) - torch.digamma(x64 + th64)
+            inv_1p_r = torch.add(r, 1.0).reciprocal_()  # θ / (θ + m)
+            m_w = r.mul_(inv_1p_r)  # m / (θ + m), formed directly: 1 − θ/(θ + m) would lose its precision
+            # ∂ℓ/∂a = ρ m θ/(θ + m) (− x θ/(θ + m) where x > 0), zero where exp(a) is clamped
+            torch.mul(m, inv_1p_r, out=ga).mul_(rho)
+            grad.view(-1).index_add_(0, flat_a, -x_nz * at_nz(inv_1p_r))
+            if clamp_a:
+                ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
+            # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
+            # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x, so that part is summed in float64
+            gtheta = log1p_r.sub_(m_w).mul_(rho)
+            g_nz = log1p_r64 + (x64 - m64) / (th64 + m64) + torch.digamma(th64) - torch.digamma(x64 + th64)
             gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
-            torch.mul(gtheta, torch.sigmoid(b), out=gb)
-            gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
+            torch.sigmoid(b, out=gb).mul_(gtheta)
+            if clamp_b:
+                gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
             # ∂ℓ/∂c = π − 1 + ρ
-            torch.add(torch.sigmoid(c), rho, out=gc).sub_(1.0)
-            ctx.save_for_backward(grad.view(n_rows, 3 * n_genes).div_(numel))
-        return total / numel
+            torch.add(log_pi.exp_(), rho, out=gc).sub_(1.0)
+            ctx.save_for_backward(grad.view(n_rows, 3 * n_genes))
+        ctx.numel = x.numel()
+        return total / ctx.numel
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
+        return grad * (grad_output / ctx.numel), None, None, None
 
 
-def zinb_nll_logits(logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor) -> torch.Tensor:
-    """Mean ZINB negative log-likelihood over rows × genes, from the decoder's stacked logits (fused, fast)."""
-    return _ZINBLogits.apply(logits, x, size_factors)
+#: softplus(b) < DISP_MIN exactly where b < log(expm1(DISP_MIN))
+_SOFTPLUS_INV_DISP_MIN = math.log(math.expm1(DISP_MIN))
+
+
+def _near_clamp(t: torch.Tensor, low: float, high: float, margin: float = 1e-2) -> bool:
+    """Whether any entry of ``t`` lies within ``margin`` of [low, high]'s ends or outside it (one reduction)."""
+    if t.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(t)
+    return bool(lo < low + margin) or bool(hi > high - margin)
+
+
+def zinb_nll_logits(
+    logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor, nonzero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean ZINB negative log-likelihood over rows × genes, from the decoder's stacked logits (fused, fast).
+
+    ``nonzero``, if given, holds the flat indices (into ``x.view(-1)``) of exactly the non-zero counts, as
+    :meth:`CountData.batch` returns them; otherwise they are searched for.
+    """
+    return _ZINBLogits.apply(logits, x, size_factors, nonzero)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,6 +260,16 @@ def select_genes_by_zero_rate(X, n: int, *, atleast: int = 10, decay: float = 1.
     return np.flatnonzero(best)
 
 
+class MiniBatch(NamedTuple):
+    """What the network and the loss need of some cells (see :meth:`CountData.batch`)."""
+
+    xin: torch.Tensor  #: encoder input: z-scored log1p of the normalised counts, rows × genes
+    counts: torch.Tensor  #: raw counts, dense rows × genes
+    size_factors: torch.Tensor  #: per row
+    onehot: torch.Tensor | None  #: batch one-hot (batch-aware model), else None
+    nonzero: torch.Tensor | None  #: flat indices of the non-zero counts when known (sparse input), else None
+
+
 @dataclass
 class CountData:
     """Raw counts of the genes used, with what the network needs per mini-batch.
@@ -243,22 +293,49 @@ class CountData:
     def n_obs(self) -> int:
         return self.X.shape[0]
 
-    def counts(self, rows) -> np.ndarray:
-        block = _rows(self.X, rows)
-        return block if len(self.genes) == block.shape[1] else block[:, self.genes]
+    def batch(self, rows, device: torch.device) -> MiniBatch:
+        """Encoder input, raw counts, size factors, batch one-hot (and, from sparse counts, non-zeros) of ``rows``.
 
-    def batch(self, rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Encoder input (z-scored log), raw counts, size factors and batch one-hot of the given rows."""
-        raw = torch.from_numpy(self.counts(rows)).to(device, non_blocking=True)
+        From a sparse matrix only the non-zero counts are transformed (log1p of zero is zero, so a zero's
+        input is −mean / std) and sent to the device, and their flat indices come for free from the CSR
+        structure; dense counts are densified rows as they are.
+        """
         sf = torch.from_numpy(self.size_factors[rows]).to(device)
         mean = torch.as_tensor(self.gene_mean, device=device)
         std = torch.as_tensor(self.gene_std, device=device)
-        xin = torch.log1p(raw * (1.0 / sf)[:, None]).sub_(mean).div_(std)
+        nonzero = None
+        if sparse.issparse(self.X):
+            block = sparse.csr_matrix(self.X[rows])
+            if len(self.genes) != block.shape[1]:
+                block = sparse.csr_matrix(block[:, self.genes])
+            n_rows, n_genes = block.shape
+            values = np.asarray(block.data, dtype=np.float32)
+            row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(block.indptr))
+            col_of = np.asarray(block.indices, dtype=np.int64)
+            stored_zero = values == 0
+            if stored_zero.any():  # explicit zeros are zeros: the loss needs exactly the non-zero counts
+                keep = ~stored_zero
+                values, row_of, col_of = values[keep], row_of[keep], col_of[keep]
+            values_t = torch.from_numpy(values).to(device)
+            row_t = torch.from_numpy(row_of).to(device)
+            col_t = torch.from_numpy(col_of).to(device)
+            nonzero = row_t * n_genes + col_t
+            raw = torch.zeros(n_rows, n_genes, device=device)
+            raw.view(-1).index_copy_(0, nonzero, values_t)
+            xin = mean.div(std).neg_().expand(n_rows, n_genes).clone()
+            log_values = torch.log1p(values_t * sf.reciprocal().index_select(0, row_t))
+            z_values = (log_values - mean.index_select(0, col_t)) / std.index_select(0, col_t)
+            xin.view(-1).index_copy_(0, nonzero, z_values)
+        else:
+            block = _rows(self.X, rows)
+            raw = torch.from_numpy(block if len(self.genes) == block.shape[1] else block[:, self.genes])
+            raw = raw.to(device, non_blocking=True)
+            xin = torch.log1p(raw * (1.0 / sf)[:, None]).sub_(mean).div_(std)
         onehot = None
         if self.n_batches:
             codes = torch.from_numpy(np.asarray(self.batch_codes[rows], dtype=np.int64)).to(device)
             onehot = F.one_hot(codes, self.n_batches).to(torch.float32)
-        return xin, raw, sf, onehot
+        return MiniBatch(xin, raw, sf, onehot, nonzero)
 
     @classmethod
     def fit(
@@ -358,8 +435,8 @@ def encode_all(net: ZINBAutoencoder, data: CountData, device: torch.device) -> t
     """Latent coordinates of every cell (no noise), in batches; a float32 tensor on ``device``."""
     out = []
     for start in range(0, data.n_obs, INFER_BATCH):
-        xin, _, _, onehot = data.batch(slice(start, min(start + INFER_BATCH, data.n_obs)), device)
-        out.append(net.encode(xin, onehot))
+        mb = data.batch(slice(start, min(start + INFER_BATCH, data.n_obs)), device)
+        out.append(net.encode(mb.xin, mb.onehot))
     return torch.cat(out) if out else torch.empty(0, net.z_dim, device=device)
 
 
@@ -398,10 +475,10 @@ def pretrain(
         total = torch.zeros((), device=device)
         for idx in minibatches(n, batch_size, generator=generator):
             rows = idx.numpy()
-            xin, raw, sf, onehot = data.batch(rows, device)
+            xin, raw, sf, onehot, nonzero = data.batch(rows, device)
             if sigma > 0:
-                xin = xin + sigma * torch.randn(xin.shape, generator=noise_generator, device=device)
-            loss = zinb_nll_logits(net.decode(net.encode(xin, onehot), onehot), raw, sf)
+                xin = torch.add(xin, torch.randn(xin.shape, generator=noise_generator, device=device), alpha=sigma)
+            loss = zinb_nll_logits(net.decode(net.encode(xin, onehot), onehot), raw, sf, nonzero)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -525,12 +602,14 @@ def cluster(
         sums = torch.zeros(3, device=device)
         for idx in minibatches(n, batch_size, generator=generator):
             rows = idx.numpy()
-            xin, raw, sf, onehot = data.batch(rows, device)
-            noisy = xin + sigma * torch.randn(xin.shape, generator=noise_generator, device=device) if sigma else xin
+            xin, raw, sf, onehot, nonzero = data.batch(rows, device)
+            noisy = xin
+            if sigma:
+                noisy = torch.add(xin, torch.randn(xin.shape, generator=noise_generator, device=device), alpha=sigma)
             # one encoder pass over the noisy and the clean input together
             z = net.encode(torch.cat([noisy, xin]), None if onehot is None else torch.cat([onehot, onehot]))
             z_noisy, z_clean = z.chunk(2)
-            recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf)
+            recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf, nonzero)
             kl = kl_divergence(state["p"][idx.to(device)], soft_assign(z_clean, net.centroids))
             loss = recon + gamma * kl
             opt.zero_grad(set_to_none=True)
