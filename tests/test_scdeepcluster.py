@@ -107,9 +107,15 @@ def test_sparse_minibatch_equals_dense():
     dense[:, [0, 3]] += 1.0  # every cell has counts in the gene subset below (as the callers require)
     X = sparse.csr_matrix(dense)
     X.data[np.flatnonzero(X.indices > 3)[:7]] = 0.0  # stored zeros
+    # and a duplicate entry (non-canonical CSR: the two add up), in row 0
+    X = sparse.csr_matrix(
+        (np.r_[X.data[:1], X.data], np.r_[X.indices[:1], X.indices], np.r_[0, X.indptr[1:] + 1]), shape=X.shape
+    )
+    assert not X.has_canonical_format
     dense = X.toarray()
     genes = np.array([0, 3, 4, 9, 12, 13, 20, 39])
     rows = np.array([5, 0, 59, 17, 17, 33])
+    assert dense[0, X.indices[0]] == 2 * X.data[0] > 0
     for g in (np.arange(40), genes):
         sp_data = eng.CountData.fit(X, g)
         de_data = eng.CountData.fit(dense, g)

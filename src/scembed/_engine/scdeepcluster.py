@@ -213,6 +213,21 @@ def _rows(X, rows) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
+def _canonical_csr(X):
+    """Sparse counts as CSR without duplicate entries (copied only when needed); dense arrays as they are.
+
+    Duplicates must be added up before any per-entry transform (log1p of two halves is not log1p of the sum).
+    """
+    if not sparse.issparse(X):
+        return X
+    if X.format != "csr":
+        X = sparse.csr_matrix(X)
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    return X
+
+
 def library_sizes(X) -> np.ndarray:
     """Total counts per cell (float64), without densifying."""
     return np.asarray(X.sum(1), dtype=np.float64).ravel()
@@ -308,6 +323,9 @@ class CountData:
             block = sparse.csr_matrix(self.X[rows])
             if len(self.genes) != block.shape[1]:
                 block = sparse.csr_matrix(block[:, self.genes])
+            if not block.has_canonical_format:  # duplicate entries add up (the scatter below would not add them)
+                block = block.copy()
+                block.sum_duplicates()
             n_rows, n_genes = block.shape
             values = np.asarray(block.data, dtype=np.float32)
             row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(block.indptr))
@@ -346,8 +364,7 @@ class CountData:
         n_batches: int = 0,
     ) -> CountData:
         """Size factors (library / median library) and gene statistics of the normalised log counts."""
-        if sparse.issparse(X) and X.format != "csr":
-            X = sparse.csr_matrix(X)
+        X = _canonical_csr(X)
         sub = X if len(genes) == X.shape[1] else X[:, genes]
         lib = library_sizes(sub)
         target = float(np.median(lib))
@@ -383,8 +400,7 @@ class CountData:
 
     def like(self, X, batch_codes: np.ndarray | None = None) -> CountData:
         """New cells normalised with this data's target sum and gene statistics (for prediction)."""
-        if sparse.issparse(X) and X.format != "csr":
-            X = sparse.csr_matrix(X)
+        X = _canonical_csr(X)
         sub = X if len(self.genes) == X.shape[1] else X[:, self.genes]
         lib = library_sizes(sub)
         return CountData(
