@@ -10,6 +10,7 @@ and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
                                                         # one table from runs saved with --json (seeds pooled)
     python benchmarks/scdeepcluster.py --resolutions 0.1 0.2 0.3 0.5 0.8 --pretrain-epochs 300
                                                         # K and ARI of Leiden on the pretrained latent space
+    python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
     SCDC_ORIGINAL=/work/venvs/scdc_orig python benchmarks/scdeepcluster.py --quick \
@@ -259,6 +260,65 @@ def step_compare(dataset: str, threads: int, n_steps: int = 20, batch_size: int 
         print(f"{name}: {(time.perf_counter() - t0) / n_steps * 1000:.0f} ms per step of {batch_size} cells")
 
 
+def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int = 256) -> None:
+    """ms per part of scembed's pretraining step (mini-batch, noise, forward, ZINB loss, backward, Adam).
+
+    Works against older versions of ``scembed._engine.scdeepcluster`` too (``CountData.batch`` returned four
+    values before it returned the non-zeros' indices), so that an A/B comparison is one command per version:
+    ``PYTHONPATH=<old checkout>/src python benchmarks/scdeepcluster.py --step-profile``.
+    """
+    import anndata as ad
+    import torch
+    from scipy import sparse
+
+    from scembed._engine import scdeepcluster as eng
+    from scembed._engine.training import adam, minibatches
+
+    torch.set_num_threads(threads)
+    X = sparse.csr_matrix(ad.read_h5ad(DATA / f"{dataset}.h5ad").X)
+    data = eng.CountData.fit(X, np.arange(X.shape[1]))
+    torch.manual_seed(0)
+    net = eng.ZINBAutoencoder(X.shape[1])
+    opt = adam(net.parameters(), lr=1e-3, amsgrad=True)
+    order, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    parts = ["mini-batch", "noise", "forward", "ZINB loss", "backward", "Adam"]
+    totals = np.zeros(len(parts))
+    n_steps = 0
+
+    def epoch() -> None:
+        nonlocal n_steps
+        for idx in minibatches(data.n_obs, batch_size, generator=order):
+            t = [time.perf_counter()]
+            mb = data.batch(idx.numpy(), torch.device("cpu"))
+            t.append(time.perf_counter())
+            xin = torch.add(mb[0], torch.randn(mb[0].shape, generator=noise), alpha=2.5)
+            t.append(time.perf_counter())
+            logits = net.decode(net.encode(xin))
+            t.append(time.perf_counter())
+            extra = (mb[4],) if len(mb) > 4 else ()
+            loss = eng.zinb_nll_logits(logits, mb[1], mb[2], *extra)
+            t.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t.append(time.perf_counter())
+            opt.step()
+            t.append(time.perf_counter())
+            totals[:] += np.diff(t)
+            n_steps += 1
+
+    epoch()  # warm-up
+    totals[:], n_steps = 0.0, 0
+    t0 = time.perf_counter()
+    for _ in range(n_epochs):
+        epoch()
+    per_epoch = (time.perf_counter() - t0) / n_epochs
+    print(f"{dataset}, {threads} thread(s), batch {batch_size}: {per_epoch:.3f} s per pretraining epoch")
+    print("| " + " | ".join(parts) + " | step |")
+    print("|" + " --- |" * (len(parts) + 1))
+    ms = totals / n_steps * 1e3
+    print("| " + " | ".join(f"{v:.2f}" for v in ms) + f" | {ms.sum():.2f} |  (ms per step)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced budget (50 / 200 epochs) and one seed")
@@ -274,6 +334,7 @@ def main() -> None:
     parser.add_argument("--scale-epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--step-compare", action="store_true", help="ms per training step vs the original's form")
+    parser.add_argument("--step-profile", action="store_true", help="ms per part of scembed's pretraining step")
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, help="print the table of runs saved with --json (seeds pooled)"
     )
@@ -288,6 +349,9 @@ def main() -> None:
         return
     if args.step_compare:
         step_compare(args.datasets[0], args.threads)
+        return
+    if args.step_profile:
+        step_profile(args.datasets[0], args.threads)
         return
     if args.scale:
         scale(args.scale, args.scale_genes, args.scale_epochs, args.device)
