@@ -87,6 +87,7 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
         labels = adata.obs["scdeepcluster"].astype(str).to_numpy()
         u = adata.uns["scdeepcluster"]
         out.update(k=u["n_clusters"], epochs=u["n_epochs_cluster"], converged=bool(u["converged"]))
+        out["time_pretrain"] = float(u["time"]["pretrain"])  # the stage alone (the original glue's includes reading)
     else:
         import scanpy as sc
 
