@@ -320,12 +320,10 @@ class CountData:
         std = torch.as_tensor(self.gene_std, device=device)
         nonzero = None
         if sparse.issparse(self.X):
-            block = sparse.csr_matrix(self.X[rows])
+            # canonical: the scatter below would not add up duplicate entries
+            block = _canonical_csr(self.X[rows])
             if len(self.genes) != block.shape[1]:
-                block = sparse.csr_matrix(block[:, self.genes])
-            if not block.has_canonical_format:  # duplicate entries add up (the scatter below would not add them)
-                block = block.copy()
-                block.sum_duplicates()
+                block = _canonical_csr(block[:, self.genes])
             n_rows, n_genes = block.shape
             values = np.asarray(block.data, dtype=np.float32)
             row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(block.indptr))
@@ -446,6 +444,13 @@ class ZINBAutoencoder(nn.Module):
         return self.heads(self.decoder(z if onehot is None else torch.cat([z, onehot], 1)))
 
 
+def _with_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """The denoising input ``x`` + σ·N(0, 1), in one pass over ``x``; ``x`` itself when σ = 0."""
+    if not sigma:
+        return x
+    return torch.add(x, torch.randn(x.shape, generator=generator, device=x.device), alpha=sigma)
+
+
 @torch.no_grad()
 def encode_all(net: ZINBAutoencoder, data: CountData, device: torch.device) -> torch.Tensor:
     """Latent coordinates of every cell (no noise), in batches; a float32 tensor on ``device``."""
@@ -492,9 +497,8 @@ def pretrain(
         for idx in minibatches(n, batch_size, generator=generator):
             rows = idx.numpy()
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
-            if sigma > 0:
-                xin = torch.add(xin, torch.randn(xin.shape, generator=noise_generator, device=device), alpha=sigma)
-            loss = zinb_nll_logits(net.decode(net.encode(xin, onehot), onehot), raw, sf, nonzero)
+            noisy = _with_noise(xin, sigma, noise_generator)
+            loss = zinb_nll_logits(net.decode(net.encode(noisy, onehot), onehot), raw, sf, nonzero)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -619,9 +623,7 @@ def cluster(
         for idx in minibatches(n, batch_size, generator=generator):
             rows = idx.numpy()
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
-            noisy = xin
-            if sigma:
-                noisy = torch.add(xin, torch.randn(xin.shape, generator=noise_generator, device=device), alpha=sigma)
+            noisy = _with_noise(xin, sigma, noise_generator)
             # one encoder pass over the noisy and the clean input together
             z = net.encode(torch.cat([noisy, xin]), None if onehot is None else torch.cat([onehot, onehot]))
             z_noisy, z_clean = z.chunk(2)
