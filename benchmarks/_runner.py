@@ -1,0 +1,175 @@
+"""One way for every benchmark script to run a method: in a fresh subprocess, with a thread count, timed.
+
+``run_child`` starts a command with the thread variables set (torch, OpenMP, MKL, OpenBLAS, numba), waits for it
+with ``os.wait4`` and returns a dict with its wall time and its own peak resident memory (``ru_maxrss`` of that
+process and the children it waited for), so that every method pays for its own imports and data and nothing else.
+The child reports its result as one JSON object on the LAST line of its stdout (``emit`` prints it);
+``run_child`` parses it into ``result``.
+
+    from _runner import run_child, script_command
+    r = run_child(script_command(__file__, "--worker", "scembed", path), threads=2)
+    r["ok"], r["wall_s"], r["peak_rss_mib"], r["result"]   # result: the child's JSON (a dict) or None
+
+Helpers shared by the scripts live here too: ``DATA`` (the shared .h5ad folder), ``lognorm_pca`` (the common
+normalize_total → log1p → PCA preparation) and ``drop_script_dir`` (scripts named like the package they compare
+with, e.g. ``neuralee.py`` and ``imap.py``, must not shadow it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+#: the folder with the shared real data sets (<name>.h5ad); ``SCEMBED_BENCH_DATA`` overrides it
+DATA = Path(os.environ.get("SCEMBED_BENCH_DATA", HERE.parents[1] / "shared" / "data"))
+#: environment variables that set a thread count for the libraries a method may use
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+def thread_env(threads: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default: this process's environment) with every thread variable set to ``threads``."""
+    out = dict(os.environ if env is None else env)
+    out.update({name: str(threads) for name in THREAD_VARIABLES})
+    return out
+
+
+def script_command(script: str | Path, *args: Any, python: str | None = None) -> list[str]:
+    """``[python, script, *args]`` as strings; ``python`` defaults to this interpreter."""
+    return [python or sys.executable, str(script), *(str(a) for a in args)]
+
+
+def run_child(
+    command: list[str],
+    threads: int,
+    *,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    extra_pythonpath: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run ``command`` in a fresh process with ``threads`` threads; return its time, peak RSS and JSON result.
+
+    Parameters
+    ----------
+    command
+        The command line (e.g. from ``script_command``).
+    threads
+        Thread count for every library (environment variables; the child should also call
+        ``torch.set_num_threads(threads)`` itself).
+    timeout
+        Seconds after which the child is killed (``ok`` False, ``error`` says so). None: no limit.
+    env
+        Base environment (default: this process's).
+    extra_pythonpath
+        A folder put first on the child's ``PYTHONPATH`` (e.g. a folder with an original implementation's code).
+
+    Returns
+    -------
+    dict
+        ``ok`` (exit status 0 and a JSON last line), ``returncode``, ``wall_s`` (seconds from start to exit, imports
+        included), ``peak_rss_mib`` (the child's ``ru_maxrss``), ``result`` (the parsed JSON or None), ``error``
+        (None or the last lines of stderr), ``stdout`` and ``stderr`` (text).
+    """
+    child_env = thread_env(threads, env)
+    if extra_pythonpath is not None:
+        rest = child_env.get("PYTHONPATH")
+        child_env["PYTHONPATH"] = str(extra_pythonpath) + (os.pathsep + rest if rest else "")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env=child_env)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill) if timeout is not None else None
+        if timer is not None:
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (subprocess.wait would lose it)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        returncode = os.waitstatus_to_exitcode(status)
+        proc.returncode = returncode
+        timed_out = killed.is_set()
+        peak = usage.ru_maxrss / 1024  # Linux reports KiB
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    result = None
+    lines = stdout.strip().splitlines()
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            result = None
+    error = None
+    if timed_out:
+        error = f"timed out after {timeout:g} s"
+    elif returncode != 0:
+        error = "\n".join(stderr.strip().splitlines()[-5:]) or f"exit status {returncode}"
+    elif result is None:
+        error = "no JSON result on the last line of stdout"
+    return {
+        "ok": error is None,
+        "returncode": returncode,
+        "wall_s": wall,
+        "peak_rss_mib": peak,
+        "result": result,
+        "error": error,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print a child's result as the one JSON line ``run_child`` reads (last line of stdout)."""
+    print(json.dumps(result), flush=True)
+
+
+def lognorm_pca(adata, n_comps: int = 50, random_state: int = 0):
+    """normalize_total (1e4) → log1p → PCA on ``adata`` in place; return ``obsm["X_pca"]`` as float32."""
+    import numpy as np
+    import scanpy as sc
+
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=n_comps, random_state=random_state)
+    return np.ascontiguousarray(adata.obsm["X_pca"][:, :n_comps], dtype=np.float32)
+
+
+def drop_script_dir() -> None:
+    """Remove this folder from ``sys.path`` so that ``import neuralee`` / ``import imap`` find the packages."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def write_json(path: str | Path | None, rows: list[dict], **meta: Any) -> None:
+    """Write raw results as ``{"meta": {...}, "rows": [...]}`` (``meta`` gets the command line and machine)."""
+    if path is None:
+        return
+    import platform
+
+    info = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        **meta,
+    }
+    Path(path).write_text(json.dumps({"meta": info, "rows": rows}, indent=1, default=float))
