@@ -144,12 +144,15 @@ def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def lognorm_pca(adata, n_comps: int = 50, random_state: int = 0):
-    """normalize_total (1e4) → log1p → PCA on ``adata`` in place; return ``obsm["X_pca"]`` as float32."""
+def lognorm_pca(adata, n_comps: int = 50, random_state: int = 0, target_sum: float | None = 1e4):
+    """normalize_total → log1p → PCA on ``adata`` in place; return ``obsm["X_pca"]`` as float32.
+
+    ``target_sum`` as in ``sc.pp.normalize_total`` (None: the median count; the EE scripts use that).
+    """
     import numpy as np
     import scanpy as sc
 
-    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
     sc.pp.pca(adata, n_comps=n_comps, random_state=random_state)
     return np.ascontiguousarray(adata.obsm["X_pca"][:, :n_comps], dtype=np.float32)
@@ -160,6 +163,24 @@ def drop_script_dir() -> None:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
+def patch_neuralee_for_today() -> None:
+    """Let neuralee 0.1.6 import and run on today's numpy/torch (outside its method; see ALGORITHMS.md §3).
+
+    ``np.str`` and ``torch.cholesky`` were removed upstream; ``loompy`` is imported by ``neuralee.dataset`` for its
+    .loom readers only (stubbed). Also drops this folder from ``sys.path`` (``benchmarks/neuralee.py`` would shadow
+    the package).
+    """
+    import types
+
+    import numpy as np
+    import torch
+
+    drop_script_dir()
+    np.str = str
+    torch.cholesky = lambda A, upper=False: torch.linalg.cholesky(A, upper=upper)
+    sys.modules.setdefault("loompy", types.ModuleType("loompy"))
+
+
 def write_json(path: str | Path | None, rows: list[dict], **meta: Any) -> None:
     """Write raw results as ``{"meta": {...}, "rows": [...]}`` (``meta`` gets the command line and machine)."""
     if path is None:
@@ -167,7 +188,7 @@ def write_json(path: str | Path | None, rows: list[dict], **meta: Any) -> None:
     import platform
 
     info = {
-        "command": "python " + " ".join(sys.argv),
+        "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         **meta,

@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,14 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import DATA, emit, lognorm_pca, run_child, script_command, write_json
+
 PERPLEXITY = 30.0
 
 
 # ----------------------------------------------------------------------------------------------------- children
 def _child(spec: dict) -> dict:
-    """Run one method on ``spec['X']`` (a .npy path) and report time, peak RSS and where P was saved."""
+    """Run one method on ``spec['X']`` (a .npy path) and report its time (peak RSS: measured by the runner)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -51,7 +50,7 @@ def _child(spec: dict) -> dict:
         se.pp.affinity(
             adata,
             perplexity=PERPLEXITY,
-            method=spec["method"],
+            knn_method=spec["method"],
             n_jobs=spec["threads"],
             device=spec["device"],
             random_state=0,
@@ -67,7 +66,7 @@ def _child(spec: dict) -> dict:
         )
         P = aff.P
     elapsed = time.perf_counter() - start
-    out = {"time": elapsed, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {"time": elapsed}
     if spec.get("save"):
         from scipy import sparse
 
@@ -75,28 +74,21 @@ def _child(spec: dict) -> dict:
     return out
 
 
-def run_child(spec: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc={out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_method(spec: dict) -> dict:
+    r = run_child(script_command(__file__, "--child", json.dumps(spec)), spec["threads"])
+    if not r["ok"]:
+        return {"error": r["error"].splitlines()[-1]}
+    return {**r["result"], "rss_gb": r["peak_rss_mib"] / 1024}
 
 
 # ------------------------------------------------------------------------------------------------------- data
 def load_pbmc4k() -> np.ndarray | None:
-    path = SHARED / "pbmc_10x_4k.h5ad"
+    path = DATA / "pbmc_10x_4k.h5ad"
     if not path.exists():
         return None
     import anndata as ad
-    import scanpy as sc
 
-    adata = ad.read_h5ad(path)
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    sc.pp.pca(adata, n_comps=50, random_state=0)
-    return adata.obsm["X_pca"].astype(np.float32)
+    return lognorm_pca(ad.read_h5ad(path))
 
 
 def simulated(n: int) -> np.ndarray:
@@ -145,9 +137,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+        emit(_child(json.loads(args.child)))
         return
 
     from scipy import sparse
@@ -182,7 +175,7 @@ def main() -> None:
                 save = os.path.join(tmp, f"{tool}_{method}.npz") if n <= 200_000 else None
                 device = args.device if tool == "scembed" else "cpu"
                 spec = {"tool": tool, "method": method, "X": xpath, "threads": args.threads, "device": device}
-                res = run_child({**spec, "save": save})
+                res = run_method({**spec, "save": save})
                 if save and "error" not in res:
                     res["P"] = sparse.load_npz(save)
                 results[(tool, method)] = res
@@ -210,6 +203,7 @@ def main() -> None:
                     row["recall"] = float(np.mean(hits))
                 rows.append(row)
 
+    write_json(args.json, rows, script="affinity", threads=args.threads, device=args.device)
     header = (
         "| data | tool | kNN | time (s) | × openTSNE | peak RSS (GB) | max rel. diff vs float64 ref | TV vs exact "
         "| neighbour overlap vs exact |"

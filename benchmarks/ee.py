@@ -7,27 +7,28 @@ dataset) and the SAME repulsive weights (squared input distances normalised to s
 affinities (perplexity 30) and optimises another objective: no EE objective is reported for it.
 
 Usage:
-    /work/venvs/neuralee/bin/python benchmarks/ee.py [--quick] [--threads 1]
+    python benchmarks/ee.py --threads 2 --original-python ORIGINAL_PY [--quick] [--json results.json]
     python benchmarks/ee.py --attraction-compare --threads 1   # ms per attraction evaluation, edge sum vs now
-(the venv sees the global packages and adds neuralee; --quick runs pbmc68k_reduced only)
+ORIGINAL_PY is an interpreter that can import neuralee 0.1.6, e.g. a venv made with
+``python -m venv --system-site-packages venv && venv/bin/pip install --no-deps neuralee==0.1.6``; without it the
+original runs under this interpreter if it can import neuralee. --quick runs pbmc68k_reduced only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared" / "data"
+sys.path.insert(0, str(HERE))
+from _runner import DATA, emit, lognorm_pca, patch_neuralee_for_today, run_child, script_command, write_json  # noqa: E402
+
 METHODS = ("scembed_ee", "scembed_ee_uniform", "neuralee_EE", "openTSNE")
 
 
@@ -41,10 +42,8 @@ def prepare(name: str, out: Path) -> None:
         a = sc.datasets.pbmc68k_reduced()
         labels = a.obs["bulk_labels"].astype(str).to_numpy()
     else:
-        a = ad.read_h5ad(SHARED / f"{name}.h5ad")
-        sc.pp.normalize_total(a)
-        sc.pp.log1p(a)
-        sc.pp.pca(a, n_comps=50, random_state=0)
+        a = ad.read_h5ad(DATA / f"{name}.h5ad")
+        lognorm_pca(a, target_sum=None)
         labels = a.obs["celltype"].astype(str).to_numpy()
     X = np.ascontiguousarray(a.obsm["X_pca"][:, :50], dtype=np.float32)
     se.pp.affinity(a, perplexity=30.0, use_rep="X_pca")
@@ -79,10 +78,7 @@ def worker(method: str, data: Path, out: Path, threads: int) -> None:
         Y = a.obsm["X_ee"]
         info = {"n_iter": a.uns["ee"]["n_iter"], "stop": a.uns["ee"]["stop_reason"]}
     elif method == "neuralee_EE":
-        torch.cholesky = lambda A, upper=False: torch.linalg.cholesky(A, upper=upper)  # removed from torch
-        np.str = str  # removed from numpy, used by neuralee's datasets
-        sys.modules.setdefault("loompy", types.ModuleType("loompy"))  # imported by neuralee.dataset, unused here
-        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/neuralee.py shadows it
+        patch_neuralee_for_today()
         from neuralee.dataset import GeneExpressionDataset
         from neuralee.embedding import NeuralEE
 
@@ -107,9 +103,8 @@ def worker(method: str, data: Path, out: Path, threads: int) -> None:
         elapsed = time.perf_counter() - t
     else:
         raise ValueError(method)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     np.save(out, np.asarray(Y, dtype=np.float32))
-    out.with_suffix(".json").write_text(json.dumps({"time": elapsed, "peak_gb": peak, **info}))
+    emit({"time": elapsed, **info})
 
 
 def evaluate(data: Path, Y: np.ndarray) -> dict:
@@ -172,6 +167,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", nargs=3)
+    ap.add_argument("--original-python", default=None, help="an interpreter that can import neuralee 0.1.6")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     ap.add_argument("--attraction-compare", action="store_true", help="ms per attraction evaluation, old vs new")
     args = ap.parse_args()
     names = ["pbmc68k_reduced"] if args.quick else ["pbmc68k_reduced", "pbmc_10x_4k", "worm_neuron_4k"]
@@ -188,17 +185,19 @@ def main() -> None:
         prepare(name, data)
         for method in METHODS:
             out = tmp / f"{name}_{method}.npy"
-            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--worker", method, str(data), str(out)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                print(f"{name} {method} failed:\n{r.stderr[-2000:]}", flush=True)
+            python = args.original_python if method == "neuralee_EE" else None
+            cmd = script_command(__file__, "--threads", args.threads, "--worker", method, data, out, python=python)
+            r = run_child(cmd, args.threads)
+            if not r["ok"]:
+                print(f"{name} {method} failed:\n{r['error']}", flush=True)
                 continue
-            res = json.loads(out.with_suffix(".json").read_text())
+            res = {**r["result"], "peak_gb": r["peak_rss_mib"] / 1024}
             res.update(evaluate(data, np.load(out)), data=name, method=method)
             if method == "openTSNE":
                 res["E"] = float("nan")  # another objective: the EE objective of a t-SNE map says nothing
             rows.append(res)
             print(json.dumps(res), flush=True)
+    write_json(args.json, rows, script="ee", threads=args.threads)
     header = "| data | method | EE objective | time (s) | peak RSS (GB) | 10-NN pres. | 10-NN acc. | centroid ρ |"
     print("\n" + header + "\n|" + " --- |" * 8)
     for r in rows:

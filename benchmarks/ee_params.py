@@ -15,15 +15,14 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 import torch
 
 import scembed as se
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "data"
 sys.path.insert(0, str(HERE))
 from _metrics import embedding_metrics  # noqa: E402
+from _runner import DATA, lognorm_pca  # noqa: E402
 
 
 def main() -> None:
@@ -37,12 +36,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.datasets:
-        a = ad.read_h5ad(SHARED / f"{name}.h5ad")
+        a = ad.read_h5ad(DATA / f"{name}.h5ad")
         labels = a.obs["celltype"].astype(str).to_numpy()
-        sc.pp.normalize_total(a)
-        sc.pp.log1p(a)
-        sc.pp.pca(a, n_comps=50, random_state=0)
-        X = np.ascontiguousarray(a.obsm["X_pca"][:, :50], dtype=np.float32)
+        X = lognorm_pca(a, target_sum=None)
         for perplexity in args.perplexities:
             se.pp.affinity(a, perplexity=perplexity, use_rep="X_pca")
             for lam in args.lams:
