@@ -3,12 +3,13 @@
 Every method runs in its own subprocess (peak RSS = that process's ru_maxrss), on the same 50 PCs of
 log-normalised counts, with the same number of threads. Then a scale run on simulated 50-D data.
 
-    python benchmarks/neuralee.py                 # 3 real data sets + 100k/300k/1.3M scale
+    python benchmarks/neuralee.py --original-python ORIGINAL_PY   # 3 real sets + 100k/300k/1.3M scale
     python benchmarks/neuralee.py --quick         # pbmc_10x_4k only, scale 100k
-    python benchmarks/neuralee.py --scale 1300000 --scale-maxit 20 --skip-real
+    python benchmarks/neuralee.py --scale 1300000 --scale-max-epochs 20 --skip-real
 
-The original runs from a venv (`python -m venv --system-site-packages /work/venvs/neuralee_nn &&
-/work/venvs/neuralee_nn/bin/pip install --no-deps neuralee==0.1.6`), monkeypatched here for today's torch/numpy.
+ORIGINAL_PY is an interpreter that can import neuralee 0.1.6 (e.g. ``python -m venv --system-site-packages venv &&
+venv/bin/pip install --no-deps neuralee==0.1.6``; ``$NEURALEE_PY`` also works); it is monkeypatched here for
+today's torch/numpy. Without it the original is skipped.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,20 +25,17 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data"
-ORIGINAL_PY = os.environ.get("NEURALEE_PY", "/work/venvs/neuralee_nn/bin/python")
+sys.path.insert(0, str(HERE))
+from _runner import DATA, emit, lognorm_pca, patch_neuralee_for_today, run_child, script_command, write_json  # noqa: E402
+
 REAL = ["pbmc_10x_4k", "worm_neuron_4k", "cite_pbmc_3762"]
 
 
 def prepare(name: str, out: Path) -> None:
     import anndata as ad
-    import scanpy as sc
 
     a = ad.read_h5ad(DATA / f"{name}.h5ad")
-    sc.pp.normalize_total(a, target_sum=1e4)
-    sc.pp.log1p(a)
-    sc.pp.pca(a, n_comps=50, random_state=0)
-    np.save(out / "X.npy", a.obsm["X_pca"].astype(np.float32))
+    np.save(out / "X.npy", lognorm_pca(a))
     np.save(out / "labels.npy", a.obs["celltype"].astype(str).to_numpy())
 
 
@@ -77,22 +73,13 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
         raise ValueError(method)
     elapsed = time.perf_counter() - t0
     np.save(folder / f"Y_{method}.npy", np.asarray(Y, dtype=np.float32))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-    print(json.dumps({"time": elapsed, "rss_gb": rss, **info}))
+    emit({"time": elapsed, **info})
 
 
 def run_original(X: np.ndarray, maxit: int = 500, N_small: float = 1.0) -> np.ndarray:
     """neuralee 0.1.6 with the three fixes it needs today (see ALGORITHMS.md §3)."""
-    # this script is called neuralee.py too: keep its folder off the path so `import neuralee` finds the package
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    import types
-
-    sys.modules.setdefault("loompy", types.ModuleType("loompy"))  # only its .loom readers need it; not used here
-    import numpy as np
+    patch_neuralee_for_today()  # also keeps this folder (this script is called neuralee.py) off the import path
     import torch
-
-    np.str = str  # removed from numpy; the original builds its gene-name arrays with it
-    torch.cholesky = lambda A, upper=False: torch.linalg.cholesky(A, upper=upper)
 
     class ELoss(torch.autograd.Function):
         # the original's forward returns the integer constant tensor(0), so backward() refuses to run on today's
@@ -125,16 +112,13 @@ def run_original(X: np.ndarray, maxit: int = 500, N_small: float = 1.0) -> np.nd
     return nee.fine_tune(maxit=maxit, verbose=False)["X"].numpy()
 
 
-def run(method: str, folder: Path, threads: int, opts: dict, timeout: int) -> dict:
-    py = ORIGINAL_PY if method == "original" else sys.executable
-    cmd = [py, __file__, "--worker", method, str(folder), str(threads), json.dumps(opts)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout {timeout}s"}
-    if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"rc {res.returncode}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run(method: str, folder: Path, threads: int, opts: dict, timeout: int, original_python: str | None) -> dict:
+    py = original_python if method == "original" else None
+    r = run_child(script_command(__file__, "--worker", method, folder, threads, json.dumps(opts), python=py), threads,
+                  timeout=timeout)  # fmt: skip
+    if not r["ok"]:
+        return {"error": r["error"].splitlines()[-1]}
+    return {**r["result"], "rss_gb": r["peak_rss_mib"] / 1024}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -145,12 +129,17 @@ def main() -> None:
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--datasets", nargs="*", default=None, help=f"subset of {REAL}")
     p.add_argument("--skip-original", action="store_true")
-    p.add_argument("--original-maxit", type=int, default=500)
+    p.add_argument(
+        "--original-python", default=os.environ.get("NEURALEE_PY"), help="an interpreter that can import neuralee 0.1.6"
+    )
+    p.add_argument("--original-maxit", type=int, default=500, help="the original's maxit (epochs, full batch)")
     p.add_argument("--scale", type=int, nargs="*", default=None)
-    p.add_argument("--scale-maxit", type=int, default=50)
-    p.add_argument("--scale-refine", type=int, default=10, help="refine_epochs on all cells in the scale runs")
+    p.add_argument("--scale-max-epochs", "--scale-maxit", type=int, default=50, dest="scale_max_epochs")
+    p.add_argument("--scale-refine", type=int, default=10, help="refine_max_epochs on all cells in the scale runs")
     p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     args = p.parse_args()
+    results: list[dict] = []
     sys.path.insert(0, str(HERE))
     from _metrics import embedding_metrics
 
@@ -158,7 +147,7 @@ def main() -> None:
     if not args.skip_real:
         names = args.datasets or (REAL[:1] if args.quick else REAL)
         methods = ["scembed", "scembed_full", "original", "opentsne", "umap"]
-        if args.skip_original:
+        if args.skip_original or not args.original_python:
             methods.remove("original")
         print("\n| data | method | time (s) | peak RSS (GB) | kNN pres. | kNN acc. | centroid ρ | vs openTSNE |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -172,15 +161,16 @@ def main() -> None:
                     opts = {}
                     worker_name = m
                     if m == "scembed_full":
-                        worker_name, opts = "scembed", {"N_small": 1.0, "maxit": 500}
+                        worker_name, opts = "scembed", {"batch_size": 1.0, "max_epochs": 500}
                     if m == "original":
                         opts = {"maxit": args.original_maxit}
-                    r = run(worker_name, folder, args.threads, opts, args.timeout)
+                    r = run(worker_name, folder, args.threads, opts, args.timeout, args.original_python)
                     if "error" not in r:
                         Y = np.load(folder / f"Y_{worker_name}.npy")
                         r.update(embedding_metrics(X, Y, labels))
                     rows[m] = r
                 t_ref = rows.get("opentsne", {}).get("time")
+                results += [{"data": name, "method": m, **r} for m, r in rows.items()]
                 for m, r in rows.items():
                     if "error" in r:
                         print(f"| {name} | {m} | {r['error']} | | | | | |")
@@ -205,24 +195,27 @@ def main() -> None:
                 np.save(folder / "X.npy", a.X)
                 labels = a.obs["celltype"].astype(str).to_numpy()
                 del a
-                opts = {"N_small": 5000, "maxit": args.scale_maxit, "refine_epochs": args.scale_refine}
+                opts = {"batch_size": 5000, "max_epochs": args.scale_max_epochs, "refine_max_epochs": args.scale_refine}
                 methods = [("scembed", opts)]
                 if n <= 100_000:
                     methods.append(("opentsne", {}))
                 for m, opts in methods:
-                    r = run(m, folder, args.threads, opts, args.timeout)
+                    r = run(m, folder, args.threads, opts, args.timeout, args.original_python)
                     if "error" in r:
                         print(f"| {n} | {m} | {r['error']} | | | |")
+                        results.append({"data": f"simulated {n}", "method": m, **r})
                         continue
                     X, Y = np.load(folder / "X.npy"), np.load(folder / f"Y_{m}.npy")
                     sub = np.random.default_rng(0).choice(n, min(n, 20_000), replace=False)
                     met = embedding_metrics(X[sub], Y[sub], labels[sub])
+                    results.append({"data": f"simulated {n}", "method": m, "options": opts, **r, **met})
                     print(
                         f"| {n} | {m} | {r['time']:.1f} | {r['rss_gb']:.2f} | {met['knn_acc']:.3f} | "
                         f"{met['centroid_rho']:.3f} |",
                         flush=True,
                     )
     print(f"\nload average at end {os.getloadavg()}")
+    write_json(args.json, results, script="neuralee", threads=args.threads, load_average_end=os.getloadavg())
 
 
 if __name__ == "__main__":
