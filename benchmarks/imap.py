@@ -9,15 +9,15 @@ afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony
     python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
     python benchmarks/imap.py --epochs1 10 --epochs2 10 --repeats 2 --methods scembed imap_original
                                                                    # the two iMAPs twice, alternating: fastest times
-    IMAP_PYTHON=/work/venvs/imap/bin/python (default) runs the original.
+The original (method ``imap_original``) runs under ``--original-python`` (or ``$IMAP_PYTHON``): an interpreter that
+can import imap 1.0.0, e.g. ``python -m venv --system-site-packages venv && venv/bin/pip install --no-deps imap==1.0.0
+scikit-misc``. Without one it is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-IMAP_PYTHON = os.environ.get("IMAP_PYTHON", "/work/venvs/imap/bin/python")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import DATA, drop_script_dir, emit, run_child, script_command, write_json
+
 METHODS = ("pca", "harmony", "scembed", "imap_original")
 TIMES = ("seconds", "train_stage1", "run_stage2")  # per-method total and, for the two iMAPs, per-stage seconds
 
@@ -90,13 +91,12 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
 
         for fn in ("train_stage1", "run_stage2"):  # time the two stages (the benchmark's wrapper, not the package's)
             setattr(engine, fn, timed(getattr(engine, fn), stages, fn))
-        se.tl.imap_integrate(a, "batch", use_hvg=False, stage1_epochs=e1, stage2_epochs=e2, device="cpu")
+        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=(e1, e2), device="cpu")
         emb = pca(a.layers["imap"])
     elif method == "imap_original":
         import anndata as ad2
 
-        here = Path(__file__).resolve().parent  # this script is also named imap.py: keep it off the import path
-        sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != here]
+        drop_script_dir()  # this script is also named imap.py: keep it off the import path
         import imap  # the original, from its own venv
 
         np.bool8 = np.bool_  # removed in NumPy 2; the original still uses it
@@ -111,23 +111,18 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
         raise ValueError(method)
     seconds = time.perf_counter() - t
     np.save(out, emb.astype(np.float32))
-    Path(out + ".json").write_text(json.dumps({"seconds": seconds, **stages}))
+    emit({"seconds": seconds, **stages})
 
 
 def run_method(method: str, path: Path, tmp: Path, args) -> dict:
     out = str(tmp / f"{path.stem}_{method}.npy")
-    python = IMAP_PYTHON if method == "imap_original" else sys.executable
-    epochs = [str(args.epochs1), str(args.epochs2), str(args.threads)]
-    cmd = [python, __file__, "--worker", method, str(path), out, *epochs]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    if status != 0:
-        return {"error": f"exit status {status}"}
-    info = json.loads(Path(out + ".json").read_text())
-    return {"emb": np.load(out), **info, "wall": wall, "peak_mb": usage.ru_maxrss / 1024}
+    python = args.original_python if method == "imap_original" else None
+    epochs = (args.epochs1, args.epochs2)
+    cmd = script_command(__file__, "--worker", method, path, out, *epochs, args.threads, python=python)
+    r = run_child(cmd, args.threads)
+    if not r["ok"]:
+        return {"error": r["error"]}
+    return {"emb": np.load(out), **r["result"], "wall": r["wall_s"], "peak_mb": r["peak_rss_mib"]}
 
 
 def scores(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> dict:
@@ -238,7 +233,14 @@ def main() -> None:
     p.add_argument(
         "--repeats", type=int, default=1, help="run the two iMAPs this many times, alternating; report the fastest"
     )
+    p.add_argument(
+        "--original-python", default=os.environ.get("IMAP_PYTHON"), help="an interpreter that can import imap 1.0.0"
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     args = p.parse_args()
+    if not args.original_python and "imap_original" in args.methods:
+        print("no --original-python (or $IMAP_PYTHON): imap_original skipped", file=sys.stderr)
+        args.methods = [m for m in args.methods if m != "imap_original"]
     if args.step_compare:
         step_compare(args.threads)
         return
@@ -282,6 +284,10 @@ def main() -> None:
             for m, r in res.items():
                 r["time_ratio"] = r["seconds"] / ref if ref else float("nan")
                 rows.append((name, m, r))
+    write_json(
+        args.json, [{"data": name, "method": m, **r} for name, m, r in rows], script="imap", threads=args.threads,
+        epochs=[args.epochs1, args.epochs2],
+    )  # fmt: skip
     keys = ["seconds", "time_ratio", "peak_mb", "iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn"]
     keys += ["bio", "batch", "total"]
     print(f"\nepochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
