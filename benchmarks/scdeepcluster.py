@@ -1,9 +1,9 @@
-"""Benchmark of se.tl.scdeepcluster against Leiden and KMeans on 50 PCs (and the original's published numbers).
+"""Benchmark of se.tl.scdeepcluster against the original scDeepCluster_pytorch, Leiden and KMeans on 50 PCs.
 
-Every (method, data set, seed) runs in a fresh subprocess, so that its peak memory (max RSS, from ``os.wait4``)
-and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
+Every (method, data set, seed) runs in a fresh subprocess (``_runner.run_child``), so that its peak memory (max
+RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
 
-    python benchmarks/scdeepcluster.py --quick          # reduced budget (pretrain_epochs=50, maxiter=200), 1 seed
+    python benchmarks/scdeepcluster.py --quick          # reduced budget (max_epochs=(50, 200)), 1 seed
     python benchmarks/scdeepcluster.py                  # full defaults (300 / 2000), 3 seeds
     python benchmarks/scdeepcluster.py --scale 1000000  # GPU: time 1M simulated cells (few epochs)
     python benchmarks/scdeepcluster.py --quick --merge benchmarks/results/scdeepcluster_quick_seed*.json
@@ -13,8 +13,12 @@ and its wall time are its own. Quality: ARI and NMI against ``obs["celltype"]``.
     python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
-    SCDC_ORIGINAL=/work/venvs/scdc_orig python benchmarks/scdeepcluster.py --quick \
+    python benchmarks/scdeepcluster.py --quick --original-dir ORIGINAL_DIR \
         --methods scembed_k original_k scembed_auto original_auto   # side by side with the original (README)
+
+ORIGINAL_DIR is a folder with the original's code (benchmarks/README.md says how to assemble it) and, in
+ORIGINAL_DIR/venv, an interpreter with its dependencies (``--original-python`` or ``$SCDC_ORIGINAL_PYTHON`` to use
+another); ``$SCDC_ORIGINAL`` also sets the folder.
 """
 
 from __future__ import annotations
@@ -22,23 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import DATA, run_child, script_command
+
 DATASETS = ["pbmc_10x_2100", "pbmc_10x_4k", "worm_neuron_2100", "worm_neuron_4k", "cite_pbmc_3762"]
 METHODS = ["scembed_k", "scembed_auto", "leiden_pca", "kmeans_pca"]
 #: not in the default table: scembed with K given, run entirely in float64 (as the original), to see what precision does
 EXTRA_METHODS = ["scembed_k_float64"]
-#: the original scDeepCluster_pytorch, run from a folder with its code (benchmarks/README.md says how to assemble it)
-#: and an interpreter that has its dependencies (``louvain`` for original_auto): $SCDC_ORIGINAL/venv/bin/python
-#: unless $SCDC_ORIGINAL_PYTHON says otherwise
-ORIGINAL_DIR = Path(os.environ.get("SCDC_ORIGINAL", "/work/venvs/scdc_orig"))
-ORIGINAL_PYTHON = os.environ.get("SCDC_ORIGINAL_PYTHON", str(ORIGINAL_DIR / "venv" / "bin" / "python"))
+#: the original scDeepCluster_pytorch, run from a folder with its code (``--original-dir``, benchmarks/README.md says
+#: how to assemble it) and an interpreter that has its dependencies (``louvain`` for original_auto)
 ORIGINAL_METHODS = ["original_k", "original_auto"]
 #: the original scDeepCluster_pytorch on pbmc_10x_2100, reduced budget (50 / 200), as given in the issue
 ISSUE_ORIGINAL = {
@@ -83,7 +85,7 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
 
             engine.CountData.batch = as_float64
         k = k_true if method.startswith("scembed_k") else 0
-        se.tl.scdeepcluster(adata, k, pretrain_epochs=pretrain, maxiter=maxiter, random_state=seed, device="cpu")
+        se.tl.scdeepcluster(adata, k, max_epochs=(pretrain, maxiter), random_state=seed, device="cpu")
         labels = adata.obs["scdeepcluster"].astype(str).to_numpy()
         u = adata.uns["scdeepcluster"]
         out.update(k=u["n_clusters"], epochs=u["n_epochs_cluster"], converged=bool(u["converged"]))
@@ -125,9 +127,10 @@ def resolution_sweep(dataset: str, seed: int, pretrain: int, resolutions: list[f
     truth = adata.obs["celltype"].astype(str).to_numpy()
     k_true = len(set(truth))
     # K given and no clustering epochs: the latent space written is the pretrained one
-    se.tl.scdeepcluster(adata, k_true, pretrain_epochs=pretrain, maxiter=0, random_state=seed, device="cpu")
+    se.tl.scdeepcluster(adata, k_true, max_epochs=(pretrain, 0), random_state=seed, device="cpu")
     z = adata.obsm["X_scdeepcluster"]
-    knn = adata.uns["scdeepcluster"]["params"]["knn"]
+    params = adata.uns["scdeepcluster"]["params"]
+    knn = params.get("n_neighbors", params.get("knn"))  # renamed n_neighbors
     out = {"k_true": k_true}
     for r in resolutions:
         labels = leiden_labels(z, knn=knn, resolution=r, random_state=seed)
@@ -135,23 +138,24 @@ def resolution_sweep(dataset: str, seed: int, pretrain: int, resolutions: list[f
     return out
 
 
-def run_child(args: list[str], threads: int) -> tuple[dict, float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
-    command = [sys.executable, __file__, "--worker", *args]
+def run_method(
+    args: list[str], threads: int, original_dir: Path | None, original_python: str | None
+) -> tuple[dict, float]:
+    """One (method, data set, seed) in a fresh process: its JSON result and its peak RSS in MiB."""
     method, dataset, seed, pretrain, maxiter, _ = args
+    command, path = script_command(__file__, "--worker", *args), None
     if method in ORIGINAL_METHODS:  # its own interpreter, with the original's code first on the path
-        glue = str(Path(__file__).with_name("_scdeepcluster_original.py"))
+        if original_dir is None:
+            raise SystemExit(f"{method} needs --original-dir (a folder with the original's code; see the README)")
+        python = original_python or str(original_dir / "venv" / "bin" / "python")
         k = "-1" if method == "original_k" else "0"
-        command = [ORIGINAL_PYTHON, glue, str(DATA / f"{dataset}.h5ad"), k, seed, pretrain, maxiter, str(threads)]
-        env["PYTHONPATH"] = str(ORIGINAL_DIR)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    stdout = proc.stdout.read()
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"worker {args} failed:\n{stderr.decode()[-3000:]}")
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
-    return result, usage.ru_maxrss / 1024  # MiB (Linux reports KiB)
+        glue = Path(__file__).with_name("_scdeepcluster_original.py")
+        command = script_command(glue, DATA / f"{dataset}.h5ad", k, seed, pretrain, maxiter, threads, python=python)
+        path = original_dir
+    r = run_child(command, threads, extra_pythonpath=path)
+    if not r["ok"]:
+        raise RuntimeError(f"worker {args} failed:\n{r['stderr'][-3000:] or r['error']}")
+    return r["result"], r["peak_rss_mib"]
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -171,7 +175,7 @@ def scale(n_cells: int, n_genes: int, epochs: int, device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    se.tl.scdeepcluster(adata, 10, pretrain_epochs=epochs, maxiter=epochs, tol=0.0, device=device, batch_size=4096)
+    se.tl.scdeepcluster(adata, 10, max_epochs=(epochs, epochs), tol=0.0, device=device, batch_size=4096)
     total = time.perf_counter() - t0
     u = adata.uns["scdeepcluster"]
     print(
@@ -330,6 +334,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS + ORIGINAL_METHODS)
     parser.add_argument("--threads", type=int, default=1, help="threads for every method (torch, BLAS, numba)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--original-dir",
+        type=Path,
+        default=os.environ.get("SCDC_ORIGINAL"),
+        help="folder with the original scDeepCluster_pytorch code (for original_k / original_auto)",
+    )
+    parser.add_argument(
+        "--original-python",
+        default=os.environ.get("SCDC_ORIGINAL_PYTHON"),
+        help="interpreter for the original (default: ORIGINAL_DIR/venv/bin/python)",
+    )
     parser.add_argument("--scale", type=int, default=0, help="time this many simulated cells instead")
     parser.add_argument("--scale-genes", type=int, default=2000)
     parser.add_argument("--scale-epochs", type=int, default=3)
@@ -378,14 +393,17 @@ def main() -> None:
                 cells = " | ".join("{} ({:.2f})".format(*res[str(r)]) for r in args.resolutions)
                 print(f"| {dataset} ({res['k_true']}) | {seed} | {cells} |", flush=True)
         return
-    print(f"budget: pretrain_epochs={pretrain}, maxiter={maxiter}; seeds {seeds}; {args.threads} thread(s)")
+    print(f"budget: max_epochs=({pretrain}, {maxiter}); seeds {seeds}; {args.threads} thread(s)")
     rows = []
     for dataset in args.datasets:
         for method in args.methods:
             runs = []
             for seed in seeds:
-                res, rss = run_child(
-                    [method, dataset, str(seed), str(pretrain), str(maxiter), str(args.threads)], args.threads
+                res, rss = run_method(
+                    [method, dataset, str(seed), str(pretrain), str(maxiter), str(args.threads)],
+                    args.threads,
+                    None if args.original_dir is None else Path(args.original_dir),
+                    args.original_python,
                 )
                 res["peak_mib"] = rss
                 runs.append(res)
