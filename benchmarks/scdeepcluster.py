@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runner import DATA, run_child, script_command
+from _runner import DATA, run_child, script_command, write_json
 
 DATASETS = ["pbmc_10x_2100", "pbmc_10x_4k", "worm_neuron_2100", "worm_neuron_4k", "cite_pbmc_3762"]
 METHODS = ["scembed_k", "scembed_auto", "leiden_pca", "kmeans_pca"]
@@ -377,7 +377,8 @@ def main() -> None:
     if args.merge:  # e.g. seed 0 from one run and seeds 1 2 from another, same budget
         pooled: dict[tuple[str, str], dict] = {}
         for path in args.merge:
-            for row in json.loads(path.read_text()):
+            saved = json.loads(path.read_text())
+            for row in saved["rows"] if isinstance(saved, dict) else saved:  # older files: a bare list of rows
                 key = (row["dataset"], row["method"])
                 pooled.setdefault(key, {"dataset": key[0], "method": key[1], "runs": []})["runs"] += row["runs"]
         report(list(pooled.values()), pretrain, maxiter)
@@ -409,8 +410,8 @@ def main() -> None:
                 runs.append(res)
                 print(f"  {dataset} {method} seed {seed}: {res}", flush=True)
             rows.append({"dataset": dataset, "method": method, "runs": runs})
-            if args.json:  # written as it goes: a long run that is stopped keeps what it finished
-                args.json.write_text(json.dumps(rows, indent=1))
+            # written as it goes: a long run that is stopped keeps what it finished
+            write_json(args.json, rows, script="scdeepcluster", max_epochs=[pretrain, maxiter], threads=args.threads)
     report(rows, pretrain, maxiter)
 
 
