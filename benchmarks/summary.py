@@ -1,0 +1,401 @@
+"""Print the summary tables of benchmarks/README.md from the raw results in benchmarks/results/*.json.
+
+    python benchmarks/summary.py                           # the summary tables, in Markdown
+    python benchmarks/summary.py --check benchmarks/README.md   # exit 1 if the README's summary differs
+    python benchmarks/summary.py --write benchmarks/README.md   # replace the README's summary with this output
+    python benchmarks/summary.py --list                    # every raw result file and the command behind it
+
+Each table names the result files it reads and, for every row, the command that writes that file (rerun it with
+the same ``--json`` path and rerun this script to update the row). Files marked † hold figures transcribed from a
+printed table (no raw output was kept for them); a rerun replaces them with raw results. A file that is missing is
+reported with the command that produces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+START, END = "<!-- summary:start (python benchmarks/summary.py --write) -->", "<!-- summary:end -->"
+
+AMD = "2-core x86-64 VM (AMD EPYC, AVX2), 24 GB, no GPU"
+XEON = "2-core x86-64 VM (Intel Xeon, AVX-512), 24 GB, no GPU"
+SCDC = "python benchmarks/scdeepcluster.py"
+SIDE = "--methods scembed_k original_k scembed_auto original_auto"
+#: results written before the scripts stored their command line in the file
+LEGACY = {
+    "scdeepcluster_v4_side_by_side_quick_seeds012.json": {
+        "command": f"{SCDC} --quick --seeds 0 1 2 --threads 2 {SIDE} leiden_pca kmeans_pca --original-dir ORIGINAL_DIR",
+        "machine": XEON,
+        "max_epochs": [50, 200],
+        "date": "2026-12-02",
+        "load": "quiet",
+        "threads": 2,
+    },
+    "scdeepcluster_v4_side_by_side_full_pbmc2100_seed0.json": {
+        "command": f"{SCDC} --seeds 0 --threads 2 --datasets pbmc_10x_2100 {SIDE} --original-dir ORIGINAL_DIR",
+        "machine": XEON,
+        "max_epochs": [300, 2000],
+        "date": "2026-12-02",
+        "load": "quiet",
+        "threads": 2,
+    },
+    "scdeepcluster_v4_side_by_side_full_worm2100_seed0.json": {
+        "command": f"{SCDC} --seeds 0 --threads 2 --datasets worm_neuron_2100 {SIDE} --original-dir ORIGINAL_DIR",
+        "machine": XEON,
+        "max_epochs": [300, 2000],
+        "date": "2026-12-02",
+        "load": "quiet",
+        "threads": 2,
+    },
+    "scdeepcluster_v2_quick_seeds012.json": {
+        "command": f"{SCDC} --quick --seeds 0 1 2 --threads 2",
+        "machine": AMD,
+        "max_epochs": [50, 200],
+        "date": "2026-12-02",
+        "load": "quiet",
+        "threads": 2,
+    },
+    "scdeepcluster_v2_quick_pbmc2100_seeds3to9.json": {
+        "command": f"{SCDC} --quick --seeds 3 4 5 6 7 8 9 --threads 2 --datasets pbmc_10x_2100 "
+        "--methods scembed_k scembed_auto",
+        "machine": AMD,
+        "max_epochs": [50, 200],
+        "date": "2026-12-02",
+        "load": "quiet",
+        "threads": 2,
+    },
+    "scdeepcluster_v3_original_k_pbmc2100_seed42.json": {
+        "command": f"{SCDC} --quick --methods original_k --datasets pbmc_10x_2100 --seeds 42 --threads 2 "
+        "--original-dir ORIGINAL_DIR",
+        "machine": AMD,
+        "max_epochs": [50, 200],
+        "date": "2026-12-02",
+        "load": "quiet",
+        "threads": 2,
+    },
+    **{
+        f"scdeepcluster_v2_full_seed{s}.json": {
+            "command": f"{SCDC} --seeds {s} --threads 2 --methods scembed_k scembed_auto",
+            "machine": AMD,
+            "max_epochs": [300, 2000],
+            "date": "2026-12-02",
+            "load": "quiet",
+            "threads": 2,
+        }
+        for s in range(3)
+    },
+}
+
+
+@dataclass
+class Source:
+    """One raw result file: its rows and what produced them."""
+
+    name: str
+    meta: dict
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def transcribed(self) -> bool:
+        return bool(self.meta.get("transcribed"))
+
+    @property
+    def command(self) -> str:
+        cmd = self.meta.get("command", "(command not recorded)")
+        return cmd if "--json" in cmd else f"{cmd} --json benchmarks/results/{self.name}"
+
+
+def load(name: str) -> Source | None:
+    path = RESULTS / name
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # written before files carried their command
+        return Source(name, dict(LEGACY.get(name, {})), data)
+    return Source(name, data.get("meta", {}), data.get("rows", []))
+
+
+def num(value, fmt: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, fmt)
+
+
+def ratio(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
+class Table:
+    """A Markdown table whose rows point at the runs (result files) listed under it."""
+
+    def __init__(self, title: str, columns: list[str]):
+        self.title, self.columns = title, [*columns, "run"]
+        self.rows: list[list[str]] = []
+        self.sources: list[tuple[str, Source | None, str]] = []  # (label, source, command when missing)
+        self.notes: list[str] = []
+
+    def run_label(self, source: Source) -> str:
+        for label, s, _ in self.sources:
+            if s is source:
+                return label + ("†" if source.transcribed else "")
+        raise KeyError(source.name)
+
+    def source(self, name: str, missing_command: str = "") -> Source | None:
+        src = load(name)
+        self.sources.append((chr(ord("a") + len(self.sources)), src if src else None, missing_command or name))
+        return src
+
+    def add(self, cells: list[str], source: Source) -> None:
+        self.rows.append([*cells, self.run_label(source)])
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", ""]
+        machines = sorted({s.meta.get("machine", "") for _, s, _ in self.sources if s and s.meta.get("machine")})
+        threads = sorted({str(s.meta.get("threads")) for _, s, _ in self.sources if s and s.meta.get("threads")})
+        if machines:
+            out += [f"Machine: {'; '.join(machines)}; {', '.join(threads) or '?'} threads per method.", ""]
+        out.append("| " + " | ".join(self.columns) + " |")
+        out.append("|" + " --- |" * len(self.columns))
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        out.append("")
+        for label, s, missing in self.sources:
+            if s is None:
+                out.append(f"- ({label}) not measured yet (no `benchmarks/results/{missing}`)")
+                continue
+            when = ", ".join(x for x in (s.meta.get("date"), s.meta.get("load")) if x)
+            mark = " † Transcribed from the printed table; no raw output kept." if s.transcribed else ""
+            out.append(f"- ({label}) `{s.command}` — {when}.{mark}")
+        out += [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+
+def affinity() -> Table:
+    t = Table(
+        "`pp.affinity`: entropic affinities (perplexity 30, k = 90) vs openTSNE",
+        [
+            "data",
+            "tool",
+            "kNN",
+            "time (s)",
+            "× openTSNE",
+            "peak RSS (GiB)",
+            "neighbours found",
+            "TV vs exact",
+            "rel. err.",
+        ],
+    )
+    for name in ("affinity_pbmc4k.json", "affinity_100k.json"):
+        src = t.source(name)
+        for r in src.rows if src else []:
+            t.add(
+                [r["data"], r["tool"], r["method"], num(r.get("time"), ".2f"), ratio(r.get("ratio")),
+                 num(r.get("rss"), ".2f"), num(r.get("recall")), num(r.get("tv"), ".4f"), num(r.get("ref"), ".1e")],
+                src,
+            )  # fmt: skip
+    t.notes.append(
+        "neighbours found: share of the exact k nearest neighbours in the graph; TV: total-variation distance to "
+        "scembed's exact P; rel. err.: max |P − P_ref| / max P_ref against a float64 brute force (small data only)."
+    )
+    return t
+
+
+def ee() -> Table:
+    t = Table(
+        "`tl.ee`: elastic embedding vs the original (neuralee 0.1.6) and openTSNE",
+        ["data", "method", "EE objective", "10-NN acc.", "centroid ρ", "time (s)", "× original", "peak RSS (GiB)"],
+    )
+    src = t.source("ee_3sets.json")
+    rows = src.rows if src else []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        by = {r["method"]: r for r in rows if r["data"] == data}
+        ref = by.get("neuralee_EE", {}).get("time")
+        for method, label in (("scembed_ee", "scembed"), ("neuralee_EE", "original"), ("openTSNE", "openTSNE")):
+            r = by.get(method)
+            if r:
+                t.add(
+                    [data, label, num(r.get("E"), ".5f"), num(r["knn_acc"]), num(r["centroid_rho"]),
+                     num(r["time"], ".1f"), ratio(r["time"] / ref if ref else None), num(r.get("peak_gb"), ".2f")],
+                    src,
+                )  # fmt: skip
+    t.notes.append(
+        "scembed and the original get the same affinities, repulsive weights and λ = 1; the EE objective of both is "
+        "evaluated by one function (lower is better). openTSNE optimises another objective."
+    )
+    return t
+
+
+def neuralee() -> Table:
+    t = Table(
+        "`tl.neuralee`: NeuralEE vs the original (neuralee 0.1.6), openTSNE and UMAP",
+        [
+            "data",
+            "method",
+            "epochs",
+            "10-NN pres.",
+            "10-NN acc.",
+            "centroid ρ",
+            "time (s)",
+            "× original",
+            "peak RSS (GiB)",
+        ],
+    )
+    labels = {
+        "scembed": "scembed (defaults)",
+        "scembed_full": "scembed, full batch",
+        "original": "original",
+        "opentsne": "openTSNE",
+        "umap": "UMAP",
+    }
+    for name in ("neuralee_pbmc4k.json", "neuralee_scale_100k.json", "neuralee_scale_1m3.json"):
+        src = t.source(name)
+        rows = src.rows if src else []
+        ref = next((r["time"] for r in rows if r["method"] == "original"), None)
+        for r in rows:
+            if "error" in r:
+                continue
+            epochs = r.get("epochs", r.get("options", {}).get("max_epochs", ""))
+            method = labels.get(r["method"], r["method"])
+            if "options" in r:
+                method = f"scembed, batches of {r['options']['batch_size']}"
+            t.add(
+                [r["data"], method, str(epochs), num(r.get("knn_pres")), num(r["knn_acc"]), num(r["centroid_rho"]),
+                 num(r["time"], ".1f"), ratio(r["time"] / ref if ref else None), num(r["rss_gb"], ".2f")],
+                src,
+            )  # fmt: skip
+    t.notes.append(
+        "The simulated rows score 20,000 random cells. At 1.3 M cells the network is trained on a 100,000-cell "
+        "subsample and maps every cell (no refinement on all cells in this run)."
+    )
+    return t
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return sum(x[key] for x in runs) / len(runs)
+
+
+def _seeds(runs: list[dict]) -> str:
+    return str(len(runs))
+
+
+def scdeepcluster() -> Table:
+    t = Table(
+        "`tl.scdeepcluster`: vs the original scDeepCluster_pytorch and clustering of 50 PCs",
+        ["budget", "data set", "K", "seeds", "ARI scembed", "ARI original", "ARI on PCs", "time scembed (s)",
+         "× original", "RSS scembed (MiB)", "RSS × original"],
+    )  # fmt: skip
+    quick = t.source("scdeepcluster_v4_side_by_side_quick_seeds012.json")
+    peers = {(r["dataset"], r["method"]): r["runs"] for r in (quick.rows if quick else [])}
+    full = [
+        t.source("scdeepcluster_v4_side_by_side_full_pbmc2100_seed0.json"),
+        t.source("scdeepcluster_v4_side_by_side_full_worm2100_seed0.json"),
+    ]
+    for src in [quick, *full]:
+        if src is None:
+            continue
+        budget = "{} / {}".format(*src.meta.get("max_epochs", ["?", "?"]))
+        by = {(r["dataset"], r["method"]): r["runs"] for r in src.rows}
+        for data in dict.fromkeys(r["dataset"] for r in src.rows):
+            for mode, label, peer, peer_label in (
+                ("k", "given", "kmeans_pca", "KMeans"),
+                ("auto", "auto", "leiden_pca", "Leiden"),
+            ):
+                mine, orig = by.get((data, f"scembed_{mode}")), by.get((data, f"original_{mode}"))
+                if not mine:
+                    continue
+                p = peers.get((data, peer))
+                t.add(
+                    [budget, data, label, _seeds(mine), f"{_mean(mine, 'ari'):.3f}",
+                     f"{_mean(orig, 'ari'):.3f}" if orig else "–",
+                     f"{_mean(p, 'ari'):.3f} ({peer_label})" if p else "–",
+                     f"{_mean(mine, 'time'):.1f}",
+                     ratio(_mean(mine, "time") / _mean(orig, "time")) if orig else "–",
+                     f"{max(x['peak_mib'] for x in mine):.0f}",
+                     ratio(_mean(mine, "peak_mib") / _mean(orig, "peak_mib")) if orig else "–"],
+                    src,
+                )  # fmt: skip
+    t.notes.append(
+        "ARI: mean over the seeds. K given: KMeans with the true K on 50 PCs; auto (`n_clusters=0`): Leiden "
+        "(resolution 1) on the 15-NN graph of 50 PCs; the peers do not depend on the budget and come from run (a) "
+        "for every row. Budget: pretraining / clustering epochs; 50 / 200 is the reduced budget of the original's "
+        "published example, 300 / 2000 the defaults of both."
+    )
+    return t
+
+
+def imap() -> Table:
+    t = Table(
+        "`tl.imap_integrate`: iMAP at the defaults (150 + 150 epochs) vs the original (imap 1.0.0), Harmony and PCA",
+        ["data", "method", "aggregate", "iLISI", "cLISI", "kBET", "time (s)", "× original", "peak RSS (GiB)"],
+    )
+    for name in ("imap_defaults_cellbench.json", "imap_defaults_kang.json"):
+        src = t.source(name)
+        rows = src.rows if src else []
+        ref = next((r["seconds"] for r in rows if r["method"] == "imap_original"), None)
+        for r in rows:
+            t.add(
+                [r["data"], r["method"], f"{r['total']:.3f}", f"{r['iLISI']:.3f}", f"{r['cLISI']:.3f}",
+                 f"{r['kBET']:.3f}", f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.1f}",
+                 ratio(r["seconds"] / ref if ref else None), f"{r['peak_mb'] / 1024:.2f}"],
+                src,
+            )  # fmt: skip
+    t.notes.append(
+        "scib-metrics on 50 PCs of the corrected expression (90-NN graph); aggregate = 0.6 · mean(cLISI, label ASW) "
+        "+ 0.4 · mean(iLISI, batch ASW, graph connectivity, kBET)."
+    )
+    return t
+
+
+def summary() -> str:
+    tables = [affinity(), ee(), neuralee(), scdeepcluster(), imap()]
+    return "\n".join(t.markdown() for t in tables)
+
+
+def list_results() -> None:
+    for path in sorted(RESULTS.glob("*.json")):
+        src = load(path.name)
+        mark = " (transcribed)" if src.transcribed else ""
+        print(f"{path.name}{mark}: {src.command}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--check", type=Path, help="compare with the summary block of this Markdown file")
+    group.add_argument("--write", type=Path, help="replace the summary block of this Markdown file")
+    group.add_argument("--list", action="store_true", help="list every raw result file and its command")
+    args = parser.parse_args()
+    if args.list:
+        list_results()
+        return
+    text = summary()
+    target = args.check or args.write
+    if target is None:
+        print(text, end="")
+        return
+    doc = target.read_text()
+    if START not in doc or END not in doc:
+        raise SystemExit(f"{target} has no summary block ({START} ... {END})")
+    head, rest = doc.split(START, 1)
+    old, tail = rest.split(END, 1)
+    if args.write:
+        target.write_text(f"{head}{START}\n\n{text}\n{END}{tail}")
+        return
+    if old.strip() != text.strip():
+        import difflib
+
+        sys.stdout.writelines(difflib.unified_diff(old.strip().splitlines(True), text.strip().splitlines(True)))
+        raise SystemExit(f"{target}: the summary differs from benchmarks/results (run --write)")
+    print(f"{target}: summary matches benchmarks/results")
+
+
+if __name__ == "__main__":
+    main()
