@@ -128,6 +128,11 @@ def num(value, fmt: str = ".3f") -> str:
     return format(value, fmt)
 
 
+def ratio_to(value: float, ref: float | None) -> str:
+    """``value / ref`` as a ratio; "–" without a reference."""
+    return ratio(value / ref if ref else None)
+
+
 def ratio(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -153,6 +158,11 @@ class Table:
         src = load(name)
         self.sources.append((chr(ord("a") + len(self.sources)), src if src else None, missing_command or name))
         return src
+
+    def rows_of(self, name: str) -> tuple[Source | None, list[dict]]:
+        """Register the result file ``name`` as the next run; return it and its rows (none if it is missing)."""
+        src = self.source(name)
+        return src, (src.rows if src else [])
 
     def add(self, cells: list[str], source: Source) -> None:
         self.rows.append([*cells, self.run_label(source)])
@@ -194,8 +204,8 @@ def affinity() -> Table:
         ],
     )
     for name in ("affinity_pbmc4k.json", "affinity_100k.json"):
-        src = t.source(name)
-        for r in src.rows if src else []:
+        src, rows = t.rows_of(name)
+        for r in rows:
             t.add(
                 [r["data"], r["tool"], r["method"], num(r.get("time"), ".2f"), ratio(r.get("ratio")),
                  num(r.get("rss"), ".2f"), num(r.get("recall")), num(r.get("tv"), ".4f"), num(r.get("ref"), ".1e")],
@@ -213,8 +223,7 @@ def ee() -> Table:
         "`tl.ee`: elastic embedding vs the original (neuralee 0.1.6) and openTSNE",
         ["data", "method", "EE objective", "10-NN acc.", "centroid ρ", "time (s)", "× original", "peak RSS (GiB)"],
     )
-    src = t.source("ee_3sets.json")
-    rows = src.rows if src else []
+    src, rows = t.rows_of("ee_3sets.json")
     for data in dict.fromkeys(r["data"] for r in rows):
         by = {r["method"]: r for r in rows if r["data"] == data}
         ref = by.get("neuralee_EE", {}).get("time")
@@ -223,7 +232,7 @@ def ee() -> Table:
             if r:
                 t.add(
                     [data, label, num(r.get("E"), ".5f"), num(r["knn_acc"]), num(r["centroid_rho"]),
-                     num(r["time"], ".1f"), ratio(r["time"] / ref if ref else None), num(r.get("peak_gb"), ".2f")],
+                     num(r["time"], ".1f"), ratio_to(r["time"], ref), num(r.get("peak_gb"), ".2f")],
                     src,
                 )  # fmt: skip
     t.notes.append(
@@ -256,8 +265,7 @@ def neuralee() -> Table:
         "umap": "UMAP",
     }
     for name in ("neuralee_pbmc4k.json", "neuralee_scale_100k.json", "neuralee_scale_1m3.json"):
-        src = t.source(name)
-        rows = src.rows if src else []
+        src, rows = t.rows_of(name)
         ref = next((r["time"] for r in rows if r["method"] == "original"), None)
         for r in rows:
             if "error" in r:
@@ -268,7 +276,7 @@ def neuralee() -> Table:
                 method = f"scembed, batches of {r['options']['batch_size']}"
             t.add(
                 [r["data"], method, str(epochs), num(r.get("knn_pres")), num(r["knn_acc"]), num(r["centroid_rho"]),
-                 num(r["time"], ".1f"), ratio(r["time"] / ref if ref else None), num(r["rss_gb"], ".2f")],
+                 num(r["time"], ".1f"), ratio_to(r["time"], ref), num(r["rss_gb"], ".2f")],
                 src,
             )  # fmt: skip
     t.notes.append(
@@ -337,14 +345,13 @@ def imap() -> Table:
         ["data", "method", "aggregate", "iLISI", "cLISI", "kBET", "time (s)", "× original", "peak RSS (GiB)"],
     )
     for name in ("imap_defaults_cellbench.json", "imap_defaults_kang.json"):
-        src = t.source(name)
-        rows = src.rows if src else []
+        src, rows = t.rows_of(name)
         ref = next((r["seconds"] for r in rows if r["method"] == "imap_original"), None)
         for r in rows:
             t.add(
                 [r["data"], r["method"], f"{r['total']:.3f}", f"{r['iLISI']:.3f}", f"{r['cLISI']:.3f}",
                  f"{r['kBET']:.3f}", f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.1f}",
-                 ratio(r["seconds"] / ref if ref else None), f"{r['peak_mb'] / 1024:.2f}"],
+                 ratio_to(r["seconds"], ref), f"{r['peak_mb'] / 1024:.2f}"],
                 src,
             )  # fmt: skip
     t.notes.append(
