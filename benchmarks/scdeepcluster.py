@@ -6,7 +6,7 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
     python benchmarks/scdeepcluster.py --quick          # reduced budget (max_epochs=(50, 200)), 1 seed
     python benchmarks/scdeepcluster.py                  # full defaults (300 / 2000), 3 seeds
     python benchmarks/scdeepcluster.py --scale 1000000  # GPU: time 1M simulated cells (few epochs)
-    python benchmarks/scdeepcluster.py --quick --merge benchmarks/results/scdeepcluster_quick_seed*.json
+    python benchmarks/scdeepcluster.py --merge benchmarks/results/scdeepcluster_defaults_scembed_seed*.json
                                                         # one table from runs saved with --json (seeds pooled)
     python benchmarks/scdeepcluster.py --resolutions 0.1 0.2 0.3 0.5 0.8 --pretrain-epochs 300
                                                         # K and ARI of Leiden on the pretrained latent space

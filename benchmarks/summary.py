@@ -30,7 +30,7 @@ SCDC = "python benchmarks/scdeepcluster.py"
 SIDE = "--methods scembed_k original_k scembed_auto original_auto"
 #: results written before the scripts stored their command line in the file
 LEGACY = {
-    "scdeepcluster_v4_side_by_side_quick_seeds012.json": {
+    "scdeepcluster_reduced_side_by_side_seeds012.json": {
         "command": f"{SCDC} --quick --seeds 0 1 2 --threads 2 {SIDE} leiden_pca kmeans_pca --original-dir ORIGINAL_DIR",
         "machine": XEON,
         "max_epochs": [50, 200],
@@ -38,7 +38,7 @@ LEGACY = {
         "load": "quiet",
         "threads": 2,
     },
-    "scdeepcluster_v4_side_by_side_full_pbmc2100_seed0.json": {
+    "scdeepcluster_defaults_side_by_side_pbmc2100_seed0.json": {
         "command": f"{SCDC} --seeds 0 --threads 2 --datasets pbmc_10x_2100 {SIDE} --original-dir ORIGINAL_DIR",
         "machine": XEON,
         "max_epochs": [300, 2000],
@@ -46,7 +46,7 @@ LEGACY = {
         "load": "quiet",
         "threads": 2,
     },
-    "scdeepcluster_v4_side_by_side_full_worm2100_seed0.json": {
+    "scdeepcluster_defaults_side_by_side_worm2100_seed0.json": {
         "command": f"{SCDC} --seeds 0 --threads 2 --datasets worm_neuron_2100 {SIDE} --original-dir ORIGINAL_DIR",
         "machine": XEON,
         "max_epochs": [300, 2000],
@@ -54,7 +54,7 @@ LEGACY = {
         "load": "quiet",
         "threads": 2,
     },
-    "scdeepcluster_v2_quick_seeds012.json": {
+    "scdeepcluster_reduced_seeds012.json": {
         "command": f"{SCDC} --quick --seeds 0 1 2 --threads 2",
         "machine": AMD,
         "max_epochs": [50, 200],
@@ -62,7 +62,7 @@ LEGACY = {
         "load": "quiet",
         "threads": 2,
     },
-    "scdeepcluster_v2_quick_pbmc2100_seeds3to9.json": {
+    "scdeepcluster_reduced_pbmc2100_seeds3to9.json": {
         "command": f"{SCDC} --quick --seeds 3 4 5 6 7 8 9 --threads 2 --datasets pbmc_10x_2100 "
         "--methods scembed_k scembed_auto",
         "machine": AMD,
@@ -71,7 +71,7 @@ LEGACY = {
         "load": "quiet",
         "threads": 2,
     },
-    "scdeepcluster_v3_original_k_pbmc2100_seed42.json": {
+    "scdeepcluster_reduced_original_k_pbmc2100_seed42.json": {
         "command": f"{SCDC} --quick --methods original_k --datasets pbmc_10x_2100 --seeds 42 --threads 2 "
         "--original-dir ORIGINAL_DIR",
         "machine": AMD,
@@ -81,7 +81,7 @@ LEGACY = {
         "threads": 2,
     },
     **{
-        f"scdeepcluster_v2_full_seed{s}.json": {
+        f"scdeepcluster_defaults_scembed_seed{s}.json": {
             "command": f"{SCDC} --seeds {s} --threads 2 --methods scembed_k scembed_auto",
             "machine": AMD,
             "max_epochs": [300, 2000],
@@ -300,11 +300,11 @@ def scdeepcluster() -> Table:
         ["budget", "data set", "K", "seeds", "ARI scembed", "ARI original", "ARI on PCs", "time scembed (s)",
          "× original", "RSS scembed (MiB)", "RSS × original"],
     )  # fmt: skip
-    quick = t.source("scdeepcluster_v4_side_by_side_quick_seeds012.json")
+    quick = t.source("scdeepcluster_reduced_side_by_side_seeds012.json")
     peers = {(r["dataset"], r["method"]): r["runs"] for r in (quick.rows if quick else [])}
     full = [
-        t.source("scdeepcluster_v4_side_by_side_full_pbmc2100_seed0.json"),
-        t.source("scdeepcluster_v4_side_by_side_full_worm2100_seed0.json"),
+        t.source("scdeepcluster_defaults_side_by_side_pbmc2100_seed0.json"),
+        t.source("scdeepcluster_defaults_side_by_side_worm2100_seed0.json"),
     ]
     for src in [quick, *full]:
         if src is None:
