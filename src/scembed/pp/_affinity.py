@@ -6,7 +6,8 @@ from scipy import sparse
 
 from .._constants import AFFINITY
 from .._engine.affinity import entropic_affinities, padded_neighbors_from_graph
-from .._engine.knn import KNN_METHODS, METRICS, nearest_neighbors, resolve_knn_method
+from .._engine.distributed import knn_affinities
+from .._engine.knn import KNN_METHODS, METRICS, resolve_knn_method
 from .._utils import (
     check_adata,
     check_in_range,
@@ -127,6 +128,7 @@ def affinity(
         if not np.isfinite(distances[indices >= 0]).all():
             raise ValueError(f"the graph obsp[{dist_key!r}] holds NaN or infinite distances.")
         rep_name, k, used_method = f"obsp[{dist_key!r}]", indices.shape[1], "graph"
+        P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device=dev)
     else:
         if perplexity >= n - 1:
             raise ValueError(f"`perplexity={perplexity:g}` must be smaller than n_obs - 1 = {n - 1}.")
@@ -138,11 +140,10 @@ def affinity(
         X, rep_name = get_representation(adata, use_rep, n_pcs, random_state=seed)
         used_method = resolve_knn_method(method, n, dev)
         log.info(f"computing {k} nearest neighbours ({used_method}, {metric}) on {rep_name}")
-        indices, distances, used_method = nearest_neighbors(
-            X, k, method=used_method, metric=metric, n_jobs=n_jobs, device=dev, random_state=seed
+        # one process: nearest_neighbors + entropic_affinities; under torchrun the rows are split across ranks
+        P, _, n_bad, used_method = knn_affinities(
+            X, k, perplexity, method=used_method, metric=metric, tol=tol, n_jobs=n_jobs, device=dev, random_state=seed
         )
-
-    P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device=dev)
     if n_bad:
         log.warning(
             f"{n_bad} cell(s) could not be calibrated to perplexity {perplexity:g} within tol={tol:g} "
