@@ -1,0 +1,110 @@
+"""Run by ``tests/test_distributed.py`` under ``torchrun`` (2 processes, gloo): writes each rank's results to a folder.
+
+Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distributed_worker.py MODE OUT``.
+
+MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities and a deliberate mismatch.
+MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
+MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: shared with the test: the data and training parameters
+N, D, BATCH, EPOCHS, SEED, PERPLEXITY, K = 96, 5, 16, 3, 7, 5.0, 15
+
+
+def data() -> np.ndarray:
+    """Three separated Gaussian blobs."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=4.0, size=(3, D))
+    return (centres[np.arange(N) % 3] + rng.normal(size=(N, D))).astype(np.float32)
+
+
+def graph(X: np.ndarray):
+    """The global affinities, computed with the rows split across ranks (one process: all rows)."""
+    from scembed._engine.distributed import knn_affinities
+
+    P, beta, n_bad, method = knn_affinities(X, K, PERPLEXITY, method="exact", device="cpu")
+    return P, beta, n_bad, method
+
+
+def fit(X: np.ndarray, P):
+    """NeuralEE in "graph" mode for a few epochs, every epoch's loss recorded (no patience)."""
+    from scembed._engine.neuralee import fit_neuralee
+
+    torch.manual_seed(SEED)
+    return fit_neuralee(
+        X,
+        P=P,
+        batch_size=BATCH,
+        batch_affinity="graph",
+        maxit=EPOCHS,
+        patience=None,
+        min_delta=0.0,
+        random_state=SEED,
+        show_progress=False,
+    )
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    from scembed._engine import distributed
+
+    w = distributed.init_from_env()
+    rank = w.rank
+    if mode == "train":
+        X = data()
+        P, beta, n_bad, method = graph(X)
+        np.savez(
+            out / f"affinity_rank{rank}.npz",
+            data=P.data,
+            indices=P.indices,
+            indptr=P.indptr,
+            beta=beta,
+            n_bad=n_bad,
+        )
+        net, info = fit(X, P)
+        Y = net(torch.as_tensor(X)).detach().numpy()
+        state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+        np.savez(out / f"neuralee_rank{rank}.npz", Y=Y, loss=np.asarray(info["history"]["loss"]), **state)
+        # a deliberate mismatch: rank 1 holds other genes
+        genes = [f"g{i}" for i in range(20)]
+        if rank == 1:
+            genes[7] = "other"
+        try:
+            distributed.check_same_across_ranks("var_names", genes)
+            message = ""
+        except ValueError as err:
+            message = str(err)
+        (out / f"mismatch_rank{rank}.txt").write_text(message)
+        info_out = {"world": [w.rank, w.size, w.backend], "is_main": distributed.is_main(), "method": method}
+        (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
+    elif mode in ("early_exit", "hang"):
+        if rank == 1:
+            if mode == "hang":
+                time.sleep(120)  # alive but never joins the collective; torchrun ends it once rank 0 has failed
+            return  # leaves without a word; rank 0 must not wait forever
+        start = time.monotonic()
+        try:
+            distributed.all_reduce_sum(torch.ones(3))
+            outcome = "no error"
+        except Exception as err:  # gloo reports the lost peer or the timeout as a RuntimeError subclass
+            outcome = f"{type(err).__name__}: {err}"
+        (out / f"{mode}_rank0.json").write_text(json.dumps({"seconds": time.monotonic() - start, "outcome": outcome}))
+        sys.exit(3 if outcome != "no error" else 0)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
