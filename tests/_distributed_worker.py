@@ -54,6 +54,16 @@ def fit(X: np.ndarray, P):
     )
 
 
+def dec_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent coordinates of N cells and 3 centroids for the DEC target check."""
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(N, 4, generator=g), torch.randn(3, 4, generator=g)
+
+
+def _fail_on_main(rank: int) -> None:
+    raise ValueError(f"raised on rank {rank}")
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -86,7 +96,32 @@ def main() -> None:
         except ValueError as err:
             message = str(err)
         (out / f"mismatch_rank{rank}.txt").write_text(message)
-        info_out = {"world": [w.rank, w.size, w.backend], "is_main": distributed.is_main(), "method": method}
+        # the trainers' helpers: DEC targets from sharded latents, rank-0-only work, lock-step mini-batches
+        z, centroids = dec_inputs()
+        q, p = distributed.dec_assignments(z[distributed.shard(len(z))], centroids)
+        gen = torch.Generator().manual_seed(3)
+        batches = distributed.rank_minibatches(23, 5, generator=gen)
+        noise = distributed.rank_generator(torch.Generator().manual_seed(5))
+        on_main_value = distributed.on_main(lambda: 10 * rank + 7)
+        try:
+            distributed.on_main(_fail_on_main, rank)
+            on_main_error = ""
+        except ValueError as err:
+            on_main_error = str(err)
+        np.savez(
+            out / f"helpers_rank{rank}.npz",
+            q=q.numpy(),
+            p=p.numpy(),
+            batches=torch.stack(batches).numpy(),
+            noise=torch.rand(4, generator=noise).numpy(),
+        )
+        info_out = {
+            "on_main": on_main_value,
+            "on_main_error": on_main_error,
+            "world": [w.rank, w.size, w.backend],
+            "is_main": distributed.is_main(),
+            "method": method,
+        }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
     elif mode in ("early_exit", "hang"):
         if rank == 1:

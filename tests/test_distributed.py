@@ -19,6 +19,7 @@ from scembed._engine import distributed
 from scembed._engine.affinity import entropic_affinities
 from scembed._engine.knn import nearest_neighbors
 from scembed._engine.neuralee import GraphSampler, batch_repulsion, build_network, recalibrate_batchnorm
+from scembed._engine.scdeepcluster import assignments
 from scembed._engine.training import adam
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
@@ -232,3 +233,36 @@ def test_a_rank_that_leaves_or_hangs_makes_the_others_fail_not_wait(tmp_path, mo
     assert result["seconds"] < timeout_s + 30
     if mode == "hang":
         assert result["seconds"] >= timeout_s * 0.9
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_trainer_helpers_across_ranks(two_ranks):
+    """DEC targets from sharded latents, rank-0-only work, lock-step mini-batches, per-rank noise streams."""
+    h = [np.load(two_ranks / f"helpers_rank{r}.npz") for r in (0, 1)]
+    info = [json.loads((two_ranks / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    # DEC: the all-reduced cluster sums give every rank the one-process Q and P of all cells
+    z, centroids = worker.dec_inputs()
+    q_ref, p_ref = assignments(z, centroids)
+    for r in (0, 1):
+        np.testing.assert_allclose(h[r]["q"], q_ref.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(h[r]["p"], p_ref.numpy(), rtol=1e-5, atol=1e-7)
+    # on_main: rank 0's result everywhere, rank 0's exception everywhere
+    assert [i["on_main"] for i in info] == [7, 7]
+    assert [i["on_main_error"] for i in info] == ["raised on rank 0"] * 2
+    # mini-batches: one shared permutation, rank 0 takes batches 0, 2 and rank 1 batches 1, 3 (batch 4, short, waits)
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(3)).numpy()
+    blocks = [perm[i * 5 : (i + 1) * 5] for i in range(4)]
+    assert np.array_equal(h[0]["batches"], np.stack([blocks[0], blocks[2]]))
+    assert np.array_equal(h[1]["batches"], np.stack([blocks[1], blocks[3]]))
+    # noise: rank 0 keeps the one-process stream, rank 1 has its own
+    assert np.array_equal(h[0]["noise"], torch.rand(4, generator=torch.Generator().manual_seed(5)).numpy())
+    assert not np.array_equal(h[0]["noise"], h[1]["noise"])
+
+
+def test_rank_minibatches_one_process_is_minibatches():
+    from scembed._engine.training import minibatches
+
+    a = distributed.rank_minibatches(23, 5, generator=torch.Generator().manual_seed(1))
+    b = list(minibatches(23, 5, generator=torch.Generator().manual_seed(1)))
+    assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))

@@ -455,3 +455,83 @@ def knn_affinities(
 def shard_sizes(n: int, size: int) -> Sequence[int]:
     """Rows per rank for ``n`` rows over ``size`` ranks (what :func:`shard` gives each)."""
     return [shard(n, World(rank=r, size=size)).stop - shard(n, World(rank=r, size=size)).start for r in range(size)]
+
+
+# ------------------------------------------------------------------------------------------------- trainers' helpers
+def rank_minibatches(
+    n: int,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """Mini-batches of this rank: one permutation of ``range(n)`` drawn alike on every rank.
+
+    Rank r takes batches ``r, r + W, …`` (:func:`rank_blocks`), every rank the same number,
+    ``max(1, n_batches // W)``, so that the ranks step in lock-step; the batches left over are reshuffled into the
+    next call's permutation. With one process this is every batch in order, the last one possibly short: the same
+    as :func:`scembed._engine.training.minibatches`, from the same generator draws.
+    """
+    w = world()
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(device)
+    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    if not w.distributed:
+        return batches
+    n_steps = max(1, len(batches) // w.size)
+    return [batches[b] for b in rank_blocks(len(batches), n_steps, w)]
+
+
+def rank_generator(generator: torch.Generator) -> torch.Generator:
+    """An independent stream per rank for draws that should differ between ranks (denoising noise, mixup).
+
+    Rank 0 (and a single process) keeps ``generator`` itself, so one-process results do not change; rank r > 0
+    gets a new generator on the same device seeded from ``generator.initial_seed()`` and r.
+    """
+    w = world()
+    if w.rank == 0:
+        return generator
+    seed = int.from_bytes(hashlib.sha256(f"{generator.initial_seed()}:{w.rank}".encode()).digest()[:7], "little")
+    return torch.Generator(device=generator.device).manual_seed(seed)
+
+
+def on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` on rank 0 only and give its result (picklable) to every rank.
+
+    For work that must be done once and identically, e.g. the initial KMeans/Leiden centres of scDeepCluster.
+    An exception on rank 0 is raised on every rank.
+    """
+    w = world()
+    if not w.distributed:
+        return fn(*args, **kwargs)
+    box: list[Any] = [None]
+    if w.is_main:
+        try:
+            box[0] = ("ok", fn(*args, **kwargs))
+        except Exception as err:  # sent to the others, then raised everywhere
+            box[0] = ("error", err)
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+@torch.no_grad()
+def dec_assignments(z_local: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft assignments Q and DEC targets P (scDeepCluster) of all cells, from this rank's rows of the latent.
+
+    Each rank encodes only its :func:`shard` of the cells; the per-cluster sums f_j = Σ_i q_ij are all-reduced
+    (the only global quantity P needs), each rank forms P for its rows, and Q and P (cells × clusters, small) are
+    all-gathered in rank order, so that every rank holds the rows of every mini-batch it may draw. Equal to
+    :func:`scembed._engine.scdeepcluster.assignments` on all rows; one process: exactly that.
+    """
+    from .scdeepcluster import assignments, soft_assign, target_distribution
+
+    if not world().distributed:
+        return assignments(z_local, centroids)
+    q = soft_assign(z_local, centroids) if z_local.shape[0] else z_local.new_zeros((0, centroids.shape[0]))
+    f = all_reduce_sum(q.sum(0))
+    p = target_distribution(q, f) if q.shape[0] else q
+    return all_gather_rows(q), all_gather_rows(p)
