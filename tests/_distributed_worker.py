@@ -3,6 +3,7 @@
 Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distributed_worker.py MODE OUT``.
 
 MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities and a deliberate mismatch.
+MODE ``tools``: tl.scdeepcluster on tiny counts.
 MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
 MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
 """
@@ -64,6 +65,54 @@ def _fail_on_main(rank: int) -> None:
     raise ValueError(f"raised on rank {rank}")
 
 
+def _call(fn, *args, **named):
+    """Call ``fn`` with the keywords it takes; ``name=(new, old)`` pairs pick whichever name ``fn`` has."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    for key, value in named.items():
+        if isinstance(value, Renamed):
+            kwargs.update({value.new: value.new_value} if value.new in params else {value.old: value.old_value})
+        elif key in params:
+            kwargs[key] = value
+    return fn(*args, **kwargs)
+
+
+class Renamed:
+    """A keyword renamed by the package's one vocabulary: its new and old names and values."""
+
+    def __init__(self, new: str, new_value, old: str, old_value) -> None:
+        self.new, self.new_value, self.old, self.old_value = new, new_value, old, old_value
+
+
+def tools() -> dict[str, np.ndarray]:
+    """scDeepCluster through the public API on tiny simulated counts (2 batches), a small network."""
+
+    import scembed as se
+
+    a = se.datasets.simulate(120, 60, n_celltypes=3, n_batches=2, random_state=0)
+    _call(
+        se.tl.scdeepcluster,
+        a,
+        n_clusters=3,
+        batch_size=32,
+        epochs=Renamed("max_epochs", (2, 2), "pretrain_epochs", 2),
+        maxiter=Renamed("max_epochs", (2, 2), "maxiter", 2),
+        latent=Renamed("n_latent", 4, "z_dim", 4),
+        hidden=Renamed("hidden", (16,), "encoder", (16,)),
+        random_state=0,
+        show_progress=False,
+    )
+    history = a.uns["scdeepcluster"].get("history", {})
+    losses = {f"history_{k}": np.asarray(v, dtype=np.float64) for k, v in history.items() if isinstance(v, list)}
+    return {
+        "sdc_latent": np.asarray(a.obsm["X_scdeepcluster"]),
+        "sdc_labels": a.obs["scdeepcluster"].astype(int).to_numpy(),
+        **losses,
+    }
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -101,8 +150,12 @@ def main() -> None:
         q, p = distributed.dec_assignments(z[distributed.shard(len(z))], centroids)
         gen = torch.Generator().manual_seed(3)
         batches = distributed.rank_minibatches(23, 5, generator=gen)
-        noise = distributed.rank_generator(torch.Generator().manual_seed(5))
+        shared = torch.Generator().manual_seed(5)
+        noise = distributed.rank_generator(shared)
         on_main_value = distributed.on_main(lambda: 10 * rank + 7)
+        bn = torch.nn.BatchNorm1d(3)
+        bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(rank)))  # statistics of this rank's batch
+        distributed.average_buffers_(bn)
         try:
             distributed.on_main(_fail_on_main, rank)
             on_main_error = ""
@@ -114,6 +167,9 @@ def main() -> None:
             p=p.numpy(),
             batches=torch.stack(batches).numpy(),
             noise=torch.rand(4, generator=noise).numpy(),
+            shared_after=torch.rand(4, generator=shared).numpy(),
+            bn_mean=bn.running_mean.numpy(),
+            bn_var=bn.running_var.numpy(),
         )
         info_out = {
             "on_main": on_main_value,
@@ -123,6 +179,8 @@ def main() -> None:
             "method": method,
         }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
+    elif mode == "tools":
+        np.savez(out / f"tools_rank{rank}.npz", **tools())
     elif mode in ("early_exit", "hang"):
         if rank == 1:
             if mode == "hang":

@@ -255,9 +255,20 @@ def test_trainer_helpers_across_ranks(two_ranks):
     blocks = [perm[i * 5 : (i + 1) * 5] for i in range(4)]
     assert np.array_equal(h[0]["batches"], np.stack([blocks[0], blocks[2]]))
     assert np.array_equal(h[1]["batches"], np.stack([blocks[1], blocks[3]]))
-    # noise: rank 0 keeps the one-process stream, rank 1 has its own
-    assert np.array_equal(h[0]["noise"], torch.rand(4, generator=torch.Generator().manual_seed(5)).numpy())
+    # BatchNorm statistics: the mean over ranks of each rank's running averages, the same on every rank
+    bns = []
+    for r in (0, 1):
+        bn = torch.nn.BatchNorm1d(3)
+        bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(r)))
+        bns.append(bn)
+    for name in ("running_mean", "running_var"):
+        expected = (getattr(bns[0], name) + getattr(bns[1], name)).numpy() / 2
+        key = "bn_mean" if name == "running_mean" else "bn_var"
+        for r in (0, 1):
+            np.testing.assert_allclose(h[r][key], expected, rtol=1e-6)
+    # per-rank streams differ, and the shared stream they were split from still agrees across ranks afterwards
     assert not np.array_equal(h[0]["noise"], h[1]["noise"])
+    assert np.array_equal(h[0]["shared_after"], h[1]["shared_after"])
 
 
 def test_rank_minibatches_one_process_is_minibatches():
@@ -266,3 +277,18 @@ def test_rank_minibatches_one_process_is_minibatches():
     a = distributed.rank_minibatches(23, 5, generator=torch.Generator().manual_seed(1))
     b = list(minibatches(23, 5, generator=torch.Generator().manual_seed(1)))
     assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))
+    g = torch.Generator().manual_seed(2)
+    assert distributed.rank_generator(g) is g
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_scdeepcluster_two_ranks_agree(tmp_path):
+    """tl.scdeepcluster under torchrun: each rank its own batches and noise, one model, the same result everywhere."""
+    proc = launch("tools", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = np.load(tmp_path / "tools_rank0.npz"), np.load(tmp_path / "tools_rank1.npz")
+    for name in a.files:
+        assert np.array_equal(a[name], b[name]), name
+    assert len(np.unique(a["sdc_labels"])) == 3
+    assert any(name.startswith("history_") and a[name].size for name in a.files)  # losses averaged over ranks

@@ -207,6 +207,20 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def average_buffers_(*modules: torch.nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running mean and variance) of ``modules`` over ranks.
+
+    Each rank's BatchNorm layers normalise with their own batch's statistics while training and keep running
+    averages of their own batches only; call this once after training so that every rank evaluates with the same
+    statistics (the mean over ranks of the running averages: the running mean of all ranks' batches; the
+    variance leaves out the small spread between the ranks' batch means).
+    """
+    if not world().distributed:
+        return
+    with torch.no_grad():
+        all_reduce_mean_([b for m in modules for b in m.buffers() if b.is_floating_point()])
+
+
 def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank ``src``'s parameters and buffers (as DDP does when it wraps a module)."""
     if not world().distributed:
@@ -484,16 +498,18 @@ def rank_minibatches(
 
 
 def rank_generator(generator: torch.Generator) -> torch.Generator:
-    """An independent stream per rank for draws that should differ between ranks (denoising noise, mixup).
+    """An independent random stream per rank, for draws that should differ between ranks (noise, mixup, samples).
 
-    Rank 0 (and a single process) keeps ``generator`` itself, so one-process results do not change; rank r > 0
-    gets a new generator on the same device seeded from ``generator.initial_seed()`` and r.
+    One process: ``generator`` itself, so one-process results do not change. Under ``torchrun``: every rank draws
+    one seed from ``generator`` (so the shared stream advances alike everywhere and later shared draws still agree)
+    and gets a new generator on the same device seeded from it and its rank.
     """
     w = world()
-    if w.rank == 0:
+    if not w.distributed:
         return generator
-    seed = int.from_bytes(hashlib.sha256(f"{generator.initial_seed()}:{w.rank}".encode()).digest()[:7], "little")
-    return torch.Generator(device=generator.device).manual_seed(seed)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    digest = hashlib.sha256(f"{seed}:{w.rank}".encode()).digest()
+    return torch.Generator(device=generator.device).manual_seed(int.from_bytes(digest[:7], "little"))
 
 
 def on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
