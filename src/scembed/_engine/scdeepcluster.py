@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from scipy import sparse
 from torch import nn
 
+from .distributed import dec_assignments, rank_generator, rank_minibatches, shard, sync_gradients
 from .nn import mlp
-from .training import adam, minibatches, train
+from .training import adam, train
 
 #: clamps of the original's output activations: mean = clamp(exp, 1e-5, 1e6), dispersion = clamp(softplus, 1e-4, 1e4)
 MEAN_MIN, MEAN_MAX = 1e-5, 1e6
@@ -452,11 +453,12 @@ def _with_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> to
 
 
 @torch.no_grad()
-def encode_all(net: ZINBAutoencoder, data: CountData, device: torch.device) -> torch.Tensor:
-    """Latent coordinates of every cell (no noise), in batches; a float32 tensor on ``device``."""
+def encode_all(net: ZINBAutoencoder, data: CountData, device: torch.device, rows: slice | None = None) -> torch.Tensor:
+    """Latent coordinates of every cell (or of the cells in ``rows``; no noise), in batches; float32 on ``device``."""
     out = []
-    for start in range(0, data.n_obs, INFER_BATCH):
-        mb = data.batch(slice(start, min(start + INFER_BATCH, data.n_obs)), device)
+    first, last = (0, data.n_obs) if rows is None else (rows.start, rows.stop)
+    for start in range(first, last, INFER_BATCH):
+        mb = data.batch(slice(start, min(start + INFER_BATCH, last)), device)
         out.append(net.encode(mb.xin, mb.onehot))
     return torch.cat(out) if out else torch.empty(0, net.z_dim, device=device)
 
@@ -490,11 +492,14 @@ def pretrain(
     """Denoising ZINB autoencoder: Gaussian noise σ on the encoder input, Adam(amsgrad) on the ZINB NLL."""
     opt = adam(net.parameters(), lr=lr, amsgrad=True)
     n = data.n_obs
+    # under torchrun: this rank's share of the batches, its own noise (distributed.py); one process: unchanged
+    noise_generator = rank_generator(noise_generator)
 
     def step(epoch: int) -> float:
         net.train()
         total = torch.zeros((), device=device)
-        for idx in minibatches(n, batch_size, generator=generator):
+        batches = rank_minibatches(n, batch_size, generator=generator)
+        for idx in batches:
             rows = idx.numpy()
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
             noisy = _with_noise(xin, sigma, noise_generator)
@@ -503,7 +508,7 @@ def pretrain(
             loss.backward()
             opt.step()
             total += loss.detach() * len(rows)
-        return float(total) / n
+        return float(total) / sum(len(b) for b in batches)
 
     history, _ = train(step, epochs, desc="scDeepCluster pretraining", show_progress=show_progress, monitor="zinb")
     return history
@@ -611,16 +616,20 @@ def cluster(
     delta_label per update) and whether it converged.
     """
     opt = torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95)
+    sync_gradients(opt)  # under torchrun (distributed.py): gradients averaged over ranks before each step
+    noise_generator = rank_generator(noise_generator)
     n = data.n_obs
     net.eval()
-    _, p = assignments(encode_all(net, data, device), net.centroids.detach())
+    # targets from this rank's cells and all-reduced cluster sums, gathered (one process: assignments on all cells)
+    _, p = dec_assignments(encode_all(net, data, device, shard(n)), net.centroids.detach())
     state = {"p": p, "labels": torch.as_tensor(init_labels, device=device), "converged": False}
     deltas: list[float] = []
 
     def step(epoch: int) -> dict[str, float]:
         net.train()
         sums = torch.zeros(3, device=device)
-        for idx in minibatches(n, batch_size, generator=generator):
+        batches = rank_minibatches(n, batch_size, generator=generator)
+        for idx in batches:
             rows = idx.numpy()
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
             noisy = _with_noise(xin, sigma, noise_generator)
@@ -636,13 +645,13 @@ def cluster(
             sums += torch.stack([loss.detach(), recon.detach(), kl.detach()]) * len(rows)
         if (epoch + 1) % update_interval == 0:
             net.eval()
-            q, state["p"] = assignments(encode_all(net, data, device), net.centroids.detach())
+            q, state["p"] = dec_assignments(encode_all(net, data, device, shard(n)), net.centroids.detach())
             labels = q.argmax(1)
             delta = float((labels != state["labels"]).float().mean())
             state["labels"] = labels
             deltas.append(delta)
             state["converged"] = delta < tol
-        total, recon, kl = (sums / n).tolist()
+        total, recon, kl = (sums / sum(len(b) for b in batches)).tolist()
         return {"loss": total, "zinb": recon, "kl": kl}
 
     def stop(epoch: int, losses) -> bool:
