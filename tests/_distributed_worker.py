@@ -37,17 +37,20 @@ def graph(X: np.ndarray):
     return P, beta, n_bad, method
 
 
-def fit(X: np.ndarray, P):
-    """NeuralEE in "graph" mode for a few epochs, every epoch's loss recorded (no patience)."""
+def fit(X: np.ndarray, P, *, batch_affinity: str = "graph", epochs: int = EPOCHS):
+    """NeuralEE in mini-batch mode for a few epochs, every epoch's loss recorded (no patience)."""
+    import inspect
+
     from scembed._engine.neuralee import fit_neuralee
 
     torch.manual_seed(SEED)
+    epochs_name = "max_epochs" if "max_epochs" in inspect.signature(fit_neuralee).parameters else "maxit"
     return fit_neuralee(
         X,
         P=P,
         batch_size=BATCH,
-        batch_affinity="graph",
-        maxit=EPOCHS,
+        batch_affinity=batch_affinity,
+        **{epochs_name: epochs},
         patience=None,
         min_delta=0.0,
         random_state=SEED,
@@ -135,6 +138,9 @@ def main() -> None:
         Y = net(torch.as_tensor(X)).detach().numpy()
         state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
         np.savez(out / f"neuralee_rank{rank}.npz", Y=Y, loss=np.asarray(info["history"]["loss"]), **state)
+        # in-batch affinities ("batch" mode): the same block split, no graph
+        net_b, _ = fit(X, None, batch_affinity="batch", epochs=1)
+        np.save(out / f"neuralee_batch_rank{rank}.npy", net_b(torch.as_tensor(X)).detach().numpy())
         # a deliberate mismatch: rank 1 holds other genes
         genes = [f"g{i}" for i in range(20)]
         if rank == 1:
@@ -145,6 +151,16 @@ def main() -> None:
         except ValueError as err:
             message = str(err)
         (out / f"mismatch_rank{rank}.txt").write_text(message)
+        # different data on one rank: the affinities refuse before any work, on every rank
+        X_other = X.copy()
+        if rank == 1:
+            X_other[5, 2] += 1.0
+        try:
+            distributed.knn_affinities(X_other, K, PERPLEXITY, method="exact")
+            message = ""
+        except ValueError as err:
+            message = str(err)
+        (out / f"mismatch_data_rank{rank}.txt").write_text(message)
         # the trainers' helpers: DEC targets from sharded latents, rank-0-only work, lock-step mini-batches
         z, centroids = dec_inputs()
         q, p = distributed.dec_assignments(z[distributed.shard(len(z))], centroids)

@@ -188,6 +188,8 @@ def test_neuralee_ranks_end_identical(two_ranks):
     assert set(a.files) == set(b.files)
     for name in a.files:  # weights, BatchNorm statistics (recalibrated on all cells), losses, embedding
         assert np.array_equal(a[name], b[name]), name
+    Yb = [np.load(two_ranks / f"neuralee_batch_rank{r}.npy") for r in (0, 1)]
+    assert np.array_equal(Yb[0], Yb[1]) and np.isfinite(Yb[0]).all()  # "batch" mode too
     info = [json.loads((two_ranks / f"info_rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world"] for i in info] == [[0, 2, "gloo"], [1, 2, "gloo"]]
     assert [i["is_main"] for i in info] == [True, False]
@@ -214,6 +216,9 @@ def test_mismatch_raises_the_same_clear_error_on_every_rank(two_ranks):
     assert messages[0] == messages[1]
     assert "`var_names` differs across the 2 ranks" in messages[0]
     assert "position 7: 'g7' on rank 0, 'other' on rank 1" in messages[0]
+    messages = [(two_ranks / f"mismatch_data_rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "`affinity input (X)` differs across the 2 ranks" in messages[0] and "array (96, 5) float32" in messages[0]
 
 
 @needs_gloo

@@ -425,7 +425,7 @@ def fit_neuralee(
     net = build_network(D, n_components, hidden).to(device)
     # under torchrun (distributed.py): same inputs on every rank, rank 0's initial weights, whole blocks per rank
     ranks = world()
-    check_inputs({"X": X, "NeuralEE parameters": (B, batch_affinity, n_subsample, maxit, lr, random_state)})
+    check_inputs({"X": X, "NeuralEE parameters": (B, batch_affinity, n_subsample, lr, neighbor_samples, random_state)})
     broadcast_module_(net)
     opt = adam(net.parameters(), lr=lr)
     history: dict[str, list[float]] = {"loss": [], "phase": []}

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from .._utils._logging import progress
-from .distributed import mean_across_ranks, sync_gradients
+from .distributed import check_same_across_ranks, mean_across_ranks, sync_gradients
 
 
 def adam(params, **kwargs) -> torch.optim.Adam:
@@ -91,6 +91,7 @@ def train(
     n_run
         Epochs actually run.
     """
+    check_same_across_ranks(f"{desc}: number of epochs", n_epochs)  # under torchrun: ranks step in lock-step
     history: dict[str, list[float]] = {}
     best, best_epoch, best_state = math.inf, -1, None
     bar = progress(range(n_epochs), desc=desc, show=show_progress)
