@@ -2,8 +2,8 @@
 
 Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distributed_worker.py MODE OUT``.
 
-MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities and a deliberate mismatch.
-MODE ``tools``: tl.scdeepcluster on tiny counts.
+MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities, deliberate mismatches, the
+trainers' helpers and tl.scdeepcluster on tiny counts.
 MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
 MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
 """
@@ -195,7 +195,6 @@ def main() -> None:
             "method": method,
         }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
-    elif mode == "tools":
         np.savez(out / f"tools_rank{rank}.npz", **tools())
     elif mode in ("early_exit", "hang"):
         if rank == 1:
