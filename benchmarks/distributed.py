@@ -4,8 +4,10 @@ Every run trains NeuralEE in mini-batch "graph" mode on the same simulated 50-D 
 types around lineages), one thread per process. Each rank computes its share of the affinities
 (``knn_affinities``: rows split across ranks), then trains; the ranks take whole mini-batches of one shared
 permutation and average their gradients before every Adam step, so W ranks do W times fewer, W times larger
-steps per epoch. Reported per run: affinity time, training time per epoch, every rank's peak RSS (its own
-``ru_maxrss``), and the 10-NN accuracy of the cell types in the embedding (5-fold cross-validation).
+steps per epoch. Reported per run: affinity time, training time per epoch (the whole ``fit_neuralee`` call divided
+by the epochs, so its one-off setup and the final BatchNorm pass are spread over them: use 10 or more epochs for a
+per-epoch figure), every rank's peak RSS (its own ``ru_maxrss``), and the 10-NN accuracy of the cell types in the
+embedding (5-fold cross-validation).
 
     python benchmarks/distributed.py                          # 50,000 cells, 1 and 2 processes, 10 epochs
     python benchmarks/distributed.py --n-cells 200000 --ranks 1 2 4 --epochs 20 --json results/distributed.json

@@ -470,7 +470,8 @@ def knn_affinities(
         P_cond, beta, n_bad = calibrate_perplexity(dist, perplexity, tol=tol, device=device)
     else:
         idx, P_cond, beta, n_bad = (np.empty((0, k), np.int64), np.empty((0, k)), np.empty(0), 0)
-    idx_all = all_gather_rows(idx)
+    # int32 column indices travel at half the bytes (n < 2**31 always holds for cells)
+    idx_all = all_gather_rows(idx.astype(np.int32) if n < 2**31 else idx).astype(np.int64)
     P_all = all_gather_rows(np.ascontiguousarray(P_cond, dtype=np.float64))
     beta_all = all_gather_rows(np.ascontiguousarray(beta, dtype=np.float64))
     n_bad_all = int(all_reduce_sum(torch.tensor([n_bad], dtype=torch.int64)).item())
