@@ -158,7 +158,8 @@ def _check_output(path: Path, flag: str, overwrite: bool) -> None:
             with tempfile.TemporaryFile(dir=parent):
                 pass
         except OSError as e:
-            raise CLIError(f"cannot write {flag} {path}: {e.strerror or _one_line(e)}") from None
+            reason = e.strerror or _one_line(e)
+            raise CLIError(f"cannot write {flag} {path}: cannot create a file in {parent} ({reason})") from None
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -277,10 +278,14 @@ def _check_options(args: argparse.Namespace) -> None:
     for dest, method in METHOD_OPTIONS.items():
         if getattr(args, dest) is not None and args.method != method:
             raise CLIError(f"--{dest.replace('_', '-')} applies to --method {method} only, not {args.method}")
-    resolve_device(args.device)  # a ValueError naming the device
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(f"--device {args.device}: {_one_line(e)}") from None
 
     stem = EXAMPLE_NAME if args.input is None else Path(args.input).name.removesuffix(".h5ad")
     args.out = Path(args.out) if args.out else Path(f"{stem}_scembed_{args.method}.h5ad")
+    _check_output(args.out, "--out", args.overwrite)
     if args.out.suffix.lower() != ".h5ad":
         raise CLIError(f"--out {args.out} must end with .h5ad")
     if args.no_plot or args.plot == "":
@@ -289,14 +294,10 @@ def _check_options(args: argparse.Namespace) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         args.plot = Path(args.plot) if args.plot else args.out.with_suffix(".png")
+        _check_output(args.plot, "--plot", args.overwrite)
         formats = FigureCanvasAgg.get_supported_filetypes()
         if args.plot.suffix.lower().lstrip(".") not in formats:
             raise CLIError(f"--plot {args.plot} must end with one of {', '.join('.' + f for f in sorted(formats))}")
-    _check_output(args.out, "--out", args.overwrite)
-    if args.plot is not None:
-        _check_output(args.plot, "--plot", args.overwrite)
-        if args.plot.absolute() == args.out.absolute():
-            raise CLIError("--out and --plot name the same file")
 
 
 def embed(args: argparse.Namespace) -> Path:
