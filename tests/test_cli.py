@@ -73,6 +73,9 @@ def _bad_inputs(tmp_path) -> dict[str, str]:
     nan = base.copy()
     nan.X = nan.X.toarray().astype(np.float32)
     nan.X[3, 5] = np.nan
+    nan_pca = base.copy()
+    nan_pca.obsm["X_pca"] = np.ones((base.n_obs, 5), dtype=np.float32)
+    nan_pca.obsm["X_pca"][0, 0] = np.inf
     (tmp_path / "text.h5ad").write_text("not an HDF5 file\n")
     good = _write(base, tmp_path / "good.h5ad")
     data = (tmp_path / "good.h5ad").read_bytes()
@@ -84,6 +87,7 @@ def _bad_inputs(tmp_path) -> dict[str, str]:
         "csv": str(tmp_path / "table.csv"),
         "truncated": str(tmp_path / "truncated.h5ad"),
         "nan": _write(nan, tmp_path / "nan.h5ad"),
+        "nan_pca": _write(nan_pca, tmp_path / "nan_pca.h5ad"),
         "no_genes": _write(base[:, :0].copy(), tmp_path / "no_genes.h5ad"),
         "no_cells": _write(base[:0].copy(), tmp_path / "no_cells.h5ad"),
         "three_cells": _write(base[:3].copy(), tmp_path / "three_cells.h5ad"),
@@ -98,6 +102,7 @@ ERROR_CASES = [
     ("csv", [], ["cannot read", "table.csv", ".h5ad file"]),
     ("truncated", [], ["cannot read", "truncated.h5ad", "truncated file"]),
     ("nan", [], ["X of", "nan.h5ad", "1 NaN"]),
+    ("nan_pca", [], ["obsm['X_pca'] of", "nan_pca.h5ad", "1 NaN or infinite"]),
     ("no_genes", [], ["no_genes.h5ad has 0 genes"]),
     ("no_cells", [], ["no_cells.h5ad has 0 cells; at least 4 are needed"]),
     ("three_cells", [], ["three_cells.h5ad has 3 cells; at least 4 are needed", "perplexity"]),
@@ -223,6 +228,15 @@ def test_bundled_example_default_name(tmp_path, monkeypatch, capsys) -> None:
     assert code == 0
     assert "using obsm['X_pca'] (50 columns)" in out
     assert (tmp_path / "pbmc68k_scembed_ee.h5ad").exists()
+
+
+@pytest.mark.parametrize("color", ["celltype", "gene0"])
+def test_color_by_obs_column_or_gene(small_h5ad, tmp_path, capsys, color) -> None:
+    png = tmp_path / f"{color}.png"
+    args = ["embed", small_h5ad, "--method", "ee", "--maxiter", "2", "--color", color, "--plot", str(png)]
+    code, _, err = _run(capsys, *args, "--out", str(tmp_path / f"{color}.h5ad"))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
