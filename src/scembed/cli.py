@@ -30,9 +30,10 @@ from scipy import sparse
 
 #: embedding methods the command knows, best first; the first one installed is the default
 EMBEDDING_METHODS = ("neuralee", "ee")
-#: the smallest perplexity the command runs with; with at most (n_cells - 1) / 3 this needs MIN_CELLS cells
+#: the smallest perplexity the command runs with, and so (the perplexity being at most (cells - 1) / 3) the
+#: fewest cells
 MIN_PERPLEXITY = 1.0
-MIN_CELLS = 4
+MIN_CELLS = math.ceil(3 * MIN_PERPLEXITY + 1)
 #: options that only one method takes (option dest -> method)
 METHOD_OPTIONS = {"max_epochs": "neuralee", "batch_size": "neuralee", "maxiter": "ee"}
 #: name of the bundled example, the stem of its default outputs
