@@ -212,7 +212,9 @@ def entropic_affinities(
     beta
         Per-cell precisions.
     n_unconverged
-        Rows not calibrated to ``tol``.
+        Rows not calibrated to ``tol``, including rows with more than ``perplexity`` neighbours tied at the
+        smallest distance (duplicated cells), which get the uniform distribution over the tied set
+        (:func:`calibrate_perplexity`).
     """
     distances = np.where(indices < 0, np.inf, distances)
     P_cond, beta, n_bad = calibrate_perplexity(distances, perplexity, tol=tol, device=device)
