@@ -51,14 +51,14 @@ def save_checkpoint(
         raise IsADirectoryError(f"cannot save the model to {os.fspath(path)!r}: it is a directory; give a file name.")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save the model to {os.fspath(path)!r}: the folder {folder!r} does not exist.")
+        raise FileNotFoundError(f"cannot save the model to {os.fspath(path)!r}: {folder!r} is not an existing folder.")
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"state entry {key!r} must be a tensor, got {type(value).__name__}.")
     payload = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "metadata": json.dumps(dict(metadata), default=_json_default),
+        "metadata": json.dumps(metadata, default=_json_default),
         "state_dict": {str(k): v.detach().cpu().contiguous() for k, v in state_dict.items()},
     }
     try:
