@@ -1,7 +1,7 @@
 """What trained models read from new data: AnnData → arrays, and arrays made canonical, in one place.
 
 The models' maths take arrays; these helpers do the AnnData side (feature check, layer, obsm, batch column)
-and bring any accepted matrix type to one of two forms: a dense C-contiguous float32 array, or a canonical
+and bring any accepted matrix type to one of two forms: a dense NumPy array of real numbers, or a canonical
 float32 CSR matrix (sorted indices, duplicate entries added up) — without ever modifying the caller's matrix.
 """
 
@@ -25,7 +25,7 @@ def is_anndata(data: object) -> bool:
 
 
 def canonical_matrix(X: Any, name: str) -> np.ndarray | sparse.csr_matrix:
-    """``X`` as a dense float32 array or a canonical float32 CSR matrix; finite values checked.
+    """``X`` as a dense NumPy array (its dtype kept) or a canonical float32 CSR matrix; finite values checked.
 
     Accepts NumPy arrays and matrices, anything ``np.asarray`` turns into a 2-D numeric array, and SciPy sparse
     matrices/arrays of any format (CSR, CSC, COO, …). A CSR matrix with duplicate entries gets them added up (as
@@ -62,7 +62,7 @@ def canonical_matrix(X: Any, name: str) -> np.ndarray | sparse.csr_matrix:
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (cells × features), got shape {arr.shape}.")
     check_finite(arr, name)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return arr  # cast to float32 by the consumer, one block at a time where it can
 
 
 def matrix_for_model(
@@ -96,7 +96,7 @@ def obsm_for_model(adata: AnnData, key: str, n_columns: int) -> np.ndarray:
     if rep.shape[1] < n_columns:
         raise ValueError(f"adata.obsm[{key!r}] has shape {rep.shape}; the model needs at least {n_columns} columns.")
     rep = rep[:, :n_columns]
-    return rep.toarray() if sparse.issparse(rep) else np.ascontiguousarray(rep)
+    return rep.toarray() if sparse.issparse(rep) else np.ascontiguousarray(rep, dtype=np.float32)
 
 
 def counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:

@@ -42,6 +42,7 @@ Writing a new model
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -259,8 +260,6 @@ class Model:
 
 def check_batch_size(batch_size: object) -> int:
     """A positive integer number of rows per forward pass (TypeError/ValueError naming ``batch_size`` otherwise)."""
-    import numbers
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
         raise TypeError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if batch_size < 1:

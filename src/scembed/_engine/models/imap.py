@@ -67,10 +67,10 @@ class IMAPModel(Model):
     ) -> None:
         self.encoder = encoder
         self.decoder = decoder
-        self.batches = list(batches or [])
-        self.generators = {self._batch(b): g for b, g in (generators or {}).items()}
+        self.batches = [] if batches is None else list(batches)
+        self.generators = {self._batch(b): g for b, g in ({} if generators is None else generators).items()}
         self.order = [self._batch(b) for b in (self.batches if order is None else order)]
-        self.genes = [str(g) for g in (genes or [])]
+        self.genes = [] if genes is None else [str(g) for g in genes]
         self.layer = layer
         linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
         if not linears or linears[0].in_features != len(self.genes):
