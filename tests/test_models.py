@@ -124,6 +124,9 @@ def test_save_load_round_trip_gives_identical_outputs(trained, tmp_path):
     meta = json.loads(payload["metadata"])
     assert meta["model"] == kind and meta["var_names"] == model.var_names
     assert not [p for p in os.listdir(tmp_path) if p != "model.pt"]  # no temporary file left behind
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # permissions of a normally written file
+    (tmp_path / "plain").unlink()
     assert repr(loaded).startswith(type(model).__name__ + "(") and "device='cpu'" in repr(loaded)
 
 

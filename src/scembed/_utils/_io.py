@@ -70,6 +70,9 @@ def save_checkpoint(
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        mask = os.umask(0)  # mkstemp makes the file private; give it the permissions of a normally created file
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, target)
     except BaseException as e:
         with contextlib.suppress(OSError):
