@@ -42,6 +42,7 @@ Writing a new model
 from __future__ import annotations
 
 import contextlib
+import itertools
 import numbers
 import os
 from collections.abc import Iterator, Mapping
@@ -116,8 +117,9 @@ class Model:
     def device(self) -> torch.device:
         """Where the networks' parameters are."""
         for module in self._modules().values():
-            for t in (*module.parameters(), *module.buffers()):
-                return t.device
+            first = next(itertools.chain(module.parameters(), module.buffers()), None)
+            if first is not None:
+                return first.device
         return torch.device("cpu")
 
     def to(self, device: str | torch.device | None = "auto") -> Model:
