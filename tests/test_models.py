@@ -182,6 +182,7 @@ BAD_FILES = {
         {"format": "scembed-model", "version": 1, "metadata": "{oops", "state_dict": {}}, p
     ),
     "metadata not an object": lambda p: save_checkpoint(p, {}, []),  # type: ignore[arg-type]
+    "pre-release format": lambda p: torch.save({"format": "scembed-1", "metadata": "{}", "state_dict": {}}, p),
     "newer format": lambda p: torch.save(
         {"format": "scembed-model", "version": 99, "metadata": "{}", "state_dict": {}}, p
     ),

@@ -128,7 +128,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except Exception as e:  # torch raises many kinds of errors for damaged archives
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise bad(f"unreadable or damaged: {first}") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    tag = payload.get("format") if isinstance(payload, dict) else None
+    if isinstance(tag, str) and tag.startswith("scembed-") and tag != FORMAT:
+        raise bad(f"format {tag!r} of an earlier development version, no longer read; train and save the model again")
+    if tag != FORMAT:
         raise bad("no scembed format tag")
     version = payload.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
