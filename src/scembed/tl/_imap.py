@@ -344,6 +344,8 @@ def imap_integrate(
             batches=batches,
             order=[batches[i] for i in order_idx],
             genes=[str(g) for g in adata.var_names[genes]],
+            var_names=[str(g) for g in adata.var_names],
+            layer=layer,
         )
         return (adata, model) if copy else model
     return adata if copy else None

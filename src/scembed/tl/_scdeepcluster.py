@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import numbers
-import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,188 +12,19 @@ from scipy import sparse
 
 from .._constants import SCDEEPCLUSTER
 from .._engine import scdeepcluster as engine
+from .._engine.models.scdeepcluster import ScDeepClusterModel
 from .._utils import (
     check_adata,
     check_counts,
-    check_features,
     check_in_range,
-    check_key,
     check_positive_int,
     get_logger,
-    load_checkpoint,
     resolve_device,
-    save_checkpoint,
     seeded_torch,
 )
+from .._utils._model_data import batch_codes as _batch_codes
+from .._utils._model_data import counts_of as _counts_of
 from .._utils._random import seed_int
-
-
-def _counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    if layer is None:
-        return adata.X, "adata.X"
-    if not isinstance(layer, str):
-        raise TypeError(f"`layer` must be a string key of adata.layers or None, got {type(layer).__name__}.")
-    check_key(adata.layers, layer, arg="layer", where="adata.layers")
-    return adata.layers[layer], f"adata.layers[{layer!r}]"
-
-
-def _batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None = None) -> tuple[np.ndarray, list]:
-    if not isinstance(batch_key, str):
-        raise TypeError(f"`batch_key` must be a string key of adata.obs or None, got {type(batch_key).__name__}.")
-    check_key(adata.obs, batch_key, arg="batch_key", where="adata.obs")
-    values = adata.obs[batch_key]
-    if values.isna().any():
-        raise ValueError(f"adata.obs[{batch_key!r}] has {int(values.isna().sum())} missing value(s).")
-    values = values.astype(str)
-    if categories is None:
-        categories = sorted(values.unique())
-    unknown = sorted(set(values.unique()) - set(categories))
-    if unknown:
-        raise ValueError(
-            f"adata.obs[{batch_key!r}] holds batches the model was not trained on: {unknown[:5]}; "
-            f"known batches: {list(categories)[:10]}."
-        )
-    codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
-    return codes, list(categories)
-
-
-class ScDeepClusterModel:
-    """A trained scDeepCluster model: assigns new cells to the learnt clusters.
-
-    Returned by :func:`scembed.tl.scdeepcluster` with ``return_model=True``. It keeps the genes it was trained
-    on, the normalisation (target sum and gene statistics) and the batches; new data must have the same genes
-    in the same order and raw counts in the same ``layer``.
-    """
-
-    def __init__(
-        self,
-        net: engine.ZINBAutoencoder,
-        *,
-        var_names: Sequence[str],
-        genes: np.ndarray,
-        target_sum: float,
-        gene_mean: np.ndarray,
-        gene_std: np.ndarray,
-        layer: str | None,
-        batch_key: str | None,
-        batch_categories: Sequence[str],
-    ):
-        self.net = net.cpu().eval()
-        self.var_names = [str(v) for v in var_names]
-        self.genes = np.asarray(genes, dtype=np.int64)
-        self.target_sum = float(target_sum)
-        self.gene_mean = np.asarray(gene_mean, dtype=np.float32)
-        self.gene_std = np.asarray(gene_std, dtype=np.float32)
-        self.layer = layer
-        self.batch_key = batch_key
-        self.batch_categories = list(batch_categories)
-
-    @property
-    def n_clusters(self) -> int:
-        """Number of clusters."""
-        return int(self.net.centroids.shape[0])
-
-    def __repr__(self) -> str:
-        return (
-            f"ScDeepClusterModel(n_genes={len(self.genes)}, z_dim={self.net.z_dim}, n_clusters={self.n_clusters}, "
-            f"batch_key={self.batch_key!r})"
-        )
-
-    def _data(self, adata: AnnData, layer: str | None) -> engine.CountData:
-        check_adata(adata)
-        check_features(self.var_names, adata.var_names)
-        X, where = _counts_of(adata, self.layer if layer is None else layer)
-        check_counts(X, where)
-        codes = None
-        if self.batch_key is not None:
-            codes, _ = _batch_codes(adata, self.batch_key, self.batch_categories)
-        proto = engine.CountData(
-            X=X,
-            genes=self.genes,
-            size_factors=np.ones(0, np.float32),
-            target_sum=self.target_sum,
-            gene_mean=self.gene_mean,
-            gene_std=self.gene_std,
-            n_batches=len(self.batch_categories) if self.batch_key is not None else 0,
-        )
-        data = proto.like(X, codes)
-        if (data.size_factors <= 0).any():
-            raise ValueError(f"{where} has cells without counts in the model's genes; remove them first.")
-        return data
-
-    def predict(
-        self, adata: AnnData, *, layer: str | None = None, device: str = "auto"
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Assign the cells of ``adata`` to the clusters.
-
-        Parameters
-        ----------
-        adata
-            Raw counts of new cells with the training genes (``adata.var_names`` in the same order) and, for a
-            batch-aware model, the batch column with batches seen in training.
-        layer
-            Layer holding the counts (default: the training call's ``layer``).
-        device
-            ``"auto"``, ``"cpu"`` or ``"cuda"``.
-
-        Returns
-        -------
-        labels
-            Cluster index of every cell (int64).
-        proba
-            Soft assignments Q, cells × clusters (float32).
-        latent
-            Latent coordinates, cells × ``z_dim`` (float32).
-        """
-        data = self._data(adata, layer)
-        dev = resolve_device(device)
-        net = self.net.to(dev)
-        try:
-            z, q = engine.infer(net, data, dev)
-        finally:
-            self.net.cpu()
-        return q.argmax(1).astype(np.int64), q, z
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Save weights and metadata (genes, normalisation, batches) to one file; see :meth:`load`."""
-        meta = {
-            "model": "scdeepcluster",
-            "n_genes_used": len(self.genes),
-            "z_dim": self.net.z_dim,
-            "hidden": list(self.net.hidden),
-            "n_batches": self.net.n_batches,
-            "n_clusters": self.n_clusters,
-            "var_names": self.var_names,
-            "genes": self.genes.tolist(),
-            "target_sum": self.target_sum,
-            "gene_mean": self.gene_mean.tolist(),
-            "gene_std": self.gene_std.tolist(),
-            "layer": self.layer,
-            "batch_key": self.batch_key,
-            "batch_categories": self.batch_categories,
-        }
-        save_checkpoint(path, self.net.state_dict(), meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ScDeepClusterModel:
-        """Load a model written by :meth:`save` (``weights_only``: no pickled code is run)."""
-        state, meta = load_checkpoint(path)
-        if meta.get("model") != "scdeepcluster":
-            raise ValueError(f"{os.fspath(path)!r} does not hold an scDeepCluster model.")
-        net = engine.ZINBAutoencoder(meta["n_genes_used"], meta["z_dim"], meta["hidden"], meta["n_batches"])
-        net.set_centroids(torch.zeros(meta["n_clusters"], meta["z_dim"]))
-        net.load_state_dict(state)
-        return cls(
-            net,
-            var_names=meta["var_names"],
-            genes=np.asarray(meta["genes"]),
-            target_sum=meta["target_sum"],
-            gene_mean=np.asarray(meta["gene_mean"]),
-            gene_std=np.asarray(meta["gene_std"]),
-            layer=meta["layer"],
-            batch_key=meta["batch_key"],
-            batch_categories=meta["batch_categories"],
-        )
 
 
 def scdeepcluster(
