@@ -103,7 +103,8 @@ def train(
             history.setdefault(name, []).append(value)
         n_run = epoch + 1
         current = losses.get(monitor, math.nan)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=False)
+        # the first epoch's losses are drawn at once (epochs can be long); later ones at tqdm's pace
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=epoch == 0)
         if not math.isfinite(current):
             raise FloatingPointError(
                 f"{desc}: the loss became {current} at epoch {epoch + 1}; try a smaller learning rate."
