@@ -252,7 +252,7 @@ def test_output_keys() -> None:
     keys = output_keys("ee")
     assert (keys.obsm, keys.uns, keys.obs, keys.obsp, keys.layers) == ("X_ee", "ee", "ee", "ee", "ee")
     assert keys.suffixed("proba") == "ee_proba"
-    with pytest.raises(ValueError, match="without the 'X_' prefix.*key_added='ee'"):
+    with pytest.raises(ValueError, match=r"without the 'X_' prefix.*key_added='ee'"):
         output_keys("X_ee")
     for bad in ("", None, 3):
         with pytest.raises(TypeError, match="key_added"):
