@@ -217,44 +217,8 @@ def imap_integrate(
     if order_idx is None:
         order_idx = [int(i) for i in np.argsort(-total_std, kind="stable")]
     log.info(f"iMAP: {len(genes)} genes, anchor {labels[order_idx[0]]!r}, order {[labels[i] for i in order_idx]}")
-    epochs1, epochs2 = o["max_epochs"]
-    with seeded_torch(seed, dev):
-        gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
-        encoder, decoder, hist1 = engine.train_stage1(
-            source,
-            groups,
-            latent_dim=o["n_latent"],
-            n_epochs=epochs1,
-            batch_size=o["batch_size"][0],
-            lambda_recon=o["lambda_recon"],
-            lambda_content=o["lambda_content"],
-            generator=gen,
-            show_progress=show_progress,
-        )
-        codes = engine.apply_in_chunks(encoder, source, np.arange(adata.n_obs))
-        corrected, generators, infos, hist2 = None, {}, [], []
-        if epochs2 > 0:
-            corrected, generators, infos, hist2 = engine.run_stage2(
-                source,
-                groups,
-                codes,
-                order_idx,
-                incremental=bool(incremental),
-                n_sample=o["n_sample"],
-                k_within=k_w,
-                k_mnn=k_m,
-                walk_steps=o["walk_steps"],
-                metric=METRICS[metric],
-                knn_method=knn_method,
-                n_epochs=epochs2,
-                n_critic=o["n_critic"],
-                batch_size=o["batch_size"][1],
-                latent_dim=o["n_latent"],
-                generator=gen,
-                random_state=seed,
-                labels=labels,
-                show_progress=show_progress,
-            )
+    encoder, decoder, codes, stages = _train(source, groups, order_idx, o, (k_w, k_m), labels, dev, seed, show_progress)
+    hist1, corrected, generators, infos, hist2 = stages
     for info in infos:
         if info["n_mnn_pairs"] == 0:
             log.warning(
@@ -275,7 +239,7 @@ def imap_integrate(
         "total_std": [float(v) for v in total_std],
         "n_genes_used": int(len(genes)),
         "stage1": {k: np.asarray(v, dtype=np.float64) for k, v in hist1.items()},
-        "stage2": _stage2_summary(infos, hist2, epochs2),
+        "stage2": _stage2_summary(infos, hist2, o["max_epochs"][1]),
     }
     _write(adata, keys, layer_out, genes, record)
     if return_model:
@@ -289,6 +253,63 @@ def imap_integrate(
         )
         return (adata, model) if copy else model
     return adata if copy else None
+
+
+def _train(
+    source: engine.RowSource,
+    groups: list[np.ndarray],
+    order_idx: list[int],
+    o: dict[str, Any],
+    ks: tuple[int, int],
+    labels: list[str],
+    dev: torch.device,
+    seed: int,
+    show_progress: bool | None,
+) -> tuple[Any, Any, np.ndarray, tuple]:
+    """Stage I, the codes of every cell, and stage II unless ``max_epochs[1] == 0`` (then no generator at all).
+
+    Returns the encoder, decoder, codes and ``(stage-I history, corrected rows or None, generators, stage-II
+    information, stage-II histories)``.
+    """
+    epochs1, epochs2 = o["max_epochs"]
+    with seeded_torch(seed, dev):
+        gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
+        encoder, decoder, hist1 = engine.train_stage1(
+            source,
+            groups,
+            latent_dim=o["n_latent"],
+            n_epochs=epochs1,
+            batch_size=o["batch_size"][0],
+            lambda_recon=o["lambda_recon"],
+            lambda_content=o["lambda_content"],
+            generator=gen,
+            show_progress=show_progress,
+        )
+        codes = engine.apply_in_chunks(encoder, source, np.arange(source.shape[0]))
+        corrected, generators, infos, hist2 = None, {}, [], []
+        if epochs2 > 0:
+            corrected, generators, infos, hist2 = engine.run_stage2(
+                source,
+                groups,
+                codes,
+                order_idx,
+                incremental=o["incremental"],
+                n_sample=o["n_sample"],
+                k_within=ks[0],
+                k_mnn=ks[1],
+                walk_steps=o["walk_steps"],
+                metric=METRICS[o["metric"]],
+                knn_method=o["knn_method"],
+                n_epochs=epochs2,
+                n_critic=o["n_critic"],
+                batch_size=o["batch_size"][1],
+                latent_dim=o["n_latent"],
+                generator=gen,
+                random_state=seed,
+                labels=labels,
+                show_progress=show_progress,
+            )
+    return encoder, decoder, codes, (hist1, corrected, generators, infos, hist2)
 
 
 def _check_data(adata: AnnData, batch_key: str, layer: str | None) -> tuple[Any, str, np.ndarray, list, np.ndarray]:

@@ -210,61 +210,22 @@ def neuralee(
     n = adata.n_obs
     P = stored_affinities(adata, affinity_key)
     X, source, W, offset = network_input(adata, use_rep, n_pcs, random_state=seed)
-    new_affinity: dict[str, Any] = {}
-
-    def affinities(rep: np.ndarray) -> sparse.csr_matrix:
-        """The one affinity path (as pp.affinity); the graph of all cells is kept to be stored."""
-        k = min(int(3 * opts["perplexity"]), rep.shape[0] - 1)
-        P_rep, record = tool_affinities(
-            rep,
-            source["rep_name"],
-            perplexity=min(opts["perplexity"], k - 1e-3),
-            use_rep="X",
-            n_jobs=n_jobs,
-            device=dev,
-            random_state=seed,
-        )
-        if rep.shape[0] == n:
-            record["params"]["perplexity"] = opts["perplexity"]
-            new_affinity.update(P=P_rep, uns=record)
-        return P_rep
-
+    affinities, new_affinity = _affinity_path(opts["perplexity"], source["rep_name"], n, n_jobs, dev, seed)
     full = opts["batch_size"] >= n
     with seeded_torch(seed, dev):
         net, info = fit_neuralee(
             X,
-            n_components=opts["n_components"],
-            lam=opts["lam"],
-            perplexity=opts["perplexity"],
-            repulsion=repulsion,
             P=P,
             affinities=affinities,
             batch_size=None if full else opts["batch_size"],
-            batch_affinity=batch_affinity,
-            n_subsample=opts["n_subsample"],
-            max_epochs=opts["max_epochs"],
-            refine_max_epochs=opts["refine_max_epochs"],
-            lr=opts["lr"],
-            hidden=opts["hidden"],
-            early_exaggeration=opts["early_exaggeration"],
-            exaggeration_epochs=opts["exaggeration_epochs"],
-            patience=opts["patience"],
             device=dev,
             random_state=seed,
             show_progress=show_progress,
+            **{k: opts[k] for k in _ENGINE_OPTIONS},
         )
-    params = {
-        **opts,
-        "use_rep": "" if use_rep is None else use_rep,
-        "n_pcs": -1 if n_pcs is None else int(n_pcs),
-        "hidden": list(opts["hidden"]),
-        "repulsion": repulsion,
-        "batch_affinity": batch_affinity,
-        "patience": -1 if patience is None else opts["patience"],
-        "affinity_key": affinity_key,
-        "random_state": seed,
-        "device": str(dev),
-    }
+    params = {**opts, "hidden": list(opts["hidden"]), "patience": -1 if patience is None else opts["patience"]}
+    params.update(use_rep="" if use_rep is None else use_rep, n_pcs=-1 if n_pcs is None else int(n_pcs))
+    params.update(affinity_key=affinity_key, random_state=seed, device=str(dev))
     model = _model(net, X, source, W, offset, adata, params)
     Y = model.transform(X, device=dev)
 
@@ -286,6 +247,53 @@ def neuralee(
     return adata if copy else None
 
 
+#: options passed to the engine as they are
+_ENGINE_OPTIONS = (
+    "n_components",
+    "lam",
+    "perplexity",
+    "repulsion",
+    "batch_affinity",
+    "n_subsample",
+    "max_epochs",
+    "refine_max_epochs",
+    "lr",
+    "hidden",
+    "early_exaggeration",
+    "exaggeration_epochs",
+    "patience",
+)
+
+
+def _affinity_path(
+    perplexity: float, rep_name: str, n: int, n_jobs: int | None, dev: torch.device, seed: int
+) -> tuple[Any, dict[str, Any]]:
+    """The engine's ``affinities`` function (the one path of ``pp.affinity``) and where the graph of all cells is kept.
+
+    The perplexity is lowered just below the number of neighbours for a small subsample (never for all cells, where
+    it was checked against ``n_obs``).
+    """
+    kept: dict[str, Any] = {}
+
+    def affinities(rep: np.ndarray) -> sparse.csr_matrix:
+        k = min(int(3 * perplexity), rep.shape[0] - 1)
+        P_rep, record = tool_affinities(
+            rep,
+            rep_name,
+            perplexity=min(perplexity, k - 1e-3),
+            use_rep="X",
+            n_jobs=n_jobs,
+            device=dev,
+            random_state=seed,
+        )
+        if rep.shape[0] == n:
+            record["params"]["perplexity"] = perplexity
+            kept.update(P=P_rep, uns=record)
+        return P_rep
+
+    return affinities, kept
+
+
 def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     """Validate every option before any work; returns the resolved values (as recorded in ``uns``)."""
     check_adata(adata, min_obs=4)
@@ -304,6 +312,7 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
         raise ValueError(f"`repulsion` must be one of {REPULSIONS}, got {o['repulsion']!r}.")
     if o["batch_affinity"] not in BATCH_AFFINITIES:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {o['batch_affinity']!r}.")
+    out["repulsion"], out["batch_affinity"] = o["repulsion"], o["batch_affinity"]
     n_sub = min(n, AUTO_SUBSAMPLE) if o["n_subsample"] is None else check_positive_int(o["n_subsample"], "n_subsample")
     out["n_subsample"] = min(n_sub, n)
     if out["n_subsample"] < out["batch_size"]:

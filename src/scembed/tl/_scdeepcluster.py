@@ -363,19 +363,44 @@ def scdeepcluster(
     seed = seed_int(random_state)
     codes, categories = _batch_codes(adata, batch_key) if batch_key is not None else (None, [])
     X, genes = _genes_used(adata, layer, o["n_top_genes"])
-    log = get_logger()
-    pre_epochs, cluster_epochs = o["max_epochs"]
     params = {**o, "layer": layer or "", "batch_key": batch_key or "", "random_state": seed}
     params["n_top_genes"] = -1 if o["n_top_genes"] is None else o["n_top_genes"]
     params["hidden"], params["max_epochs"] = list(o["hidden"]), list(o["max_epochs"])
 
-    times = {}
     data = engine.CountData.fit(X, genes, codes, len(categories))
+    net, fit = _fit(data, len(genes), len(categories), o, dev, seed, show_progress)
+    adata = adata.copy() if copy else adata
+    record = {"params": params, "n_clusters_method": "given" if o["n_clusters"] else "leiden", "device": str(dev)}
+    record["time"] = {k: float(v) for k, v in fit["times"].items()}
+    _write(adata, keys, len(genes), fit, record)
+    if not return_model:
+        return adata if copy else None
+    model = ScDeepClusterModel(
+        net,
+        var_names=list(map(str, adata.var_names)),
+        genes=genes,
+        target_sum=data.target_sum,
+        gene_mean=data.gene_mean,
+        gene_std=data.gene_std,
+        layer=layer,
+        batch_key=batch_key,
+        batch_categories=categories,
+    )
+    return (adata, model) if copy else model
+
+
+def _fit(
+    data: engine.CountData, n_genes: int, n_batches: int, o: dict, dev: torch.device, seed: int, show_progress
+) -> tuple[engine.ZINBAutoencoder, dict[str, Any]]:
+    """Pretrain, initialise the clusters, train the clustering stage; the network and what the run produced."""
+    log = get_logger()
+    pre_epochs, cluster_epochs = o["max_epochs"]
+    times = {}
     with seeded_torch(seed, dev) as noise_gen:
         batch_gen = torch.Generator().manual_seed(seed)
-        net = engine.ZINBAutoencoder(len(genes), o["n_latent"], o["hidden"], len(categories)).to(dev)
+        net = engine.ZINBAutoencoder(n_genes, o["n_latent"], o["hidden"], n_batches).to(dev)
         t0 = time.perf_counter()
-        log.info(f"scDeepCluster: pretraining on {adata.n_obs} cells × {len(genes)} genes ({dev.type})")
+        log.info(f"scDeepCluster: pretraining on {data.n_obs} cells × {n_genes} genes ({dev.type})")
         pre_hist = engine.pretrain(
             net,
             data,
@@ -395,10 +420,8 @@ def scdeepcluster(
         )
         k_used = centroids.shape[0]
         times["init"] = time.perf_counter() - t0
-        log.info(
-            f"scDeepCluster: {k_used} clusters "
-            f"({'given' if o['n_clusters'] else f'Leiden, resolution {resolution:g}'}); clustering stage"
-        )
+        how = "given" if o["n_clusters"] else f"Leiden, resolution {o['resolution']:g}"
+        log.info(f"scDeepCluster: {k_used} clusters ({how}); clustering stage")
         net.set_centroids(torch.from_numpy(centroids))
         t0 = time.perf_counter()
         cl_hist, converged = {}, True  # one cluster: nothing to refine
@@ -420,25 +443,8 @@ def scdeepcluster(
             )
         times["cluster"] = time.perf_counter() - t0
         z, q = engine.infer(net, data, dev)
-
-    adata = adata.copy() if copy else adata
-    record = {"params": params, "n_clusters_method": "given" if o["n_clusters"] else "leiden", "device": str(dev)}
-    record["time"] = {k: float(v) for k, v in times.items()}
-    _write(adata, keys, z, q, init_labels, len(genes), converged, pre_hist, cl_hist, record)
-    if not return_model:
-        return adata if copy else None
-    model = ScDeepClusterModel(
-        net,
-        var_names=list(map(str, adata.var_names)),
-        genes=genes,
-        target_sum=data.target_sum,
-        gene_mean=data.gene_mean,
-        gene_std=data.gene_std,
-        layer=layer,
-        batch_key=batch_key,
-        batch_categories=categories,
-    )
-    return (adata, model) if copy else model
+    fit = {"z": z, "q": q, "init_labels": init_labels, "converged": converged, "times": times}
+    return net, {**fit, "pre_hist": pre_hist, "cl_hist": cl_hist}
 
 
 def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
@@ -498,8 +504,9 @@ def _genes_used(adata: AnnData, layer: str | None, n_top_genes: int | None) -> t
     return X, genes
 
 
-def _write(adata, keys: OutputKeys, z, q, init_labels, n_genes, converged, pre_hist, cl_hist, record) -> None:
+def _write(adata: AnnData, keys: OutputKeys, n_genes: int, fit: dict, record: dict) -> None:
     """Labels to ``obs[key]``, latent to ``obsm["X_" + key]``, Q to ``obsm[key + "_proba"]``, record to ``uns[key]``."""
+    z, q, init_labels, pre_hist, cl_hist = fit["z"], fit["q"], fit["init_labels"], fit["pre_hist"], fit["cl_hist"]
     k_used = q.shape[1]
     cats = [str(i) for i in range(k_used)]
     adata.obs[keys.obs] = pd.Categorical([cats[i] for i in q.argmax(1)], categories=cats).remove_unused_categories()
@@ -511,7 +518,7 @@ def _write(adata, keys: OutputKeys, z, q, init_labels, n_genes, converged, pre_h
         "n_clusters_method": record["n_clusters_method"],
         "n_clusters_init": np.bincount(init_labels, minlength=k_used).tolist(),
         "n_genes_used": int(n_genes),
-        "converged": bool(converged),
+        "converged": bool(fit["converged"]),
         "n_epochs_pretrain": len(pre_hist.get("zinb", [])),
         "n_epochs_cluster": len(cl_hist.get("loss", [])),
         "history": {
