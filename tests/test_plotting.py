@@ -29,15 +29,16 @@ def test_history_one_panel_per_quantity() -> None:
     assert all(ax.get_yscale() == "log" for ax in axes)
     assert axes[0] is not axes[1]
     plt.close("all")
-    axes = se.pl.history(adata, "sdc", curves=["cluster_kl"], show=False)
-    assert len(axes) == 1 and axes[0].get_ylabel() == "cluster_kl"
+    _, given = plt.subplots()
+    ax = se.pl.history(adata, "sdc", curves=["cluster_kl"], ax=given, show=False)  # one quantity: one axes
+    assert ax is given and ax.get_ylabel() == "cluster_kl"
     plt.close("all")
 
 
 def test_history_2d_draws_one_line_per_row() -> None:
     adata = AnnData(np.zeros((3, 2), dtype=np.float32))
     adata.uns["imap"] = {"history": {"stage2_critic": np.array([[1.0, 0.5], [2.0, 1.0]])}}
-    (ax,) = se.pl.history(adata, "imap", show=False)
+    ax = se.pl.history(adata, "imap", show=False)
     assert len(ax.get_lines()) == 2
     plt.close("all")
 
@@ -54,14 +55,14 @@ def test_history_errors() -> None:
         se.pl.history(adata, "old")
     _, ax = plt.subplots()
     with pytest.raises(ValueError, match="one axes per quantity"):
-        se.pl.history(adata, "ee", axes=[ax, ax])
+        se.pl.history(adata, "ee", ax=[ax, ax])
     plt.close("all")
 
 
 def test_history_of_a_real_run() -> None:
     adata = se.datasets.simulate_embedding(60, 5, random_state=0)
     se.tl.ee(adata, perplexity=5.0, maxiter=5, show_progress=False)
-    (ax,) = se.pl.history(adata, "ee", show=False)
+    ax = se.pl.history(adata, "ee", show=False)
     assert ax.get_ylabel() == "objective"
     assert len(ax.get_lines()[0].get_ydata()) == adata.uns["ee"]["n_iter"] + 1
     plt.close("all")

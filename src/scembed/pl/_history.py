@@ -33,9 +33,9 @@ def history(
     *,
     curves: Sequence[str] | None = None,
     log_y: bool = False,
-    axes: Sequence[Axes] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
-) -> list[Axes]:
+) -> Axes | list[Axes]:
     """Plot the per-epoch losses a trainer declared in ``adata.uns[key]["history"]``, one panel per quantity.
 
     Every quantity gets its own panel, y axis and label, so losses of different scales stay readable. A 2-D
@@ -53,14 +53,15 @@ def history(
         Names of the quantities to plot (default: all of the history).
     log_y
         Logarithmic y axes.
-    axes
-        Matplotlib axes to draw into, one per quantity (default: a new figure).
+    ax
+        A matplotlib axes to draw into (one quantity), or a sequence of them, one per quantity (default: a new
+        figure).
     show
-        Show the figure (default: when no ``axes`` were given and matplotlib is interactive).
+        Show the figure (default: when no ``ax`` was given and matplotlib is interactive).
 
     Returns
     -------
-    The matplotlib axes, one per quantity.
+    The matplotlib axes of the one quantity, or a list of axes, one per quantity.
     """
     import matplotlib.pyplot as plt
 
@@ -68,6 +69,7 @@ def history(
     names = list(hist) if curves is None else list(curves)
     for name in names:
         check_key(hist, name, arg="curves", where=f"adata.uns[{key!r}]['history']")
+    axes = None if ax is None else [ax] if not isinstance(ax, Sequence | np.ndarray) else list(ax)
     if axes is None:
         n_cols = min(3, len(names))
         n_rows = -(-len(names) // n_cols)
@@ -77,20 +79,20 @@ def history(
         axes = list(grid.ravel()[: len(names)])
         fig.suptitle(key)
     elif len(axes) != len(names):
-        raise ValueError(f"`axes` must hold one axes per quantity ({len(names)}: {names}), got {len(axes)}.")
-    for ax, name in zip(axes, names):
+        raise ValueError(f"`ax` must hold one axes per quantity ({len(names)}: {names}), got {len(axes)}.")
+    for panel, name in zip(axes, names):
         values = hist[name]
         for i, row in enumerate(np.atleast_2d(values)):
             label = f"{name} [{i}]" if values.ndim == 2 else name
-            ax.plot(np.arange(1, len(row) + 1), row, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
+            panel.plot(np.arange(1, len(row) + 1), row, label=label)
+        panel.set_xlabel("epoch")
+        panel.set_ylabel(name)
         if log_y:
-            ax.set_yscale("log")
+            panel.set_yscale("log")
         if values.ndim == 2 and values.shape[0] > 1:
-            ax.legend(frameon=False)
-    if axes and axes[0].figure is not None:
+            panel.legend(frameon=False)
+    if ax is None:
         axes[0].figure.tight_layout()
-    if show or (show is None and plt.isinteractive()):
+    if show or (show is None and ax is None and plt.isinteractive()):
         plt.show()
-    return list(axes)
+    return axes[0] if len(axes) == 1 else list(axes)
