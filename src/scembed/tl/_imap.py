@@ -88,9 +88,10 @@ def imap_integrate(
     encoding and correcting every cell once. Sparse input is densified one mini-batch at a time; the caller's
     ``X``, ``var`` and cell order are never modified.
 
-    Names differ from the original's where scembed's vocabulary is shared by all tools: ``max_epochs`` is
-    ``(stage I epochs, stage II epochs)``, ``batch_size`` the two stages' batch sizes, ``n_latent`` the size of the
-    content representation.
+    Names follow scembed's vocabulary, shared by all tools: ``max_epochs`` is ``(stage I epochs, stage II
+    epochs)`` (formerly ``stage1_epochs``, ``stage2_epochs``), ``batch_size`` the two stages' batch sizes (formerly
+    ``stage1_batch_size``, ``stage2_batch_size``), ``n_latent`` the size of the content representation (formerly
+    ``latent_dim``); the old names raise a ``TypeError`` naming the new one.
 
     Parameters
     ----------
