@@ -50,7 +50,7 @@ def conditional_entropy(P_cond_rows: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("perplexity", [5.0, 30.0])
 def test_exact_matches_float64_brute_force(small: AnnData, perplexity: float) -> None:
-    se.pp.affinity(small, perplexity=perplexity, method="exact")
+    se.pp.affinity(small, perplexity=perplexity, knn_method="exact")
     P = small.obsp["affinity"]
     ref = reference_affinities(small.obsm["X_pca"], perplexity, k=int(3 * perplexity))
     assert sparse.issparse(P) and P.dtype == np.float32
@@ -123,8 +123,8 @@ def test_pynndescent_recall_against_exact() -> None:
 
 def test_approximate_affinity_close_to_exact() -> None:
     adata = AnnData(obsm={"X_pca": clustered(2000)})
-    exact = se.pp.affinity(adata, perplexity=10, method="exact", copy=True).obsp["affinity"]
-    approx = se.pp.affinity(adata, perplexity=10, method="annoy", copy=True).obsp["affinity"]
+    exact = se.pp.affinity(adata, perplexity=10, knn_method="exact", copy=True).obsp["affinity"]
+    approx = se.pp.affinity(adata, perplexity=10, knn_method="annoy", copy=True).obsp["affinity"]
     assert abs(exact - approx).sum() < 0.05  # both sum to 1: total variation distance below 2.5 %
 
 
@@ -141,7 +141,7 @@ def test_cosine_metric(small: AnnData) -> None:
 def test_reuse_scanpy_graph(small: AnnData) -> None:
     sc.pp.neighbors(small, n_neighbors=31, use_rep="X_pca", method="gauss", knn=True)
     se.pp.affinity(small, perplexity=10, neighbors_key="neighbors", key_added="from_graph")
-    se.pp.affinity(small, perplexity=10, n_neighbors=30, method="exact")
+    se.pp.affinity(small, perplexity=10, n_neighbors=30, knn_method="exact")
     assert small.uns["from_graph"]["method"] == "graph"
     np.testing.assert_allclose(small.obsp["from_graph"].toarray(), small.obsp["affinity"].toarray(), atol=1e-7)
 
@@ -201,8 +201,8 @@ def test_h5ad_round_trip(small: AnnData, tmp_path) -> None:
 
 def test_same_seed_same_result() -> None:
     adata = AnnData(obsm={"X_pca": clustered(1500)})
-    a = se.pp.affinity(adata, perplexity=10, method="annoy", random_state=3, copy=True).obsp["affinity"]
-    b = se.pp.affinity(adata, perplexity=10, method="annoy", random_state=3, copy=True).obsp["affinity"]
+    a = se.pp.affinity(adata, perplexity=10, knn_method="annoy", random_state=3, copy=True).obsp["affinity"]
+    b = se.pp.affinity(adata, perplexity=10, knn_method="annoy", random_state=3, copy=True).obsp["affinity"]
     assert (a != b).nnz == 0
 
 
@@ -219,7 +219,7 @@ def snapshot(adata: AnnData) -> tuple:
         ({"perplexity": 30, "n_neighbors": 20}, ValueError, "perplexity"),
         ({"n_neighbors": 400}, ValueError, "n_neighbors"),
         ({"use_rep": "X_missing"}, KeyError, "use_rep"),
-        ({"method": "faiss"}, ValueError, "method"),
+        ({"knn_method": "faiss"}, ValueError, "knn_method"),
         ({"metric": "hamming"}, ValueError, "metric"),
         ({"n_pcs": 0}, ValueError, "n_pcs"),
         ({"n_pcs": 11}, ValueError, "n_pcs"),

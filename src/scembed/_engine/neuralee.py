@@ -25,7 +25,7 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from .affinity import calibrate_perplexity, entropic_affinities
+from .affinity import calibrate_perplexity
 from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
 from .nn import mlp
@@ -177,18 +177,6 @@ class GraphSampler:
 
 
 # --------------------------------------------------------------------------------------------------- training
-def affinity_graph(
-    X: np.ndarray, perplexity: float, *, device: torch.device, n_jobs: int | None = None, random_state: int = 0
-) -> sparse.csr_matrix:
-    """Symmetric entropic affinities on the k = min(3·perplexity, n − 1) nearest neighbours (as ``pp.affinity``)."""
-    n = X.shape[0]
-    k = min(int(3 * perplexity), n - 1)
-    perp = min(perplexity, k - 1e-3)
-    idx, dist, _ = nearest_neighbors(X, k, method="auto", device=device, n_jobs=n_jobs, random_state=random_state)
-    P, _, _ = entropic_affinities(idx, dist, perp, device="cpu")
-    return P
-
-
 def fit_neuralee(
     X: np.ndarray,
     *,
@@ -197,12 +185,12 @@ def fit_neuralee(
     perplexity: float = 30.0,
     repulsion: str = "uniform",
     P: sparse.spmatrix | sparse.sparray | None = None,
-    get_P: Callable[[], sparse.spmatrix] | None = None,
+    affinities: Callable[[np.ndarray], sparse.spmatrix] | None = None,
     batch_size: int | None = None,
     batch_affinity: BatchAffinity = "graph",
     n_subsample: int | None = None,
-    maxit: int = 500,
-    refine_epochs: int = 0,
+    max_epochs: int = 500,
+    refine_max_epochs: int = 0,
     lr: float = 0.01,
     hidden: Sequence[int] = (50, 50),
     early_exaggeration: float = 1.0,
@@ -212,7 +200,6 @@ def fit_neuralee(
     min_delta: float = 1e-4,
     device: torch.device | str = "cpu",
     random_state: int = 0,
-    n_jobs: int | None = None,
     show_progress: bool | None = None,
     on_shape: Callable[[str, tuple[int, ...]], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -225,17 +212,22 @@ def fit_neuralee(
     n_components, lam, perplexity, repulsion
         Embedding dimension, repulsion weight λ, perplexity of the affinities, ``"uniform"``/``"distance"`` W⁻.
     P
-        Global affinities of all cells (full batch and ``"graph"`` refinement); ``get_P`` computes them lazily when
-        needed (default: :func:`affinity_graph` of ``X``).
+        Global affinities of all cells (full batch and ``"graph"`` mode), when already computed.
+    affinities
+        Turns a representation (rows of ``X``) into its affinities: called for the global graph when ``P`` is
+        None and needed, and for the subsample of the large-data recipe in ``"graph"`` mode. Required then;
+        :func:`scembed.pp._affinity.compute_affinities` is the package's one such path.
     batch_size
         Cells per step; ``None`` or ≥ N: full batch.
     batch_affinity
         ``"batch"`` or ``"graph"`` (mini-batches only).
     n_subsample
         Train first on this many random cells (with their own affinities in ``"graph"`` mode), map everything and
-        refine on all cells for ``refine_epochs`` epochs (openTSNE's large-data recipe). ``None``: all cells.
-    maxit
+        refine on all cells for ``refine_max_epochs`` epochs (openTSNE's large-data recipe). ``None``: all cells.
+    max_epochs
         Epochs (passes over the training cells) of the main phase.
+    refine_max_epochs
+        Epochs of the refinement on all cells after a subsample phase.
     lr, hidden
         Adam learning rate and hidden layer sizes.
     early_exaggeration, exaggeration_epochs
@@ -268,10 +260,10 @@ def fit_neuralee(
     mean_pair = float((2 * N * (xd * xd).sum() - 2 * (xd.sum(0) ** 2).sum()) / max(N * (N - 1), 1))
     del xd
 
-    if get_P is None:
-
-        def get_P() -> sparse.csr_matrix:
-            return affinity_graph(X, perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
+    def get_affinities(rows: np.ndarray | None = None) -> sparse.spmatrix:
+        if affinities is None:
+            raise ValueError("fit_neuralee needs `P` or an `affinities` function in this mode.")
+        return affinities(X if rows is None else X[rows])
 
     net = build_network(D, n_components, hidden).to(device)
     opt = adam(net.parameters(), lr=lr)
@@ -304,7 +296,7 @@ def fit_neuralee(
 
     if full:
         if P is None:
-            P = get_P()
+            P = get_affinities()
         obj = EEObjective(P, lam=lam, repulsion=repulsion, X=X, device=device)
         note("P", (int(sparse.csr_matrix(P).nnz),))
 
@@ -320,7 +312,7 @@ def fit_neuralee(
             opt.step()
             return float(ea + lam * er)
 
-        n_epochs = run_phase(full_step, maxit, 0)
+        n_epochs = run_phase(full_step, max_epochs, 0)
         recalibrate_batchnorm(net, Xt)
         net.eval()
         return net, {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
@@ -398,22 +390,22 @@ def fit_neuralee(
     if batch_affinity == "graph":
         if n_sub < N:
             sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
-            P_sub = affinity_graph(X[sub.numpy()], perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
-            n_epochs += run_phase(graph_step(P_sub, sub, 0), maxit, 0)
+            P_sub = get_affinities(sub.numpy())
+            n_epochs += run_phase(graph_step(P_sub, sub, 0), max_epochs, 0)
             del P_sub
-            if refine_epochs > 0:
-                P = P if P is not None else get_P()
-                n_epochs += run_phase(graph_step(P, cells_all, 1), refine_epochs, 1)
+            if refine_max_epochs > 0:
+                P = P if P is not None else get_affinities()
+                n_epochs += run_phase(graph_step(P, cells_all, 1), refine_max_epochs, 1)
         else:
-            P = P if P is not None else get_P()
-            n_epochs += run_phase(graph_step(P, cells_all, 0), maxit, 0)
+            P = P if P is not None else get_affinities()
+            n_epochs += run_phase(graph_step(P, cells_all, 0), max_epochs, 0)
     elif batch_affinity == "batch":
         if n_sub < N:
             sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
-            n_epochs += run_phase(make_step(sub, 0), maxit, 0)
-            n_epochs += run_phase(make_step(cells_all, 1), refine_epochs, 1)
+            n_epochs += run_phase(make_step(sub, 0), max_epochs, 0)
+            n_epochs += run_phase(make_step(cells_all, 1), refine_max_epochs, 1)
         else:
-            n_epochs += run_phase(make_step(cells_all, 0), maxit, 0)
+            n_epochs += run_phase(make_step(cells_all, 0), max_epochs, 0)
     else:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
     recalibrate_batchnorm(net, Xt)

@@ -7,6 +7,7 @@ float32 CSR matrix (sorted indices, duplicate entries added up) — without ever
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,6 +121,7 @@ def batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None
     values = adata.obs[batch_key]
     if values.isna().any():
         raise ValueError(f"adata.obs[{batch_key!r}] has {int(values.isna().sum())} missing value(s).")
+    check_batch_labels(values, batch_key)
     values = values.astype(str)
     if categories is None:
         categories = sorted(values.unique())
@@ -131,3 +133,19 @@ def batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None
         )
     codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
     return codes, list(categories)
+
+
+def check_batch_labels(values: pd.Series, batch_key: str) -> None:
+    """Refuse batch columns whose labels would merge as strings (``1`` and ``"1"``, ``1`` and ``1.0``)."""
+    unique = pd.unique(values.to_numpy(dtype=object))
+    kinds = {
+        "text" if isinstance(v, str) else "number" if isinstance(v, numbers.Number) else type(v).__name__
+        for v in unique
+    }
+    as_text = {str(v) for v in unique}
+    if len(kinds) > 1 or len(as_text) < len(unique):
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] mixes label types ({sorted(kinds)}) or holds labels that read the same as "
+            f"text (e.g. 1 and '1'); batches are identified by their text, so make the column one type, e.g. "
+            f"adata.obs[{batch_key!r}] = adata.obs[{batch_key!r}].astype(str) if equal texts are one batch."
+        )
