@@ -99,15 +99,28 @@ def encode_all(net: Autoencoder, data: CountData, device: torch.device, batch_si
 
 
 @torch.no_grad()
-def evaluate(net: Autoencoder, data: CountData, rows: np.ndarray, device: torch.device, batch_size: int) -> float:
-    """Mean loss over ``rows`` × genes of the clean (noise-free) input."""
+def evaluate(
+    net: Autoencoder,
+    data: CountData,
+    rows: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> float:
+    """Mean loss over ``rows`` × genes, with the input noise of training drawn afresh from ``seed``.
+
+    The same ``seed`` gives the same noise, so that the losses of successive epochs differ only by the weights.
+    """
     net.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         mb = data.batch(chunk, device)
-        loss = reconstruction_loss(net.likelihood, net(mb.xin, mb.onehot), mb.counts, mb.size_factors, mb.nonzero)
-        total += float(loss) * len(chunk)
+        out = net(_with_noise(mb.xin, noise, gen), mb.onehot)
+        total += float(reconstruction_loss(net.likelihood, out, mb.counts, mb.size_factors, mb.nonzero)) * len(chunk)
     return total / max(len(rows), 1)
 
 
@@ -125,13 +138,16 @@ def train_autoencoder(
     train_rows: np.ndarray | None = None,
     validation_rows: np.ndarray | None = None,
     patience: int | None = None,
+    validation_seed: int = 0,
     desc: str = "autoencoder",
     show_progress: bool | None = None,
 ) -> tuple[dict[str, list[float]], int]:
     """Train ``net`` on its likelihood: Gaussian noise ``noise`` on the encoder input, Adam(amsgrad).
 
     Mini-batches are drawn from ``train_rows`` (default: every cell). With ``validation_rows``, the mean loss
-    of those cells (clean input) is recorded every epoch, training stops when it has not improved for
+    of those cells is recorded every epoch (with input noise as in training, the same draw every epoch: the
+    denoising objective, whose clean-input counterpart stops improving long before the latent space is
+    learnt; ``validation_seed`` seeds that draw), training stops when it has not improved for
     ``patience`` epochs and the weights of its best epoch are restored; without, ``patience`` watches the
     training loss and the last weights are kept.
 
@@ -160,7 +176,9 @@ def train_autoencoder(
             total += loss.detach() * len(rows)
         out = {"loss": float(total) / max(n, 1)}
         if validate:
-            out["validation_loss"] = evaluate(net, data, validation_rows, device, batch_size)
+            out["validation_loss"] = evaluate(
+                net, data, validation_rows, device, batch_size, noise=noise, seed=validation_seed
+            )
         return out
 
     return train(
