@@ -17,7 +17,7 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from .autoencoder import Autoencoder, _with_noise, encode_all, pretrain, train_autoencoder
+from .autoencoder import Autoencoder, _one_of, _with_noise, encode_all, pretrain, train_autoencoder
 from .counts import INFER_BATCH, CountData, MiniBatch, _canonical_csr, _rows, library_sizes, select_genes_by_zero_rate
 from .training import minibatches, train
 from .zinb import (
@@ -116,18 +116,20 @@ def initial_clusters(
     z: np.ndarray,
     n_clusters: int,
     *,
-    knn: int = 20,
+    knn: int | None = None,
     resolution: float = 0.2,
     n_init: int = 20,
     random_state: int = 0,
     device: torch.device | str = "cpu",
+    n_neighbors: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Initial labels and centroids: KMeans with ``n_clusters`` > 0, else Leiden on the latent kNN graph.
 
     The graph has scanpy's (UMAP's) fuzzy connectivities on the ``knn`` nearest neighbours (``knn`` counting
-    the cell itself, as ``scanpy.pp.neighbors``), so that ``resolution`` means what it means in
-    ``scanpy.tl.leiden``; the centroids are the clusters' means.
+    the cell itself, as ``scanpy.pp.neighbors``; default 20; ``n_neighbors`` is the vocabulary's name for it),
+    so that ``resolution`` means what it means in ``scanpy.tl.leiden``; the centroids are the clusters' means.
     """
+    knn = 20 if knn is None and n_neighbors is None else _one_of(knn, n_neighbors, "knn", "n_neighbors")
     z = np.ascontiguousarray(z, dtype=np.float32)
     if n_clusters > 0:
         from sklearn.cluster import KMeans
@@ -183,9 +185,9 @@ def cluster(
     data: CountData,
     init_labels: np.ndarray,
     *,
-    maxiter: int,
+    maxiter: int | None = None,
     batch_size: int,
-    sigma: float,
+    sigma: float | None = None,
     gamma: float,
     update_interval: int,
     tol: float,
@@ -194,13 +196,18 @@ def cluster(
     generator: torch.Generator,
     noise_generator: torch.Generator,
     show_progress: bool | None = None,
+    max_epochs: int | None = None,
+    noise: float | None = None,
 ) -> tuple[dict[str, list[float]], bool]:
     """Joint stage: ZINB(noisy input) + γ·KL(P‖Q(clean input)), Adadelta(lr, ρ=0.95) on network and centroids.
 
     P is recomputed on all cells (in chunks) every ``update_interval`` epochs; training stops when the share
-    of labels that changed since the previous update falls below ``tol``. Returns the history (total, zinb, kl,
-    delta_label per update) and whether it converged.
+    of labels that changed since the previous update falls below ``tol``, or after ``maxiter`` epochs.
+    ``max_epochs``/``noise`` are the vocabulary's names of ``maxiter``/``sigma`` (either may be given). Returns
+    the history (total, zinb, kl, delta_label per update) and whether it converged.
     """
+    maxiter = _one_of(maxiter, max_epochs, "maxiter", "max_epochs")
+    sigma = _one_of(sigma, noise, "sigma", "noise")
     opt = torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95)
     n = data.n_obs
     net.eval()

@@ -93,8 +93,9 @@ def autoencoder(
     clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
 
     Training reads mini-batches of rows from the (sparse) matrix, never densifying all of it. A random
-    ``validation_fraction`` of the cells is held out, as in scvi-tools: training stops when their loss has not
-    improved for ``patience`` epochs, and the weights of the best epoch are kept. The embedding of every cell,
+    ``validation_fraction`` of the cells is held out, as in scvi-tools: training stops when their loss (with
+    input noise as in training, one fixed draw) has not improved for ``patience`` epochs, and the weights of the
+    best epoch are kept. The embedding of every cell,
     held-out ones included, comes from those weights.
 
     Parameters
@@ -133,7 +134,7 @@ def autoencoder(
         Epochs without improvement of the validation loss before training stops; ``None``: never early.
     n_top_genes
         Use only about this many genes: for counts those with more zeros than their mean expression explains
-        (Kobak & Berens 2020, as scDeepCluster's gene selection), for ``"mse"`` those of largest variance.
+        (Kobak & Berens 2019, as scDeepCluster's gene selection), for ``"mse"`` those of largest variance.
         ``None`` (default): every gene with data.
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
@@ -217,7 +218,7 @@ def autoencoder(
         "params": params,
         "history": {"loss": history.get("loss", []), "validation_loss": history.get("validation_loss", [])},
         "n_epochs": int(n_run),
-        "best_epoch": int(np.argmin(watched)) if validation_fraction and val_rows.size else int(n_run) - 1,
+        "best_epoch": int(np.argmin(watched)) if val_rows.size and n_run else int(n_run) - 1,
         "n_genes_used": len(genes),
     }
     if not return_model:
