@@ -348,6 +348,7 @@ def _empty_genes(a):
         (None, {"validation_fraction": 1.0}, ValueError, "validation_fraction"),
         (None, {"n_top_genes": 1000}, ValueError, "n_top_genes"),
         (None, {"hidden": "64"}, TypeError, "hidden"),
+        (None, {"hidden": ()}, TypeError, "hidden"),
     ],
 )
 def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):

@@ -23,8 +23,8 @@ def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fractio
     n_latent = check_positive_int(n_latent, "n_latent")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}, got {likelihood!r}.")
-    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
-        raise TypeError(f"`hidden` must be a sequence of layer widths, got {hidden!r}.")
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or len(hidden) == 0:
+        raise TypeError(f"`hidden` must be a non-empty sequence of layer widths, got {hidden!r}.")
     hidden = tuple(check_positive_int(h, "hidden") for h in hidden)
     noise = check_in_range(noise, "noise", low=0)
     batch_size = check_positive_int(batch_size, "batch_size")
