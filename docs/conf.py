@@ -30,7 +30,7 @@ extensions = [
 ]
 autosummary_generate = True
 autodoc_member_order = "bysource"
-autodoc_default_options = {"members": True, "show-inheritance": False}
+autodoc_default_options = {"members": True}
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
