@@ -20,7 +20,6 @@ process (W = 1) runs the same worker without torchrun.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -53,9 +52,6 @@ def worker(folder: Path, out: Path, opts: dict) -> None:
     t0 = time.perf_counter()
     P, _, _, method = distributed.knn_affinities(X, k, perplexity, method="auto", n_jobs=1)
     t_aff = time.perf_counter() - t0
-    # the engine's name for the training length changed once; accept either
-    names = inspect.signature(fit_neuralee).parameters
-    epochs_name = "max_epochs" if "max_epochs" in names else "maxit"
     torch.manual_seed(0)
     t1 = time.perf_counter()
     net, info = fit_neuralee(
@@ -65,8 +61,8 @@ def worker(folder: Path, out: Path, opts: dict) -> None:
         batch_affinity="graph",
         patience=None,
         random_state=0,
+        max_epochs=int(opts["epochs"]),
         show_progress=False,
-        **{epochs_name: int(opts["epochs"])},
     )
     t_train = time.perf_counter() - t1
     with torch.no_grad():

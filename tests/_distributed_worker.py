@@ -3,7 +3,8 @@
 Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distributed_worker.py MODE OUT``.
 
 MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities, deliberate mismatches, the
-trainers' helpers and tl.scdeepcluster on tiny counts.
+trainers' helpers, and pp.affinity, tl.scdeepcluster and tl.autoencoder on tiny data (many checks in one launch:
+the start-up of the processes dominates).
 MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
 MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
 """
@@ -39,18 +40,15 @@ def graph(X: np.ndarray):
 
 def fit(X: np.ndarray, P, *, batch_affinity: str = "graph", epochs: int = EPOCHS):
     """NeuralEE in mini-batch mode for a few epochs, every epoch's loss recorded (no patience)."""
-    import inspect
-
     from scembed._engine.neuralee import fit_neuralee
 
     torch.manual_seed(SEED)
-    epochs_name = "max_epochs" if "max_epochs" in inspect.signature(fit_neuralee).parameters else "maxit"
     return fit_neuralee(
         X,
         P=P,
         batch_size=BATCH,
         batch_affinity=batch_affinity,
-        **{epochs_name: epochs},
+        max_epochs=epochs,
         patience=None,
         min_delta=0.0,
         random_state=SEED,
@@ -68,52 +66,45 @@ def _fail_on_main(rank: int) -> None:
     raise ValueError(f"raised on rank {rank}")
 
 
-def _call(fn, *args, **named):
-    """Call ``fn`` with the keywords it takes; ``name=(new, old)`` pairs pick whichever name ``fn`` has."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    kwargs = {}
-    for key, value in named.items():
-        if isinstance(value, Renamed):
-            kwargs.update({value.new: value.new_value} if value.new in params else {value.old: value.old_value})
-        elif key in params:
-            kwargs[key] = value
-    return fn(*args, **kwargs)
-
-
-class Renamed:
-    """A keyword renamed by the package's one vocabulary: its new and old names and values."""
-
-    def __init__(self, new: str, new_value, old: str, old_value) -> None:
-        self.new, self.new_value, self.old, self.old_value = new, new_value, old, old_value
-
-
 def tools() -> dict[str, np.ndarray]:
-    """scDeepCluster through the public API on tiny simulated counts (2 batches), a small network."""
+    """The public API under torchrun on tiny data: pp.affinity, tl.scdeepcluster, tl.autoencoder (early stopping)."""
+    import anndata as ad
 
     import scembed as se
 
+    out: dict[str, np.ndarray] = {}
+    # pp.affinity: the kNN + calibration of compute_affinities, rows split across ranks
+    b = ad.AnnData(data())
+    se.pp.affinity(b, PERPLEXITY, use_rep="X", n_neighbors=K, knn_method="exact")
+    P = b.obsp["affinity"].tocsr()
+    out.update(pp_data=P.data, pp_indices=P.indices, pp_indptr=P.indptr)
     a = se.datasets.simulate(120, 60, n_celltypes=3, n_batches=2, random_state=0)
-    _call(
-        se.tl.scdeepcluster,
+    se.tl.scdeepcluster(
+        a, n_clusters=3, batch_size=32, max_epochs=(2, 2), n_latent=4, hidden=(16,), random_state=0, show_progress=False
+    )
+    history = a.uns["scdeepcluster"].get("history", {})
+    out.update({f"history_{k}": np.asarray(v, dtype=np.float64) for k, v in history.items() if isinstance(v, list)})
+    out["sdc_latent"] = np.asarray(a.obsm["X_scdeepcluster"])
+    out["sdc_labels"] = a.obs["scdeepcluster"].astype(int).to_numpy()
+    # tl.autoencoder: held-out cells, patience 1 (lr large enough that the validation loss may stop improving)
+    se.tl.autoencoder(
         a,
-        n_clusters=3,
-        batch_size=32,
-        epochs=Renamed("max_epochs", (2, 2), "pretrain_epochs", 2),
-        maxiter=Renamed("max_epochs", (2, 2), "maxiter", 2),
-        latent=Renamed("n_latent", 4, "z_dim", 4),
-        hidden=Renamed("hidden", (16,), "encoder", (16,)),
+        4,
+        hidden=(16,),
+        max_epochs=6,
+        batch_size=16,
+        lr=3e-2,
+        validation_fraction=0.25,
+        patience=1,
         random_state=0,
         show_progress=False,
     )
-    history = a.uns["scdeepcluster"].get("history", {})
-    losses = {f"history_{k}": np.asarray(v, dtype=np.float64) for k, v in history.items() if isinstance(v, list)}
-    return {
-        "sdc_latent": np.asarray(a.obsm["X_scdeepcluster"]),
-        "sdc_labels": a.obs["scdeepcluster"].astype(int).to_numpy(),
-        **losses,
-    }
+    rec = a.uns["autoencoder"]
+    out["ae_latent"] = np.asarray(a.obsm["X_autoencoder"])
+    out["ae_loss"] = np.asarray(rec["history"]["loss"], dtype=np.float64)
+    out["ae_validation_loss"] = np.asarray(rec["history"]["validation_loss"], dtype=np.float64)
+    out["ae_epochs"] = np.asarray([rec["n_epochs"], rec["best_epoch"]])
+    return out
 
 
 def main() -> None:

@@ -288,10 +288,41 @@ def test_rank_minibatches_one_process_is_minibatches():
 
 @needs_gloo
 @pytest.mark.slow
-def test_scdeepcluster_two_ranks_agree(two_ranks):
-    """tl.scdeepcluster under torchrun: each rank its own batches and noise, one model, the same result everywhere."""
+def test_tools_two_ranks_agree(two_ranks):
+    """pp.affinity, tl.scdeepcluster, tl.autoencoder under torchrun: the same result on every rank."""
     a, b = np.load(two_ranks / "tools_rank0.npz"), np.load(two_ranks / "tools_rank1.npz")
+    assert set(a.files) == set(b.files)
     for name in a.files:
         assert np.array_equal(a[name], b[name]), name
     assert len(np.unique(a["sdc_labels"])) == 3
     assert any(name.startswith("history_") and a[name].size for name in a.files)  # losses averaged over ranks
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_pp_affinity_sharded_equals_one_process(two_ranks):
+    """pp.affinity goes through compute_affinities, whose kNN + calibration is split by rows under torchrun."""
+    import anndata as ad
+
+    import scembed as se
+
+    got = np.load(two_ranks / "tools_rank0.npz")
+    ref = ad.AnnData(worker.data())
+    se.pp.affinity(ref, worker.PERPLEXITY, use_rep="X", n_neighbors=worker.K, knn_method="exact")
+    P_ref = ref.obsp["affinity"].tocsr()
+    assert np.array_equal(got["pp_indptr"], P_ref.indptr) and np.array_equal(got["pp_indices"], P_ref.indices)
+    np.testing.assert_allclose(got["pp_data"], P_ref.data, rtol=0, atol=1e-6)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_autoencoder_two_ranks_early_stopping_agrees(two_ranks):
+    """tl.autoencoder: rank mini-batches and noise, every rank the same held-out loss, so the same stop and weights."""
+    a = np.load(two_ranks / "tools_rank0.npz")
+    n_epochs, best = (int(v) for v in a["ae_epochs"])
+    val = a["ae_validation_loss"]
+    assert 1 <= n_epochs <= 6 and len(val) == len(a["ae_loss"]) == n_epochs
+    assert np.isfinite(val).all() and best == int(np.argmin(val))
+    if n_epochs < 6:  # stopped by patience 1: the last epoch did not improve on the best
+        assert best == n_epochs - 2
+    assert np.isfinite(a["ae_latent"]).all() and a["ae_latent"].shape == (120, 4)

@@ -23,18 +23,20 @@ Where the collectives live
   every rank (a rank that stopped alone would leave the others waiting in a collective).
 - Data: every rank draws the same permutation from the shared seed and takes whole mini-batches ``r, r + W, …``
   of it (:func:`rank_blocks`, :func:`rank_minibatches`), all ranks the same number per epoch, so a W-rank step is
-  the one-process step on W batches with their gradients averaged. NeuralEE ("graph" and "batch" modes) and
-  scDeepCluster (pretraining and clustering) split their batches this way; draws that should differ per rank
-  (denoising noise, iMAP's mixup and pool samples) come from :func:`rank_generator`. scDeepCluster's DEC targets
-  come from :func:`dec_assignments` (cluster sums all-reduced), its initial centres from :func:`on_main`; its
-  Adadelta optimiser calls :func:`sync_gradients` itself. :func:`knn_affinities` splits the rows of the affinity
-  computation.
+  the one-process step on W batches with their gradients averaged. NeuralEE ("graph" and "batch" modes), the count
+  autoencoder (``train_autoencoder``: ``tl.autoencoder`` and scDeepCluster's pretraining, whose held-out loss every
+  rank computes on all held-out cells) and scDeepCluster's clustering split their batches this way; draws that
+  should differ per rank (denoising noise, iMAP's mixup and pool samples) come from :func:`rank_generator`.
+  scDeepCluster's DEC targets come from :func:`dec_assignments` (cluster sums all-reduced), its initial centres
+  from :func:`on_main`; its Adadelta optimiser calls :func:`sync_gradients` itself. :func:`knn_affinities`
+  splits the rows of the affinity computation (``compute_affinities``: ``pp.affinity`` and the affinities
+  ``tl.ee`` and ``tl.neuralee`` compute).
 - BatchNorm: each rank normalises with its own batch's statistics while training (no synchronised BatchNorm).
   NeuralEE recomputes the running statistics on all cells after training (every rank holds all cells), iMAP
   averages them over ranks (:func:`average_buffers_`); either way every rank ends with the same network.
 - Not split (every rank does the same work, and gets the same result): ``tl.ee``, full-batch NeuralEE, the
-  affinities of NeuralEE's subsample and of a given neighbour graph (``neighbors_key``), iMAP's kNN/MNN pools,
-  and the final embedding of all cells.
+  affinities of a given neighbour graph (``neighbors_key``), iMAP's kNN/MNN pools, and the final embedding of all
+  cells.
 
 Each rank holds the same inputs (the same AnnData, or the same backed ``.h5ad`` path); :func:`check_same_across_ranks`
 compares fingerprints before any work and raises one ``ValueError`` on every rank naming what differs.
