@@ -144,6 +144,22 @@ def test_other_ranks_are_quiet(monkeypatch):
     assert not progress(range(3), show=True).disable
 
 
+def test_plain_cuda_is_the_rank_gpu_under_torchrun(monkeypatch):
+    """torchrun's LOCAL_RANK picks the GPU for a plain "cuda" (no process group is started to decide it)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(distributed.ENV_ENABLE, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.local_device(cuda) == cuda  # one process: unchanged
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.local_device(cuda) == torch.device("cuda", 1)
+    assert distributed.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit GPU is kept
+    assert distributed.local_device(cpu) == cpu
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv(distributed.ENV_ENABLE, "0")
+    assert distributed.local_device(cuda) == cuda
+
+
 def test_timeout_setting(monkeypatch):
     monkeypatch.delenv(distributed.ENV_TIMEOUT, raising=False)
     assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT_S

@@ -171,6 +171,21 @@ def is_main() -> bool:
     return _env_int("RANK", 0) == 0
 
 
+def local_device(dev: torch.device) -> torch.device:
+    """Under ``torchrun``, a plain ``cuda`` device becomes this rank's GPU, ``cuda:LOCAL_RANK`` (the one NCCL uses).
+
+    Anything else (CPU, an explicit index, one process) is returned as it is. Never starts a process group, so a
+    device resolved before the first collective is already the right one.
+    """
+    if dev.type != "cuda" or dev.index is not None or not (_available() and _enabled()):
+        return dev
+    if torch.distributed.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_world_size() > 1 else dev
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        return dev
+    return torch.device("cuda", _env_int("LOCAL_RANK", 0))
+
+
 # ------------------------------------------------------------------------------------------------- collectives
 def _comm_device(w: World) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if w.backend == "nccl" else torch.device("cpu")
