@@ -12,9 +12,12 @@ from .._engine.knn import KNN_METHODS, METRICS, nearest_neighbors, resolve_knn_m
 from .._utils import (
     check_adata,
     check_affinity_matrix,
+    check_bool,
     check_in_range,
     check_key,
+    check_n_jobs,
     check_positive_int,
+    copy_adata,
     get_logger,
     get_representation,
     output_keys,
@@ -214,6 +217,8 @@ def affinity(
     if knn_method != "pynndescent" and neighbors_key is None and metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS} (any pynndescent metric with knn_method='pynndescent').")
     tol = check_in_range(tol, "tol", low=0, low_inclusive=False)
+    n_jobs = check_n_jobs(n_jobs)
+    check_bool(copy, "copy")
     keys = output_keys(key_added)
     dev = resolve_device(device)
     seed = seed_int(random_state)
@@ -239,7 +244,7 @@ def affinity(
             random_state=seed,
         )
 
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     adata.obsp[keys.obsp] = P
     params = {
         "perplexity": perplexity,
