@@ -127,18 +127,30 @@ def obsm_for_model(adata: AnnData, key: str, n_columns: int) -> np.ndarray:
 
 
 def counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    """``adata.X`` or ``adata.layers[layer]`` as stored (not copied or converted), and its name for messages."""
+    """``adata.X`` or ``adata.layers[layer]`` as stored (copied only when sparse and not canonical), and its name."""
     if layer is None:
         if is_backed_matrix(adata.X):
             raise ValueError(
                 "`adata` is backed (read_h5ad(..., backed='r')): the counts are read from adata.X, which must be "
                 "in memory; call adata = adata.to_memory() first (or pass `layer`)."
             )
-        return adata.X, "adata.X"
+        return _canonical_copy(adata.X), "adata.X"
     if not isinstance(layer, str):
         raise TypeError(f"`layer` must be a string key of adata.layers or None, got {type(layer).__name__}.")
     check_key(adata.layers, layer, arg="layer", where="adata.layers")
-    return adata.layers[layer], f"adata.layers[{layer!r}]"
+    return _canonical_copy(adata.layers[layer]), f"adata.layers[{layer!r}]"
+
+
+def _canonical_copy(X: Any) -> Any:
+    """A sparse matrix with duplicate or unsorted entries as a canonical copy; anything else as it is.
+
+    SciPy canonicalises such a matrix in place on many operations (``X > 0``, ``X[:, cols]``), which would
+    modify the caller's AnnData.
+    """
+    if sparse.issparse(X) and X.format in ("csr", "csc") and not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    return X
 
 
 def batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None = None) -> tuple[np.ndarray, list]:

@@ -69,8 +69,14 @@ def check_finite(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) ->
 
 
 def check_counts(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) -> None:
-    """Raise a ValueError naming ``name`` unless X holds non-negative integer counts."""
+    """Raise a ValueError naming ``name`` unless X holds non-negative integer counts.
+
+    Duplicate entries of a non-canonical sparse matrix are added up first (on a copy), as every consumer does.
+    """
     check_finite(X, name)
+    if sparse.issparse(X) and X.format in ("csr", "csc", "coo") and not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
     values = _values(X)
     if values.size and values.min() < 0:
         raise ValueError(f"{name} must hold raw counts, but it has negative values (min {values.min():g}).")
