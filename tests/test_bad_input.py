@@ -516,3 +516,344 @@ def test_bad_input(fname: str, case_name: str):
         else:
             _assert_matches(fname, result, _reference(fname, expect[1]))
     assert_unchanged(adata, before)
+
+
+# ----------------------------------------------------------------------------------------------- backed AnnData
+
+
+def _write_backed(adata: ad.AnnData, path, kind: str) -> ad.AnnData:
+    adata = adata.copy()
+    adata.X = sparse.csr_matrix(adata.X) if kind == "csr" else np.asarray(adata.X)
+    adata.write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+BACKED = [pytest.param(f, kind, id=f"{f}-backed_{kind}") for f in ALL for kind in ("dense", "csr")]
+
+
+@pytest.mark.parametrize(("fname", "kind"), BACKED)
+def test_backed(fname: str, kind: str, tmp_path):
+    """Backed X: read in row blocks where the tool can (same result as in memory), else one clear refusal."""
+    backed = _write_backed(_data(fname), tmp_path / "a.h5ad", kind)
+    before = snapshot(backed)
+    try:
+        if fname in REP:
+            _assert_matches(fname, _run(fname, backed), _reference(fname))
+        else:
+            with pytest.raises(ValueError, match=r"`adata` is backed .*adata\.to_memory\(\)"):
+                _run(fname, backed)
+        assert_unchanged(backed, before)
+    finally:
+        backed.file.close()
+
+
+def test_backed_counts_from_a_layer(tmp_path):
+    """Only X is on disk in a backed AnnData: tl.scdeepcluster reads counts from an (in-memory) layer."""
+    adata = _data("tl.scdeepcluster")
+    adata.layers["counts"] = adata.X.copy()
+    backed = _write_backed(adata, tmp_path / "a.h5ad", "csr")
+    try:
+        _assert_matches(
+            "tl.scdeepcluster", _run("tl.scdeepcluster", backed, layer="counts"), _reference("tl.scdeepcluster")
+        )
+    finally:
+        backed.file.close()
+
+
+@cache
+def _wide() -> ad.AnnData:
+    """60 genes: a tool computes a PCA of X itself (no obsm['X_pca'], at least 50 variables)."""
+    adata = se.datasets.simulate(N_CELLS, 60, n_celltypes=2, random_state=1)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.uns.pop("log1p", None)
+    return _dense(adata)
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_backed_pca_equals_in_memory_pca(kind, tmp_path):
+    from scembed._utils import get_representation
+
+    backed = _write_backed(_wide(), tmp_path / "a.h5ad", kind)
+    try:
+        rep_backed, name = get_representation(backed, n_pcs=5)
+    finally:
+        backed.file.close()
+    rep, name_mem = get_representation(_wide(), n_pcs=5)
+    assert name == name_mem == "pca(X, 5)"
+    signs = np.sign((rep_backed * rep).sum(0))  # a principal component is defined up to its sign
+    np.testing.assert_allclose(rep_backed * signs, rep, atol=1e-3 * np.abs(rep).max())
+
+
+def test_backed_pca_refused_beyond_the_covariance_limit(tmp_path, monkeypatch):
+    import scembed._utils._rep as rep_module
+
+    monkeypatch.setattr(rep_module, "BACKED_PCA_MAX_VARS", 10)
+    backed = _write_backed(_wide(), tmp_path / "a.h5ad", "csr")
+    try:
+        with pytest.raises(ValueError, match=r"adata\.X is backed .*60 variables.*X_pca"):
+            se.pp.affinity(backed, perplexity=PERPLEXITY)
+        assert "affinity" not in backed.obsp
+    finally:
+        backed.file.close()
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_neuralee_model_transform_reads_backed_rows(kind, tmp_path):
+    result, model = _models()["NeuralEEModel.transform"]
+    backed = _write_backed(_wide(), tmp_path / "a.h5ad", kind)
+    try:
+        Y = model.transform(backed, batch_size=7)  # several row blocks
+    finally:
+        backed.file.close()
+    np.testing.assert_allclose(Y, result, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- trained models
+
+
+@cache
+def _models() -> dict:
+    """One tiny model of every kind and its output on its training data (the reference of the model cases)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = {}
+        adata, model = _run("tl.neuralee", _wide(), return_model=True)
+        out["NeuralEEModel.transform"] = (np.asarray(adata.obsm["X_neuralee"]), model)
+        counts = _data("tl.scdeepcluster")
+        adata, model = _run("tl.scdeepcluster", counts, batch_key="batch", return_model=True)
+        out["ScDeepClusterModel.predict"] = (model.predict(counts)[2], model)
+        log = _data("tl.imap_integrate")
+        adata, model = _run("tl.imap_integrate", log, return_model=True)
+        out["IMAPModel.encode"] = (np.asarray(adata.obsm["X_imap"]), model)
+    return out
+
+
+MODEL_DATA = {
+    "NeuralEEModel.transform": _wide,
+    "ScDeepClusterModel.predict": lambda: _data("tl.scdeepcluster"),
+    "IMAPModel.encode": lambda: _data("tl.imap_integrate"),
+}
+
+
+def _apply(method: str, model, data, **kw) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "NeuralEEModel.transform":
+            return model.transform(data, **kw)
+        if method == "ScDeepClusterModel.predict":
+            return model.predict(data, **kw)[2]
+        return model.encode(data, **kw)
+
+
+METHODS = tuple(MODEL_DATA)
+MODEL_CASES: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "nan": (METHODS, lambda a: (_set(a, 0, 0, np.nan), {}, ("raises", ValueError, r"adata\.X.*NaN"))),
+    "inf": (METHODS, lambda a: (_set(a, 1, 2, -np.inf), {}, ("raises", ValueError, r"adata\.X.*infinite"))),
+    "negative_counts": (
+        ("ScDeepClusterModel.predict",),
+        lambda a: (_set(a, 0, 0, -1.0), {}, ("raises", ValueError, r"adata\.X.*negative")),
+    ),
+    "zero_cells": (METHODS, lambda a: (a[:0].copy(), {}, ("empty",))),
+    "genes_reordered": (
+        METHODS,
+        lambda a: (a[:, ::-1].copy(), {}, ("raises", ValueError, r"var_names|genes")),
+    ),
+    "missing_layer": (
+        ("ScDeepClusterModel.predict", "IMAPModel.encode"),
+        lambda a: (a, {"layer": "nope"}, ("raises", KeyError, r"`layer='nope'`")),
+    ),
+    "nan_batch": (
+        ("ScDeepClusterModel.predict",),
+        lambda a: (_nan_batch(a), {}, ("raises", ValueError, r"adata\.obs\['batch'\] has 1 missing")),
+    ),
+    "float64": (METHODS, lambda a: (_with_X(a, a.X.astype(np.float64)), {}, ("equals", slice(None)))),
+    "csr": (METHODS, lambda a: (_with_X(a, sparse.csr_matrix(a.X)), {}, ("equals", slice(None)))),
+    "csc": (METHODS, lambda a: (_with_X(a, sparse.csc_matrix(a.X)), {}, ("equals", slice(None)))),
+    "csr_array": (METHODS, lambda a: (_with_X(a, sparse.csr_array(a.X)), {}, ("equals", slice(None)))),
+    "non_canonical_csr": (METHODS, lambda a: (_with_X(a, _non_canonical(a.X)), {}, ("equals", slice(None)))),
+    "view": (METHODS, lambda a: (a[5:25], {}, ("equals", slice(5, 25)))),
+    "coo_array_input": (
+        ("NeuralEEModel.transform", "IMAPModel.encode"),
+        lambda a: (sparse.coo_matrix(a.X), {}, ("equals", slice(None))),
+    ),
+}
+
+
+def _nan_batch(a):
+    a = a.copy()
+    a.obs["batch"] = a.obs["batch"].astype(object)
+    a.obs.iloc[0, a.obs.columns.get_loc("batch")] = np.nan
+    return a
+
+
+MODEL_MATRIX = [pytest.param(m, c, id=f"{m}-{c}") for c, (methods, _) in MODEL_CASES.items() for m in methods]
+
+
+@pytest.mark.parametrize(("method", "case_name"), MODEL_MATRIX)
+def test_model_bad_input(method: str, case_name: str):
+    reference, model = _models()[method]
+    data, kwargs, expect = MODEL_CASES[case_name][1](MODEL_DATA[method]())
+    is_adata = isinstance(data, ad.AnnData)
+    before = snapshot(data) if is_adata else data.copy()
+    if expect[0] == "raises":
+        with pytest.raises(expect[1], match=expect[2]):
+            _apply(method, model, data, **kwargs)
+    else:
+        out = _apply(method, model, data, **kwargs)
+        if expect[0] == "empty":
+            assert out.shape == (0, reference.shape[1])
+        else:
+            np.testing.assert_allclose(out, reference[expect[1]], rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    if is_adata:
+        assert_unchanged(data, before)
+    else:
+        assert (abs(data - before)).max() == 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+@pytest.mark.parametrize("method", ["ScDeepClusterModel.predict", "IMAPModel.encode"])
+def test_model_refuses_backed_X(method, kind, tmp_path):
+    _, model = _models()[method]
+    backed = _write_backed(MODEL_DATA[method](), tmp_path / "a.h5ad", kind)
+    try:
+        with pytest.raises(ValueError, match=r"`adata` is backed .*adata\.to_memory\(\)"):
+            _apply(method, model, backed)
+    finally:
+        backed.file.close()
+
+
+# ----------------------------------------------------------------------------------------------- single fixes
+
+
+def test_affinity_from_neighbors_leaves_the_callers_graph_byte_identical():
+    adata = _dense(_base_lognorm())
+    # scanpy's layout (uns['neighbors']['distances_key'] → obsp), built here without numba's compile time;
+    # explicit self-loops are dropped by the graph reader, never in the caller's matrix
+    d = np.sqrt(((adata.X[:, None, :] - adata.X[None, :, :]) ** 2).sum(-1))
+    nearest = np.argsort(d, axis=1)[:, :16]  # the cell itself and 15 neighbours
+    rows = np.repeat(np.arange(adata.n_obs), 16)
+    values = d[rows, nearest.ravel()] + (rows == nearest.ravel()) * 0.5
+    adata.obsp["distances"] = sparse.csr_matrix((values, (rows, nearest.ravel())), shape=(adata.n_obs,) * 2)
+    adata.uns["neighbors"] = {"distances_key": "distances"}
+    before = snapshot(adata)
+    out = se.pp.affinity(adata, perplexity=PERPLEXITY, neighbors_key="neighbors", copy=True)
+    assert_unchanged(adata, before)
+    assert out.obsp["affinity"].diagonal().max() == 0
+
+
+@pytest.fixture
+def restore_settings():
+    saved = {k: getattr(se.settings, k) for k in se.settings.__dataclass_fields__}
+    yield
+    for k, v in saved.items():
+        setattr(se.settings, k, v)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error", "match"),
+    [
+        ("random_state", "x", TypeError, r"`settings\.random_state`"),
+        ("random_state", 1.5, TypeError, r"`settings\.random_state`"),
+        ("device", "tpu", ValueError, r"`settings\.device`"),
+        ("device", 0, ValueError, r"`settings\.device`"),
+        ("verbosity", "loud", ValueError, r"`settings\.verbosity`"),
+        ("verbosity", 7, ValueError, r"`settings\.verbosity`"),
+        ("progress", "yes", TypeError, r"`settings\.progress`"),
+        ("progres", False, AttributeError, r"no setting 'progres'"),
+    ],
+)
+def test_settings_checked_on_assignment(name, value, error, match, restore_settings):
+    before = getattr(se.settings, name, None)
+    with pytest.raises(error, match=match):
+        setattr(se.settings, name, value)
+    assert getattr(se.settings, name, None) == before
+
+
+def test_settings_accept_valid_values(restore_settings):
+    se.settings.verbosity = "info"  # scanpy's names
+    assert se.settings.verbosity == 2
+    se.settings.device = "cpu"
+    se.settings.random_state = 3
+    se.settings.verbosity = None
+    assert (se.settings.device, se.settings.random_state) == ("cpu", 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_scale": -1}, "batch_scale"),
+        ({"de_scale": -0.5}, "de_scale"),
+        ({"library_sd": -1}, "library_sd"),
+        ({"n_cells": 0}, "n_cells"),
+        ({"n_genes": -3}, "n_genes"),
+        ({"n_batches": 0}, "n_batches"),
+        ({"library_size": 0}, "library_size"),
+    ],
+)
+def test_simulate_refuses_negative_and_zero_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=f"`{match}`"):
+        se.datasets.simulate(**{"n_cells": 20, "n_genes": 10, **kwargs})
+
+
+def test_simulate_embedding_refuses_negative_spread():
+    with pytest.raises(ValueError, match="`spread`"):
+        se.datasets.simulate_embedding(20, 5, spread=-1)
+
+
+def _history_adata() -> ad.AnnData:
+    adata = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
+    adata.uns["ee"] = {"history": {"objective": [3.0, 2.0, 1.0], "step": [1.0, 1.0, 0.5]}}
+    adata.uns["not_a_dict"] = "x"
+    adata.uns["words"] = {"history": {"loss": ["a", "b"]}}
+    return adata
+
+
+def test_history_takes_a_string_as_one_curve():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adata = _history_adata()
+    ax = se.pl.history(adata, "ee", curves="objective", show=False)  # not the curves 'o', 'b', 'j', …
+    assert ax.get_ylabel() == "objective"
+    plt.close("all")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"key": "not_a_dict"}, KeyError, r"`key='not_a_dict'`"),
+        ({"key": "words"}, ValueError, r"adata\.uns\['words'\]\['history'\]\['loss'\] must hold numbers"),
+        ({"key": "ee", "curves": 3}, TypeError, r"`curves`"),
+        ({"key": "ee", "curves": []}, TypeError, r"`curves`"),
+        ({"key": "ee", "curves": ["nope"]}, KeyError, r"`curves='nope'`"),
+        ({"key": 3}, TypeError, r"`key`"),
+    ],
+)
+def test_history_bad_arguments(kwargs, error, match):
+    adata = _history_adata()
+    before = snapshot(adata)
+    with pytest.raises(error, match=match):
+        se.pl.history(adata, show=False, **kwargs)
+    assert_unchanged(adata, before)
+
+
+def test_diverged_training_names_stage_and_epoch_and_does_not_blame_a_learning_rate():
+    from scembed._engine.training import train
+
+    losses = iter([1.0, 0.5, float("nan")])
+    with pytest.raises(FloatingPointError) as info:
+        train(lambda epoch: next(losses), 5, desc="scDeepCluster pretraining", show_progress=False, monitor="zinb")
+    message = str(info.value)
+    assert "scDeepCluster pretraining" in message and "epoch 3 of 5" in message and "'zinb'" in message
+    assert "learning rate" not in message and "raw counts" in message
+    with pytest.raises(FloatingPointError, match="try a smaller `lr`"):
+        train(lambda epoch: float("inf"), 2, show_progress=False, advice="try a smaller `lr`.")
+
+
+def test_imap_warns_clearly_on_raw_counts_before_training():
+    counts = _data("tl.scdeepcluster")  # integer counts reaching > 50
+    with pytest.warns(UserWarning, match=r"tl\.imap_integrate expects log-normalised .*raw counts.*`layer=`"):
+        FUNCS["tl.imap_integrate"].call(counts, copy=True)
