@@ -7,7 +7,7 @@ from ._keys import OutputKeys, output_keys
 from ._logging import get_logger, progress, verbosity
 from ._random import check_random_state, seeded_torch
 from ._renames import renamed_parameters
-from ._rep import get_representation, network_input, pca_on_the_fly
+from ._rep import get_representation, network_input, pca_on_the_fly, read_rows, row_blocks
 from ._validation import (
     check_adata,
     check_affinity_matrix,
@@ -53,8 +53,10 @@ __all__ = [
     "output_keys",
     "pca_on_the_fly",
     "progress",
+    "read_rows",
     "renamed_parameters",
     "resolve_device",
+    "row_blocks",
     "save_checkpoint",
     "seeded_torch",
     "shared_docs",
