@@ -158,7 +158,7 @@ def check_int_sequence(value: object, name: str, *, minimum: int = 1, allow_empt
     if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
         raise TypeError(f"`{name}` must be a sequence of integers, e.g. (50, 50), got {value!r}.")
     if len(value) == 0 and not allow_empty:
-        raise ValueError(f"`{name}` must hold at least one integer, got {value!r}.")
+        raise TypeError(f"`{name}` must be a non-empty sequence of integers, got {value!r}.")
     return tuple(check_positive_int(v, name, minimum=minimum) for v in value)
 
 

@@ -317,7 +317,7 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     out["batch_size"] = _resolve_batch_size(o["batch_size"], n)
     out["max_epochs"] = check_positive_int(o["max_epochs"], "max_epochs")
     out["lr"] = check_in_range(o["lr"], "lr", low=0, low_inclusive=False)
-    out["hidden"] = check_int_sequence(o["hidden"], "hidden")
+    out["hidden"] = check_int_sequence(o["hidden"], "hidden", allow_empty=True)  # () is a linear map
     for flag in ("return_model", "copy"):
         check_bool(o[flag], flag)
     check_optional_bool(o["show_progress"], "show_progress")
