@@ -211,7 +211,7 @@ def affinity(
         use_rep is None and neighbors_key is None and REP_PCA not in getattr(adata, "obsm", {})
     )
     check_adata(adata, min_obs=3, require_vars=needs_X)
-    perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
+    perplexity = check_in_range(perplexity, "perplexity", low=1)  # the entropy of p_{j|i} is never below log(1)
     if knn_method not in KNN_METHODS:
         raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {knn_method!r}.")
     if knn_method != "pynndescent" and neighbors_key is None and metric not in METRICS:
