@@ -859,3 +859,39 @@ def test_imap_warns_clearly_on_raw_counts_before_training():
     counts = _data("tl.scdeepcluster")  # integer counts reaching > 50
     with pytest.warns(UserWarning, match=r"tl\.imap_integrate expects log-normalised .*raw counts.*`layer=`"):
         FUNCS["tl.imap_integrate"].call(counts, copy=True)
+
+
+# ----------------------------------------------------------------------------------------------- generated arrays
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+
+@st.composite
+def _small_arrays(draw):
+    n = draw(st.integers(6, 25))
+    d = draw(st.integers(1, 6))
+    # small integers: many ties and duplicated cells, the hard cases of the calibration
+    values = st.integers(-3, 3) if draw(st.booleans()) else st.floats(-1e3, 1e3, width=32)
+    return draw(hnp.arrays(np.float32, (n, d), elements=values))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None, phases=(Phase.explicit, Phase.generate))
+@given(X=_small_arrays(), perplexity=st.floats(0.5, 4.0))
+def test_affinity_on_generated_arrays(X, perplexity):
+    """Any finite array: P is finite, non-negative, symmetric and sums to 1; or a clear `perplexity` error
+    (below 1, or not below n_obs - 1) before any work."""
+    adata = ad.AnnData(X)
+    before = snapshot(adata)
+    if perplexity < 1 or perplexity >= adata.n_obs - 1:
+        with pytest.raises(ValueError, match="`perplexity"):
+            se.pp.affinity(adata, perplexity=perplexity, use_rep="X", copy=True)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            P = se.pp.affinity(adata, perplexity=perplexity, use_rep="X", copy=True).obsp["affinity"]
+        assert np.isfinite(P.data).all() and P.data.min() >= 0
+        assert abs(P - P.T).max() <= 1e-6 and P.sum() == pytest.approx(1.0, abs=1e-4)
+    assert_unchanged(adata, before)
