@@ -11,6 +11,12 @@ import torch
 from .._utils._logging import get_logger, progress
 from .distributed import check_same_across_ranks, mean_across_ranks, sync_gradients
 
+#: the suggestion of a diverged training's error, unless the caller gives its own
+DIVERGENCE_ADVICE = (
+    "Check the input: it may hold extreme values, or raw counts where log-normalised expression is expected "
+    "(or the reverse)."
+)
+
 
 def adam(params, **kwargs) -> torch.optim.Adam:
     """``torch.optim.Adam`` with the fused kernel where this torch has it for the parameters' device.
@@ -57,6 +63,7 @@ def train(
     module: torch.nn.Module | None = None,
     keep_best: bool = False,
     stop: Callable[[int, Mapping[str, float]], bool] | None = None,
+    advice: str = DIVERGENCE_ADVICE,
 ) -> tuple[dict[str, list[float]], int]:
     """Run ``step(epoch)`` for up to ``n_epochs`` epochs.
 
@@ -84,6 +91,9 @@ def train(
         Restore ``module``'s weights from the epoch with the lowest ``monitor``.
     stop
         Extra stopping rule, called after every epoch with the epoch and its losses.
+    advice
+        What the error raised when the monitored loss becomes NaN or infinite suggests (the message names ``desc``
+        and the epoch). The default points at the input; a function with a learning rate may suggest lowering it.
 
     A run stopped by ``patience`` or ``stop`` logs one info line, "stopped early at epoch k of n".
 
@@ -112,7 +122,7 @@ def train(
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=epoch == 0)
         if not math.isfinite(current):
             raise FloatingPointError(
-                f"{desc}: the loss became {current} at epoch {epoch + 1}; try a smaller learning rate."
+                f"{desc}: the loss {monitor!r} became {current} at epoch {epoch + 1} of {n_epochs}. {advice}"
             )
         if current < best - min_delta * abs(best if math.isfinite(best) else current):
             best, best_epoch = current, epoch

@@ -13,9 +13,12 @@ from .._engine.knn import KNN_METHODS, METRICS, resolve_knn_method
 from .._utils import (
     check_adata,
     check_affinity_matrix,
+    check_bool,
     check_in_range,
     check_key,
+    check_n_jobs,
     check_positive_int,
+    copy_adata,
     get_logger,
     get_representation,
     output_keys,
@@ -214,12 +217,14 @@ def affinity(
         use_rep is None and neighbors_key is None and REP_PCA not in getattr(adata, "obsm", {})
     )
     check_adata(adata, min_obs=3, require_vars=needs_X)
-    perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
+    perplexity = check_in_range(perplexity, "perplexity", low=1)  # the entropy of p_{j|i} is never below log(1)
     if knn_method not in KNN_METHODS:
         raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {knn_method!r}.")
     if knn_method != "pynndescent" and neighbors_key is None and metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS} (any pynndescent metric with knn_method='pynndescent').")
     tol = check_in_range(tol, "tol", low=0, low_inclusive=False)
+    n_jobs = check_n_jobs(n_jobs)
+    check_bool(copy, "copy")
     keys = output_keys(key_added)
     dev = resolve_device(device)
     seed = seed_int(random_state)
@@ -245,7 +250,7 @@ def affinity(
             random_state=seed,
         )
 
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     adata.obsp[keys.obsp] = P
     params = {
         "perplexity": perplexity,

@@ -14,9 +14,12 @@ from .._engine.ee_objective import REPULSIONS, EEObjective
 from .._utils import (
     OutputKeys,
     check_adata,
+    check_bool,
     check_finite,
     check_in_range,
+    check_optional_bool,
     check_positive_int,
+    copy_adata,
     get_logger,
     get_representation,
     output_keys,
@@ -126,6 +129,8 @@ def ee(
     perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
     maxiter = check_positive_int(maxiter, "maxiter")
     tol = check_in_range(tol, "tol", low=0)
+    check_bool(copy, "copy")
+    check_optional_bool(show_progress, "show_progress")
     if repulsion not in REPULSIONS:
         raise ValueError(f"`repulsion` must be one of {REPULSIONS}, got {repulsion!r}.")
     if solver not in SOLVERS:
@@ -174,7 +179,7 @@ def ee(
         "device": str(dev),
         "random_state": seed,
     }
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     if new_affinity is not None:
         adata.obsp[affinity_key] = P
         adata.uns[affinity_key] = new_affinity
