@@ -14,8 +14,13 @@ from .._engine.models.autoencoder import AutoencoderModel
 from .._engine.zinb import LIKELIHOODS
 from .._utils import (
     check_adata,
+    check_bool,
     check_in_range,
+    check_int_sequence,
+    check_not_backed,
+    check_optional_bool,
     check_positive_int,
+    copy_adata,
     get_logger,
     output_keys,
     resolve_device,
@@ -32,9 +37,7 @@ def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fractio
     n_latent = check_positive_int(n_latent, "n_latent")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}, got {likelihood!r}.")
-    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or len(hidden) == 0:
-        raise TypeError(f"`hidden` must be a non-empty sequence of layer widths, got {hidden!r}.")
-    hidden = tuple(check_positive_int(h, "hidden") for h in hidden)
+    hidden = tuple(check_int_sequence(hidden, "hidden"))
     noise = check_in_range(noise, "noise", low=0)
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_in_range(lr, "lr", low=0, low_inclusive=False)
@@ -171,6 +174,11 @@ def autoencoder(
     >>> sc.pl.embedding(adata, basis="autoencoder", color="celltype")  # doctest: +SKIP
     """
     check_adata(adata, min_obs=2)
+    check_not_backed(adata, "tl.autoencoder", layer=layer)
+    check_bool(copy, "copy")
+    check_bool(return_model, "return_model")
+    check_bool(batch_encoder, "batch_encoder")
+    check_optional_bool(show_progress, "show_progress")
     keys = output_keys(key_added)
     n_latent, hidden, noise, batch_size, lr, validation_fraction, patience = _check_settings(
         n_latent, likelihood, hidden, noise, batch_size, lr, validation_fraction, patience
@@ -213,7 +221,7 @@ def autoencoder(
         batch_encoder=batch_encoder, noise=noise, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
         validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes, random_state=seed,
     ), history=history, n_run=n_run, has_validation=bool(val_rows.size), n_genes=len(genes))  # fmt: skip
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     adata.obsm[keys.obsm] = z
     adata.uns[keys.uns] = record
     if not return_model:
