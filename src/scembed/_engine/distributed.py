@@ -408,19 +408,6 @@ def rank_blocks(n_blocks: int, n_steps: int, w: World | None = None) -> list[int
     return [(s * w.size + w.rank) % n_blocks for s in range(n_steps)]
 
 
-def _drop_self_rows(
-    indices: np.ndarray, distances: np.ndarray, row_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query row's own cell from its k+1 neighbours (or the farthest one where the search missed it)."""
-    n = indices.shape[0]
-    is_self = indices == row_ids[:, None]
-    missing = ~is_self.any(1)
-    is_self[missing, -1] = True
-    first_self = np.cumsum(is_self, axis=1) == 1
-    keep = ~(is_self & first_self)
-    return indices[keep].reshape(n, k).astype(np.int64), distances[keep].reshape(n, k).astype(np.float32)
-
-
 def knn_affinities(
     X: np.ndarray,
     k: int,
@@ -456,7 +443,7 @@ def knn_affinities(
         The search used.
     """
     from .affinity import calibrate_perplexity, entropic_affinities, symmetrize
-    from .knn import nearest_neighbors, resolve_knn_method
+    from .knn import _drop_self, nearest_neighbors, resolve_knn_method
 
     w = world()
     if not w.distributed:
@@ -482,7 +469,7 @@ def knn_affinities(
             random_state=random_state,
             query=np.asarray(X)[rows],
         )
-        idx, dist = _drop_self_rows(idx, dist, row_ids, k)
+        idx, dist = _drop_self(idx, dist, k, row_ids)
         dist = np.where(idx < 0, np.inf, dist)
         P_cond, beta, n_bad = calibrate_perplexity(dist, perplexity, tol=tol, device=device)
     else:

@@ -21,7 +21,7 @@ from scipy import sparse
 from scipy.sparse import linalg as sla
 
 from .._utils._logging import progress
-from .ee_objective import EEObjective
+from .ee_objective import EEObjective, torch_csr
 
 Solver = Literal["auto", "splu", "cg"]
 SOLVERS = ("auto", "splu", "cg")
@@ -100,13 +100,7 @@ class SpectralDirection:
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                    B = B.tocsr()
-                    self._B = torch.sparse_csr_tensor(
-                        torch.as_tensor(B.indptr, dtype=torch.int64),
-                        torch.as_tensor(B.indices, dtype=torch.int64),
-                        torch.as_tensor(B.data, dtype=torch.float64),
-                        size=B.shape,
-                    ).to(self.device)
+                    self._B = torch_csr(B, self.device)
             self._inv_diag = torch.as_tensor(1.0 / B.diagonal(), dtype=torch.float64, device=self.device)[:, None]
             self._x: torch.Tensor | None = None
 

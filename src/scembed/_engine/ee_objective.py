@@ -34,6 +34,17 @@ def exp_neg_(d2: torch.Tensor) -> torch.Tensor:
     return d2.clamp_max_(_FAR_D2).neg_().exp_()
 
 
+def torch_csr(M: sparse.spmatrix | sparse.sparray, device: torch.device | str) -> torch.Tensor:
+    """A float64 torch CSR tensor of the SciPy matrix ``M`` on ``device`` (for sparse products on a GPU)."""
+    M = sparse.csr_matrix(M)
+    return torch.sparse_csr_tensor(
+        torch.as_tensor(M.indptr, dtype=torch.int64),
+        torch.as_tensor(M.indices, dtype=torch.int64),
+        torch.as_tensor(M.data, dtype=torch.float64),
+        size=M.shape,
+    ).to(device)
+
+
 class EEObjective:
     """E(Y) and ∇E(Y) for fixed affinities; ``Y`` is an ``(N, d)`` tensor on ``device``.
 
@@ -83,12 +94,7 @@ class EEObjective:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                self._sym = torch.sparse_csr_tensor(
-                    torch.as_tensor(sym.indptr, dtype=torch.int64),
-                    torch.as_tensor(sym.indices, dtype=torch.int64),
-                    torch.as_tensor(sym.data, dtype=torch.float64),
-                    size=sym.shape,
-                ).to(self.device)
+                self._sym = torch_csr(sym, self.device)
         if repulsion == "distance":
             if X is None or X.shape[0] != self.n:
                 raise ValueError("`repulsion='distance'` needs the input representation X with one row per cell.")

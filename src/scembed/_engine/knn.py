@@ -150,14 +150,17 @@ def _exact(
     return indices.numpy(), distances.numpy()
 
 
-def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _drop_self(
+    indices: np.ndarray, distances: np.ndarray, k: int, row_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Remove each cell from its own k+1 neighbour list (or the farthest one where the search missed it).
 
     With duplicated cells the search may list a duplicate at distance 0 before the cell itself, so the cell's
-    own index is dropped wherever it stands, not only from the first column.
+    own index is dropped wherever it stands, not only from the first column. ``row_ids``: the cell of each query
+    row (default: row i is cell i).
     """
     n = indices.shape[0]
-    is_self = indices == np.arange(n)[:, None]
+    is_self = indices == (np.arange(n) if row_ids is None else row_ids)[:, None]
     missing = ~is_self.any(1)
     is_self[missing, -1] = True
     first_self = np.cumsum(is_self, axis=1) == 1

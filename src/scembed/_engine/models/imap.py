@@ -202,10 +202,8 @@ class IMAPModel(Model):
         batch
             The cells' batch, one of ``model.batches``. Cells of an anchor batch (no generator) are returned as
             they are.
-        layer
-            Layer of an AnnData to read (default: the training layer).
-        device
-            Where to compute: ``None`` (where the model is), ``"auto"``, ``"cpu"``, ``"cuda"``, ….
+        layer, device
+            As for :meth:`encode`.
 
         Returns
         -------
