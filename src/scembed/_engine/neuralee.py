@@ -26,7 +26,7 @@ from scipy import sparse
 from torch import nn
 
 from .affinity import calibrate_perplexity
-from .ee import pca_init, rescale, spectral_init
+from .ee import initial_embedding
 from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
 from .nn import mlp
@@ -100,28 +100,24 @@ def recalibrate_batchnorm(net: nn.Module, X: torch.Tensor, batch_size: int = 655
 def init_layout(
     init: str | np.ndarray, X: np.ndarray, P: sparse.spmatrix | None, n_components: int, random_state: int = 0
 ) -> np.ndarray | None:
-    """The layout the network is pre-fitted to, centred, first coordinate scaled to :data:`INIT_SCALE`.
+    """The layout the network is pre-fitted to.
 
     ``"spectral"``: Laplacian eigenmaps of the training cells' affinities ``P`` (as ``tl.ee``); ``"pca"``: the
-    first principal components of ``X``; an ``(n, n_components)`` array: that layout; ``"random"``: ``None`` (the
-    original's random weights, no pre-fit). O(N·k) for the spectral layout, O(N·D²) for PCA.
+    first principal components of ``X``; both centred, first coordinate scaled to :data:`INIT_SCALE`. An
+    ``(n, n_components)`` array: that layout as it is; ``"random"``: ``None`` (the original's random weights, no
+    pre-fit). O(N·k) for the spectral layout, O(N·D²) for PCA.
     """
     if isinstance(init, str):
         if init == "random":
             return None
-        if init == "spectral":
-            if P is None:
-                raise ValueError("init='spectral' needs the affinities of the training cells.")
-            Y0 = spectral_init(P, n_components, random_state)
-        elif init == "pca":
-            Y0 = pca_init(X, n_components)
-        else:
+        if init not in INITS:
             raise ValueError(f"`init` must be one of {INITS} or an array, got {init!r}.")
-    else:
-        Y0 = np.asarray(init, dtype=np.float64)
-        if Y0.shape != (X.shape[0], n_components):
-            raise ValueError(f"`init` must have shape ({X.shape[0]}, {n_components}), got {Y0.shape}.")
-    return rescale(Y0, INIT_SCALE).astype(np.float32)
+        Y0 = initial_embedding(init, n_components, P=P, X=X, random_state=random_state, scale=INIT_SCALE)
+        return Y0.astype(np.float32)
+    Y0 = np.asarray(init, dtype=np.float64)
+    if Y0.shape != (X.shape[0], n_components):
+        raise ValueError(f"`init` must have shape ({X.shape[0]}, {n_components}), got {Y0.shape}.")
+    return Y0.astype(np.float32)
 
 
 def prefit_network(

@@ -155,13 +155,13 @@ def neuralee(
         Layout the network is pre-fitted to before training: ``"spectral"`` (Laplacian eigenmaps of the training
         cells' affinities: :func:`scembed.tl.ee`'s start; in the large-data recipe those of the subsample's own
         graph, O(N·k)), ``"pca"`` (the first principal components of the input), an ``(n_obs, n_components)``
-        array, or ``"random"`` (no pre-fit: the original's random weights). ``None``: ``"spectral"``, or ``"pca"``
-        with ``batch_affinity="batch"``, which builds no graph. The layout is centred and scaled so that its first
-        coordinate has standard deviation 1, the length scale of the kernel exp(−‖y_n − y_m‖²): there the
-        repulsion acts at once, while a tiny start (:func:`scembed.tl.ee` uses 1e-4) would first have to be blown
-        up by four orders of magnitude through the network's weights. The pre-fit runs Adam on the squared error
-        until it is below 0.1 % of the layout's variance (or 500 steps); ``uns[key]["prefit_residual"]`` records
-        what remained.
+        array (used as it is, e.g. an embedding to reproduce), or ``"random"`` (no pre-fit: the original's random
+        weights). ``None``: ``"spectral"``, or ``"pca"`` with ``batch_affinity="batch"``, which builds no graph. A
+        named layout is centred and scaled so that its first coordinate has standard deviation 1, the length scale
+        of the kernel exp(−‖y_n − y_m‖²): there the repulsion acts at once, while a tiny start (:func:`scembed.tl.ee`
+        uses 1e-4) would first have to be blown up by four orders of magnitude through the network's weights. The
+        pre-fit runs Adam on the squared error until it is below 0.1 % of the layout's variance (or 500 steps);
+        ``uns[key]["prefit_residual"]`` records what remained.
     batch_affinity
         ``"graph"`` or ``"batch"``: how mini-batches get their attraction (see above).
     n_subsample
