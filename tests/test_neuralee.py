@@ -25,7 +25,8 @@ from scembed._engine.neuralee import (
 )
 from scembed.pp._affinity import compute_affinities
 
-FAST = dict(max_epochs=40, perplexity=10.0)
+# random weights (no pre-fit) keep most tests short; the pre-fit has its own tests below
+FAST = dict(max_epochs=40, perplexity=10.0, init="random")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -235,6 +236,7 @@ def test_minibatch_memory_does_not_grow_with_n_times_batch(mode):
                 batch_size=B,
                 batch_affinity=mode,
                 max_epochs=1,
+                init="pca",
                 show_progress=False,
                 on_shape=lambda name, shape, seen=seen: seen.append((name, shape)),
             )
