@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .counts import INFER_BATCH, CountData
+from .distributed import broadcast_module_, check_same_across_ranks, rank_generator, rank_minibatches
 from .nn import mlp
-from .training import adam, minibatches, train
+from .training import adam, train
 from .zinb import LIKELIHOODS, N_HEADS, reconstruction_loss
 
 #: default training length: about this many gradient steps, within the epoch bounds below
@@ -89,11 +90,14 @@ def _with_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> to
 
 
 @torch.no_grad()
-def encode_all(net: Autoencoder, data: CountData, device: torch.device, batch_size: int = INFER_BATCH) -> torch.Tensor:
-    """Latent coordinates of every cell (no noise), in batches; a float32 tensor on ``device``."""
+def encode_all(
+    net: Autoencoder, data: CountData, device: torch.device, batch_size: int = INFER_BATCH, *, rows: slice | None = None
+) -> torch.Tensor:
+    """Latent coordinates of every cell (or of the cells in ``rows``; no noise), in batches; float32 on ``device``."""
     out = []
-    for start in range(0, data.n_obs, batch_size):
-        mb = data.batch(slice(start, min(start + batch_size, data.n_obs)), device)
+    first, last = (0, data.n_obs) if rows is None else (rows.start, rows.stop)
+    for start in range(first, last, batch_size):
+        mb = data.batch(slice(start, min(start + batch_size, last)), device)
         out.append(net.encode(mb.xin, mb.onehot))
     return torch.cat(out) if out else torch.empty(0, net.n_latent, device=device)
 
@@ -161,11 +165,18 @@ def train_autoencoder(
     opt = adam(net.parameters(), lr=lr, amsgrad=True)
     n = data.n_obs if train_rows is None else len(train_rows)
     validate = validation_rows is not None and len(validation_rows) > 0
+    # under torchrun (distributed.py): rank 0's weights, this rank's share of the batches and its own noise; every
+    # rank evaluates all held-out cells with the same weights and noise, so early stopping decides alike everywhere
+    stats = [data.size_factors, data.genes, data.gene_mean, data.gene_std]
+    check_same_across_ranks("count data (size factors, genes, gene statistics)", np.concatenate(stats, dtype=float))
+    broadcast_module_(net)
+    noise_generator = rank_generator(noise_generator)
 
     def step(epoch: int) -> dict[str, float]:
         net.train()
         total = torch.zeros((), device=device)
-        for idx in minibatches(n, batch_size, generator=generator):
+        batches = rank_minibatches(n, batch_size, generator=generator)
+        for idx in batches:
             rows = idx.numpy() if train_rows is None else train_rows[idx.numpy()]
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
             noisy = _with_noise(xin, noise, noise_generator)
@@ -174,7 +185,7 @@ def train_autoencoder(
             loss.backward()
             opt.step()
             total += loss.detach() * len(rows)
-        out = {"loss": float(total) / max(n, 1)}
+        out = {"loss": float(total) / max(sum(len(b) for b in batches), 1)}
         if validate:
             out["validation_loss"] = evaluate(
                 net, data, validation_rows, device, batch_size, noise=noise, seed=validation_seed

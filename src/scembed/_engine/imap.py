@@ -19,6 +19,7 @@ from scipy import sparse
 from torch import nn
 
 from .._utils._model_data import canonical_matrix
+from .distributed import average_buffers_, rank_generator
 from .knn import nearest_neighbors
 from .nn import mlp, predict_in_batches
 from .training import adam, train
@@ -238,6 +239,7 @@ def train_stage1(
     batch and minimises λ_recon · MSE(Dec(E(x), b), x) + λ_content · MSE(E(x), E(Dec(E(x), b̃))), b̃ random.
     """
     device = source.device
+    generator = rank_generator(generator)  # under torchrun: each rank its own mixup cells (distributed.py)
     n_genes, n_b = source.shape[1], len(groups)
     encoder = make_encoder(n_genes, latent_dim).to(device)
     decoder = BatchDecoder(latent_dim, n_b, n_genes).to(device)
@@ -273,6 +275,7 @@ def train_stage1(
         return {k: v / steps_per_epoch for k, v in tot.items()}
 
     history, _ = train(step, n_epochs, desc="iMAP stage I", show_progress=show_progress)
+    average_buffers_(encoder, decoder)  # under torchrun: one set of BatchNorm statistics on every rank
     encoder.eval()
     decoder.eval()
     return encoder, decoder, history
@@ -390,6 +393,7 @@ def train_generator(
     generator's first layer to the whole query pool once per generator update; same maths either way.
     """
     device = query_pool.device
+    generator = rank_generator(generator)  # under torchrun: each rank its own pool draws (distributed.py)
     n_genes = query_pool.shape[1]
     gen = ResidualGenerator(n_genes, latent_dim).to(device)
     critic = make_critic(n_genes).to(device)
@@ -444,6 +448,7 @@ def train_generator(
         return out
 
     history, _ = train(step, n_epochs, desc=desc, show_progress=show_progress, monitor="critic")
+    average_buffers_(gen, critic)  # under torchrun: one set of BatchNorm statistics on every rank
     gen.eval()
     return gen, history
 

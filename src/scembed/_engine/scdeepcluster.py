@@ -19,7 +19,8 @@ from torch import nn
 
 from .autoencoder import Autoencoder, _one_of, _with_noise, encode_all, pretrain, train_autoencoder
 from .counts import INFER_BATCH, CountData, MiniBatch, _canonical_csr, _rows, library_sizes, select_genes_by_zero_rate
-from .training import minibatches, train
+from .distributed import dec_assignments, rank_generator, rank_minibatches, shard, sync_gradients
+from .training import train
 from .zinb import (
     DISP_MAX,
     DISP_MIN,
@@ -209,16 +210,20 @@ def cluster(
     maxiter = _one_of(maxiter, max_epochs, "maxiter", "max_epochs")
     sigma = _one_of(sigma, noise, "sigma", "noise")
     opt = torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95)
+    sync_gradients(opt)  # under torchrun (distributed.py): gradients averaged over ranks before each step
+    noise_generator = rank_generator(noise_generator)
     n = data.n_obs
     net.eval()
-    _, p = assignments(encode_all(net, data, device), net.centroids.detach())
+    # targets from this rank's cells and all-reduced cluster sums, gathered (one process: assignments on all cells)
+    _, p = dec_assignments(encode_all(net, data, device, rows=shard(n)), net.centroids.detach())
     state = {"p": p, "labels": torch.as_tensor(init_labels, device=device), "converged": False}
     deltas: list[float] = []
 
     def step(epoch: int) -> dict[str, float]:
         net.train()
         sums = torch.zeros(3, device=device)
-        for idx in minibatches(n, batch_size, generator=generator):
+        batches = rank_minibatches(n, batch_size, generator=generator)
+        for idx in batches:
             rows = idx.numpy()
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
             noisy = _with_noise(xin, sigma, noise_generator)
@@ -234,13 +239,13 @@ def cluster(
             sums += torch.stack([loss.detach(), recon.detach(), kl.detach()]) * len(rows)
         if (epoch + 1) % update_interval == 0:
             net.eval()
-            q, state["p"] = assignments(encode_all(net, data, device), net.centroids.detach())
+            q, state["p"] = dec_assignments(encode_all(net, data, device, rows=shard(n)), net.centroids.detach())
             labels = q.argmax(1)
             delta = float((labels != state["labels"]).float().mean())
             state["labels"] = labels
             deltas.append(delta)
             state["converged"] = delta < tol
-        total, recon, kl = (sums / n).tolist()
+        total, recon, kl = (sums / sum(len(b) for b in batches)).tolist()
         return {"loss": total, "zinb": recon, "kl": kl}
 
     def stop(epoch: int, losses) -> bool:

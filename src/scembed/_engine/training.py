@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from .._utils._logging import get_logger, progress
+from .distributed import check_same_across_ranks, mean_across_ranks, sync_gradients
 
 
 def adam(params, **kwargs) -> torch.optim.Adam:
@@ -20,9 +21,11 @@ def adam(params, **kwargs) -> torch.optim.Adam:
     """
     params = list(params)
     try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
+        opt = torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, **kwargs)
+        opt = torch.optim.Adam(params, **kwargs)
+    sync_gradients(opt)  # under torchrun: gradients averaged over ranks before every step (no-op otherwise)
+    return opt
 
 
 def minibatches(
@@ -91,6 +94,7 @@ def train(
     n_run
         Epochs actually run.
     """
+    check_same_across_ranks(f"{desc}: number of epochs", n_epochs)  # under torchrun: ranks step in lock-step
     history: dict[str, list[float]] = {}
     best, best_epoch, best_state = math.inf, -1, None
     bar = progress(range(n_epochs), desc=desc, show=show_progress)
@@ -99,6 +103,7 @@ def train(
     for epoch in bar:
         out = step(epoch)
         losses = {monitor: float(out)} if not isinstance(out, Mapping) else {k: float(v) for k, v in out.items()}
+        losses = mean_across_ranks(losses)  # under torchrun: every rank stops and keeps the best alike
         for name, value in losses.items():
             history.setdefault(name, []).append(value)
         n_run = epoch + 1

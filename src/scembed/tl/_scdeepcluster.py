@@ -13,6 +13,7 @@ from scipy import sparse
 
 from .._constants import SCDEEPCLUSTER
 from .._engine import scdeepcluster as engine
+from .._engine.distributed import on_main
 from .._engine.models.scdeepcluster import ScDeepClusterModel
 from .._utils import (
     OutputKeys,
@@ -228,8 +229,15 @@ def _fit(
         times["pretrain"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         z0 = engine.encode_all(net.eval(), data, dev).cpu().numpy()
-        init_labels, centroids = engine.initial_clusters(
-            z0, o["n_clusters"], knn=o["n_neighbors"], resolution=o["resolution"], random_state=seed, device=dev
+        # under torchrun: computed once on rank 0 and sent to the others (one process: a plain call)
+        init_labels, centroids = on_main(
+            engine.initial_clusters,
+            z0,
+            o["n_clusters"],
+            knn=o["n_neighbors"],
+            resolution=o["resolution"],
+            random_state=seed,
+            device=dev,
         )
         k_used = centroids.shape[0]
         times["init"] = time.perf_counter() - t0
