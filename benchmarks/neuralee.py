@@ -6,6 +6,13 @@ log-normalised counts, with the same number of threads. Then a scale run on simu
     python benchmarks/neuralee.py --original-python ORIGINAL_PY   # 3 real sets + 100k/300k/1.3M scale
     python benchmarks/neuralee.py --quick         # pbmc_10x_4k only, scale 100k
     python benchmarks/neuralee.py --scale 1300000 --scale-max-epochs 20 --skip-real
+    python benchmarks/neuralee.py --vs-ee --seeds 0 1 2   # tl.neuralee at its defaults against tl.ee, same cells
+
+``--vs-ee`` runs in this process (``--threads`` torch threads) on every real set of ``VS_EE_REAL`` and on simulated
+sets (``se.datasets.simulate`` counts → log → 50 PCs, and ``simulate_embedding``), each with one affinity graph
+(perplexity 30) shared by both methods; it prints, per set and seed, the 10-NN accuracy, the Spearman correlation
+of cell-type centroid distances and the EE objective of both embeddings (one ``EEObjective``, tl.ee's repulsion),
+their differences and the times. tl.ee runs once per set (its spectral initialisation does not depend on the seed).
 
 ORIGINAL_PY is an interpreter that can import neuralee 0.1.6 (e.g. ``python -m venv --system-site-packages venv &&
 venv/bin/pip install --no-deps neuralee==0.1.6``; ``$NEURALEE_PY`` also works); it is monkeypatched here for
@@ -29,6 +36,8 @@ sys.path.insert(0, str(HERE))
 from _runner import DATA, emit, lognorm_pca, patch_neuralee_for_today, run_child, script_command, write_json  # noqa: E402
 
 REAL = ["pbmc_10x_4k", "worm_neuron_4k", "cite_pbmc_3762"]
+VS_EE_REAL = ["pbmc_10x_4k", "worm_neuron_4k", "cite_pbmc_3762", "pbmc_10x_2100", "worm_neuron_2100"]
+VS_EE_SIMULATED = ["simulate:0", "simulate:1", "simulate_embedding:0", "simulate_embedding:1"]
 
 
 def prepare(name: str, out: Path) -> None:
@@ -121,6 +130,78 @@ def run(method: str, folder: Path, threads: int, opts: dict, timeout: int, origi
     return {**r["result"], "rss_gb": r["peak_rss_mib"] / 1024}
 
 
+# ------------------------------------------------------------------------------------------------ --vs-ee
+def vs_ee_data(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """50 PCs of log-normalised counts and the cell types of a real set, or of a simulated one (``kind:seed``)."""
+    import anndata as ad
+
+    import scembed as se
+
+    if name.startswith("simulate_embedding:"):
+        a = se.datasets.simulate_embedding(3000, 50, random_state=int(name.split(":")[1]))
+        return np.asarray(a.X, dtype=np.float32), a.obs["celltype"].astype(str).to_numpy()
+    if name.startswith("simulate:"):
+        a = se.datasets.simulate(3000, 1000, n_celltypes=8, random_state=int(name.split(":")[1]))
+    else:
+        a = ad.read_h5ad(DATA / f"{name}.h5ad")
+    return lognorm_pca(a), a.obs["celltype"].astype(str).to_numpy()
+
+
+def vs_ee(names: list[str], seeds: list[int], threads: int, json_path: Path | None) -> None:
+    """tl.neuralee at its defaults against tl.ee on the same cells and affinities (see the module docstring)."""
+    import anndata as ad
+    import torch
+    from _metrics import centroid_spearman, knn_accuracy
+
+    import scembed as se
+    from scembed._engine.ee_objective import EEObjective
+
+    torch.set_num_threads(threads)
+    rows = []
+    print("\n| data | seed | 10-NN acc. NeuralEE / EE (diff) | centroid ρ NeuralEE / EE (diff) | "
+          "EE objective NeuralEE / EE (diff) | time NeuralEE / EE (s) | epochs |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        X, labels = vs_ee_data(name)
+        a = ad.AnnData(X=X)
+        a.obsm["X_pca"] = X
+        se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+        t0 = time.perf_counter()
+        se.tl.ee(a, show_progress=False)
+        t_ee = time.perf_counter() - t0
+        Y_ee = a.obsm["X_ee"]
+        obj = EEObjective(a.obsp["affinity"], repulsion=a.uns["ee"]["params"]["repulsion"], X=X)
+        e_ee = obj.value(torch.as_tensor(Y_ee))
+        acc_ee, rho_ee = knn_accuracy(Y_ee, labels), centroid_spearman(X, Y_ee, labels)
+        for seed in seeds:
+            t0 = time.perf_counter()
+            se.tl.neuralee(a, n_jobs=threads, random_state=seed, show_progress=False)
+            t_nee = time.perf_counter() - t0
+            Y = a.obsm["X_neuralee"]
+            e = obj.value(torch.as_tensor(Y))
+            r = {
+                "data": name,
+                "seed": seed,
+                "knn_acc": knn_accuracy(Y, labels),
+                "knn_acc_ee": acc_ee,
+                "centroid_rho": centroid_spearman(X, Y, labels),
+                "centroid_rho_ee": rho_ee,
+                "objective": e,
+                "objective_ee": e_ee,
+                "time": t_nee,
+                "time_ee": t_ee,
+                "epochs": a.uns["neuralee"]["n_epochs"],
+            }
+            rows.append(r)
+            print(
+                f"| {name} | {seed} | {r['knn_acc']:.3f} / {acc_ee:.3f} ({r['knn_acc'] - acc_ee:+.3f}) | "
+                f"{r['centroid_rho']:.3f} / {rho_ee:.3f} ({r['centroid_rho'] - rho_ee:+.3f}) | "
+                f"{e:.4f} / {e_ee:.4f} ({100 * (e / e_ee - 1):+.1f} %) | {t_nee:.1f} / {t_ee:.1f} | {r['epochs']} |",
+                flush=True,
+            )
+    write_json(json_path, rows, script="neuralee --vs-ee", threads=threads, load_average_end=os.getloadavg())
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -138,7 +219,14 @@ def main() -> None:
     p.add_argument("--scale-refine", type=int, default=10, help="refine_max_epochs on all cells in the scale runs")
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
+    p.add_argument("--vs-ee", action="store_true", help="tl.neuralee at its defaults against tl.ee (only this)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="--vs-ee: seeds of tl.neuralee")
+    p.add_argument("--no-simulated", action="store_true", help="--vs-ee: real sets only")
     args = p.parse_args()
+    if args.vs_ee:
+        names = args.datasets or (VS_EE_REAL + ([] if args.no_simulated else VS_EE_SIMULATED))
+        vs_ee(names, args.seeds, args.threads, args.json)
+        return
     results: list[dict] = []
     sys.path.insert(0, str(HERE))
     from _metrics import embedding_metrics

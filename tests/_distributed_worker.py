@@ -51,6 +51,8 @@ def fit(X: np.ndarray, P, *, batch_affinity: str = "graph", epochs: int = EPOCHS
         max_epochs=epochs,
         patience=None,
         min_delta=0.0,
+        repulsion="uniform",  # the reference in test_distributed.py: uniform repulsion from random weights
+        init="random",
         random_state=SEED,
         show_progress=False,
     )

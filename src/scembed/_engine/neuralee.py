@@ -27,6 +27,7 @@ from torch import nn
 
 from .affinity import calibrate_perplexity
 from .distributed import broadcast_module_, check_inputs, rank_blocks, world
+from .ee import initial_embedding
 from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
 from .nn import mlp
@@ -44,6 +45,16 @@ def __getattr__(name: str) -> Any:
 
 BatchAffinity = Literal["batch", "graph"]
 BATCH_AFFINITIES = ("batch", "graph")
+Init = Literal["spectral", "pca", "random"]
+INITS = ("spectral", "pca", "random")
+#: standard deviation of the first coordinate of the network's initial output: the length scale of the kernel
+#: exp(−‖y_n − y_m‖²), where the repulsion's pull is strongest; a tl.ee-like 1e-4 would leave the network in the
+#: kernel's linear regime, with the output weights to grow by four orders of magnitude in the first steps
+INIT_SCALE = 1.0
+#: the pre-fit stops once the network reproduces the initial layout to this share of its variance
+PREFIT_TOL = 1e-3
+#: cells per step of the pre-fit (a smooth 2-D layout is learnt from a few thousand cells; bounds its cost at any N)
+PREFIT_BATCH = 8192
 #: elements of one (tile × B) block in the in-batch repulsion
 _TILE_ELEMENTS = {"cpu": 4 * 2**20, "cuda": 64 * 2**20}
 
@@ -84,6 +95,70 @@ def recalibrate_batchnorm(net: nn.Module, X: torch.Tensor, batch_size: int = 655
     for m, (mom, _) in zip(bns, saved):
         m.momentum = mom
     net.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------- initialisation
+def init_layout(
+    init: str | np.ndarray, X: np.ndarray, P: sparse.spmatrix | None, n_components: int, random_state: int = 0
+) -> np.ndarray | None:
+    """The layout the network is pre-fitted to.
+
+    ``"spectral"``: Laplacian eigenmaps of the training cells' affinities ``P`` (as ``tl.ee``); ``"pca"``: the
+    first principal components of ``X``; both centred, first coordinate scaled to :data:`INIT_SCALE`. An
+    ``(n, n_components)`` array: that layout as it is; ``"random"``: ``None`` (the original's random weights, no
+    pre-fit). O(N·k) for the spectral layout, O(N·D²) for PCA.
+    """
+    if isinstance(init, str):
+        if init == "random":
+            return None
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {INITS} or an array, got {init!r}.")
+        Y0 = initial_embedding(init, n_components, P=P, X=X, random_state=random_state, scale=INIT_SCALE)
+        return Y0.astype(np.float32)
+    Y0 = np.asarray(init, dtype=np.float64)
+    if Y0.shape != (X.shape[0], n_components):
+        raise ValueError(f"`init` must have shape ({X.shape[0]}, {n_components}), got {Y0.shape}.")
+    return Y0.astype(np.float32)
+
+
+def prefit_network(
+    net: nn.Module,
+    X: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    lr: float = 0.01,
+    max_steps: int = 500,
+    tol: float = PREFIT_TOL,
+    batch_size: int = PREFIT_BATCH,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Regress ``net(X)`` onto ``target`` with Adam, so that training starts from that layout.
+
+    The loss is the mean squared error relative to the target's variance (1 − R²), on ``batch_size`` random cells
+    per step; the pre-fit stops when it falls below ``tol`` or after ``max_steps`` steps. The optimiser is local:
+    the training's Adam starts afresh. Returns ``residual`` (the last relative error, on all cells when they fit in
+    one batch) and ``steps``.
+    """
+    n = X.shape[0]
+    var = float(((target - target.mean(0)) ** 2).sum(1).mean())
+    opt = adam(net.parameters(), lr=lr)
+    net.train()
+    residual, steps = math.inf, 0
+    while steps < max_steps:
+        steps += 1
+        if n > batch_size:
+            rows = torch.randint(n, (batch_size,), generator=generator).to(X.device)
+            xb, yb = X[rows], target[rows]
+        else:
+            xb, yb = X, target
+        opt.zero_grad(set_to_none=True)
+        loss = ((net(xb) - yb) ** 2).sum(1).mean() / var
+        loss.backward()
+        opt.step()
+        residual = float(loss.detach())
+        if residual < tol:
+            break
+    return {"residual": residual, "steps": float(steps)}
 
 
 # --------------------------------------------------------------------------------------------------- losses
@@ -184,7 +259,7 @@ def fit_neuralee(
     n_components: int = 2,
     lam: float = 1.0,
     perplexity: float = 30.0,
-    repulsion: str = "uniform",
+    repulsion: str = "distance",
     P: sparse.spmatrix | sparse.sparray | None = None,
     affinities: Callable[[np.ndarray], sparse.spmatrix] | None = None,
     batch_size: int | None = None,
@@ -199,6 +274,8 @@ def fit_neuralee(
     neighbor_samples: int = 4,
     patience: int | None = 50,
     min_delta: float = 1e-4,
+    init: str | np.ndarray | None = None,
+    lr_drops: int = 2,
     device: torch.device | str = "cpu",
     random_state: int = 0,
     show_progress: bool | None = None,
@@ -236,8 +313,17 @@ def fit_neuralee(
     neighbor_samples
         ``"graph"`` mode: neighbours drawn per batch cell and step.
     patience, min_delta
-        Stop when the loss has not improved by a relative ``min_delta`` for ``patience`` epochs (after the
-        exaggeration phase); the weights of the best epoch are kept.
+        A plateau is ``patience`` epochs without a relative improvement of ``min_delta`` of the loss (after the
+        exaggeration phase). At a plateau training goes back to the best epoch's weights and, ``lr_drops`` times,
+        goes on with the learning rate divided by 4; the next plateau stops it.
+    init
+        Layout the network is pre-fitted to before training (:func:`prefit_network`): ``"spectral"`` (Laplacian
+        eigenmaps of the training cells' affinities, as ``tl.ee``), ``"pca"``, an ``(n_train, n_components)``
+        array, or ``"random"`` (random weights, as the original). ``None``: ``"spectral"`` where a graph of the
+        training cells is used (full batch, ``"graph"``), ``"pca"`` with ``"batch"`` affinities.
+    lr_drops
+        Times the learning rate is divided by 4 at a plateau before training stops (mini-batch gradients have a
+        noise floor proportional to the step size; a smaller step then goes further down).
     on_shape
         Called with a name and the shape of every large buffer the trainer builds (for memory tests).
 
@@ -246,7 +332,8 @@ def fit_neuralee(
     net
         The trained network, in eval mode, BatchNorm statistics recomputed on all cells.
     info
-        ``history`` (``loss`` per epoch, and ``phase``), ``n_epochs``, ``mode``, ``batch_size``, ``n_subsample``.
+        ``history`` (``loss`` per epoch, and ``phase``), ``n_epochs``, ``mode``, ``batch_size``, ``n_subsample``,
+        ``init`` and ``prefit_residual`` (1 − R² of the pre-fit; NaN without one).
     """
     device = torch.device(device)
     N, D = X.shape
@@ -282,19 +369,42 @@ def fit_neuralee(
         if n_ex:
             h, n_run = train(step, n_ex, desc="NeuralEE (exaggeration)", show_progress=show_progress)
             history["loss"] += h["loss"]
-        h, n = train(
-            lambda e: step(e + n_ex),
-            n_epochs - n_ex,
-            desc="NeuralEE" if phase == 0 else "NeuralEE (refine)",
-            show_progress=show_progress,
-            patience=patience,
-            min_delta=min_delta,
-            module=net,
-            keep_best=True,
-        )
-        history["loss"] += h["loss"]
+        n = 0
+        for drop in range(max(0, lr_drops) + 1 if patience is not None else 1):
+            for group in opt.param_groups:
+                group["lr"] = lr / 4**drop
+            h, m = train(
+                lambda e, done=n_ex + n: step(e + done),
+                n_epochs - n_ex - n,
+                desc="NeuralEE" if phase == 0 else "NeuralEE (refine)",
+                show_progress=show_progress,
+                patience=patience,
+                min_delta=min_delta,
+                module=net,
+                keep_best=True,
+            )
+            history["loss"] += h["loss"]
+            n += m
+            if n >= n_epochs - n_ex:
+                break
+        for group in opt.param_groups:
+            group["lr"] = lr
         history["phase"] += [phase] * (n_run + n)
         return n_run + n
+
+    start = {"init": "random", "prefit_residual": math.nan}
+
+    def start_from(train_P: sparse.spmatrix | None, rows: torch.Tensor | None) -> None:
+        """Pre-fit the network to the initial layout of the training cells (all, or ``rows``)."""
+        choice = init if init is not None else ("pca" if train_P is None else "spectral")
+        if not isinstance(choice, str):
+            choice = np.asarray(choice)[rows.numpy()] if rows is not None and len(choice) == N else choice
+        target = init_layout(choice, X if rows is None else X[rows.numpy()], train_P, n_components, random_state)
+        if target is None:
+            return
+        inputs = Xt if rows is None else Xt[rows.to(device)]
+        fit = prefit_network(net, inputs, torch.as_tensor(target, device=device), lr=lr, generator=gen)
+        start.update(init=choice if isinstance(choice, str) else "array", prefit_residual=fit["residual"])
 
     def alpha(epoch: int, phase: int) -> float:
         return early_exaggeration if (phase == 0 and epoch < exaggeration_epochs) else 1.0
@@ -304,6 +414,7 @@ def fit_neuralee(
             P = get_affinities()
         obj = EEObjective(P, lam=lam, repulsion=repulsion, X=X, device=device)
         note("P", (int(sparse.csr_matrix(P).nnz),))
+        start_from(P, None)
 
         def full_step(epoch: int) -> float:
             net.train()
@@ -320,7 +431,8 @@ def fit_neuralee(
         n_epochs = run_phase(full_step, max_epochs, 0)
         recalibrate_batchnorm(net, Xt)
         net.eval()
-        return net, {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
+        info = {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
+        return net, {**info, **start}
 
     # ---- mini-batches
     n_sub = N if n_subsample is None else min(int(n_subsample), N)
@@ -401,6 +513,7 @@ def fit_neuralee(
         if n_sub < N:
             sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
             P_sub = get_affinities(sub.numpy())
+            start_from(P_sub, sub)
             n_epochs += run_phase(graph_step(P_sub, sub, 0), max_epochs, 0)
             del P_sub
             if refine_max_epochs > 0:
@@ -408,13 +521,16 @@ def fit_neuralee(
                 n_epochs += run_phase(graph_step(P, cells_all, 1), refine_max_epochs, 1)
         else:
             P = P if P is not None else get_affinities()
+            start_from(P, None)
             n_epochs += run_phase(graph_step(P, cells_all, 0), max_epochs, 0)
     elif batch_affinity == "batch":
         if n_sub < N:
             sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
+            start_from(None, sub)
             n_epochs += run_phase(make_step(sub, 0), max_epochs, 0)
             n_epochs += run_phase(make_step(cells_all, 1), refine_max_epochs, 1)
         else:
+            start_from(None, None)
             n_epochs += run_phase(make_step(cells_all, 0), max_epochs, 0)
     else:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
@@ -426,5 +542,6 @@ def fit_neuralee(
         "mode": batch_affinity,
         "batch_size": B,
         "n_subsample": n_sub,
+        **start,
     }
     return net, info

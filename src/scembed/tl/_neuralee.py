@@ -11,10 +11,11 @@ from scipy import sparse
 from .._constants import AFFINITY, NEURALEE
 from .._engine.ee_objective import REPULSIONS
 from .._engine.models.neuralee import NeuralEEModel
-from .._engine.neuralee import BATCH_AFFINITIES, fit_neuralee
+from .._engine.neuralee import BATCH_AFFINITIES, INITS, fit_neuralee
 from .._utils import (
     check_adata,
     check_bool,
+    check_finite,
     check_in_range,
     check_int_sequence,
     check_n_jobs,
@@ -70,7 +71,8 @@ def neuralee(
     max_epochs: int = 500,
     lr: float = 0.01,
     hidden: tuple[int, ...] | list[int] = (50, 50),
-    repulsion: str = "uniform",
+    repulsion: str = "distance",
+    init: str | np.ndarray | None = None,
     batch_affinity: str = "graph",
     n_subsample: int | None = None,
     refine_max_epochs: int = 10,
@@ -93,8 +95,16 @@ def neuralee(
 
     E(Y) = Σ W⁺_nm ‖y_n − y_m‖² + λ Σ W⁻_nm exp(−‖y_n − y_m‖²),
 
-    with W⁺ the entropic affinities (:func:`scembed.pp.affinity`) and W⁻ uniform or the squared input distances.
-    Because the embedding is a function, new cells are embedded by the trained model (``return_model=True``).
+    with W⁺ the entropic affinities (:func:`scembed.pp.affinity`) and W⁻ the squared input distances (default, as
+    the original and :func:`scembed.tl.ee`) or uniform. Because the embedding is a function, new cells are embedded
+    by the trained model (``return_model=True``).
+
+    The objective is not convex: which minimum training reaches, and with it where the clusters lie relative to
+    each other, is decided by the start. So the network is first pre-fitted (a regression, ``init``) to the layout
+    :func:`scembed.tl.ee` starts from — the Laplacian eigenmaps of the affinities — and only then trained on E. With
+    the same W⁻ and the same start, the network minimises the same objective as :func:`scembed.tl.ee` from the same
+    place, and reaches a comparable value and layout; random weights start from a random projection of the input
+    instead, and the clusters' arrangement then follows that projection.
 
     Training, by ``batch_size``:
 
@@ -136,14 +146,27 @@ def neuralee(
         Cells per mini-batch, as an int or a fraction of the cells (the original's ``N_small``); ``1.0`` or ≥
         ``n_obs`` trains full batch. ``None``: full batch up to 1,024 cells, mini-batches of 1,024 beyond.
     max_epochs
-        Maximum number of epochs (passes over the training cells; the original's ``maxit``); training stops
-        earlier when the loss has not improved for ``patience`` epochs, and the weights of the best epoch are kept.
+        Maximum number of epochs (passes over the training cells; the original's ``maxit``) of the main phase.
+        Training stops earlier at a loss plateau (see ``patience``).
     lr
         Adam learning rate (the original's 0.01).
     hidden
         Hidden layer sizes.
     repulsion
-        W⁻: ``"uniform"`` (every pair alike) or ``"distance"`` (squared input distances, as the original).
+        W⁻: ``"distance"`` (squared input distances, normalised to sum 1: the original's, and the default of
+        :func:`scembed.tl.ee`, so that both tools minimise one objective and can be compared by its value) or
+        ``"uniform"`` (every pair alike).
+    init
+        Layout the network is pre-fitted to before training: ``"spectral"`` (Laplacian eigenmaps of the training
+        cells' affinities: :func:`scembed.tl.ee`'s start; in the large-data recipe those of the subsample's own
+        graph, O(N·k)), ``"pca"`` (the first principal components of the input), an ``(n_obs, n_components)``
+        array (used as it is, e.g. an embedding to reproduce), or ``"random"`` (no pre-fit: the original's random
+        weights). ``None``: ``"spectral"``, or ``"pca"`` with ``batch_affinity="batch"``, which builds no graph. A
+        named layout is centred and scaled so that its first coordinate has standard deviation 1, the length scale
+        of the kernel exp(−‖y_n − y_m‖²): there the repulsion acts at once, while a tiny start (:func:`scembed.tl.ee`
+        uses 1e-4) would first have to be blown up by four orders of magnitude through the network's weights. The
+        pre-fit runs Adam on the squared error until it is below 0.1 % of the layout's variance (or 500 steps);
+        ``uns[key]["prefit_residual"]`` records what remained.
     batch_affinity
         ``"graph"`` or ``"batch"``: how mini-batches get their attraction (see above).
     n_subsample
@@ -156,7 +179,11 @@ def neuralee(
         Epochs of early exaggeration (0: none). Off by default: unlike t-SNE, the network's smoothness already
         keeps clusters together, and exaggeration measured worse on the benchmark data (``benchmarks/README.md``).
     patience
-        Epochs without improvement before stopping (``None``: run ``max_epochs`` epochs).
+        Epochs without improvement that make a plateau (``None``: run ``max_epochs`` epochs at ``lr``). At a
+        plateau, training goes back to the best epoch's weights and continues with the learning rate divided by 4;
+        the third plateau stops it. A mini-batch gradient is noisy, and Adam then hovers at a distance from the
+        minimum that scales with the step size: the smaller steps go further down, where a stop at the first
+        plateau would leave the objective a few per cent above that of the full-batch optimum.
     affinity_key
         ``obsp`` key of the affinity graph to use (checked: square, finite, non-negative, not all zero), and where
         it is stored when computed here.
@@ -177,10 +204,11 @@ def neuralee(
     `adata.obsm['X_neuralee' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
         The embedding, ``(n_obs, n_components)``.
     `adata.uns['neuralee' | key_added]` : `dict`
-        `params` (the call's resolved parameters), `history` (`loss`: the EE objective per epoch; mini-batch
-        epochs report the mean of their batch estimates), `phase` (per epoch, 0: main/subsample phase,
-        1: refinement), `n_epochs`, `mode`
-        (``"full"``, ``"graph"`` or ``"batch"``), `input` (the representation the network reads).
+        `params` (the call's resolved parameters; `init` the layout used), `prefit_residual` (the pre-fit's
+        squared error relative to the layout's variance; NaN without a pre-fit), `history` (`loss`: the EE
+        objective per epoch; mini-batch epochs report the mean of their batch estimates), `phase` (per epoch,
+        0: main/subsample phase, 1: refinement), `n_epochs`, `mode` (``"full"``, ``"graph"`` or ``"batch"``),
+        `input` (the representation the network reads).
     `adata.obsp['affinity' | affinity_key]`, `adata.uns['affinity' | affinity_key]`
         Only when the global affinities were needed and absent (as :func:`scembed.pp.affinity` writes them).
 
@@ -202,6 +230,7 @@ def neuralee(
         lr=lr,
         hidden=hidden,
         repulsion=repulsion,
+        init=init,
         batch_affinity=batch_affinity,
         n_subsample=n_subsample,
         refine_max_epochs=refine_max_epochs,
@@ -234,6 +263,7 @@ def neuralee(
             **{k: opts[k] for k in _ENGINE_OPTIONS},
         )
     params = {**opts, "hidden": list(opts["hidden"]), "patience": -1 if patience is None else opts["patience"]}
+    params["init"] = info["init"]
     params.update(use_rep="" if use_rep is None else use_rep, n_pcs=-1 if n_pcs is None else int(n_pcs))
     params.update(affinity_key=affinity_key, random_state=seed, device=str(dev))
     model = _model(net, X, source, W, offset, adata, params)
@@ -248,6 +278,7 @@ def neuralee(
         "n_epochs": int(info["n_epochs"]),
         "mode": info["mode"],
         "input": source["rep_name"],
+        "prefit_residual": float(info["prefit_residual"]),
     }
     if new_affinity:
         adata.obsp[affinity_key] = new_affinity["P"]
@@ -272,6 +303,7 @@ _ENGINE_OPTIONS = (
     "early_exaggeration",
     "exaggeration_epochs",
     "patience",
+    "init",
 )
 
 
@@ -304,6 +336,25 @@ def _affinity_path(
     return affinities, kept
 
 
+def _check_init(init: Any, n: int, n_components: int, batch_affinity: str, full: bool) -> Any:
+    """``init`` as the engine takes it: None, a name, or a float32 ``(n_obs, n_components)`` array."""
+    if init is None:
+        return None
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(f"`init` must be one of {INITS}, an array or None, got {init!r}.")
+        if init == "spectral" and batch_affinity == "batch" and not full:
+            raise ValueError("`init='spectral'` needs the affinity graph, which `batch_affinity='batch'` never builds.")
+        return init
+    if isinstance(init, bool) or not hasattr(init, "__len__"):
+        raise TypeError(f"`init` must be one of {INITS}, an array or None, got {type(init).__name__}.")
+    arr = np.asarray(init.cpu() if isinstance(init, torch.Tensor) else init, dtype=np.float32)
+    if arr.shape != (n, n_components):
+        raise ValueError(f"`init` must have shape ({n}, {n_components}), got {arr.shape}.")
+    check_finite(arr, "`init`")
+    return arr
+
+
 def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     """Validate every option before any work; returns the resolved values (as recorded in ``uns``)."""
     check_adata(adata, min_obs=4)
@@ -327,6 +378,7 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     if o["batch_affinity"] not in BATCH_AFFINITIES:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {o['batch_affinity']!r}.")
     out["repulsion"], out["batch_affinity"] = o["repulsion"], o["batch_affinity"]
+    out["init"] = _check_init(o["init"], n, out["n_components"], out["batch_affinity"], out["batch_size"] >= n)
     n_sub = min(n, AUTO_SUBSAMPLE) if o["n_subsample"] is None else check_positive_int(o["n_subsample"], "n_subsample")
     out["n_subsample"] = min(n_sub, n)
     if out["n_subsample"] < out["batch_size"]:
