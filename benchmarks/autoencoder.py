@@ -10,6 +10,13 @@ and at the resolution that gives the true number of types (found by bisection).
     python benchmarks/autoencoder.py --max-epochs 2 --datasets pbmc_10x_2100   # a quick check that it runs
     python benchmarks/autoencoder.py --scale 1000000 --max-epochs 3  # simulated 1M cells × 2,000 genes (sparse):
                                                                       # time per epoch and peak RSS
+    python benchmarks/autoencoder.py --seeds 0 1 --variant noise0.5:noise=0.5 --variant hvg:n_top_genes=1000
+                                      # the defaults and candidate settings side by side (one table, every seed)
+
+``--variant NAME:KEY=VALUE[,KEY=VALUE...]`` adds an autoencoder run with those keyword arguments of
+``se.tl.autoencoder`` (values read as JSON, else as strings); the defaults always run too (``autoencoder``).
+``--in-process`` runs everything in this one process (imports and JIT compilation paid once: for studies of
+quality; its time and RSS columns are then not each method's own).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     adata = ad.read_h5ad(spec["path"])
+    ae_kwargs = spec.get("ae_kwargs") or {}
     truth = adata.obs["celltype"].astype(str).to_numpy()
     batch_key = "batch" if "batch" in adata.obs and adata.obs["batch"].nunique() > 1 else None
     seed, method, max_epochs = spec["seed"], spec["method"], spec["max_epochs"]
@@ -85,7 +93,7 @@ def worker(spec: dict) -> dict:
 
         se.tl.autoencoder(
             adata, batch_key=batch_key, max_epochs=max_epochs, device=spec["device"], random_state=seed,
-            show_progress=False,
+            show_progress=False, **ae_kwargs,
         )  # fmt: skip
         latent = adata.obsm["X_autoencoder"]
         out["epochs"] = adata.uns["autoencoder"]["n_epochs"]
@@ -138,7 +146,25 @@ def scale_worker(spec: dict) -> dict:
     return {"time": elapsed, "epochs": n_epochs, "rss_gb": _peak_rss_gb(), "rss_data_gb": rss_data}
 
 
-def _run(spec: dict) -> dict:
+def _parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` → (name, keyword arguments); values as JSON where they parse, else strings."""
+    name, _, body = text.partition(":")
+    kwargs = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return name, kwargs
+
+
+def _run(spec: dict, in_process: bool = False) -> dict:
+    if in_process:
+        try:
+            return worker(spec)
+        except Exception as err:  # reported on stderr; the study goes on
+            return {"error": f"{type(err).__name__}: {err}"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -156,7 +182,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=None, help="names without .h5ad (default: every file)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: each tool's own)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="random seeds (each runs every method)")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... autoencoder settings")
+    parser.add_argument("--variants-only", action="store_true", help="skip the autoencoder at its defaults")
+    parser.add_argument("--in-process", action="store_true", help="run every method in this process")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=int, default=None, help="simulated N-cell run (time per epoch, peak RSS)")
@@ -168,7 +197,7 @@ def main() -> None:
         spec = json.loads(args.worker)
         print(json.dumps(scale_worker(spec) if "n_cells" in spec else worker(spec)))
         return
-    common = {"seed": args.seed, "threads": args.threads, "device": args.device}
+    common = {"seed": args.seeds[0], "threads": args.threads, "device": args.device}
     if args.scale:
         res = _run({**common, "n_cells": args.scale, "max_epochs": args.max_epochs or 3})
         if "error" in res:
@@ -180,32 +209,42 @@ def main() -> None:
         )
         return
 
+    if args.in_process:
+        sys.path.insert(0, str(HERE))
     names = args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad"))
+    runs = []  # (label, method, autoencoder kwargs)
+    for method in args.methods:
+        if not (method == "autoencoder" and args.variants_only):
+            runs.append((method, method, {}))
+        if method == "autoencoder":
+            runs += [(f"autoencoder[{n}]", method, kw) for n, kw in map(_parse_variant, args.variant)]
     rows = []
     for name in names:
         path = args.data_dir / f"{name}.h5ad"
         if not path.exists():
             print(f"{name}: {path} not found, skipped", file=sys.stderr)
             continue
-        for method in args.methods:
-            res = _run({**common, "path": str(path), "method": method, "max_epochs": args.max_epochs})
-            if "skipped" in res or "error" in res:
-                print(f"{name} / {method}: {res.get('skipped') or res.get('error')}", file=sys.stderr)
-                continue
-            rows.append({"dataset": name, "method": method, **res})
-            print(f"{name} / {method}: done in {res['time']:.1f} s", file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        for seed in args.seeds:
+            for label, method, kwargs in runs:
+                spec = {**common, "seed": seed, "path": str(path), "method": method, "max_epochs": args.max_epochs}
+                res = _run({**spec, "ae_kwargs": kwargs}, args.in_process)
+                if "skipped" in res or "error" in res:
+                    print(f"{name} / {label}: {res.get('skipped') or res.get('error')}", file=sys.stderr)
+                    continue
+                rows.append({"dataset": name, "method": label, "seed": seed, "settings": kwargs, **res})
+                print(f"{name} / {label} / seed {seed}: done in {res['time']:.1f} s", file=sys.stderr)
+                if args.json:  # written after every run, so that an interrupted study keeps what it has
+                    args.json.write_text(json.dumps(rows, indent=1))
     print(
-        "| data | method | epochs | 10-NN acc. | ARI (0.8) | NMI (0.8) | K true / found | ARI (true K) | NMI (true K) "
-        "| time (s) | peak RSS (GB) |"
+        "| data | method | seed | epochs | 10-NN acc. | ARI (0.8) | NMI (0.8) | K true / found | ARI (true K) "
+        "| NMI (true K) | time (s) | peak RSS (GB) |"
     )
-    print("|" + " --- |" * 11)
+    print("|" + " --- |" * 12)
     for r in rows:
         print(
-            f"| {r['dataset']} | {r['method']} | {r.get('epochs', '–')} | {_fmt(r['knn_acc'])} | {_fmt(r['ari_08'])} "
-            f"| {_fmt(r['nmi_08'])} | {r['k_true']} / {r['k_found']} | {_fmt(r['ari_k'])} | {_fmt(r['nmi_k'])} "
-            f"| {_fmt(r['time'], '.1f')} | {_fmt(r['rss_gb'], '.2f')} |"
+            f"| {r['dataset']} | {r['method']} | {r['seed']} | {r.get('epochs', '–')} | {_fmt(r['knn_acc'])} "
+            f"| {_fmt(r['ari_08'])} | {_fmt(r['nmi_08'])} | {r['k_true']} / {r['k_found']} | {_fmt(r['ari_k'])} "
+            f"| {_fmt(r['nmi_k'])} | {_fmt(r['time'], '.1f')} | {_fmt(r['rss_gb'], '.2f')} |"
         )
 
 

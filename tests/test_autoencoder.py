@@ -126,7 +126,7 @@ def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim):
         z_sdc = sdc.encode_all(net.eval(), data, dev).numpy()
     adata = sim.copy()
     model = se.tl.autoencoder(
-        adata, z_dim, hidden=hidden, noise=noise, max_epochs=epochs, batch_size=batch_size, lr=1e-3,
+        adata, z_dim, hidden=hidden, noise=noise, scale="gene", max_epochs=epochs, batch_size=batch_size, lr=1e-3,
         validation_fraction=0.0, patience=None, random_state=seed, show_progress=False, return_model=True,
     )  # fmt: skip
     ours, theirs = model.net.state_dict(), net.state_dict()
@@ -349,6 +349,7 @@ def _empty_genes(a):
         (None, {"n_top_genes": 1000}, ValueError, "n_top_genes"),
         (None, {"hidden": "64"}, TypeError, "hidden"),
         (None, {"hidden": ()}, TypeError, "hidden"),
+        (None, {"scale": "none"}, ValueError, "scale"),
     ],
 )
 def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):
@@ -360,6 +361,27 @@ def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):
         se.tl.autoencoder(adata, **{**FAST, **kwargs})
     after = _snapshot(adata)
     assert (abs(before[0] - after[0]).sum() == 0 or np.isnan(before[0].data).any()) and before[1:] == after[1:]
+
+
+def test_global_scale_keeps_relative_gene_variances(sim):
+    """``scale="global"``: one divisor for every gene, the root mean gene variance (unit variance on average)."""
+    X = sparse.csr_matrix(sim.X)
+    genes = np.arange(X.shape[1])
+    per_gene = CountData.fit(X, genes)
+    common = CountData.fit(X, genes, scale="global")
+    np.testing.assert_allclose(common.gene_mean, per_gene.gene_mean)
+    np.testing.assert_allclose(common.gene_std, np.sqrt(np.mean(per_gene.gene_std.astype(np.float64) ** 2)), rtol=1e-5)
+    xin = common.batch(np.arange(X.shape[0]), torch.device("cpu")).xin.double().numpy()
+    var = xin.var(0, ddof=1)
+    assert var.mean() == pytest.approx(1.0, rel=1e-4)
+    ratio = var / per_gene.gene_std.astype(np.float64) ** 2  # the same factor for every gene
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-3)
+    # the default of tl.autoencoder (scDeepCluster keeps the z-score: its engine default is "gene")
+    adata = sim.copy()
+    model = se.tl.autoencoder(adata, n_latent=4, return_model=True, **FAST)
+    assert adata.uns["autoencoder"]["params"]["scale"] == "global"
+    std = np.asarray(model.metadata["gene_std"])
+    np.testing.assert_allclose(std, common.gene_std, rtol=1e-5)
 
 
 def test_no_genes_is_refused():

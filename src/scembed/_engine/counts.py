@@ -198,11 +198,17 @@ class CountData:
         n_batches: int = 0,
         *,
         normalize: bool = True,
+        scale: str = "gene",
     ) -> CountData:
         """Size factors (library / median library) and gene statistics of the normalised log counts.
 
-        With ``normalize=False``, the gene statistics of the values as given, and size factors 1.
+        With ``normalize=False``, the gene statistics of the values as given, and size factors 1. ``scale``:
+        ``"gene"`` divides every centred gene by its own standard deviation (z-score; scDeepCluster's input);
+        ``"global"`` divides every gene by one number, the root mean gene variance, so that the input has unit
+        variance per gene on average while genes keep their relative variances (PCA's weighting).
         """
+        if scale not in ("gene", "global"):
+            raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
         X = _canonical_csr(X)
         sub = X if len(genes) == X.shape[1] else X[:, genes]
         if normalize:
@@ -214,10 +220,10 @@ class CountData:
         s2 = np.zeros(len(genes))
         for start in range(0, X.shape[0], INFER_BATCH):
             block = sub[start : start + INFER_BATCH]
-            scale = target / lib[start : start + INFER_BATCH]
+            factor = target / lib[start : start + INFER_BATCH]
             if sparse.issparse(block):
                 if normalize:
-                    block = sparse.csr_matrix(block.multiply(scale[:, None]), dtype=np.float64)
+                    block = sparse.csr_matrix(block.multiply(factor[:, None]), dtype=np.float64)
                     block.data = np.log1p(block.data)
                 else:
                     block = sparse.csr_matrix(block, dtype=np.float64)
@@ -226,13 +232,15 @@ class CountData:
             else:
                 block = np.asarray(block, dtype=np.float64)
                 if normalize:
-                    block = np.log1p(block * scale[:, None])
+                    block = np.log1p(block * factor[:, None])
                 s1 += block.sum(0)
                 s2 += (block * block).sum(0)
         n = X.shape[0]
         mean = s1 / n
         var = np.maximum(s2 - n * mean**2, 0.0) / max(n - 1, 1)  # ddof = 1, as scanpy's scale
         std = np.sqrt(var)
+        if scale == "global":
+            std = np.full_like(std, np.sqrt(var.mean()) or 1.0)
         std[std == 0] = 1.0
         return cls(
             X=X,

@@ -77,6 +77,7 @@ def autoencoder(
     hidden: Sequence[int] = (256, 64),
     batch_encoder: bool = False,
     noise: float = 2.5,
+    scale: str = "global",
     max_epochs: int | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -94,12 +95,13 @@ def autoencoder(
 
     The denoising count autoencoder of DCA (Eraslan et al., Nature Communications 2019) and of scDeepCluster's
     pretraining (Tian et al., Nature Machine Intelligence 2019), on the same engine as
-    :func:`scembed.tl.scdeepcluster`: the encoder reads the z-scored log1p of the counts normalised to the median
-    library size, plus Gaussian noise ``noise`` in training; its linear bottleneck is the embedding. The decoder
-    gives, for every gene, the mean (scaled by the cell's size factor), dispersion and dropout probability of a
-    zero-inflated negative binomial (``"zinb"``), the mean and dispersion of a negative binomial (``"nb"``), or,
-    for log-normalised data, the reconstruction under a squared error (``"mse"``, input z-scored per gene). With
-    ``batch_key`` the one-hot batch is given to the decoder (and, with ``batch_encoder``, to the encoder), so the
+    :func:`scembed.tl.scdeepcluster`: the encoder reads the centred log1p of the counts normalised to the median
+    library size, scaled as ``scale`` says, plus Gaussian noise ``noise`` in training; its linear bottleneck is
+    the embedding. The decoder gives, for every gene, the mean (scaled by the cell's size factor), dispersion and
+    dropout probability of a zero-inflated negative binomial (``"zinb"``), the mean and dispersion of a negative
+    binomial (``"nb"``), or, for log-normalised data, the reconstruction under a squared error (``"mse"``, input
+    centred and scaled likewise). With ``batch_key`` the one-hot batch is given to the decoder (and, with
+    ``batch_encoder``, to the encoder), so the
     latent space need not encode the batch. A non-linear alternative to PCA in front of neighbours, UMAP or any
     clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
 
@@ -127,7 +129,16 @@ def autoencoder(
     batch_encoder
         Also give the batch one-hot to the encoder (scDeepCluster's batch model does).
     noise
-        Standard deviation of the Gaussian noise on the z-scored encoder input in training (scDeepCluster: 2.5).
+        Standard deviation of the Gaussian noise on the scaled encoder input in training (scDeepCluster: 2.5).
+    scale
+        Scaling of the centred log-normalised encoder input. ``"global"`` (default): every gene divided by the
+        same number, the root mean gene variance, so that genes keep their relative variances, as in PCA of
+        log-normalised counts, while the input has unit variance per gene on average and ``noise`` keeps its
+        size relative to a typical gene. ``"gene"``: every gene to unit variance (z-score, scDeepCluster's
+        input, which :func:`scembed.tl.scdeepcluster` keeps). A z-score gives a gene seen in a handful of cells
+        the weight of a broadly expressed marker: one count of a rare gene becomes a value of ten or more, so
+        in sparse (low-UMI) data the encoder input is dominated by sampling noise of rare genes, and the
+        latent space with it. Measurements: the ``tl.autoencoder`` section of ``benchmarks/README.md``.
     max_epochs
         Maximum training epochs. ``None``: about 20,000 gradient steps, clip(round(20,000 · ``batch_size`` /
         N_train), 5, 400) epochs. What a network learns depends on the number of parameter updates rather than
@@ -189,6 +200,8 @@ def autoencoder(
     if n_top_genes is not None:
         if check_positive_int(n_top_genes, "n_top_genes") > adata.n_vars:
             raise ValueError(f"`n_top_genes={n_top_genes}` is larger than the number of genes ({adata.n_vars}).")
+    if scale not in ("gene", "global"):
+        raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
     if max_epochs is not None:
         max_epochs = check_positive_int(max_epochs, "max_epochs", minimum=0)
     codes, categories = None, []
@@ -204,7 +217,7 @@ def autoencoder(
     train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
     if max_epochs is None:
         max_epochs = engine.default_max_epochs(len(train_rows), batch_size)
-    data = CountData.fit(X, genes, codes, len(categories), normalize=counts)
+    data = CountData.fit(X, genes, codes, len(categories), normalize=counts, scale=scale)
     get_logger().info(f"autoencoder ({likelihood}): {adata.n_obs} cells × {len(genes)} genes, {dev.type}")
     with seeded_torch(seed, dev) as noise_gen:
         net = engine.Autoencoder(
@@ -218,7 +231,7 @@ def autoencoder(
         z = engine.encode_all(net.eval(), data, dev).cpu().numpy()
     record = _record(locals_=dict(
         n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, hidden=hidden,
-        batch_encoder=batch_encoder, noise=noise, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+        batch_encoder=batch_encoder, noise=noise, scale=scale, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
         validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes, random_state=seed,
     ), history=history, n_run=n_run, has_validation=bool(val_rows.size), n_genes=len(genes))  # fmt: skip
     adata = copy_adata(adata) if copy else adata
