@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 from scipy.stats import spearmanr
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
@@ -38,3 +39,81 @@ def embedding_metrics(X: np.ndarray, Y: np.ndarray, labels: np.ndarray, k: int =
         "knn_acc": knn_accuracy(Y, labels, k),
         "centroid_rho": centroid_spearman(X, Y, labels),
     }
+
+
+# ------------------------------------------------------------------------------------------------ batch mixing
+def _perplexity_weights(dist: np.ndarray, perplexity: float, n_steps: int = 60) -> np.ndarray:
+    """Row-stochastic Gaussian weights on each row's neighbour distances, calibrated to ``perplexity`` (as LISI)."""
+    d2 = dist.astype(np.float64) ** 2
+    d2 = d2 - d2[:, :1]
+    target = np.log(perplexity)
+    beta, lo, hi = np.ones(len(d2)), np.zeros(len(d2)), np.full(len(d2), np.inf)
+    for _ in range(n_steps):
+        w = np.exp(-d2 * beta[:, None])
+        p = w / w.sum(1, keepdims=True)
+        entropy = -(p * np.log(np.maximum(p, 1e-300))).sum(1)
+        too_flat = entropy > target  # sharpen: larger beta
+        lo = np.where(too_flat, beta, lo)
+        hi = np.where(too_flat, hi, beta)
+        beta = np.where(np.isinf(hi), beta * 2, (lo + hi) / 2)
+    return p
+
+
+def ilisi(emb: np.ndarray, batch: np.ndarray, perplexity: float = 30, k: int = 90) -> float:
+    """Integration LISI (Korsunsky et al. 2019), scaled as scib: (median inverse Simpson index − 1) / (B − 1).
+
+    The inverse Simpson index of the batches among each cell's ``k`` nearest neighbours weighted by a Gaussian
+    of perplexity ``perplexity``; 1 = batches as mixed as their proportions allow, 0 = no other batch nearby.
+    """
+    cats, codes = np.unique(np.asarray(batch), return_inverse=True)
+    k = min(k, len(emb) - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb)
+    p = _perplexity_weights(dist[:, 1:], min(perplexity, k / 3))
+    shares = np.stack([(p * (codes[idx[:, 1:]] == b)).sum(1) for b in range(len(cats))], 1)
+    return float((np.median(1.0 / (shares**2).sum(1)) - 1) / max(len(cats) - 1, 1))
+
+
+def kbet(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray, k: int = 25, alpha: float = 0.05) -> float:
+    """kBET acceptance rate (Büttner et al. 2019) per cell type, averaged over the types.
+
+    Within each type (its cells and their ``k`` nearest neighbours among the type's cells, as scib's per-label
+    kBET), a cell is accepted when the χ² test of its neighbours' batch counts against the type's batch
+    proportions does not reject at ``alpha``. 1 = mixed, 0 = separated.
+    """
+    codes = np.unique(np.asarray(batch), return_inverse=True)[1]
+    n_batches = codes.max() + 1
+    labels = np.asarray(labels)
+    rates = []
+    for t in np.unique(labels):
+        m = labels == t
+        share = np.bincount(codes[m], minlength=n_batches) / m.sum()
+        present = share > 0
+        if m.sum() <= k or present.sum() < 2:
+            continue
+        idx = NearestNeighbors(n_neighbors=k).fit(emb[m]).kneighbors(emb[m], return_distance=False)
+        observed = np.stack([(codes[m][idx] == b).sum(1) for b in range(n_batches)], 1)[:, present]
+        expected = share[present] * k
+        chi2 = ((observed - expected) ** 2 / expected).sum(1)
+        rates.append(float((stats.chi2.sf(chi2, present.sum() - 1) >= alpha).mean()))
+    return float(np.mean(rates)) if rates else float("nan")
+
+
+def other_batch_share(emb: np.ndarray, batch: np.ndarray, k: int = 30) -> float:
+    """Mean share of other-batch cells among each cell's ``k`` nearest neighbours."""
+    codes = np.unique(np.asarray(batch), return_inverse=True)[1]
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb, return_distance=False)[:, 1:]
+    return float((codes[idx] != codes[:, None]).mean())
+
+
+def cluster_batch_entropy(clusters: np.ndarray, batch: np.ndarray) -> float:
+    """Cell-weighted mean over clusters of the batch entropy within the cluster / log(B) (1 = mixed)."""
+    codes = np.unique(np.asarray(batch), return_inverse=True)[1]
+    n_batches = codes.max() + 1
+    clusters = np.asarray(clusters)
+    total = 0.0
+    for c in np.unique(clusters):
+        m = clusters == c
+        p = np.bincount(codes[m], minlength=n_batches) / m.sum()
+        p = p[p > 0]
+        total += m.sum() * float(-(p * np.log(p)).sum() / np.log(n_batches))
+    return total / len(clusters)

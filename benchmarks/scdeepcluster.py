@@ -15,6 +15,8 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
                                                         # the same with everything in float64 (as the original)
     python benchmarks/scdeepcluster.py --quick --original-dir ORIGINAL_DIR \
         --methods scembed_k original_k scembed_auto original_auto   # side by side with the original (README)
+    python benchmarks/scdeepcluster.py --batch --pretrain-epochs 50 --maxiter 100
+                                                        # batch mixing vs uncorrected PCA and Harmony (README)
 
 ORIGINAL_DIR is a folder with the original's code (benchmarks/README.md says how to assemble it) and, in
 ORIGINAL_DIR/venv, an interpreter with its dependencies (``--original-python`` or ``$SCDC_ORIGINAL_PYTHON`` to use
@@ -325,6 +327,97 @@ def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int 
     print("| " + " | ".join(f"{v:.2f}" for v in ms) + f" | {ms.sum():.2f} |  (ms per step)")
 
 
+#: data sets of the batch benchmark: simulated (``sim_<batch_scale>``, 2,000 cells × 500 genes, 5 types, 2 batches,
+#: simulated with the run's seed) and shared real sets with ``obs["batch"]``
+BATCH_DATASETS = ["sim_0.5", "sim_1.0", "cellbench_3cl_2batches"]
+BATCH_METHODS = ["scembed_batch", "scembed_nobatch", "pca", "harmony"]
+
+
+def batch_data(dataset: str, seed: int):
+    import anndata as ad
+    import scanpy as sc
+
+    import scembed as se
+
+    if dataset.startswith("sim_"):
+        return se.datasets.simulate(
+            n_cells=2000, n_genes=500, n_celltypes=5, n_batches=2, batch_scale=float(dataset[4:]), random_state=seed
+        )
+    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+    sc.pp.filter_genes(adata, min_cells=3)
+    return adata
+
+
+def batch_run(method: str, dataset: str, seed: int, pretrain: int, maxiter: int) -> dict:
+    """Embedding and clusters of one method: scDeepCluster (batch-aware, or without the batch), or Leiden (the same
+    resolution, 0.2) on 50 PCs of the log-normalised, scaled data, uncorrected or corrected by Harmony."""
+    import scanpy as sc
+
+    import scembed as se
+
+    adata = batch_data(dataset, seed)
+    if method.startswith("scembed"):
+        key = "batch" if method == "scembed_batch" else None
+        se.tl.scdeepcluster(adata, 0, batch_key=key, max_epochs=(pretrain, maxiter), random_state=seed)
+        emb, clusters = adata.obsm["X_scdeepcluster"], adata.obs["scdeepcluster"].to_numpy()
+    else:
+        b = adata.copy()
+        sc.pp.normalize_total(b)
+        sc.pp.log1p(b)
+        if b.n_vars > 2000:
+            sc.pp.highly_variable_genes(b, n_top_genes=2000, batch_key="batch")
+            b = b[:, b.var["highly_variable"]].copy()
+        sc.pp.scale(b)
+        emb = np.asarray(sc.pp.pca(b.X, n_comps=min(50, b.n_vars - 1), random_state=seed))
+        if method == "harmony":
+            import harmonypy
+
+            z = np.asarray(harmonypy.run_harmony(emb, adata.obs, "batch", random_state=seed, verbose=False).Z_corr)
+            emb = z if z.shape[0] == adata.n_obs else z.T  # (d, n) in older harmonypy
+        b.obsm["X_emb"] = emb
+        sc.pp.neighbors(b, use_rep="X_emb", random_state=seed)
+        sc.tl.leiden(b, resolution=0.2, random_state=seed, flavor="igraph", n_iterations=-1, directed=False)
+        clusters = b.obs["leiden"].to_numpy()
+    return {"emb": emb, "clusters": clusters, "batch": adata.obs["batch"].to_numpy(), "types": adata.obs["celltype"]}
+
+
+def batch_table(datasets: list[str], methods: list[str], seeds: list[int], pretrain: int, maxiter: int) -> None:
+    """Batch mixing and conservation of the types: iLISI, kBET, other-batch share among 30-NN, ARI, K, batch
+    entropy within the clusters; one row per (data set, method), the seeds' values side by side."""
+    import torch
+    from _metrics import cluster_batch_entropy, ilisi, kbet, other_batch_share
+    from sklearn.metrics import adjusted_rand_score
+
+    import scembed as se
+
+    torch.set_num_threads(1)
+    se.settings.progress = False
+    print(f"budget: max_epochs=({pretrain}, {maxiter}); seeds {seeds}")
+    print("| data set | method | iLISI | kBET | other batch in 30-NN | ARI | K (true) | cluster batch entropy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dataset in datasets:
+        for method in methods:
+            cols: dict[str, list] = {}
+            for seed in seeds:
+                r = batch_run(method, dataset, seed, pretrain, maxiter)
+                batch, types = np.asarray(r["batch"]).astype(str), np.asarray(r["types"]).astype(str)
+                values = {
+                    "ilisi": ilisi(r["emb"], batch),
+                    "kbet": kbet(r["emb"], batch, types),
+                    "other": other_batch_share(r["emb"], batch),
+                    "ari": adjusted_rand_score(types, r["clusters"]),
+                    "k": len(np.unique(r["clusters"])),
+                    "entropy": cluster_batch_entropy(r["clusters"], batch),
+                }
+                for key, v in values.items():
+                    cols.setdefault(key, []).append(v)
+                k_true = len(np.unique(types))
+            cells = [" / ".join(f"{v:.2f}" for v in cols[key]) for key in ("ilisi", "kbet", "other", "ari")]
+            ks = "/".join(str(k) for k in cols["k"])
+            entropy = " / ".join(f"{v:.2f}" for v in cols["entropy"])
+            print(f"| {dataset} | {method} | {' | '.join(cells)} | {ks} ({k_true}) | {entropy} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced budget (50 / 200 epochs) and one seed")
@@ -332,7 +425,9 @@ def main() -> None:
     parser.add_argument("--maxiter", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS + ORIGINAL_METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS + ORIGINAL_METHODS + BATCH_METHODS
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads for every method (torch, BLAS, numba)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument(
@@ -357,6 +452,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--resolutions", type=float, nargs="+", default=None, help="Leiden K/ARI on the pretrained latent space"
+    )
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="batch mixing: scDeepCluster with batch_key vs without, uncorrected PCA and Harmony (iLISI, kBET, ARI, K)",
     )
     parser.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -385,6 +485,11 @@ def main() -> None:
         report(list(pooled.values()), pretrain, maxiter)
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    if args.batch:
+        datasets = BATCH_DATASETS if args.datasets == DATASETS else args.datasets
+        methods = BATCH_METHODS if args.methods == METHODS else args.methods
+        batch_table(datasets, methods, seeds, pretrain, maxiter)
+        return
     if args.resolutions:
         print(f"Leiden on the latent space after {pretrain} pretraining epochs: K (ARI); seeds {seeds}")
         print("| data set (true K) | seed | " + " | ".join(f"res {r:g}" for r in args.resolutions) + " |")

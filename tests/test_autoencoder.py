@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
@@ -108,17 +109,24 @@ def test_mse_and_dispatch():
 
 
 # ------------------------------------------------------------------------------------------------ shared engine
-def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim):
+@pytest.mark.parametrize("batched", [False, True])
+def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim, batched):
     # scDeepCluster's pretraining, called as tl.scdeepcluster calls it, and tl.autoencoder with the same seed and
-    # settings (every cell, no early stopping) end with identical weights and latent coordinates
+    # settings (every cell, no early stopping) end with identical weights and latent coordinates; with batches
+    # too (input standardised per batch, the batch one-hot in the decoder only)
     seed, epochs, batch_size, noise, z_dim, hidden = 5, 3, 64, 2.5, 6, (32, 16)
+    sim = sim.copy()
+    codes, n_batches = None, 0
+    if batched:
+        codes, n_batches = np.random.default_rng(0).integers(2, size=sim.n_obs), 2
+        sim.obs["batch"] = pd.Categorical.from_codes(codes, ["a", "b"])
     X = sim.X.tocsr()
     genes = np.arange(sim.n_vars)
     dev = torch.device("cpu")
-    data = sdc.CountData.fit(X, genes, None, 0)
+    data = sdc.CountData.fit(X, genes, codes, n_batches, standardize_per_batch=True)
     with seeded_torch(seed, dev) as noise_gen:
         batch_gen = torch.Generator().manual_seed(seed)
-        net = sdc.ZINBAutoencoder(len(genes), z_dim, hidden, 0).to(dev)
+        net = sdc.ZINBAutoencoder(len(genes), z_dim, hidden, n_batches).to(dev)
         hist = sdc.pretrain(
             net, data, epochs=epochs, batch_size=batch_size, sigma=noise, device=dev, generator=batch_gen,
             noise_generator=noise_gen,
@@ -128,6 +136,7 @@ def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim):
     model = se.tl.autoencoder(
         adata, z_dim, hidden=hidden, noise=noise, scale="gene", max_epochs=epochs, batch_size=batch_size, lr=1e-3,
         validation_fraction=0.0, patience=None, random_state=seed, show_progress=False, return_model=True,
+        batch_key="batch" if batched else None,
     )  # fmt: skip
     ours, theirs = model.net.state_dict(), net.state_dict()
     assert set(theirs) - set(ours) == {"centroids"}
@@ -264,6 +273,33 @@ def test_sparse_and_dense_input_agree(sim):
     se.tl.autoencoder(b, n_latent=4, hidden=(32,), **FAST)
     np.testing.assert_allclose(a.obsm["X_autoencoder"], b.obsm["X_autoencoder"], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(a.uns["autoencoder"]["history"]["loss"], b.uns["autoencoder"]["history"]["loss"], 1e-4)
+
+
+def test_input_standardised_within_each_batch():
+    # with standardize_per_batch, each gene is z-scored with the mean and sd (ddof 1) of its cell's batch, from
+    # sparse and dense counts alike; without it (or without batches) the statistics are global, as before
+    adata = se.datasets.simulate(120, 30, n_batches=3, batch_scale=1.0, random_state=1)
+    X, genes = adata.X.tocsr(), np.arange(30)
+    codes = adata.obs["batch"].cat.codes.to_numpy().astype(np.int64)
+    lib = np.asarray(X.sum(1)).ravel()
+    logn = np.log1p(X.toarray() / (lib / np.median(lib))[:, None])
+    for counts in (X, X.toarray()):
+        data = CountData.fit(counts, genes, codes, 3, standardize_per_batch=True)
+        assert data.gene_mean.shape == data.gene_std.shape == (3, 30)
+        for b in range(3):
+            std = logn[codes == b].std(0, ddof=1)
+            np.testing.assert_allclose(data.gene_mean[b], logn[codes == b].mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(data.gene_std[b], np.where(std == 0, 1, std), rtol=1e-5, atol=1e-6)
+        xin = data.batch(np.arange(120), torch.device("cpu")).xin.numpy()
+        expected = (logn - data.gene_mean[codes]) / data.gene_std[codes]
+        np.testing.assert_allclose(xin, expected, rtol=1e-4, atol=1e-5)
+        for b in range(3):  # within a batch: mean 0, sd 1 for every gene that varies there
+            varies = logn[codes == b].std(0) > 0
+            np.testing.assert_allclose(xin[codes == b][:, varies].mean(0), 0, atol=1e-5)
+            np.testing.assert_allclose(xin[codes == b][:, varies].std(0, ddof=1), 1, rtol=1e-4)
+    for plain in (CountData.fit(X, genes, codes, 3), CountData.fit(X, genes, None, 0, standardize_per_batch=True)):
+        assert plain.gene_mean.shape == (30,)
+        np.testing.assert_allclose(plain.gene_mean, logn.mean(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_encoder", [False, True])

@@ -312,21 +312,55 @@ def test_layer_and_n_top_genes(sim):
     assert u["params"]["layer"] == "counts" and "X_sdc" in adata.obsm and "sdc_proba" in adata.obsm
 
 
-def test_batch_aware():
+def test_batch_aware(tmp_path):
     adata = se.datasets.simulate(300, 150, n_celltypes=3, n_batches=2, batch_scale=0.8, de_scale=2.0, random_state=5)
     model = se.tl.scdeepcluster(adata, 3, batch_key="batch", max_epochs=10, random_state=0, return_model=True)
-    assert model.net.encoder[0].in_features == 150 + 2
+    assert model.net.encoder[0].in_features == 150  # the batch one-hot enters the decoder only
     assert model.net.decoder[0].in_features == 32 + 2
     assert model.batch_categories == ["batch0", "batch1"]
+    assert model.gene_mean.shape == model.gene_std.shape == (2, 150)  # the input is standardised per batch
     _, _, z = model.predict(adata)
+    np.testing.assert_allclose(z, adata.obsm["X_scdeepcluster"], rtol=1e-5, atol=1e-5)
     flipped = adata.copy()
     flipped.obs["batch"] = flipped.obs["batch"].map({"batch0": "batch1", "batch1": "batch0"})
     _, _, z_flipped = model.predict(flipped)
-    assert np.abs(z - z_flipped).max() > 1e-3  # the batch reaches the encoder
+    assert np.abs(z - z_flipped).max() > 1e-3  # a cell is standardised with its own batch's statistics
+    model.save(tmp_path / "m.pt")
+    loaded = se.tl.ScDeepClusterModel.load(tmp_path / "m.pt")
+    assert not loaded.net.batch_encoder and loaded.gene_mean.shape == (2, 150)
+    np.testing.assert_array_equal(loaded.predict(adata)[2], z)
     unknown = adata.copy()
     unknown.obs["batch"] = "batch9"
     with pytest.raises(ValueError, match="not trained on"):
         model.predict(unknown)
+
+
+def _neighbour_shares(z: np.ndarray, batch: np.ndarray, types: np.ndarray, k: int) -> tuple[float, float, float]:
+    """Other-batch share among each cell's k nearest (mean), its expectation under full mixing, k-NN type accuracy."""
+    from sklearn.neighbors import NearestNeighbors
+
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    other = float((batch[idx] != batch[:, None]).mean())
+    # under full mixing a cell's neighbours are drawn from the other cells of its type, whatever their batch
+    expected = np.mean([(batch[types == t] != b).sum() / max((types == t).sum() - 1, 1) for b, t in zip(batch, types)])
+    votes = np.array([np.bincount(row, minlength=types.max() + 1).argmax() for row in types[idx]])
+    return other, float(expected), float((votes == types).mean())
+
+
+def test_batch_aware_latent_mixes_batches_within_types():
+    # two batches with a strong per-gene batch effect: without a correction the latent (and the clusters) split
+    # every type by batch; with batch_key the batches mix within a type, the types stay apart and the automatic
+    # number of clusters is the number of types
+    adata = se.datasets.simulate(
+        400, 150, n_celltypes=3, n_batches=2, batch_scale=1.0, de_fraction=0.2, de_scale=2.0, random_state=5
+    )
+    se.tl.scdeepcluster(adata, 0, batch_key="batch", random_state=0, **FAST)
+    batch = adata.obs["batch"].cat.codes.to_numpy()
+    types = adata.obs["celltype"].cat.codes.to_numpy()
+    other, expected, accuracy = _neighbour_shares(adata.obsm["X_scdeepcluster"], batch, types, k=15)
+    assert other > expected - 0.15, (other, expected)
+    assert accuracy > 0.95
+    assert adata.uns["scdeepcluster"]["n_clusters"] == 3  # Leiden's K on the pretrained latent space
 
 
 def test_mixed_type_batch_labels_are_refused(sim):

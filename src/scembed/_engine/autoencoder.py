@@ -167,7 +167,7 @@ def train_autoencoder(
     validate = validation_rows is not None and len(validation_rows) > 0
     # under torchrun (distributed.py): rank 0's weights, this rank's share of the batches and its own noise; every
     # rank evaluates all held-out cells with the same weights and noise, so early stopping decides alike everywhere
-    stats = [data.size_factors, data.genes, data.gene_mean, data.gene_std]
+    stats = [np.ravel(a) for a in (data.size_factors, data.genes, data.gene_mean, data.gene_std)]
     check_same_across_ranks("count data (size factors, genes, gene statistics)", np.concatenate(stats, dtype=float))
     broadcast_module_(net)
     noise_generator = rank_generator(noise_generator)

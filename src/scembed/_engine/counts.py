@@ -27,6 +27,10 @@ def _rows(X, rows) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
+def _dense(X) -> np.ndarray:
+    return X.toarray() if sparse.issparse(X) else np.asarray(X)
+
+
 def _canonical_csr(X):
     """Sparse counts as CSR without duplicate entries (copied only when needed); dense arrays as they are.
 
@@ -126,6 +130,8 @@ class CountData:
     normalised to ``target_sum``; the likelihood is evaluated on the raw counts with size factors
     library size / ``target_sum``. With ``normalize=False`` (data already transformed, e.g. log-normalised,
     for a Gaussian/MSE loss) the input is the z-score of the values as given and the size factors are 1.
+    ``gene_mean``/``gene_std`` are per gene, or per batch × gene (:meth:`fit` with ``standardize_per_batch``):
+    then every cell is standardised with its own batch's statistics.
     """
 
     X: np.ndarray | sparse.csr_matrix
@@ -150,8 +156,13 @@ class CountData:
         structure; dense counts are densified rows as they are.
         """
         sf = torch.from_numpy(self.size_factors[rows]).to(device)
+        codes = None
+        if self.n_batches:
+            codes = torch.from_numpy(np.asarray(self.batch_codes[rows], dtype=np.int64)).to(device)
         mean = torch.as_tensor(self.gene_mean, device=device)
         std = torch.as_tensor(self.gene_std, device=device)
+        if mean.ndim == 2:  # statistics per batch: every row is standardised with those of its batch
+            mean, std = mean.index_select(0, codes), std.index_select(0, codes)
         nonzero = None
         if sparse.issparse(self.X):
             # canonical: the scatter below would not add up duplicate entries
@@ -175,7 +186,10 @@ class CountData:
             xin = mean.div(std).neg_().expand(n_rows, n_genes).clone()
             if self.normalize:
                 values_t = torch.log1p(values_t * sf.reciprocal().index_select(0, row_t))
-            z_values = (values_t - mean.index_select(0, col_t)) / std.index_select(0, col_t)
+            if mean.ndim == 2:
+                z_values = (values_t - mean.reshape(-1)[nonzero]) / std.reshape(-1)[nonzero]
+            else:
+                z_values = (values_t - mean.index_select(0, col_t)) / std.index_select(0, col_t)
             xin.view(-1).index_copy_(0, nonzero, z_values)
         else:
             block = _rows(self.X, rows)
@@ -185,7 +199,6 @@ class CountData:
             xin.sub_(mean).div_(std)
         onehot = None
         if self.n_batches:
-            codes = torch.from_numpy(np.asarray(self.batch_codes[rows], dtype=np.int64)).to(device)
             onehot = F.one_hot(codes, self.n_batches).to(torch.float32)
         return MiniBatch(xin, raw, sf, onehot, nonzero)
 
@@ -199,13 +212,17 @@ class CountData:
         *,
         normalize: bool = True,
         scale: str = "gene",
+        standardize_per_batch: bool = False,
     ) -> CountData:
         """Size factors (library / median library) and gene statistics of the normalised log counts.
 
         With ``normalize=False``, the gene statistics of the values as given, and size factors 1. ``scale``:
         ``"gene"`` divides every centred gene by its own standard deviation (z-score; scDeepCluster's input);
         ``"global"`` divides every gene by one number, the root mean gene variance, so that the input has unit
-        variance per gene on average while genes keep their relative variances (PCA's weighting).
+        variance per gene on average while genes keep their relative variances (PCA's weighting). With
+        ``standardize_per_batch`` (and batches), the gene means and standard deviations are those of each batch
+        (``n_batches`` × genes; with ``"global"`` one number per batch), and every cell's input is standardised
+        with its own batch's.
         """
         if scale not in ("gene", "global"):
             raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
@@ -216,8 +233,10 @@ class CountData:
             target = float(np.median(lib))
         else:
             lib, target = np.ones(X.shape[0]), 1.0
-        s1 = np.zeros(len(genes))
-        s2 = np.zeros(len(genes))
+        per_batch = bool(standardize_per_batch and n_batches)
+        n_groups = n_batches if per_batch else 1
+        s1 = np.zeros((n_groups, len(genes)))
+        s2 = np.zeros((n_groups, len(genes)))
         for start in range(0, X.shape[0], INFER_BATCH):
             block = sub[start : start + INFER_BATCH]
             factor = target / lib[start : start + INFER_BATCH]
@@ -227,21 +246,31 @@ class CountData:
                     block.data = np.log1p(block.data)
                 else:
                     block = sparse.csr_matrix(block, dtype=np.float64)
-                s1 += np.asarray(block.sum(0)).ravel()
-                s2 += np.asarray(block.multiply(block).sum(0)).ravel()
+                squares = block.multiply(block)
             else:
                 block = np.asarray(block, dtype=np.float64)
                 if normalize:
                     block = np.log1p(block * factor[:, None])
-                s1 += block.sum(0)
-                s2 += (block * block).sum(0)
-        n = X.shape[0]
-        mean = s1 / n
-        var = np.maximum(s2 - n * mean**2, 0.0) / max(n - 1, 1)  # ddof = 1, as scanpy's scale
+                squares = block * block
+            if per_batch:
+                codes = np.asarray(batch_codes[start : start + INFER_BATCH], dtype=np.int64)
+                groups = sparse.csr_matrix(
+                    (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes))
+                )
+                s1 += _dense(groups @ block)
+                s2 += _dense(groups @ squares)
+            else:
+                s1[0] += np.asarray(block.sum(0)).ravel()
+                s2[0] += np.asarray(squares.sum(0)).ravel()
+        n = np.bincount(batch_codes, minlength=n_groups)[:, None] if per_batch else np.array([[X.shape[0]]])
+        mean = s1 / np.maximum(n, 1)
+        var = np.maximum(s2 - n * mean**2, 0.0) / np.maximum(n - 1, 1)  # ddof = 1, as scanpy's scale
         std = np.sqrt(var)
-        if scale == "global":
-            std = np.full_like(std, np.sqrt(var.mean()) or 1.0)
+        if scale == "global":  # one number per batch (or overall): the root mean gene variance
+            std = np.broadcast_to(np.sqrt(var.mean(1, keepdims=True)), var.shape).copy()
         std[std == 0] = 1.0
+        if not per_batch:
+            mean, std = mean[0], std[0]
         return cls(
             X=X,
             genes=np.asarray(genes, dtype=np.int64),

@@ -68,13 +68,22 @@ __all__ = [
 
 
 class ZINBAutoencoder(Autoencoder):
-    """scDeepCluster's network: the ZINB count autoencoder with the batch in encoder and decoder, and centres.
+    """scDeepCluster's network: the ZINB count autoencoder with cluster centres.
 
-    ``centroids`` holds the cluster centres of the clustering stage (empty before it).
+    With ``n_batches`` > 0 the batch one-hot enters the decoder and, with ``batch_encoder`` (the original's
+    batch model), the encoder. ``centroids`` holds the cluster centres of the clustering stage (empty before it).
     """
 
-    def __init__(self, n_genes: int, z_dim: int = 32, hidden: Sequence[int] = (256, 64), n_batches: int = 0):
-        super().__init__(n_genes, z_dim, hidden, n_batches, likelihood="zinb", batch_encoder=True)
+    def __init__(
+        self,
+        n_genes: int,
+        z_dim: int = 32,
+        hidden: Sequence[int] = (256, 64),
+        n_batches: int = 0,
+        *,
+        batch_encoder: bool = False,
+    ):
+        super().__init__(n_genes, z_dim, hidden, n_batches, likelihood="zinb", batch_encoder=batch_encoder)
         self.centroids = nn.Parameter(torch.zeros(0, z_dim))
 
     def set_centroids(self, centroids: torch.Tensor) -> None:

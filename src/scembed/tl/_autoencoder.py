@@ -100,9 +100,12 @@ def autoencoder(
     the embedding. The decoder gives, for every gene, the mean (scaled by the cell's size factor), dispersion and
     dropout probability of a zero-inflated negative binomial (``"zinb"``), the mean and dispersion of a negative
     binomial (``"nb"``), or, for log-normalised data, the reconstruction under a squared error (``"mse"``, input
-    centred and scaled likewise). With ``batch_key`` the one-hot batch is given to the decoder (and, with
-    ``batch_encoder``, to the encoder), so the
-    latent space need not encode the batch. A non-linear alternative to PCA in front of neighbours, UMAP or any
+    centred and scaled likewise). With ``batch_key`` the encoder input is standardised within each batch (every
+    gene centred and scaled with the statistics of the cell's batch) and the one-hot batch is given to the decoder
+    only (and, with ``batch_encoder``, to the encoder too): a batch's shift and scale of each gene never reaches
+    the encoder, so the embedding mixes the batches within a cell type, while the decoder, given the batch,
+    reconstructs each batch's values (as :func:`scembed.tl.scdeepcluster`; it assumes broadly similar mixtures
+    of cell types in the batches). A non-linear alternative to PCA in front of neighbours, UMAP or any
     clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
 
     Training reads mini-batches of rows from the (sparse) matrix, never densifying all of it. A random
@@ -127,7 +130,8 @@ def autoencoder(
     hidden
         Widths of the encoder's hidden layers; the decoder mirrors them.
     batch_encoder
-        Also give the batch one-hot to the encoder (scDeepCluster's batch model does).
+        Also give the batch one-hot to the encoder (the original scDeepCluster's batch model did); it lets the
+        encoder put the batch back into the embedding, so it is off by default.
     noise
         Standard deviation of the Gaussian noise on the scaled encoder input in training (scDeepCluster: 2.5).
     scale
@@ -217,7 +221,7 @@ def autoencoder(
     train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
     if max_epochs is None:
         max_epochs = engine.default_max_epochs(len(train_rows), batch_size)
-    data = CountData.fit(X, genes, codes, len(categories), normalize=counts, scale=scale)
+    data = CountData.fit(X, genes, codes, len(categories), normalize=counts, scale=scale, standardize_per_batch=True)
     get_logger().info(f"autoencoder ({likelihood}): {adata.n_obs} cells × {len(genes)} genes, {dev.type}")
     with seeded_torch(seed, dev) as noise_gen:
         net = engine.Autoencoder(

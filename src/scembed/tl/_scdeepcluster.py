@@ -81,9 +81,17 @@ def scdeepcluster(
     likelihood, cluster centres are initialised in the latent space (KMeans with a given ``n_clusters``; with
     ``n_clusters=0``, Leiden on the latent kNN graph chooses the number), and the network and centres are trained
     jointly on ZINB + ``gamma`` · KL(P‖Q), with Q the Student-t soft assignment and P its sharpened target,
-    recomputed every ``update_interval`` epochs, until fewer than ``tol`` of the labels change. With
-    ``batch_key``, the one-hot batch is given to the encoder and to the decoder. Everything runs in mini-batches
-    (sparse counts are densified one batch at a time); float32; seeded.
+    recomputed every ``update_interval`` epochs, until fewer than ``tol`` of the labels change. Everything runs in
+    mini-batches (sparse counts are densified one batch at a time); float32; seeded.
+
+    With ``batch_key`` the encoder never sees which batch a cell comes from: its input is standardised within
+    each batch (every gene's log expression centred and scaled with the mean and standard deviation of the cell's
+    batch), and the batch one-hot enters the decoder only, which reconstructs each batch's counts. A batch's
+    shift and scale of each gene (the location/scale batch effect that ComBat models) thus never reaches the
+    latent space, so the clusters are cell types rather than type × batch; like any such correction it assumes
+    that the batches hold broadly similar mixtures of cell types. (The original's batch model gives the one-hot
+    to the encoder as well and standardises over all cells: nothing keeps the batch out of its latent space,
+    and its clusters split every type by batch.)
 
     Names differ from the original's where scembed's vocabulary is shared by all tools: ``max_epochs`` is
     ``(pretrain_epochs, maxiter)``, ``noise`` is ``sigma``, ``n_latent`` is ``z_dim``, ``hidden`` is the
@@ -98,8 +106,9 @@ def scdeepcluster(
     layer
         Layer with the raw counts (default ``X``).
     batch_key
-        Column of ``adata.obs`` with the batch of every cell (batch-aware model); ``None`` for one batch. Its
-        labels must be of one type (a column mixing ``1`` and ``"1"`` is refused rather than merged).
+        Column of ``adata.obs`` with the batch of every cell (batch-aware model: input standardised per batch,
+        batch one-hot in the decoder); ``None`` for one batch. Its labels must be of one type (a column mixing
+        ``1`` and ``"1"`` is refused rather than merged).
     n_top_genes
         Use only this many genes, chosen for their excess of zeros given their mean expression (Kobak & Berens
         2019, as the original's ``geneSelection``); ``None`` (default) uses every gene with counts.
@@ -189,7 +198,7 @@ def scdeepcluster(
     params["n_top_genes"] = -1 if o["n_top_genes"] is None else o["n_top_genes"]
     params["hidden"], params["max_epochs"] = list(o["hidden"]), list(o["max_epochs"])
 
-    data = engine.CountData.fit(X, genes, codes, len(categories))
+    data = engine.CountData.fit(X, genes, codes, len(categories), standardize_per_batch=True)
     net, fit = _fit(data, len(genes), len(categories), o, dev, seed, show_progress)
     adata = copy_adata(adata) if copy else adata
     record = {"params": params, "n_clusters_method": "given" if o["n_clusters"] else "leiden", "device": str(dev)}

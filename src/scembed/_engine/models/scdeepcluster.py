@@ -34,7 +34,8 @@ class ScDeepClusterModel(Model):
     target_sum
         Library size the counts are normalised to.
     gene_mean, gene_std
-        Statistics of the normalised log counts of the used genes (the encoder's z-score).
+        Statistics of the normalised log counts of the used genes (the encoder's z-score): one per gene, or, for a
+        batch-aware model, one per batch and gene (each cell standardised with its batch's).
     layer
         Layer of the training counts (``None``: ``X``), the default of :meth:`predict`.
     batch_key
@@ -71,7 +72,9 @@ class ScDeepClusterModel(Model):
         n_used = len(self.genes)
         if self.genes.ndim != 1 or (n_used and not 0 <= self.genes.min() <= self.genes.max() < len(self.var_names)):
             raise ValueError(f"`genes` must index the {len(self.var_names)} var_names.")
-        if self.gene_mean.shape != (n_used,) or self.gene_std.shape != (n_used,) or net.n_genes != n_used:
+        # gene statistics: one row, or one per batch (the input standardised within each batch)
+        shapes = {(n_used,), (net.n_batches, n_used)} if net.n_batches else {(n_used,)}
+        if self.gene_mean.shape not in shapes or self.gene_std.shape != self.gene_mean.shape or net.n_genes != n_used:
             raise ValueError(f"the network and the gene statistics must cover the {n_used} genes used.")
         if net.n_batches != (len(self.batch_categories) if batch_key is not None else 0):
             raise ValueError("the network's number of batches differs from `batch_categories`.")
@@ -103,6 +106,7 @@ class ScDeepClusterModel(Model):
             "n_latent": self.n_latent,
             "hidden": list(self.net.hidden),
             "n_batches": self.net.n_batches,
+            "batch_encoder": bool(self.net.batch_encoder),
             "n_clusters": self.n_clusters,
             "target_sum": self.target_sum,
             "layer": self.layer,
@@ -121,6 +125,7 @@ class ScDeepClusterModel(Model):
             int(config["n_latent"]),
             [int(h) for h in config["hidden"]],
             int(config["n_batches"]),
+            batch_encoder=bool(config.get("batch_encoder", True)),  # models saved before it was an option: True
         )
         net.set_centroids(torch.zeros(int(config["n_clusters"]), int(config["n_latent"])))
         return cls(
