@@ -284,23 +284,6 @@ def test_no_lowering_line_when_the_perplexity_fits(tmp_path, capsys) -> None:
     assert code == 0 and "perplexity lowered" not in stdout
 
 
-def test_renamed_options_reach_functions_under_either_name() -> None:
-    """--max-epochs/--batch-size reach a function under the new names, or the old ones it still takes."""
-    seen = {}
-
-    def old(adata, *, maxit=500, N_small=None, perplexity=30.0):
-        seen.update(maxit=maxit, N_small=N_small, perplexity=perplexity)
-
-    def new(adata, *, max_epochs=500, batch_size=None, perplexity=30.0):
-        seen.update(max_epochs=max_epochs, batch_size=batch_size, perplexity=perplexity)
-
-    cli._call_method(old, None, max_epochs=7, batch_size=16, perplexity=3.0)
-    assert seen == {"maxit": 7, "N_small": 16, "perplexity": 3.0}
-    seen.clear()
-    cli._call_method(new, None, max_epochs=7, batch_size=16, perplexity=3.0)
-    assert seen == {"max_epochs": 7, "batch_size": 16, "perplexity": 3.0}
-
-
 # ---------------------------------------------------------------------------------------------- help
 def test_help_documents_every_option(capsys) -> None:
     code, text, _ = _run(capsys, "embed", "--help")

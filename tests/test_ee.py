@@ -276,8 +276,9 @@ def test_sparse_and_dense_input_agree():
 
 
 def test_h5ad_round_trip_and_key_added(emb, tmp_path):
-    out = se.tl.ee(emb, key_added="X_ee2", repulsion="uniform", solver="cg", copy=True, maxiter=5)
+    out = se.tl.ee(emb, key_added="ee2", repulsion="uniform", solver="cg", copy=True, maxiter=5)
     assert "X_ee2" in out.obsm and "ee2" in out.uns
+    np.testing.assert_array_equal(out.uns["ee2"]["history"]["objective"], out.uns["ee2"]["objective"])
     path = tmp_path / "ee.h5ad"
     out.write_h5ad(path)
     back = ad.read_h5ad(path)
@@ -302,7 +303,9 @@ def test_h5ad_round_trip_and_key_added(emb, tmp_path):
         ({"init": np.zeros((5, 2))}, ValueError, "init"),
         ({"init": 3}, TypeError, "init"),
         ({"key_added": ""}, TypeError, "key_added"),
+        ({"key_added": "X_ee"}, ValueError, "without the 'X_' prefix"),
         ({"device": "tpu"}, ValueError, "device"),
+        ({"n_components": 200}, ValueError, "n_components=200.*init='spectral'"),
     ],
 )
 def test_bad_parameters_raise_before_work(emb, kwargs, error, match):
@@ -352,3 +355,31 @@ def test_ee_on_cuda_matches_cpu(emb):
 def test_cg_solver_on_cuda(emb):
     out = se.tl.ee(emb, device="cuda", solver="cg", copy=True, maxiter=20)
     assert out.uns["ee"]["solver"] == "cg" and np.all(np.diff(out.uns["ee"]["objective"]) <= 0)
+
+
+def test_spectral_init_never_returns_fewer_columns():
+    small = se.datasets.simulate_embedding(n_cells=12, n_dims=4, random_state=0)
+    with pytest.raises(ValueError, match=r"n_components=12.*at most n_obs - 1 = 11"):
+        se.tl.ee(small, n_components=12, perplexity=3.0)
+    assert "X_ee" not in small.obsm
+    out = se.tl.ee(small, n_components=11, perplexity=3.0, maxiter=3, copy=True)  # n - 1: every eigenvector
+    assert out.obsm["X_ee"].shape == (12, 11)
+    out = se.tl.ee(small, n_components=12, init="random", perplexity=3.0, maxiter=3, copy=True)
+    assert out.obsm["X_ee"].shape == (12, 12)
+    with pytest.raises(ValueError, match="at most n - 1"):
+        spectral_init(out.obsp["affinity"], 12)
+
+
+def test_computed_affinities_are_pp_affinity(emb):
+    a = emb.copy()
+    del a.obsp["affinity"], a.uns["affinity"]
+    se.tl.ee(a, perplexity=10.0, maxiter=2, show_progress=False)
+    b = se.pp.affinity(a, perplexity=10.0, copy=True)
+    assert (a.obsp["affinity"] != b.obsp["affinity"]).nnz == 0
+
+
+def test_show_progress(emb, capfd):
+    se.tl.ee(emb, maxiter=2, copy=True, show_progress=True)
+    assert "EE" in capfd.readouterr().err
+    se.tl.ee(emb, maxiter=2, copy=True, show_progress=False)
+    assert capfd.readouterr().err == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -17,11 +19,9 @@ from scembed._engine.nn import mlp
 
 FAST = dict(
     use_hvg=False,
-    stage1_epochs=4,
-    stage2_epochs=4,
-    stage1_batch_size=32,
-    stage2_batch_size=64,
-    latent_dim=16,
+    max_epochs=4,
+    batch_size=(32, 64),
+    n_latent=16,
     n_sample=200,
 )
 
@@ -56,7 +56,10 @@ def _lisi(Z, labels, k=30):
 # ---------------------------------------------------------------- engine pieces against independent references
 def test_stage1_losses_decrease(run):
     hist = run[1].uns["imap"]["stage1"]
-    assert len(hist["loss"]) == FAST["stage1_epochs"]
+    assert len(hist["loss"]) == FAST["max_epochs"]
+    declared = run[1].uns["imap"]["history"]
+    np.testing.assert_array_equal(declared["stage1_loss"], hist["loss"])
+    assert declared["stage2_critic"].shape[1] == FAST["max_epochs"]
     assert hist["loss"][-1] < hist["loss"][0]
     assert hist["recon"][-1] < hist["recon"][0]
 
@@ -201,7 +204,7 @@ def test_row_source_sparse_equals_dense():
 def test_outputs_in_input_order(run):
     a, b, model = run
     X = a.X.toarray()
-    assert b.obsm["X_imap"].shape == (a.n_obs, FAST["latent_dim"])
+    assert b.obsm["X_imap"].shape == (a.n_obs, FAST["n_latent"])
     assert b.obsm["X_imap"].dtype == np.float32
     np.testing.assert_allclose(model.encode(a.X), b.obsm["X_imap"], rtol=1e-5, atol=1e-5)
     L = b.layers["imap"].toarray()
@@ -222,7 +225,7 @@ def test_caller_unchanged_and_copy_false(run):
     assert "imap" not in a.layers and "X_imap" not in a.obsm and "imap_used" not in a.var
     c = _data()
     X0, var0, obs0 = c.X.copy(), c.var.copy(), c.obs_names.copy()
-    assert se.tl.imap_integrate(c, **{**FAST, "stage1_epochs": 1, "stage2_epochs": 1}) is None
+    assert se.tl.imap_integrate(c, **{**FAST, "max_epochs": 1}) is None
     assert (c.X != X0).nnz == 0
     assert list(c.obs_names) == list(obs0)
     assert c.var.drop(columns="imap_used").equals(var0)
@@ -233,7 +236,7 @@ def test_sparse_and_dense_same_result():
     a = _data(n_cells=120, n_genes=40)
     d = a.copy()
     d.X = d.X.toarray()
-    kw = {**FAST, "stage1_epochs": 2, "stage2_epochs": 2}
+    kw = {**FAST, "max_epochs": 2}
     rs = se.tl.imap_integrate(a, copy=True, **kw)
     rd = se.tl.imap_integrate(d, copy=True, **kw)
     np.testing.assert_array_equal(rs.obsm["X_imap"], rd.obsm["X_imap"])
@@ -249,7 +252,7 @@ def test_integer_labels_hvg_order_incremental_and_h5ad(tmp_path):
     a.obs["b"] = a.obs["batch"].cat.codes.astype(int)  # integer labels
     a.var["keep"] = 1
     var0 = a.var.copy()
-    kw = {**FAST, "use_hvg": True, "n_top_genes": 30, "stage1_epochs": 1, "stage2_epochs": 1}
+    kw = {**FAST, "use_hvg": True, "n_top_genes": 30, "max_epochs": 1}
     b = se.tl.imap_integrate(a, "b", order=[2, 0, 1], incremental=True, copy=True, **kw)
     assert b.uns["imap"]["order"] == ["2", "0", "1"]
     assert b.var["imap_used"].sum() == 30
@@ -271,7 +274,7 @@ def test_small_batch_warns_and_works(caplog):
     small = np.flatnonzero(a.obs["batch"] == "batch1")[:6]
     keep = np.r_[np.flatnonzero(a.obs["batch"] == "batch0"), small]
     a = a[keep].copy()
-    b = se.tl.imap_integrate(a, copy=True, **{**FAST, "stage1_epochs": 1, "stage2_epochs": 1})
+    b = se.tl.imap_integrate(a, copy=True, **{**FAST, "max_epochs": 1})
     assert b.uns["imap"]["params"]["k_within"] == 5
     assert any("lowered" in r.getMessage() for r in caplog.records)
 
@@ -290,8 +293,23 @@ def test_errors_before_any_work():
         se.tl.imap_integrate(a, order=["batch0", "zzz"])
     with pytest.raises(ValueError, match="metric"):
         se.tl.imap_integrate(a, metric="manhattan")
-    with pytest.raises(ValueError, match="stage1_epochs"):
-        se.tl.imap_integrate(a, stage1_epochs=-1)
+    with pytest.raises(ValueError, match=r"`max_epochs` \(stage I stage\) must be ≥ 0"):
+        se.tl.imap_integrate(a, max_epochs=(-1, 3))
+    with pytest.raises(TypeError, match=r"`batch_size` must be an int or a pair \(stage I, stage II\)"):
+        se.tl.imap_integrate(a, batch_size=(32, 64, 128))
+    with pytest.raises(ValueError, match=r"`batch_size` \(stage II stage\) must be ≥ 2"):
+        se.tl.imap_integrate(a, batch_size=(32, 1))
+    with pytest.raises(ValueError, match="without the 'X_' prefix"):
+        se.tl.imap_integrate(a, key_added="X_imap")
+    for old, new in [
+        ("stage1_epochs", "max_epochs[0]"),
+        ("stage2_epochs", "max_epochs[1]"),
+        ("stage1_batch_size", "batch_size[0]"),
+        ("stage2_batch_size", "batch_size[1]"),
+        ("latent_dim", "n_latent"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(f"`{old}` was renamed `{new}`")):
+            se.tl.imap_integrate(a, **{old: 3})
     a.obs.loc[a.obs_names[0], "one"] = np.nan
     with pytest.raises(ValueError, match="missing"):
         se.tl.imap_integrate(a, "one")
@@ -301,9 +319,7 @@ def test_errors_before_any_work():
 
 def test_batch_mixing_rises_and_celltypes_kept():
     a = _data(n_cells=400, n_genes=60, batch_scale=0.6, seed=5)
-    b = se.tl.imap_integrate(
-        a, copy=True, **{**FAST, "stage1_epochs": 8, "stage2_epochs": 15, "n_critic": 2, "stage2_batch_size": 128}
-    )
+    b = se.tl.imap_integrate(a, copy=True, **{**FAST, "max_epochs": (8, 15), "n_critic": 2, "batch_size": (32, 128)})
     pcs0 = PCA(10, random_state=0).fit_transform(a.X.toarray())
     pcs1 = PCA(10, random_state=0).fit_transform(b.layers["imap"].toarray())
     ilisi0, ilisi1 = _lisi(pcs0, a.obs["batch"]), _lisi(pcs1, a.obs["batch"])
@@ -319,3 +335,16 @@ def test_gpu_runs_and_is_seeded():
     r2 = se.tl.imap_integrate(a, copy=True, device="cuda", **FAST)
     assert r1.uns["imap"]["params"]["device"].startswith("cuda")
     np.testing.assert_array_equal(r1.obsm["X_imap"], r2.obsm["X_imap"])
+
+
+def test_no_stage_two_writes_no_corrected_layer(capfd):
+    a = _data(n_cells=120, n_genes=30)
+    kw = {**FAST, "max_epochs": (2, 0)}
+    b, model = se.tl.imap_integrate(a, copy=True, return_model=True, show_progress=True, **kw)
+    err = capfd.readouterr().err
+    assert "iMAP stage I" in err and "stage II" not in err
+    assert "X_imap" in b.obsm and "imap" not in b.layers and "imap_used" not in b.var
+    assert b.uns["imap"]["params"]["max_epochs"] == [2, 0] and model.generators == {}
+    assert b.uns["imap"]["stage2"]["critic"].shape[1] == 0
+    se.tl.imap_integrate(a, copy=True, show_progress=False, **{**FAST, "max_epochs": 1})
+    assert "iMAP" not in capfd.readouterr().err

@@ -13,9 +13,10 @@ from torch.utils._pytree import tree_flatten
 
 import scembed as se
 from scembed._engine.ee_objective import EEObjective
-from scembed._engine.neuralee import NeuralEEModel, affinity_graph, batch_repulsion, build_network, fit_neuralee
+from scembed._engine.neuralee import NeuralEEModel, batch_repulsion, build_network, fit_neuralee
+from scembed.pp._affinity import compute_affinities
 
-FAST = dict(maxit=40, perplexity=10.0)
+FAST = dict(max_epochs=40, perplexity=10.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,10 +65,10 @@ def test_network_is_the_original_architecture():
 
 # ------------------------------------------------------------------ training behaviour
 def test_full_batch_loss_decreases_and_separates_types(emb):
-    se.tl.neuralee(emb, N_small=1.0, **FAST)
+    se.tl.neuralee(emb, batch_size=1.0, **FAST)
     info = emb.uns["neuralee"]
     assert info["mode"] == "full"
-    loss = np.asarray(info["loss"])
+    loss = np.asarray(info["history"]["loss"])
     assert np.isfinite(loss).all() and loss[-1] < 0.7 * loss[0]
     Y = emb.obsm["X_neuralee"]
     assert Y.shape == (400, 2) and Y.dtype == np.float32
@@ -80,12 +81,12 @@ def test_full_batch_loss_decreases_and_separates_types(emb):
 def test_full_batch_objective_is_the_ee_objective(emb):
     """The recorded loss is E(f(X)) on the affinity graph, computed independently here."""
     se.pp.affinity(emb, perplexity=10.0)
-    model = se.tl.neuralee(emb, N_small=1.0, return_model=True, **FAST)
+    model = se.tl.neuralee(emb, batch_size=1.0, return_model=True, **FAST)
     Y = torch.as_tensor(model.transform(emb))
     obj = EEObjective(emb.obsp["affinity"], lam=1.0, X=emb.obsm["X_pca"])
     e_final = obj.value(Y)
     # the kept weights are those of the best recorded epoch (up to the BatchNorm recalibration)
-    assert e_final == pytest.approx(min(emb.uns["neuralee"]["loss"]), rel=0.05)
+    assert e_final == pytest.approx(min(emb.uns["neuralee"]["history"]["loss"]), rel=0.05)
     # far below the objective of the untrained network
     with torch.no_grad():
         Y0 = build_network(10, 2).eval()(torch.as_tensor(emb.obsm["X_pca"]))
@@ -98,7 +99,7 @@ def test_objective_comparable_to_tl_ee(emb):
         pytest.skip("se.tl.ee is not available yet")
     se.pp.affinity(emb, perplexity=10.0)
     ee(emb)
-    se.tl.neuralee(emb, N_small=1.0, maxit=150, perplexity=10.0, patience=None)
+    se.tl.neuralee(emb, batch_size=1.0, max_epochs=150, perplexity=10.0, patience=None)
     obj = EEObjective(emb.obsp["affinity"], lam=1.0, X=emb.obsm["X_pca"])
     e_ee = obj.value(torch.as_tensor(emb.obsm["X_ee"]))
     e_nee = obj.value(torch.as_tensor(emb.obsm["X_neuralee"]))
@@ -109,43 +110,45 @@ def test_objective_comparable_to_tl_ee(emb):
 
 @pytest.mark.parametrize("mode", ["graph", "batch"])
 def test_minibatch_modes_train(emb, mode):
-    se.tl.neuralee(emb, N_small=100, batch_affinity=mode, maxit=15, perplexity=10.0)
+    se.tl.neuralee(emb, batch_size=100, batch_affinity=mode, max_epochs=15, perplexity=10.0)
     info = emb.uns["neuralee"]
-    assert info["mode"] == mode and info["params"]["N_small"] == 100
-    loss = np.asarray(info["loss"])
+    assert info["mode"] == mode and info["params"]["batch_size"] == 100
+    loss = np.asarray(info["history"]["loss"])
     assert np.isfinite(loss).all() and loss[-3:].mean() < loss[0]
     assert knn_acc(emb.obsm["X_neuralee"], emb.obs["celltype"].to_numpy()) > 0.85
 
 
 def test_subsample_recipe(emb):
-    se.tl.neuralee(emb, N_small=100, n_subsample=200, refine_epochs=3, maxit=10, perplexity=10.0, patience=None)
+    se.tl.neuralee(
+        emb, batch_size=100, n_subsample=200, refine_max_epochs=3, max_epochs=10, perplexity=10.0, patience=None
+    )
     info = emb.uns["neuralee"]
     assert info["phase"].count(0) == 10 and info["phase"].count(1) == 3
     assert knn_acc(emb.obsm["X_neuralee"], emb.obs["celltype"].to_numpy()) > 0.85
 
 
 def test_fraction_N_small_and_exaggeration(emb):
-    se.tl.neuralee(emb, N_small=0.5, early_exaggeration=4.0, exaggeration_epochs=3, maxit=8, perplexity=10.0)
+    se.tl.neuralee(emb, batch_size=0.5, early_exaggeration=4.0, exaggeration_epochs=3, max_epochs=8, perplexity=10.0)
     info = emb.uns["neuralee"]
-    assert info["params"]["N_small"] == 200 and len(info["loss"]) == len(info["phase"]) <= 8
+    assert info["params"]["batch_size"] == 200 and len(info["history"]["loss"]) == len(info["phase"]) <= 8
 
 
 def test_same_seed_same_result(emb):
     se.pp.affinity(emb, perplexity=10.0)
-    a = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True)
-    b = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True)
-    c = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True, random_state=1)
+    a = se.tl.neuralee(emb, batch_size=100, max_epochs=3, perplexity=10.0, copy=True)
+    b = se.tl.neuralee(emb, batch_size=100, max_epochs=3, perplexity=10.0, copy=True)
+    c = se.tl.neuralee(emb, batch_size=100, max_epochs=3, perplexity=10.0, copy=True, random_state=1)
     np.testing.assert_array_equal(a.obsm["X_neuralee"], b.obsm["X_neuralee"])
     assert not np.allclose(a.obsm["X_neuralee"], c.obsm["X_neuralee"])
     # the caller's global RNG is untouched
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    se.tl.neuralee(emb, N_small=100, maxit=1, perplexity=10.0, copy=True)
+    se.tl.neuralee(emb, batch_size=100, max_epochs=1, perplexity=10.0, copy=True)
     assert torch.equal(torch.rand(3), expected)
 
 
-# ------------------------------------------------------------------ memory: nothing grows like N · N_small
+# ------------------------------------------------------------------ memory: nothing grows like N · batch_size
 class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -164,7 +167,7 @@ def test_minibatch_memory_does_not_grow_with_n_times_batch(mode):
     B, D, largest, shapes = 150, 4, {}, {}
     for n in (1500, 3000):
         X = se.datasets.simulate_embedding(n, D, random_state=0).X
-        P = affinity_graph(X, 5.0, device=torch.device("cpu"))  # the global graph: N·k, built before training
+        P, _ = compute_affinities(X, 5.0, device=torch.device("cpu"))  # the global graph: N·k, built before training
         seen: list = []
         with LargestTensor() as probe:
             fit_neuralee(
@@ -173,7 +176,7 @@ def test_minibatch_memory_does_not_grow_with_n_times_batch(mode):
                 perplexity=5.0,
                 batch_size=B,
                 batch_affinity=mode,
-                maxit=1,
+                max_epochs=1,
                 show_progress=False,
                 on_shape=lambda name, shape, seen=seen: seen.append((name, shape)),
             )
@@ -189,7 +192,7 @@ def test_minibatch_memory_does_not_grow_with_n_times_batch(mode):
 
 # ------------------------------------------------------------------ model: transform, save/load, features
 def test_transform_reproduces_embedding_and_save_load(emb, tmp_path):
-    model = se.tl.neuralee(emb, N_small=100, maxit=5, perplexity=10.0, return_model=True)
+    model = se.tl.neuralee(emb, batch_size=100, max_epochs=5, perplexity=10.0, return_model=True)
     assert isinstance(model, NeuralEEModel) and model.metadata["input"] == "obsm:X_pca"
     np.testing.assert_allclose(model.transform(emb), emb.obsm["X_neuralee"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.transform(emb.obsm["X_pca"]), emb.obsm["X_neuralee"], rtol=1e-5, atol=1e-5)
@@ -204,7 +207,7 @@ def test_transform_reproduces_embedding_and_save_load(emb, tmp_path):
 
 def test_pca_on_the_fly_sparse_input_and_new_cells(counts, tmp_path):
     assert sparse.issparse(counts.X) and "X_pca" not in counts.obsm
-    model = se.tl.neuralee(counts, N_small=1.0, return_model=True, **FAST)
+    model = se.tl.neuralee(counts, batch_size=1.0, return_model=True, **FAST)
     assert model.metadata["input"] == "pca" and "X_pca" not in counts.obsm
     np.testing.assert_allclose(model.transform(counts), counts.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
     dense = counts.copy()
@@ -222,7 +225,7 @@ def test_pca_on_the_fly_sparse_input_and_new_cells(counts, tmp_path):
 
 def test_scanpy_pca_loadings_project_new_cells(counts):
     sc.pp.pca(counts, n_comps=10)
-    model = se.tl.neuralee(counts, N_small=1.0, maxit=5, perplexity=10.0, return_model=True)
+    model = se.tl.neuralee(counts, batch_size=1.0, max_epochs=5, perplexity=10.0, return_model=True)
     assert model.loadings is not None
     stripped = counts.copy()
     del stripped.obsm["X_pca"]
@@ -230,7 +233,7 @@ def test_scanpy_pca_loadings_project_new_cells(counts):
 
 
 def test_transform_refuses_mismatched_features(counts):
-    model = se.tl.neuralee(counts, N_small=1.0, maxit=3, perplexity=10.0, return_model=True)
+    model = se.tl.neuralee(counts, batch_size=1.0, max_epochs=3, perplexity=10.0, return_model=True)
     other = counts[:, ::-1].copy()
     with pytest.raises(ValueError, match="features"):
         model.transform(other)
@@ -254,36 +257,42 @@ def test_load_refuses_other_files(tmp_path):
 # ------------------------------------------------------------------ AnnData conventions
 def test_copy_and_h5ad_round_trip(emb, tmp_path):
     before = emb.copy()
-    out = se.tl.neuralee(emb, N_small=100, maxit=3, perplexity=10.0, copy=True)
+    out = se.tl.neuralee(emb, batch_size=100, max_epochs=3, perplexity=10.0, copy=True)
     assert isinstance(out, ad.AnnData) and "X_neuralee" not in emb.obsm and "neuralee" not in emb.uns
     assert set(emb.obsm) == set(before.obsm)
     out.write_h5ad(tmp_path / "o.h5ad")
     back = ad.read_h5ad(tmp_path / "o.h5ad")
     np.testing.assert_array_equal(back.obsm["X_neuralee"], out.obsm["X_neuralee"])
     assert back.uns["neuralee"]["params"]["lam"] == 1.0
-    np.testing.assert_allclose(back.uns["neuralee"]["loss"], out.uns["neuralee"]["loss"])
-    res = se.tl.neuralee(emb, N_small=100, maxit=2, perplexity=10.0, key_added="X_nee2", copy=True, return_model=True)
+    np.testing.assert_allclose(back.uns["neuralee"]["history"]["loss"], out.uns["neuralee"]["history"]["loss"])
+    res = se.tl.neuralee(
+        emb, batch_size=100, max_epochs=2, perplexity=10.0, key_added="nee2", copy=True, return_model=True
+    )
     assert isinstance(res, tuple) and "X_nee2" in res[0].obsm and "nee2" in res[0].uns
 
 
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        (dict(N_small=0), ValueError, "N_small"),
-        (dict(N_small=1.5), ValueError, "N_small"),
-        (dict(N_small=-0.2), ValueError, "N_small"),
-        (dict(N_small=0.001), ValueError, "N_small"),
-        (dict(N_small="all"), TypeError, "N_small"),
-        (dict(N_small=True), TypeError, "N_small"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(batch_size=1.5), ValueError, "batch_size"),
+        (dict(batch_size=-0.2), ValueError, "batch_size"),
+        (dict(batch_size=0.001), ValueError, "batch_size"),
+        (dict(batch_size="all"), TypeError, "batch_size"),
+        (dict(batch_size=True), TypeError, "batch_size"),
         (dict(lam=0), ValueError, "lam"),
         (dict(perplexity=1000), ValueError, "perplexity"),
-        (dict(maxit=0), ValueError, "maxit"),
+        (dict(max_epochs=0), ValueError, "max_epochs"),
         (dict(repulsion="foo"), ValueError, "repulsion"),
         (dict(batch_affinity="foo"), ValueError, "batch_affinity"),
-        (dict(n_subsample=10, N_small=100), ValueError, "n_subsample"),
+        (dict(n_subsample=10, batch_size=100), ValueError, "n_subsample"),
         (dict(use_rep="nope"), KeyError, "use_rep"),
         (dict(device="cuda:99"), ValueError, "device"),
         (dict(n_components=0), ValueError, "n_components"),
+        (dict(key_added="X_neuralee"), ValueError, "without the 'X_' prefix"),
+        (dict(maxit=5), TypeError, "`maxit` was renamed `max_epochs`"),
+        (dict(N_small=5), TypeError, "`N_small` was renamed `batch_size`"),
+        (dict(refine_epochs=5), TypeError, "`refine_epochs` was renamed `refine_max_epochs`"),
     ],
 )
 def test_bad_arguments_raise_before_work(emb, kwargs, exc, match):
@@ -296,21 +305,50 @@ def test_bad_arguments_raise_before_work(emb, kwargs, exc, match):
 def test_nan_input_raises(emb):
     emb.obsm["X_pca"][3, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        se.tl.neuralee(emb, maxit=2)
+        se.tl.neuralee(emb, max_epochs=2)
     assert "X_neuralee" not in emb.obsm
 
 
 def test_engine_without_anndata():
     X = se.datasets.simulate_embedding(300, 6, random_state=0).X
-    _, info = fit_neuralee(X, perplexity=8.0, batch_size=None, maxit=3, show_progress=False)
+    affinities = lambda rep: compute_affinities(rep, 8.0, device="cpu")[0]  # noqa: E731
+    _, info = fit_neuralee(X, perplexity=8.0, affinities=affinities, batch_size=None, max_epochs=3, show_progress=False)
     assert info["mode"] == "full" and len(info["history"]["loss"]) == 3
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N_small", [1.0, 200])
-def test_gpu(emb, N_small):
-    model = se.tl.neuralee(emb, N_small=N_small, device="cuda", maxit=20, perplexity=10.0, return_model=True)
+@pytest.mark.parametrize("batch_size", [1.0, 200])
+def test_gpu(emb, batch_size):
+    model = se.tl.neuralee(emb, batch_size=batch_size, device="cuda", max_epochs=20, perplexity=10.0, return_model=True)
     np.testing.assert_allclose(model.transform(emb), emb.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
-    a = se.tl.neuralee(emb, N_small=N_small, device="cuda", maxit=5, perplexity=10.0, copy=True)
-    b = se.tl.neuralee(emb, N_small=N_small, device="cuda", maxit=5, perplexity=10.0, copy=True)
+    a = se.tl.neuralee(emb, batch_size=batch_size, device="cuda", max_epochs=5, perplexity=10.0, copy=True)
+    b = se.tl.neuralee(emb, batch_size=batch_size, device="cuda", max_epochs=5, perplexity=10.0, copy=True)
     np.testing.assert_allclose(a.obsm["X_neuralee"], b.obsm["X_neuralee"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [(lambda P: -P, "negative"), (lambda P: P * 0, "all zero"), (lambda P: P.multiply(np.nan).tocsr(), "NaN")],
+)
+def test_bad_stored_affinities_raise_before_training(emb, make, match):
+    se.pp.affinity(emb, perplexity=10.0, key_added="aff")
+    emb.obsp["aff"] = make(emb.obsp["aff"].tocsr())
+    before = set(emb.obsm)
+    for mode in (1.0, 100):  # full batch and mini-batches on the graph
+        with pytest.raises(ValueError, match=r"adata\.obsp\['aff'\].*" + match):
+            se.tl.neuralee(emb, affinity_key="aff", batch_size=mode, max_epochs=2, perplexity=10.0)
+    assert set(emb.obsm) == before
+
+
+def test_same_affinities_as_pp_affinity(emb):
+    """The graph neuralee computes when it is absent is the one pp.affinity computes on the same input."""
+    a = se.tl.neuralee(emb, batch_size=1.0, max_epochs=2, perplexity=10.0, copy=True)
+    b = se.pp.affinity(emb, perplexity=10.0, use_rep="X_pca", copy=True)
+    assert (a.obsp["affinity"] != b.obsp["affinity"]).nnz == 0
+
+
+def test_show_progress(emb, capfd):
+    se.tl.neuralee(emb, batch_size=1.0, max_epochs=2, perplexity=10.0, copy=True, show_progress=True)
+    assert "NeuralEE" in capfd.readouterr().err
+    se.tl.neuralee(emb, batch_size=1.0, max_epochs=2, perplexity=10.0, copy=True, show_progress=False)
+    assert "NeuralEE" not in capfd.readouterr().err

@@ -95,3 +95,99 @@ def test_public_classes_are_documented(name: str, cls) -> None:
     for attr, member in vars(cls).items():
         if not attr.startswith("_") and callable(member):
             assert inspect.getdoc(member), f"{name}.{attr} has no docstring"
+
+
+# ---------------------------------------------------------------------------------------------- the vocabulary
+#: the one name of each concept, and the synonyms it replaced (or that other packages use) — banned everywhere
+VOCABULARY = {
+    "max_epochs": ("maxit", "pretrain_epochs", "stage1_epochs", "stage2_epochs", "n_epochs", "epochs"),
+    "refine_max_epochs": ("refine_epochs",),
+    "batch_size": ("N_small", "stage1_batch_size", "stage2_batch_size"),
+    "n_latent": ("z_dim", "latent_dim"),
+    "hidden": ("encoder",),
+    "noise": ("sigma",),
+    "n_neighbors": ("knn",),
+    "n_top_genes": ("select_genes",),
+    "show_progress": ("verbose",),
+    "random_state": ("seed",),
+    "n_jobs": ("n_threads", "num_workers"),
+}
+BANNED = {old: new for new, olds in VOCABULARY.items() for old in olds}
+#: the trailing keywords, in this order, after every other option
+TRAILING = ("n_jobs", "device", "random_state", "show_progress", "key_added", "return_model", "copy")
+#: functions that train (a network or an optimiser): each takes ``show_progress``
+TRAINERS = ("tl.ee", "tl.neuralee", "tl.scdeepcluster", "tl.imap_integrate")
+
+
+def _public_methods():
+    for cname, cls in PUBLIC_CLASSES:
+        for attr in dir(cls):
+            member = getattr(cls, attr)
+            if not attr.startswith("_") and callable(member):
+                yield f"{cname}.{attr}", member
+
+
+PUBLIC_CALLABLES = ALL_FUNCTIONS + list(_public_methods())
+
+
+@pytest.mark.parametrize(("name", "func"), PUBLIC_CALLABLES, ids=[n for n, _ in PUBLIC_CALLABLES])
+def test_no_banned_synonyms(name: str, func) -> None:
+    for p in inspect.signature(func).parameters:
+        assert p not in BANNED, f"{name}: `{p}` is spelled `{BANNED[p]}` in scembed"
+
+
+@pytest.mark.parametrize(("name", "func"), DATA_FUNCTIONS, ids=[n for n, _ in DATA_FUNCTIONS])
+def test_old_names_raise_naming_the_new_one(name: str, func) -> None:
+    renamed = getattr(func, "__renamed_parameters__", {})
+    params = inspect.signature(func).parameters
+    for old, new in renamed.items():
+        assert old not in params and new.split("[")[0] in params, (name, old, new)
+        with pytest.raises(TypeError, match=re.escape(f"`{old}` was renamed `{new}`")):
+            func(None, **{old: 1})
+
+
+@pytest.mark.parametrize(("name", "func"), DATA_FUNCTIONS, ids=[n for n, _ in DATA_FUNCTIONS])
+def test_trailing_keyword_order(name: str, func) -> None:
+    params = list(inspect.signature(func).parameters)
+    present = [p for p in TRAILING if p in params]
+    assert params[-len(present) :] == present, f"{name}: must end with {present}, got {params[-len(present) :]}"
+
+
+def test_every_trainer_has_show_progress() -> None:
+    funcs = dict(DATA_FUNCTIONS)
+    for name in TRAINERS:
+        p = inspect.signature(funcs[name]).parameters["show_progress"]
+        assert p.default is None and p.kind is p.KEYWORD_ONLY, name
+    for name, func in DATA_FUNCTIONS:  # anything with a training length trains
+        params = inspect.signature(func).parameters
+        if "max_epochs" in params or "maxiter" in params:
+            assert "show_progress" in params, name
+
+
+@pytest.mark.parametrize(("name", "func"), DATA_FUNCTIONS, ids=[n for n, _ in DATA_FUNCTIONS])
+def test_key_added_is_a_base_name(name: str, func) -> None:
+    default = inspect.signature(func).parameters["key_added"].default
+    assert not default.startswith("X_"), f"{name}: key_added defaults to a base name, got {default!r}"
+    source = inspect.getsource(inspect.unwrap(func))
+    assert "output_keys(key_added)" in source, f"{name}: derive the output keys with _utils.output_keys"
+
+
+@pytest.mark.parametrize(("name", "func"), DATA_FUNCTIONS, ids=[n for n, _ in DATA_FUNCTIONS])
+def test_shared_docstring_fragments(name: str, func) -> None:
+    from scembed._utils import _docs
+
+    doc = func.__doc__
+    assert "{doc_" not in doc, f"{name}: unfilled docstring placeholder"
+    params = inspect.signature(func).parameters
+    for param in ("device", "random_state", "copy", "show_progress", "key_added", "return_model"):
+        if param in params:
+            assert getattr(_docs, f"doc_{param}") in doc, f"{name}: `{param}` should use the shared fragment"
+
+
+def test_citations_and_no_benchmark_figures_in_api_docs() -> None:
+    assert "Xiong et al., Frontiers in Genetics 2020" in se.tl.neuralee.__doc__
+    for name, func in DATA_FUNCTIONS:
+        doc = func.__doc__
+        assert "Xiang" not in doc, name
+        # measured numbers go stale: they live in benchmarks/README.md, which a docstring may point to
+        assert not re.search(r"\b0\.\d{3}\b", doc), f"{name}: benchmark figures belong in benchmarks/README.md"

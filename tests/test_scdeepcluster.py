@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from anndata import AnnData, read_h5ad
@@ -12,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 import scembed as se
 from scembed._engine import scdeepcluster as eng
 
-FAST = dict(pretrain_epochs=25, maxiter=40, batch_size=128)
+FAST = dict(max_epochs=(25, 40), batch_size=128)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -235,6 +236,9 @@ def test_clusters_simulated_types(fitted, sim):
     assert proba.shape == (400, 4)
     np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-5)
     np.testing.assert_array_equal(proba.argmax(1).astype(str), adata.obs["scdeepcluster"].astype(str))
+    assert set(u["history"]) == {"pretrain_zinb", "cluster_loss", "cluster_zinb", "cluster_kl"}
+    assert len(u["history"]["cluster_loss"]) == u["n_epochs_cluster"] and len(u["delta_label"]) >= 1
+    assert u["params"]["max_epochs"] == [25, 40] and u["params"]["n_latent"] == 32
     assert len(u["history"]["pretrain_zinb"]) == 25
     assert u["history"]["pretrain_zinb"][-1] < u["history"]["pretrain_zinb"][0]
     assert 1 <= u["n_epochs_cluster"] <= 40
@@ -271,7 +275,7 @@ def test_dense_sparse_and_copy(sim):
     small = sim[:200].copy()
     dense = small.copy()
     dense.X = dense.X.toarray()
-    kw = dict(n_clusters=3, pretrain_epochs=5, maxiter=5, random_state=1)
+    kw = dict(n_clusters=3, max_epochs=5, random_state=1)
     out_sparse = se.tl.scdeepcluster(small, copy=True, **kw)
     out_dense = se.tl.scdeepcluster(dense, copy=True, **kw)
     assert "scdeepcluster" not in small.obs and "scdeepcluster" not in dense.obs
@@ -283,7 +287,7 @@ def test_dense_sparse_and_copy(sim):
 
 def test_same_seed_same_labels_and_no_global_side_effects(sim):
     small = sim[:200].copy()
-    kw = dict(n_clusters=0, pretrain_epochs=5, maxiter=5, knn=10)
+    kw = dict(n_clusters=0, max_epochs=5, n_neighbors=10)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -298,11 +302,11 @@ def test_same_seed_same_labels_and_no_global_side_effects(sim):
     assert a.uns["scdeepcluster"]["n_clusters"] >= 2
 
 
-def test_layer_and_select_genes(sim):
+def test_layer_and_n_top_genes(sim):
     adata = sim[:200].copy()
     adata.layers["counts"] = adata.X.copy()
     adata.X = sparse.csr_matrix(np.log1p(adata.X.toarray()))  # not counts: must read the layer
-    se.tl.scdeepcluster(adata, 3, layer="counts", select_genes=60, pretrain_epochs=3, maxiter=3, key_added="sdc")
+    se.tl.scdeepcluster(adata, 3, layer="counts", n_top_genes=60, max_epochs=3, key_added="sdc")
     u = adata.uns["sdc"]
     assert 30 <= u["n_genes_used"] <= 90
     assert u["params"]["layer"] == "counts" and "X_sdc" in adata.obsm and "sdc_proba" in adata.obsm
@@ -310,9 +314,7 @@ def test_layer_and_select_genes(sim):
 
 def test_batch_aware():
     adata = se.datasets.simulate(300, 150, n_celltypes=3, n_batches=2, batch_scale=0.8, de_scale=2.0, random_state=5)
-    model = se.tl.scdeepcluster(
-        adata, 3, batch_key="batch", pretrain_epochs=10, maxiter=10, random_state=0, return_model=True
-    )
+    model = se.tl.scdeepcluster(adata, 3, batch_key="batch", max_epochs=10, random_state=0, return_model=True)
     assert model.net.encoder[0].in_features == 150 + 2
     assert model.net.decoder[0].in_features == 32 + 2
     assert model.batch_categories == ["batch0", "batch1"]
@@ -325,6 +327,27 @@ def test_batch_aware():
     unknown.obs["batch"] = "batch9"
     with pytest.raises(ValueError, match="not trained on"):
         model.predict(unknown)
+
+
+def test_mixed_type_batch_labels_are_refused(sim):
+    adata = sim[:60].copy()
+    adata.obs["b"] = pd.Series([1] * 30 + ["1"] * 30, index=adata.obs_names, dtype=object)
+    with pytest.raises(ValueError, match=r"adata.obs\['b'\] mixes label types"):
+        se.tl.scdeepcluster(adata, 2, batch_key="b", max_epochs=1)
+    assert "scdeepcluster" not in adata.obs
+    adata.obs["b"] = pd.Series([1] * 30 + [2] * 30, index=adata.obs_names)  # one type: fine, two batches
+    model = se.tl.scdeepcluster(adata, 2, batch_key="b", max_epochs=1, return_model=True)
+    assert model.batch_categories == ["1", "2"]
+
+
+def test_one_stage_may_be_skipped_and_progress(sim, capfd):
+    adata = sim[:100].copy()
+    se.tl.scdeepcluster(adata, 2, max_epochs=(2, 0), show_progress=True)
+    err = capfd.readouterr().err
+    assert "scDeepCluster pretraining" in err
+    assert adata.uns["scdeepcluster"]["n_epochs_pretrain"] == 2 and adata.uns["scdeepcluster"]["n_epochs_cluster"] == 0
+    se.tl.scdeepcluster(adata, 2, max_epochs=1, show_progress=False)
+    assert "scDeepCluster" not in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -342,10 +365,21 @@ def _snapshot(adata: AnnData):
         (None, {"n_clusters": -1}, ValueError, "n_clusters"),
         (None, {"batch_key": "nope"}, KeyError, "batch_key"),
         (None, {"layer": "nope"}, KeyError, "layer"),
-        (None, {"select_genes": 10_000}, ValueError, "select_genes"),
-        (None, {"encoder": ()}, TypeError, "encoder"),
+        (None, {"n_top_genes": 10_000}, ValueError, "n_top_genes"),
+        (None, {"n_top_genes": 0}, ValueError, "n_top_genes"),
+        (None, {"hidden": ()}, TypeError, "hidden"),
         (None, {"tol": 2.0}, ValueError, "tol"),
-        (None, {"knn": 1}, ValueError, "knn"),
+        (None, {"n_neighbors": 1}, ValueError, "n_neighbors"),
+        (None, {"max_epochs": (1, 2, 3)}, TypeError, r"pair \(pretraining, clustering\)"),
+        (None, {"max_epochs": (1, -1)}, ValueError, r"clustering stage\) must be ≥ 0"),
+        (None, {"key_added": "X_sdc"}, ValueError, "without the 'X_' prefix"),
+        (None, {"pretrain_epochs": 5}, TypeError, r"`pretrain_epochs` was renamed `max_epochs\[0\]`"),
+        (None, {"maxiter": 5}, TypeError, r"`maxiter` was renamed `max_epochs\[1\]`"),
+        (None, {"sigma": 1.0}, TypeError, "`sigma` was renamed `noise`"),
+        (None, {"z_dim": 8}, TypeError, "`z_dim` was renamed `n_latent`"),
+        (None, {"knn": 8}, TypeError, "`knn` was renamed `n_neighbors`"),
+        (None, {"select_genes": 8}, TypeError, "`select_genes` was renamed `n_top_genes`"),
+        (None, {"encoder": (8,)}, TypeError, "`encoder` was renamed `hidden`"),
         (None, {"resolution": 0}, ValueError, "resolution"),
     ],
 )
@@ -355,7 +389,7 @@ def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):
         mutate(adata)
     before = _snapshot(adata)
     with pytest.raises(err, match=match):
-        se.tl.scdeepcluster(adata, **{"pretrain_epochs": 1, "maxiter": 1, **kwargs})
+        se.tl.scdeepcluster(adata, **{"max_epochs": 1, **kwargs})
     after = _snapshot(adata)
     assert before[:3] == after[:3]
     np.testing.assert_array_equal(before[3].toarray(), after[3].toarray())

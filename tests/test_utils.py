@@ -12,14 +12,20 @@ import scembed as se
 from scembed._engine.nn import mlp, predict_in_batches
 from scembed._engine.training import adam, minibatches, train
 from scembed._utils import (
+    check_affinity_matrix,
     check_counts,
     check_features,
     check_finite,
     check_in_range,
+    check_int_pair,
     check_positive_int,
+    doc_params,
     get_representation,
     load_checkpoint,
+    output_keys,
+    pca_on_the_fly,
     progress,
+    renamed_parameters,
     resolve_device,
     save_checkpoint,
     seeded_torch,
@@ -178,7 +184,130 @@ def test_train_early_stopping_and_best_weights() -> None:
 def test_progress_honours_settings(monkeypatch) -> None:
     monkeypatch.setattr(se.settings, "verbosity", 0)
     assert progress(range(3)).disable
-    monkeypatch.setattr(se.settings, "verbosity", 2)
-    assert not progress(range(3)).disable
+    assert not progress(range(3), show=True).disable
+    for level in (1, 2):  # shown by default: scanpy's default verbosity (1, warnings) included
+        monkeypatch.setattr(se.settings, "verbosity", level)
+        assert not progress(range(3)).disable
+    assert progress(range(3), show=False).disable
     monkeypatch.setattr(se.settings, "progress", False)
     assert progress(range(3)).disable
+
+
+def test_progress_follows_scanpy_verbosity(monkeypatch) -> None:
+    import scanpy as sc
+
+    monkeypatch.setattr(se.settings, "verbosity", None)
+    saved = sc.settings.verbosity
+    try:
+        sc.settings.verbosity = 0
+        assert progress(range(3)).disable
+        sc.settings.verbosity = 1
+        assert not progress(range(3)).disable
+    finally:
+        sc.settings.verbosity = saved
+
+
+def test_train_bar_on_stderr_by_default_and_silent_when_asked(monkeypatch, capfd) -> None:
+    monkeypatch.setattr(se.settings, "verbosity", 1)
+    monkeypatch.setattr(se.settings, "progress", True)
+    train(lambda e: {"loss": 1.0 / (e + 1)}, 3, desc="stage I")
+    err = capfd.readouterr().err
+    assert "stage I" in err and "loss=" in err and "<" in err  # name, loss, tqdm's elapsed<remaining
+    train(lambda e: 1.0, 3, desc="stage I", show_progress=False)
+    assert capfd.readouterr().err == ""
+
+
+def test_train_logs_early_stop(monkeypatch, caplog) -> None:
+    import logging
+
+    monkeypatch.setattr(se.settings, "verbosity", 2)
+    with caplog.at_level(logging.INFO, logger="scembed"):
+        train(lambda e: 1.0, 10, desc="fit", patience=2, show_progress=False)
+        train(lambda e: 1.0 / (e + 1), 3, desc="full", patience=5, show_progress=False)
+    lines = [r.getMessage() for r in caplog.records if "stopped early" in r.getMessage()]
+    assert lines == ["fit: stopped early at epoch 3 of 10"]
+
+
+def test_renamed_parameters() -> None:
+    import inspect
+
+    @renamed_parameters(maxit="max_epochs", N_small="batch_size")
+    def f(adata, *, max_epochs: int = 5, batch_size: int = 2) -> int:
+        """Doc."""
+        return max_epochs * batch_size
+
+    assert f(None, max_epochs=3) == 6
+    assert list(inspect.signature(f).parameters) == ["adata", "max_epochs", "batch_size"]
+    assert f.__doc__ == "Doc." and f.__name__ == "f"
+    assert f.__renamed_parameters__ == {"maxit": "max_epochs", "N_small": "batch_size"}
+    with pytest.raises(TypeError, match="`maxit` was renamed `max_epochs`"):
+        f(None, maxit=3)
+    with pytest.raises(TypeError, match="`N_small` was renamed `batch_size`"):
+        f(None, max_epochs=1, N_small=3)
+    with pytest.raises(TypeError, match="renamed"):
+        se.tl.neuralee(AnnData(np.zeros((5, 2), dtype=np.float32)), maxit=3)
+
+
+def test_output_keys() -> None:
+    keys = output_keys("ee")
+    assert (keys.obsm, keys.uns, keys.obs, keys.obsp, keys.layers) == ("X_ee", "ee", "ee", "ee", "ee")
+    assert keys.suffixed("proba") == "ee_proba"
+    with pytest.raises(ValueError, match=r"without the 'X_' prefix.*key_added='ee'"):
+        output_keys("X_ee")
+    for bad in ("", None, 3):
+        with pytest.raises(TypeError, match="key_added"):
+            output_keys(bad)
+
+
+def test_check_int_pair() -> None:
+    assert check_int_pair(3, "max_epochs") == (3, 3)
+    assert check_int_pair((0, 7), "max_epochs", minimum=0) == (0, 7)
+    assert check_int_pair([1, 2], "max_epochs") == (1, 2)
+    with pytest.raises(TypeError, match=r"pair \(stage I, stage II\)"):
+        check_int_pair((1, 2, 3), "max_epochs", stages=("stage I", "stage II"))
+    with pytest.raises(ValueError, match=r"`batch_size` \(stage II stage\) must be ≥ 2"):
+        check_int_pair((4, 1), "batch_size", stages=("stage I", "stage II"), minimum=2)
+    with pytest.raises(TypeError, match="first stage"):
+        check_int_pair((1.5, 2), "max_epochs")
+    with pytest.raises(TypeError, match="pair"):
+        check_int_pair(True, "max_epochs")
+
+
+def test_check_affinity_matrix() -> None:
+    P = sparse.csr_matrix(np.array([[0, 0.5], [0.5, 0]]))
+    assert check_affinity_matrix(P, 2, "P").nnz == 2
+    with pytest.raises(ValueError, match="square"):
+        check_affinity_matrix(sparse.csr_matrix((2, 3)), 2, "P")
+    with pytest.raises(ValueError, match="negative"):
+        check_affinity_matrix(-P, 2, "P")
+    with pytest.raises(ValueError, match="all zero"):
+        check_affinity_matrix(sparse.csr_matrix((2, 2)), 2, "P")
+    with pytest.raises(ValueError, match="NaN"):
+        check_affinity_matrix(P * np.nan, 2, "P")
+
+
+def test_doc_params_fills_placeholders_only() -> None:
+    @doc_params(doc_copy="copy\n        Return a copy.")
+    def f(copy: bool = False) -> None:
+        """Sum p_{j|i}.
+
+        Parameters
+        ----------
+        {doc_copy}
+        """
+
+    assert "copy\n        Return a copy." in f.__doc__ and "p_{j|i}" in f.__doc__
+    with pytest.raises(KeyError, match="no placeholder"):
+        doc_params(doc_copy="x")(lambda: None)
+
+
+def test_pca_on_the_fly_returns_loadings() -> None:
+    X = np.random.default_rng(0).poisson(1.0, (80, 60)).astype(np.float32)
+    rep, name, W, offset = pca_on_the_fly(X, 10, random_state=0)
+    assert rep.shape == (80, 10) and W.shape == (60, 10) and offset.shape == (10,) and name == "pca(X, 10)"
+    projected, _, W2, _ = pca_on_the_fly(sparse.csr_matrix(X), 10, random_state=0, projected=True)
+    np.testing.assert_allclose(projected, X @ W2 - offset, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.abs(projected), np.abs(rep), atol=1e-3)
+    adata = AnnData(X)
+    X_rep, rep_name = get_representation(adata)  # the same PCA, through the representation rules
+    assert rep_name == "pca(X, 50)" and X_rep.shape == (80, 50)

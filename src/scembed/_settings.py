@@ -15,7 +15,7 @@ class ScembedSettings:
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     verbosity
         ``None`` follows ``scanpy.settings.verbosity``; otherwise 0 (errors) … 4 (debug).
-        Progress bars are shown at verbosity ≥ 2 (scanpy's "info").
+        Progress bars are shown unless the verbosity is 0 (or ``progress`` is False).
     progress
         Set to ``False`` to turn every progress bar off regardless of verbosity.
     random_state

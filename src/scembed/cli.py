@@ -14,7 +14,6 @@ Every option is checked before any work. A problem with the input or the options
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
@@ -23,10 +22,11 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import sparse
+
+from ._utils._rep import pca_on_the_fly
 
 #: embedding methods the command knows, best first; the first one installed is the default
 EMBEDDING_METHODS = ("neuralee", "ee")
@@ -38,11 +38,6 @@ MIN_CELLS = math.ceil(3 * MIN_PERPLEXITY + 1)
 METHOD_OPTIONS = {"max_epochs": "neuralee", "batch_size": "neuralee", "maxiter": "ee"}
 #: name of the bundled example, the stem of its default outputs
 EXAMPLE_NAME = "pbmc68k"
-
-# Until the vocabulary rename reaches tl.neuralee, it takes ``maxit`` and ``N_small``. `_call_method` translates
-# the new names for a function that does not know them yet; delete this mapping (and the translation) once every
-# function takes the new names.
-_OLD_NAMES = {"max_epochs": "maxit", "batch_size": "N_small"}
 
 
 class CLIError(Exception):
@@ -180,15 +175,6 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _call_method(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``, giving it the options under their old names if it does not take the new ones yet."""
-    params = inspect.signature(fn).parameters
-    for new, old in _OLD_NAMES.items():
-        if new in kwargs and new not in params and old in params:
-            kwargs[old] = kwargs.pop(new)
-    return fn(*args, **kwargs)
-
-
 def compute_pca(adata, *, n_pcs: int, random_state: int) -> str:
     """Give ``adata`` ``obsm['X_pca']`` unless it has one; return one line saying what was done.
 
@@ -205,10 +191,11 @@ def compute_pca(adata, *, n_pcs: int, random_state: int) -> str:
     if counts:
         sc.pp.normalize_total(shell, target_sum=1e4)
         sc.pp.log1p(shell)
-    n_comps = min(n_pcs, adata.n_obs - 1, adata.n_vars - 1)
-    sc.pp.pca(shell, n_comps=n_comps, random_state=random_state)
-    adata.obsm["X_pca"] = shell.obsm["X_pca"]
-    adata.uns["pca"] = shell.uns["pca"]
+    rep, _, loadings, _ = pca_on_the_fly(shell.X, n_pcs, random_state=random_state)
+    n_comps = rep.shape[1]
+    adata.obsm["X_pca"] = rep
+    if not counts:  # the loadings project X itself only when X was not normalised first
+        adata.varm["PCs"] = loadings
     pcs = f"{n_comps} PCs" + (
         "" if n_comps == n_pcs else f" (fewer than --n-pcs {n_pcs}: at most cells − 1, genes − 1)"
     )
@@ -337,7 +324,7 @@ def embed(args: argparse.Namespace) -> Path:
     common = {"perplexity": perplexity, "use_rep": "X_pca", "device": args.device, "random_state": args.random_state}
     pp.affinity(adata, **common)
     options = {dest: getattr(args, dest) for dest in METHOD_OPTIONS if getattr(args, dest) is not None}
-    _call_method(getattr(tl, args.method), adata, **common, **options)
+    getattr(tl, args.method)(adata, **common, **options)
     elapsed = time.perf_counter() - start
     print(f"{args.method}: embedded {adata.n_obs} cells in {elapsed:.1f} s -> obsm['X_{args.method}']")
 

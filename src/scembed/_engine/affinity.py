@@ -24,12 +24,17 @@ def calibrate_perplexity(
     All rows are solved at once: Newton steps on log β_i, guarded by a bisection bracket so that every step
     stays inside the interval known to hold the root.
 
+    The entropy H_i(β) falls from log k_i (β = 0, uniform over the k_i neighbours) to log m_i (β → ∞, uniform
+    over the m_i neighbours tied at the smallest distance). A row whose ``m_i ≥ perplexity`` (duplicated
+    cells, or ``perplexity = 1``) therefore has no finite root: it gets the limit of the search, the uniform
+    distribution over its m_i tied nearest neighbours, with β_i = ``inf``. Every row sums to 1.
+
     Parameters
     ----------
     distances
         ``(n, k)`` distances to each cell's neighbours; ``inf`` marks a missing neighbour (padding).
     perplexity
-        Target perplexity; must be smaller than the number of finite distances in every row.
+        Target perplexity, at least 1 and at most the number of finite distances in every row.
     tol
         Tolerance on the entropy, in nats.
     max_iter
@@ -44,33 +49,84 @@ def calibrate_perplexity(
     P_cond
         ``(n, k)`` float64; each row sums to 1.
     beta
-        ``(n,)`` precisions β_i, in units of 1 / distance².
+        ``(n,)`` precisions β_i, in units of 1 / distance²; ``inf`` for rows at the tie limit.
     n_unconverged
-        Rows whose entropy is still off by more than ``tol`` (rows whose distances are all equal cannot be
-        calibrated: any β gives the uniform distribution).
+        Rows whose entropy is still off by more than ``tol``: rows the search did not finish in ``max_iter``
+        steps, and rows at the tie limit whose entropy log m_i exceeds log(perplexity) by more than ``tol``
+        (more than ``perplexity`` neighbours at the same smallest distance, e.g. all at distance 0).
+
+    Raises
+    ------
+    ValueError
+        If ``perplexity`` is below 1 (the entropy of a distribution is never negative) or larger than the
+        number of finite distances of some row (the entropy is at most log k_i), or if ``distances`` holds
+        NaN or negative values.
     """
+    distances = np.asarray(distances)
+    if distances.ndim != 2:
+        raise ValueError(f"`distances` must be a 2-D array (cells × neighbours), got shape {distances.shape}.")
+    perplexity = float(perplexity)
+    if not perplexity >= 1:  # also refuses NaN
+        raise ValueError(
+            f"`perplexity` must be at least 1, got {perplexity:g}: the entropy of p_{{j|i}} is never below 0 = log(1)."
+        )
+    if np.isnan(distances).any() or (distances < 0).any():
+        raise ValueError("`distances` holds NaN or negative values.")
     n = distances.shape[0]
+    if n:
+        n_finite = np.isfinite(distances).sum(1)
+        worst = int(n_finite.argmin())
+        if perplexity > n_finite[worst]:
+            raise ValueError(
+                f"`perplexity={perplexity:g}` is larger than the number of neighbours of cell {worst} "
+                f"({n_finite[worst]}): the entropy over k neighbours is at most log(k). Lower the perplexity "
+                "or use more neighbours."
+            )
     P_out = np.empty(distances.shape, dtype=np.float64)
     beta_out = np.empty(n, dtype=np.float64)
     n_unconverged = 0
     for start in range(0, n, _ROW_CHUNK):
         stop = min(start + _ROW_CHUNK, n)
         d = torch.as_tensor(distances[start:stop], dtype=torch.float64, device=device)
-        P, beta, bad = _calibrate_block(d if squared else d * d, float(perplexity), tol, max_iter)
+        P, beta, bad = _calibrate_block(d, squared, perplexity, tol, max_iter)
         P_out[start:stop] = P.cpu().numpy()
         beta_out[start:stop] = beta.cpu().numpy()
         n_unconverged += bad
     return P_out, beta_out, n_unconverged
 
 
+#: rows whose largest distance lies outside [2^-64, 2^64] are rescaled by a power of two (exact) before squaring,
+#: so that d², its square (in the Newton slope) and β stay far from float64's overflow and underflow
+_RESCALE_EXPONENT = 64
+#: bound on |log β| during the search: exp(700) ≈ 1e304 stays finite, so β · 0 is never inf · 0 = NaN. After the
+#: rescaling above every finite root lies well inside (|log β| < ~140), so the bound binds only on steps that
+#: would overflow, never on ordinary data
+_LOG_BETA_BOUND = 700.0
+
+
 def _calibrate_block(
-    d2: torch.Tensor, perplexity: float, tol: float, max_iter: int
+    d: torch.Tensor, squared: bool, perplexity: float, tol: float, max_iter: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     target = np.log(perplexity)
+    finite = torch.isfinite(d)
+    # exact power-of-two rescaling of rows with extreme distances; rows of ordinary data are left untouched
+    d_max = torch.where(finite, d, torch.zeros_like(d)).amax(1)
+    _, exponent = torch.frexp(d_max)
+    extreme = (d_max > 0) & ((exponent > _RESCALE_EXPONENT) | (exponent < -_RESCALE_EXPONENT))
+    exponent = torch.where(extreme, exponent, torch.zeros_like(exponent))
+    if bool(extreme.any()):
+        d = torch.ldexp(d, -exponent[:, None].to(d.dtype))
+    d2 = d if squared else d * d
+    beta_exponent = exponent if squared else 2 * exponent  # β of the original units = β here · 2^-beta_exponent
+
     # shift each row by its smallest distance: p is unchanged and exp never underflows for the nearest neighbour
     s = d2 - d2.min(dim=1, keepdim=True).values
-    finite = torch.isfinite(s)
     s = torch.where(finite, s, torch.zeros_like(s))
+    # rows with at least `perplexity` neighbours tied at the smallest distance: H(β) decreases to log m > target
+    # (or = target) only as β → ∞, so the limit, the uniform distribution over the tied set, is their answer
+    at_min = finite & (s == 0)
+    n_tied = at_min.sum(1)
+    tied = n_tied >= perplexity
     spread = (s.sum(1) / finite.sum(1).clamp_min(1)).clamp_min(1e-12)
     log_beta = -torch.log(spread)  # β ≈ 1 / mean squared distance: the right order of magnitude in every row
     lo = torch.full_like(log_beta, -np.inf)
@@ -89,7 +145,7 @@ def _calibrate_block(
     p, h, var_s = entropy(log_beta)
     for _ in range(max_iter):
         err = h - target
-        active = err.abs() > tol
+        active = (err.abs() > tol) & ~tied
         if not bool(active.any()):
             break
         # H falls as β grows: entropy too high → the root lies at larger β
@@ -104,10 +160,19 @@ def _calibrate_block(
             (lo + hi) / 2,
         )
         inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
-        log_beta = torch.where(active, torch.where(inside, newton, bisect), log_beta)
+        step = torch.where(inside, newton, bisect)
+        step = step.clamp(-_LOG_BETA_BOUND, _LOG_BETA_BOUND)
+        log_beta = torch.where(active, step, log_beta)
         p, h, var_s = entropy(log_beta)
+
+    beta = torch.ldexp(log_beta.exp(), -beta_exponent.to(log_beta.dtype))
+    if bool(tied.any()):
+        m = n_tied.to(p.dtype)[:, None]
+        p = torch.where(tied[:, None], at_min.to(p.dtype) / m, p)
+        h = torch.where(tied, torch.log(m[:, 0]), h)
+        beta = torch.where(tied, torch.full_like(beta, np.inf), beta)
     n_bad = int(((h - target).abs() > tol).sum())
-    return p, log_beta.exp(), n_bad
+    return p, beta, n_bad
 
 
 def symmetrize(indices: np.ndarray, P_cond: np.ndarray, n: int | None = None) -> sparse.csr_matrix:
@@ -147,7 +212,9 @@ def entropic_affinities(
     beta
         Per-cell precisions.
     n_unconverged
-        Rows not calibrated to ``tol``.
+        Rows not calibrated to ``tol``, including rows with more than ``perplexity`` neighbours tied at the
+        smallest distance (duplicated cells), which get the uniform distribution over the tied set
+        (:func:`calibrate_perplexity`).
     """
     distances = np.where(indices < 0, np.inf, distances)
     P_cond, beta, n_bad = calibrate_perplexity(distances, perplexity, tol=tol, device=device)
@@ -157,18 +224,20 @@ def entropic_affinities(
 def padded_neighbors_from_graph(graph: sparse.spmatrix | sparse.sparray) -> tuple[np.ndarray, np.ndarray]:
     """Turn a sparse distance graph (scanpy's ``obsp["distances"]``) into padded ``(n, k_max)`` arrays.
 
-    Missing entries get index −1 and distance ``inf``; explicit self-loops are dropped.
+    Missing entries get index −1 and distance ``inf``; self-loops are dropped. Stored zero distances off the
+    diagonal are kept: they are neighbours at distance 0 (duplicated cells), not missing edges.
     """
     graph = sparse.csr_matrix(graph)
-    graph.setdiag(0)
-    graph.eliminate_zeros()
     n = graph.shape[0]
     counts = np.diff(graph.indptr)
+    rows = np.repeat(np.arange(n), counts)
+    off_diagonal = graph.indices != rows
+    rows, cols, data = rows[off_diagonal], graph.indices[off_diagonal], graph.data[off_diagonal]
+    counts = np.bincount(rows, minlength=n)
     k_max = int(counts.max()) if n else 0
     indices = np.full((n, k_max), -1, dtype=np.int64)
     distances = np.full((n, k_max), np.inf, dtype=np.float64)
-    pos = np.arange(graph.nnz) - np.repeat(graph.indptr[:-1], counts)
-    rows = np.repeat(np.arange(n), counts)
-    indices[rows, pos] = graph.indices
-    distances[rows, pos] = graph.data
+    pos = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    indices[rows, pos] = cols
+    distances[rows, pos] = data
     return indices, distances

@@ -160,6 +160,11 @@ def spectral_init(P: sparse.spmatrix | sparse.sparray, n_components: int, random
     """
     W = sparse.csr_matrix(P, dtype=np.float64)
     n = W.shape[0]
+    if n_components > n - 1:
+        raise ValueError(
+            f"a spectral initialisation has at most n - 1 = {n - 1} non-trivial eigenvectors; "
+            f"n_components={n_components} were asked for."
+        )
     deg = np.asarray(W.sum(1)).ravel()
     inv_sqrt = 1.0 / np.sqrt(np.maximum(deg, 1e-300))
     A = sparse.diags(inv_sqrt) @ W @ sparse.diags(inv_sqrt)

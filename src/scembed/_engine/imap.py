@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import sparse
 from torch import nn
 
+from .._utils._model_data import canonical_matrix
 from .knn import nearest_neighbors
 from .nn import mlp, predict_in_batches
 from .training import adam, train
+
+
+def __getattr__(name: str) -> Any:
+    # the model class lives in scembed._engine.models; importing it from here keeps working
+    if name == "IMAPModel":
+        from .models.imap import IMAPModel
+
+        return IMAPModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: rows densified at once when a whole batch of cells is encoded or corrected
 CHUNK = 8192
@@ -44,12 +55,13 @@ class RowSource:
         self.device = torch.device(device)
         self.shape = X.shape
         self.csr = None
+        if sparse.issparse(X):
+            X = canonical_matrix(X, "the expression matrix")  # duplicate entries added up, on a copy
         if sparse.issparse(X) and self.device.type == "cpu":
             self.csr = sparse.csr_matrix(X, dtype=np.float32)
             self.data = torch.from_numpy(self.csr.data)
             self.dense = None
         elif sparse.issparse(X):
-            X = sparse.csr_matrix(X)
             self.indptr = torch.from_numpy(X.indptr.astype(np.int64)).to(self.device)
             self.indices = torch.from_numpy(X.indices.astype(np.int64)).to(self.device)
             self.data = torch.from_numpy(X.data.astype(np.float32, copy=False)).to(self.device)
@@ -214,6 +226,11 @@ class ResidualGenerator(nn.Module):
         return self.from_first(x, self.first(x))
 
 
+def make_encoder(n_genes: int, latent_dim: int = 256) -> nn.Sequential:
+    """The stage-I content encoder genes→1024→512→``latent_dim`` (BatchNorm + Mish)."""
+    return mlp((n_genes, 1024, 512, latent_dim), activation=nn.Mish)
+
+
 def make_critic(n_genes: int) -> nn.Sequential:
     """The WGAN critic D→512→512→1 (Mish, no normalisation, as a gradient penalty requires)."""
     return mlp((n_genes, 512, 512, 1), batchnorm=False, activation=nn.Mish)
@@ -330,7 +347,7 @@ def train_stage1(
     device = source.device
     vmax = check_expression(source)
     n_genes, n_b = source.shape[1], len(groups)
-    encoder = mlp((n_genes, 1024, 512, latent_dim), activation=nn.Mish).to(device)
+    encoder = make_encoder(n_genes, latent_dim).to(device)
     decoder = BatchDecoder(latent_dim, n_b, n_genes).to(device)
     encoder.apply(init_weights)
     decoder.apply(init_weights)
@@ -662,50 +679,3 @@ def run_stage2(
         if incremental:
             anchor = np.concatenate([anchor, query])
     return corrected, generators, infos, histories
-
-
-# ------------------------------------------------------------------------------------------------ the model
-@dataclass
-class IMAPModel:
-    """The trained iMAP networks.
-
-    Attributes
-    ----------
-    encoder
-        Stage-I content encoder (genes → ``latent_dim``).
-    decoder
-        Stage-I batch-conditioned decoder.
-    generators
-        Stage-II residual generator of every query batch, keyed by batch label; anchor batches have none.
-    batches
-        Batch labels in stage-I index order.
-    order
-        Batch labels in integration order (anchor first).
-    genes
-        Names of the genes (columns) the networks expect, in order.
-    """
-
-    encoder: nn.Module
-    decoder: nn.Module
-    generators: dict = field(default_factory=dict)
-    batches: list = field(default_factory=list)
-    order: list = field(default_factory=list)
-    genes: list = field(default_factory=list)
-
-    def _source(self, X) -> RowSource:
-        if X.shape[1] != len(self.genes):
-            raise ValueError(f"X must have the {len(self.genes)} genes in `model.genes`, got {X.shape[1]} columns.")
-        return RowSource(X, next(self.encoder.parameters()).device)
-
-    def encode(self, X: np.ndarray | sparse.spmatrix) -> np.ndarray:
-        """Stage-I content representation of new cells (log-normalised expression of ``model.genes``)."""
-        return apply_in_chunks(self.encoder, self._source(X), np.arange(X.shape[0]))
-
-    def correct(self, X: np.ndarray | sparse.spmatrix, batch) -> np.ndarray:
-        """Batch-corrected expression of new cells that all come from the known batch ``batch``."""
-        if batch not in self.batches:
-            raise ValueError(f"`batch={batch!r}` is not one of the trained batches {self.batches}.")
-        source = self._source(X)
-        if batch not in self.generators:  # the anchor is left as it is
-            return source(np.arange(X.shape[0])).cpu().numpy()
-        return apply_in_chunks(self.generators[batch], source, np.arange(X.shape[0]))

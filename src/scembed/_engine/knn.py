@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import torch
 
-KnnMethod = Literal["auto", "exact", "annoy", "pynndescent"]
 KNN_METHODS = ("auto", "exact", "annoy", "pynndescent")
 #: metrics every method supports; pynndescent accepts any of its own metrics too
 METRICS = ("euclidean", "cosine")
 #: on a CPU, the exact search is used up to this many cells by ``method="auto"``
 EXACT_MAX_CPU = 20_000
-#: bytes of the distance block that the exact search holds at once
 #: annoy visits this many times openTSNE's default number of nodes per query
 _ANNOY_SEARCH_FACTOR = 3
+#: bytes of the distance block that the exact search holds at once
 _CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
 
 
@@ -153,7 +151,11 @@ def _exact(
 
 
 def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each cell from its own k+1 neighbour list (or the farthest one where the search missed it)."""
+    """Remove each cell from its own k+1 neighbour list (or the farthest one where the search missed it).
+
+    With duplicated cells the search may list a duplicate at distance 0 before the cell itself, so the cell's
+    own index is dropped wherever it stands, not only from the first column.
+    """
     n = indices.shape[0]
     is_self = indices == np.arange(n)[:, None]
     missing = ~is_self.any(1)

@@ -17,8 +17,7 @@ N·B or N² is ever built.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -26,12 +25,21 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from .._utils._io import check_features, load_checkpoint, save_checkpoint
-from .affinity import calibrate_perplexity, entropic_affinities
+from .affinity import calibrate_perplexity
 from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
-from .nn import mlp, predict_in_batches
+from .nn import mlp
 from .training import adam, train
+
+
+def __getattr__(name: str) -> Any:
+    # the model class lives in scembed._engine.models; importing it from here keeps working
+    if name == "NeuralEEModel":
+        from .models.neuralee import NeuralEEModel
+
+        return NeuralEEModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 BatchAffinity = Literal["batch", "graph"]
 BATCH_AFFINITIES = ("batch", "graph")
@@ -168,175 +176,7 @@ class GraphSampler:
         return rows, self.indices[pos], c.float() * self.data[pos]
 
 
-# --------------------------------------------------------------------------------------------------- model
-class NeuralEEModel:
-    """A trained NeuralEE network with what it needs to embed new cells.
-
-    The network maps the *input representation* to the embedding. ``input`` (metadata) says what that is:
-
-    - ``"obsm:<key>"`` — the first ``n_inputs`` columns of ``adata.obsm[key]`` (e.g. ``"obsm:X_pca"``);
-    - ``"X"`` — ``adata.X`` itself;
-    - ``"pca"`` — a PCA of ``adata.X`` computed when the model was fitted; its loadings and centre are stored in the
-      model, so new cells are projected with them (``adata.X`` must hold the training genes, preprocessed alike).
-
-    When the model has loadings and a new AnnData lacks the obsm key, ``X`` is projected with them too
-    (``obsm:X_pca`` with scanpy's ``varm["PCs"]`` available at training time).
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        metadata: Mapping[str, Any],
-        *,
-        loadings: torch.Tensor | None = None,
-        offset: torch.Tensor | None = None,
-    ) -> None:
-        self.net = net
-        self.metadata = dict(metadata)
-        self.loadings = loadings
-        self.offset = offset
-
-    # -- properties
-    @property
-    def n_inputs(self) -> int:
-        """Columns of the input representation."""
-        return int(self.metadata["n_inputs"])
-
-    @property
-    def n_components(self) -> int:
-        """Embedding dimensions."""
-        return int(self.metadata["n_components"])
-
-    @property
-    def var_names(self) -> list[str] | None:
-        """Genes the model was trained on (``None`` when unknown)."""
-        names = self.metadata.get("var_names")
-        return list(names) if names else None
-
-    def __repr__(self) -> str:
-        return (
-            f"NeuralEEModel(input={self.metadata.get('input')!r}, n_inputs={self.n_inputs}, "
-            f"n_components={self.n_components}, hidden={tuple(self.metadata.get('hidden', ()))})"
-        )
-
-    # -- applying
-    def _project(self, X: Any, device: torch.device, batch_size: int) -> torch.Tensor:
-        W = self.loadings.to(device)
-        off = self.offset.to(device)
-        out = []
-        for start in range(0, X.shape[0], batch_size):
-            block = X[start : start + batch_size]
-            block = block.toarray() if sparse.issparse(block) else np.asarray(block)
-            t = torch.as_tensor(np.asarray(block, dtype=np.float32), device=device)
-            out.append((t @ W - off).cpu())
-        return torch.cat(out) if out else torch.empty((0, W.shape[1]))
-
-    def _input_from_adata(self, adata: Any, device: torch.device, batch_size: int) -> torch.Tensor | np.ndarray:
-        source = str(self.metadata["input"])
-        if self.var_names is not None:
-            check_features(self.var_names, list(adata.var_names))
-        if source.startswith("obsm:") and source[5:] in adata.obsm:
-            key = source[5:]
-            rep = adata.obsm[key]
-            rep = rep.to_numpy() if hasattr(rep, "to_numpy") else rep
-            rep = rep.toarray() if sparse.issparse(rep) else np.asarray(rep)
-            if rep.ndim != 2 or rep.shape[1] < self.n_inputs:
-                raise ValueError(
-                    f"adata.obsm[{key!r}] has shape {rep.shape}; the model needs at least {self.n_inputs} columns."
-                )
-            return rep[:, : self.n_inputs]
-        if source == "X" and self.loadings is None:
-            return adata.X
-        if self.loadings is not None:
-            return self._project(adata.X, device, batch_size)
-        raise KeyError(
-            f"the model reads adata.obsm[{source[5:]!r}], which this AnnData lacks, and has no PCA loadings to "
-            "compute it from adata.X; compute the representation the same way as for the training data."
-        )
-
-    def transform(self, data: Any, *, batch_size: int = 65536, device: str | torch.device | None = None) -> np.ndarray:
-        """Embed cells with the trained network.
-
-        Parameters
-        ----------
-        data
-            An AnnData (its representation is read as described in the class docstring, after checking that its
-            ``var_names`` equal the training genes), or an array: ``(n, n_inputs)`` in the input representation,
-            or ``(n, n_genes)`` genes when the model holds PCA loadings.
-        batch_size
-            Cells per forward pass.
-        device
-            Where to compute (default: CPU).
-
-        Returns
-        -------
-        ``(n, n_components)`` float32 embedding.
-        """
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        if hasattr(data, "obsm") and hasattr(data, "var_names"):
-            X = self._input_from_adata(data, dev, batch_size)
-        else:
-            if not (hasattr(data, "shape") and len(data.shape) == 2):
-                raise TypeError(f"`data` must be an AnnData or a 2-D array, got {type(data).__name__}.")
-            if data.shape[1] == self.n_inputs:
-                X = data
-            elif self.loadings is not None and data.shape[1] == self.loadings.shape[0]:
-                X = self._project(data, dev, batch_size)
-            else:
-                genes = f" or {self.loadings.shape[0]} genes" if self.loadings is not None else ""
-                raise ValueError(
-                    f"`data` has {data.shape[1]} columns; the model expects {self.n_inputs} (its input "
-                    f"representation){genes}."
-                )
-        values = X.data if sparse.issparse(X) else (X.numpy() if isinstance(X, torch.Tensor) else np.asarray(X))
-        if values.size and not np.isfinite(values).all():
-            raise ValueError("the input of transform contains NaN or infinite values.")
-
-        def to_tensor(rows: slice) -> torch.Tensor:
-            block = X[rows]
-            if sparse.issparse(block):
-                block = block.toarray()
-            return torch.as_tensor(np.asarray(block, dtype=np.float32))
-
-        self.net.to(dev)
-        Y = predict_in_batches(self.net, X, batch_size=batch_size, device=dev, to_tensor=to_tensor)
-        self.net.cpu()
-        return Y.numpy()
-
-    # -- persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the weights, PCA loadings (if any) and JSON metadata to ``path`` (one torch file)."""
-        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        if self.loadings is not None:
-            state["projection.loadings"] = self.loadings
-            state["projection.offset"] = self.offset
-        save_checkpoint(path, state, {**self.metadata, "kind": "neuralee"})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> NeuralEEModel:
-        """Read a model written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled)."""
-        state, meta = load_checkpoint(path)
-        if meta.get("kind") != "neuralee":
-            raise ValueError(f"{os.fspath(path)!r} does not hold a NeuralEE model (kind={meta.get('kind')!r}).")
-        net = build_network(int(meta["n_inputs"]), int(meta["n_components"]), tuple(meta["hidden"]))
-        net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        net.eval()
-        return cls(net, meta, loadings=state.get("projection.loadings"), offset=state.get("projection.offset"))
-
-
 # --------------------------------------------------------------------------------------------------- training
-def affinity_graph(
-    X: np.ndarray, perplexity: float, *, device: torch.device, n_jobs: int | None = None, random_state: int = 0
-) -> sparse.csr_matrix:
-    """Symmetric entropic affinities on the k = min(3·perplexity, n − 1) nearest neighbours (as ``pp.affinity``)."""
-    n = X.shape[0]
-    k = min(int(3 * perplexity), n - 1)
-    perp = min(perplexity, k - 1e-3)
-    idx, dist, _ = nearest_neighbors(X, k, method="auto", device=device, n_jobs=n_jobs, random_state=random_state)
-    P, _, _ = entropic_affinities(idx, dist, perp, device="cpu")
-    return P
-
-
 def fit_neuralee(
     X: np.ndarray,
     *,
@@ -345,12 +185,12 @@ def fit_neuralee(
     perplexity: float = 30.0,
     repulsion: str = "uniform",
     P: sparse.spmatrix | sparse.sparray | None = None,
-    get_P: Callable[[], sparse.spmatrix] | None = None,
+    affinities: Callable[[np.ndarray], sparse.spmatrix] | None = None,
     batch_size: int | None = None,
     batch_affinity: BatchAffinity = "graph",
     n_subsample: int | None = None,
-    maxit: int = 500,
-    refine_epochs: int = 0,
+    max_epochs: int = 500,
+    refine_max_epochs: int = 0,
     lr: float = 0.01,
     hidden: Sequence[int] = (50, 50),
     early_exaggeration: float = 1.0,
@@ -360,7 +200,6 @@ def fit_neuralee(
     min_delta: float = 1e-4,
     device: torch.device | str = "cpu",
     random_state: int = 0,
-    n_jobs: int | None = None,
     show_progress: bool | None = None,
     on_shape: Callable[[str, tuple[int, ...]], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -373,17 +212,22 @@ def fit_neuralee(
     n_components, lam, perplexity, repulsion
         Embedding dimension, repulsion weight λ, perplexity of the affinities, ``"uniform"``/``"distance"`` W⁻.
     P
-        Global affinities of all cells (full batch and ``"graph"`` refinement); ``get_P`` computes them lazily when
-        needed (default: :func:`affinity_graph` of ``X``).
+        Global affinities of all cells (full batch and ``"graph"`` mode), when already computed.
+    affinities
+        Turns a representation (rows of ``X``) into its affinities: called for the global graph when ``P`` is
+        None and needed, and for the subsample of the large-data recipe in ``"graph"`` mode. Required then;
+        :func:`scembed.pp._affinity.compute_affinities` is the package's one such path.
     batch_size
         Cells per step; ``None`` or ≥ N: full batch.
     batch_affinity
         ``"batch"`` or ``"graph"`` (mini-batches only).
     n_subsample
         Train first on this many random cells (with their own affinities in ``"graph"`` mode), map everything and
-        refine on all cells for ``refine_epochs`` epochs (openTSNE's large-data recipe). ``None``: all cells.
-    maxit
+        refine on all cells for ``refine_max_epochs`` epochs (openTSNE's large-data recipe). ``None``: all cells.
+    max_epochs
         Epochs (passes over the training cells) of the main phase.
+    refine_max_epochs
+        Epochs of the refinement on all cells after a subsample phase.
     lr, hidden
         Adam learning rate and hidden layer sizes.
     early_exaggeration, exaggeration_epochs
@@ -416,10 +260,10 @@ def fit_neuralee(
     mean_pair = float((2 * N * (xd * xd).sum() - 2 * (xd.sum(0) ** 2).sum()) / max(N * (N - 1), 1))
     del xd
 
-    if get_P is None:
-
-        def get_P() -> sparse.csr_matrix:
-            return affinity_graph(X, perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
+    def get_affinities(rows: np.ndarray | None = None) -> sparse.spmatrix:
+        if affinities is None:
+            raise ValueError("fit_neuralee needs `P` or an `affinities` function in this mode.")
+        return affinities(X if rows is None else X[rows])
 
     net = build_network(D, n_components, hidden).to(device)
     opt = adam(net.parameters(), lr=lr)
@@ -452,7 +296,7 @@ def fit_neuralee(
 
     if full:
         if P is None:
-            P = get_P()
+            P = get_affinities()
         obj = EEObjective(P, lam=lam, repulsion=repulsion, X=X, device=device)
         note("P", (int(sparse.csr_matrix(P).nnz),))
 
@@ -468,7 +312,7 @@ def fit_neuralee(
             opt.step()
             return float(ea + lam * er)
 
-        n_epochs = run_phase(full_step, maxit, 0)
+        n_epochs = run_phase(full_step, max_epochs, 0)
         recalibrate_batchnorm(net, Xt)
         net.eval()
         return net, {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
@@ -546,22 +390,22 @@ def fit_neuralee(
     if batch_affinity == "graph":
         if n_sub < N:
             sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
-            P_sub = affinity_graph(X[sub.numpy()], perplexity, device=device, n_jobs=n_jobs, random_state=random_state)
-            n_epochs += run_phase(graph_step(P_sub, sub, 0), maxit, 0)
+            P_sub = get_affinities(sub.numpy())
+            n_epochs += run_phase(graph_step(P_sub, sub, 0), max_epochs, 0)
             del P_sub
-            if refine_epochs > 0:
-                P = P if P is not None else get_P()
-                n_epochs += run_phase(graph_step(P, cells_all, 1), refine_epochs, 1)
+            if refine_max_epochs > 0:
+                P = P if P is not None else get_affinities()
+                n_epochs += run_phase(graph_step(P, cells_all, 1), refine_max_epochs, 1)
         else:
-            P = P if P is not None else get_P()
-            n_epochs += run_phase(graph_step(P, cells_all, 0), maxit, 0)
+            P = P if P is not None else get_affinities()
+            n_epochs += run_phase(graph_step(P, cells_all, 0), max_epochs, 0)
     elif batch_affinity == "batch":
         if n_sub < N:
             sub = torch.sort(torch.randperm(N, generator=gen)[:n_sub]).values
-            n_epochs += run_phase(make_step(sub, 0), maxit, 0)
-            n_epochs += run_phase(make_step(cells_all, 1), refine_epochs, 1)
+            n_epochs += run_phase(make_step(sub, 0), max_epochs, 0)
+            n_epochs += run_phase(make_step(cells_all, 1), refine_max_epochs, 1)
         else:
-            n_epochs += run_phase(make_step(cells_all, 0), maxit, 0)
+            n_epochs += run_phase(make_step(cells_all, 0), max_epochs, 0)
     else:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
     recalibrate_batchnorm(net, Xt)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from .._utils._logging import progress
+from .._utils._logging import get_logger, progress
 
 
 def adam(params, **kwargs) -> torch.optim.Adam:
@@ -67,7 +67,8 @@ def train(
     desc
         Label of the progress bar.
     show_progress
-        Force the progress bar on/off (default: follows verbosity).
+        Force the progress bar on/off (``None``: shown unless the verbosity is 0 or ``se.settings.progress`` is
+        False). The bar shows ``desc``, the time left and the first losses of the last epoch.
     monitor
         The history entry watched by ``patience`` and ``keep_best``.
     patience
@@ -81,6 +82,8 @@ def train(
     stop
         Extra stopping rule, called after every epoch with the epoch and its losses.
 
+    A run stopped by ``patience`` or ``stop`` logs one info line, "stopped early at epoch k of n".
+
     Returns
     -------
     history
@@ -92,6 +95,7 @@ def train(
     best, best_epoch, best_state = math.inf, -1, None
     bar = progress(range(n_epochs), desc=desc, show=show_progress)
     n_run = 0
+    stopped = False
     for epoch in bar:
         out = step(epoch)
         losses = {monitor: float(out)} if not isinstance(out, Mapping) else {k: float(v) for k, v in out.items()}
@@ -99,7 +103,8 @@ def train(
             history.setdefault(name, []).append(value)
         n_run = epoch + 1
         current = losses.get(monitor, math.nan)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=False)
+        # the first epoch's losses are drawn at once (epochs can be long); later ones at tqdm's pace
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=epoch == 0)
         if not math.isfinite(current):
             raise FloatingPointError(
                 f"{desc}: the loss became {current} at epoch {epoch + 1}; try a smaller learning rate."
@@ -108,11 +113,12 @@ def train(
             best, best_epoch = current, epoch
             if keep_best and module is not None:
                 best_state = copy.deepcopy(module.state_dict())
-        if patience is not None and epoch - best_epoch >= patience:
-            break
-        if stop is not None and stop(epoch, losses):
+        if (patience is not None and epoch - best_epoch >= patience) or (stop is not None and stop(epoch, losses)):
+            stopped = n_run < n_epochs
             break
     bar.close()
+    if stopped:
+        get_logger().info(f"{desc}: stopped early at epoch {n_run} of {n_epochs}")
     if keep_best and module is not None and best_state is not None:
         module.load_state_dict(best_state)
     return history, n_run

@@ -1,35 +1,48 @@
 """Utilities shared by every public function: device, seeding, progress, input checks, representations."""
 
 from ._device import resolve_device
+from ._docs import doc_params, shared_docs
 from ._io import check_features, load_checkpoint, save_checkpoint
+from ._keys import OutputKeys, output_keys
 from ._logging import get_logger, progress, verbosity
 from ._random import check_random_state, seeded_torch
-from ._rep import get_representation, to_dense_rows
+from ._renames import renamed_parameters
+from ._rep import get_representation, network_input, pca_on_the_fly
 from ._validation import (
     check_adata,
+    check_affinity_matrix,
     check_counts,
     check_finite,
     check_in_range,
+    check_int_pair,
     check_key,
     check_positive_int,
 )
 
 __all__ = [
+    "OutputKeys",
     "check_adata",
+    "check_affinity_matrix",
     "check_counts",
     "check_features",
     "check_finite",
     "check_in_range",
+    "check_int_pair",
     "check_key",
     "check_positive_int",
     "check_random_state",
+    "doc_params",
     "get_logger",
     "get_representation",
     "load_checkpoint",
+    "network_input",
+    "output_keys",
+    "pca_on_the_fly",
     "progress",
+    "renamed_parameters",
     "resolve_device",
     "save_checkpoint",
     "seeded_torch",
-    "to_dense_rows",
+    "shared_docs",
     "verbosity",
 ]

@@ -42,7 +42,16 @@ def progress(
     show: bool | None = None,
     **kwargs: Any,
 ) -> tqdm:
-    """A tqdm bar shown when ``show`` is True, or when ``show`` is None and verbosity ≥ 2 (scanpy's info)."""
+    """A tqdm bar on stderr with the stage name, tqdm's elapsed and remaining time, and the postfix set by the caller.
+
+    ``show=True``/``False`` forces it on or off; ``None`` shows it unless the verbosity (``se.settings.verbosity``,
+    else scanpy's) is 0 or ``se.settings.progress`` is False.
+    """
     if show is None:
-        show = settings.progress and verbosity() >= 2
+        show = show_progress_default()
     return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def show_progress_default() -> bool:
+    """Whether progress bars are shown when a function gets ``show_progress=None``."""
+    return bool(settings.progress) and verbosity() > 0

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from anndata import AnnData
@@ -13,6 +13,46 @@ from ._validation import check_finite, check_key, check_positive_int
 #: below this many variables ``X`` is used as it is (scanpy uses the same rule in ``pp.neighbors``)
 N_VARS_USE_X = 50
 DEFAULT_N_PCS = 50
+
+
+def pca_on_the_fly(
+    X: np.ndarray | sparse.spmatrix | sparse.sparray,
+    n_pcs: int | None = None,
+    *,
+    random_state: int = 0,
+    projected: bool = False,
+    where: str = "adata.X",
+) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
+    """A PCA of ``X`` computed here (nothing stored), with the loadings that project new cells alike.
+
+    ``min(n_pcs or 50, n_obs - 1, n_vars - 1)`` components of :func:`scanpy.pp.pca` (seeded).
+
+    Returns
+    -------
+    rep
+        The cells' coordinates, float32: scanpy's scores, or with ``projected=True`` exactly
+        ``X @ loadings - offset`` (what a trained model computes for new cells, so that it reproduces its
+        training input).
+    name
+        ``"pca(X, n)"``, for the records.
+    loadings
+        ``(n_vars, n)`` float32.
+    offset
+        ``mean(X) @ loadings``, ``(n,)`` float32.
+    """
+    n_comps = min(n_pcs or DEFAULT_N_PCS, X.shape[0] - 1, X.shape[1] - 1)
+    get_logger().info(f"computing {n_comps} principal components of X (no 'X_pca' in obsm)")
+    check_finite(X, where)
+    import scanpy as sc
+
+    Xf = X.astype(np.float32) if sparse.issparse(X) else np.asarray(X, dtype=np.float32)
+    rep, comps, _, _ = sc.pp.pca(Xf, n_comps=n_comps, random_state=random_state, return_info=True)
+    W = np.ascontiguousarray(comps.T, dtype=np.float32)
+    mean = np.asarray(Xf.mean(0), dtype=np.float64).ravel()
+    offset = (mean @ W).astype(np.float32)
+    if projected:
+        rep = np.asarray(Xf @ W, dtype=np.float32) - offset
+    return np.ascontiguousarray(rep, dtype=np.float32), f"pca(X, {n_comps})", W, offset
 
 
 def get_representation(
@@ -32,14 +72,8 @@ def get_representation(
         elif adata.n_vars < N_VARS_USE_X:
             use_rep = "X"
         else:
-            n_comps = min(n_pcs or DEFAULT_N_PCS, adata.n_obs - 1, adata.n_vars - 1)
-            get_logger().info(f"computing {n_comps} principal components of X (no 'X_pca' in obsm)")
-            check_finite(adata.X, "adata.X")
-            import scanpy as sc
-
-            X = adata.X.astype(np.float32) if sparse.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
-            rep = sc.pp.pca(X, n_comps=n_comps, random_state=random_state)
-            return np.ascontiguousarray(rep, dtype=np.float32), f"pca(X, {n_comps})"
+            rep, name, _, _ = pca_on_the_fly(adata.X, n_pcs, random_state=random_state)
+            return rep, name
     if use_rep == "X":
         X = adata.X
         where = "adata.X"
@@ -64,15 +98,34 @@ def get_representation(
     return np.ascontiguousarray(X, dtype=np.float32), use_rep if n_pcs is None else f"{use_rep}[:, :{n_pcs}]"
 
 
-def to_dense_rows(X: np.ndarray | sparse.spmatrix | sparse.sparray, rows: np.ndarray | slice) -> np.ndarray:
-    """Rows of X as a dense float32 array; sparse matrices are densified only for these rows."""
-    block = X[rows]
-    if sparse.issparse(block):
-        block = block.toarray()
-    return np.asarray(block, dtype=np.float32)
+def network_input(
+    adata: AnnData, use_rep: str | None, n_pcs: int | None, *, random_state: int = 0
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """The input of a network that must embed new cells later: the representation, what it is, and a projection.
 
-
-def iter_row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
-    """Consecutive row slices covering ``range(n)``."""
-    for start in range(0, n, chunk_size):
-        yield slice(start, min(start + chunk_size, n))
+    As :func:`get_representation`, but a PCA computed on the fly keeps its loadings and offset (and its rep is
+    exactly their projection), and scanpy's ``varm["PCs"]`` are kept when they reproduce ``obsm["X_pca"]`` from
+    ``X``. Returns ``(rep, {"input", "rep_name"}, loadings or None, offset or None)``.
+    """
+    pca_key = use_rep if use_rep is not None else (REP_PCA if REP_PCA in adata.obsm else None)
+    if pca_key is None and adata.n_vars >= N_VARS_USE_X:
+        rep, name, W, offset = pca_on_the_fly(adata.X, n_pcs, random_state=random_state, projected=True)
+        return rep, {"input": "pca", "rep_name": name}, W, offset
+    X, rep_name = get_representation(adata, use_rep if pca_key is None else pca_key, n_pcs, random_state=random_state)
+    if pca_key is None:
+        return X, {"input": "X", "rep_name": rep_name}, None, None
+    W = offset = None
+    pcs = adata.varm.get("PCs") if pca_key == REP_PCA else None
+    if pcs is not None and pcs.shape[1] >= X.shape[1]:
+        # scanpy's loadings: keep them if they reproduce obsm["X_pca"] from X (i.e. X is what the PCA saw)
+        W = np.ascontiguousarray(np.asarray(pcs)[:, : X.shape[1]], dtype=np.float32)
+        mean = np.asarray(adata.X.mean(0), dtype=np.float64).ravel()
+        offset = (mean @ W).astype(np.float32)
+        rows = slice(0, min(adata.n_obs, 200))
+        head = adata.X[rows]
+        head = head.toarray() if sparse.issparse(head) else np.asarray(head)
+        recomputed = head.astype(np.float32) @ W - offset
+        scale = float(np.abs(X[rows]).max()) or 1.0
+        if not np.allclose(recomputed, X[rows], atol=1e-3 * scale):
+            W = offset = None
+    return X, {"input": f"obsm:{pca_key}", "rep_name": rep_name}, W, offset

@@ -79,3 +79,44 @@ def check_counts(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) ->
             f"{name} must hold raw (integer) counts, but it has non-integer values; "
             "pass the layer with raw counts via `layer=`."
         )
+
+
+def check_int_pair(
+    value: object, name: str, *, stages: tuple[str, str] = ("first", "second"), minimum: int = 1
+) -> tuple[int, int]:
+    """An int, or a pair of ints, for a two-stage trainer: ``n`` means ``(n, n)``; each must be ≥ ``minimum``.
+
+    ``stages`` names the two stages in the messages, e.g. ``("pretraining", "clustering")``.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, tuple | list) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        raise TypeError(f"`{name}` must be an int or a pair ({stages[0]}, {stages[1]}) of ints, got {value!r}.")
+    out = []
+    for stage, v in zip(stages, pair):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"`{name}` ({stage} stage) must be an integer, got {v!r}.")
+        if v < minimum:
+            raise ValueError(f"`{name}` ({stage} stage) must be ≥ {minimum}, got {v}.")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+def check_affinity_matrix(P: object, n: int, where: str) -> sparse.csr_matrix:
+    """A stored affinity matrix as CSR, checked: n × n, finite, non-negative and not all zero.
+
+    ``where`` names it in the messages (e.g. ``"adata.obsp['affinity']"``).
+    """
+    if not (sparse.issparse(P) or isinstance(P, np.ndarray)):
+        raise TypeError(f"{where} must be a sparse matrix or an array, got {type(P).__name__}.")
+    if P.ndim != 2 or P.shape != (n, n):
+        raise ValueError(f"{where} must be square, ({n}, {n}) for {n} cells, got {P.shape}.")
+    P = sparse.csr_matrix(P)
+    check_finite(P, where)
+    if P.nnz and P.data.min() < 0:
+        raise ValueError(f"{where} holds negative affinities (min {P.data.min():g}).")
+    if P.sum() <= 0:
+        raise ValueError(f"{where} is all zero.")
+    return P

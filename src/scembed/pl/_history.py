@@ -12,23 +12,19 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
-def _histories(entry: dict) -> dict[str, np.ndarray]:
-    """Per-iteration curves of a tool's ``uns`` entry.
-
-    Its ``history`` dict if it has one, else every numeric sequence in it (one level of nesting: ``outer/inner``).
-    """
-    if "history" in entry:
-        entry = entry["history"]
-    found: dict[str, np.ndarray] = {}
-    for name, value in entry.items():
-        items = value.items() if isinstance(value, dict) else [("", value)]
-        for inner, v in items:
-            if isinstance(v, str | bytes | dict):
-                continue
-            arr = np.asarray(v)
-            if arr.ndim == 1 and arr.size > 1 and np.issubdtype(arr.dtype, np.number):
-                found[f"{name}/{inner}" if inner else name] = arr.astype(float)
-    return found
+def _declared_history(adata: AnnData, key: str) -> dict[str, np.ndarray]:
+    """The per-epoch curves a trainer declared in ``adata.uns[key]["history"]``, as float arrays (1-D or 2-D)."""
+    check_key(adata.uns, key, arg="key", where="adata.uns")
+    entry = adata.uns[key]
+    if not isinstance(entry, dict) or not isinstance(entry.get("history"), dict) or not entry["history"]:
+        raise KeyError(f"`key={key!r}`: adata.uns[{key!r}] holds no per-epoch 'history' to plot.")
+    out = {}
+    for name, values in entry["history"].items():
+        arr = np.asarray(values, dtype=float)
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"adata.uns[{key!r}]['history'][{name!r}] must be 1- or 2-dimensional, got {arr.shape}.")
+        out[name] = arr
+    return out
 
 
 def history(
@@ -37,10 +33,14 @@ def history(
     *,
     curves: Sequence[str] | None = None,
     log_y: bool = False,
-    ax: Axes | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
-) -> Axes:
-    """Plot the per-iteration histories (losses, objective) that a tool stored in ``adata.uns[key]``.
+) -> Axes | list[Axes]:
+    """Plot the per-epoch losses a trainer declared in ``adata.uns[key]["history"]``, one panel per quantity.
+
+    Every quantity gets its own panel, y axis and label, so losses of different scales stay readable. A 2-D
+    history (one row per query batch, as iMAP's stage II) draws one line per row. Parameters, layer widths and
+    flags stored next to the history are not plotted.
 
     Parameters
     ----------
@@ -50,38 +50,49 @@ def history(
     key
         The tool's ``key_added`` (e.g. ``"ee"``).
     curves
-        Names of the histories to plot (default: all).
+        Names of the quantities to plot (default: all of the history).
     log_y
-        Logarithmic y axis.
+        Logarithmic y axes.
     ax
-        A matplotlib axes to draw into.
+        A matplotlib axes to draw into (one quantity), or a sequence of them, one per quantity (default: a new
+        figure).
     show
         Show the figure (default: when no ``ax`` was given and matplotlib is interactive).
 
     Returns
     -------
-    The matplotlib axes.
+    The matplotlib axes of the one quantity, or a list of axes, one per quantity.
     """
     import matplotlib.pyplot as plt
 
-    check_key(adata.uns, key, arg="key", where="adata.uns")
-    hist = _histories(adata.uns[key])
-    if not hist:
-        raise KeyError(f"`key={key!r}`: adata.uns[{key!r}] holds no per-iteration history to plot.")
+    hist = _declared_history(adata, key)
     names = list(hist) if curves is None else list(curves)
     for name in names:
-        check_key(hist, name, arg="curves", where=f"the histories of adata.uns[{key!r}]")
+        check_key(hist, name, arg="curves", where=f"adata.uns[{key!r}]['history']")
+    axes = None if ax is None else [ax] if not isinstance(ax, Sequence | np.ndarray) else list(ax)
+    if axes is None:
+        n_cols = min(3, len(names))
+        n_rows = -(-len(names) // n_cols)
+        fig, grid = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3 * n_rows), squeeze=False)
+        for extra in grid.ravel()[len(names) :]:
+            extra.set_visible(False)
+        axes = list(grid.ravel()[: len(names)])
+        fig.suptitle(key)
+    elif len(axes) != len(names):
+        raise ValueError(f"`ax` must hold one axes per quantity ({len(names)}: {names}), got {len(axes)}.")
+    for panel, name in zip(axes, names):
+        values = hist[name]
+        for i, row in enumerate(np.atleast_2d(values)):
+            label = f"{name} [{i}]" if values.ndim == 2 else name
+            panel.plot(np.arange(1, len(row) + 1), row, label=label)
+        panel.set_xlabel("epoch")
+        panel.set_ylabel(name)
+        if log_y:
+            panel.set_yscale("log")
+        if values.ndim == 2 and values.shape[0] > 1:
+            panel.legend(frameon=False)
     if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.5))
-    for name in names:
-        values = np.asarray(hist[name], dtype=float)
-        ax.plot(np.arange(1, len(values) + 1), values, label=name)
-    ax.set_xlabel("iteration")
-    ax.set_title(key)
-    if log_y:
-        ax.set_yscale("log")
-    if len(names) > 1:
-        ax.legend(frameon=False)
-    if show or (show is None and plt.isinteractive()):
+        axes[0].figure.tight_layout()
+    if show or (show is None and ax is None and plt.isinteractive()):
         plt.show()
-    return ax
+    return axes[0] if len(axes) == 1 else list(axes)

@@ -1,24 +1,140 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
-from .._constants import AFFINITY
+from .._constants import AFFINITY, REP_PCA
 from .._engine.affinity import entropic_affinities, padded_neighbors_from_graph
 from .._engine.knn import KNN_METHODS, METRICS, nearest_neighbors, resolve_knn_method
 from .._utils import (
     check_adata,
+    check_affinity_matrix,
     check_in_range,
     check_key,
     check_positive_int,
     get_logger,
     get_representation,
+    output_keys,
+    renamed_parameters,
     resolve_device,
+    shared_docs,
 )
 from .._utils._random import seed_int
 
 
+def compute_affinities(
+    X: np.ndarray,
+    perplexity: float,
+    *,
+    n_neighbors: int | None = None,
+    knn_method: str = "auto",
+    metric: str = "euclidean",
+    tol: float = 1e-5,
+    n_jobs: int | None = None,
+    device: Any = "auto",
+    random_state: int = 0,
+) -> tuple[sparse.csr_matrix, dict[str, Any]]:
+    """Entropic affinities of the rows of ``X``: the one path from a representation to P.
+
+    ``k = n_neighbors`` or ``min(3 · perplexity, n − 1)`` nearest neighbours (``knn_method``), then the entropic
+    calibration and symmetrisation of :func:`scembed._engine.affinity.entropic_affinities`. Used by
+    :func:`affinity` and by the tools that compute their affinities themselves (``tl.ee``, ``tl.neuralee``).
+
+    Returns
+    -------
+    P
+        ``(n, n)`` CSR float32, symmetric, summing to 1.
+    info
+        ``n_neighbors``, ``method`` (the search used) and ``n_unconverged``.
+    """
+    n = X.shape[0]
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if perplexity >= n - 1:
+        raise ValueError(f"`perplexity={perplexity:g}` must be smaller than n_obs - 1 = {n - 1}.")
+    k = min(int(3 * perplexity), n - 1) if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
+    if k > n - 1:
+        raise ValueError(f"`n_neighbors={k}` must be at most n_obs - 1 = {n - 1}.")
+    if perplexity >= k:
+        raise ValueError(f"`perplexity={perplexity:g}` must be smaller than `n_neighbors={k}`.")
+    method = resolve_knn_method(knn_method, n, dev)
+    get_logger().info(f"computing {k} nearest neighbours ({method}, {metric})")
+    indices, distances, method = nearest_neighbors(
+        X, k, method=method, metric=metric, n_jobs=n_jobs, device=dev, random_state=random_state
+    )
+    P, info = _calibrate(indices, distances, perplexity, tol, dev)
+    return P, {"n_neighbors": int(k), "method": method, **info}
+
+
+def _calibrate(indices, distances, perplexity: float, tol: float, dev) -> tuple[sparse.csr_matrix, dict[str, Any]]:
+    P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device=dev)
+    if n_bad:
+        get_logger().warning(
+            f"{n_bad} cell(s) could not be calibrated to perplexity {perplexity:g} within tol={tol:g} "
+            "(e.g. all their neighbours at the same distance)"
+        )
+    return sparse.csr_matrix(P), {"n_unconverged": int(n_bad)}
+
+
+def affinity_record(params: dict[str, Any], info: dict[str, Any], use_rep: str | None) -> dict[str, Any]:
+    """The ``uns`` entry written next to the affinities (by :func:`affinity` and by tools that compute them)."""
+    return {
+        "params": params,
+        "use_rep": "" if use_rep is None else use_rep,
+        "n_neighbors": int(info["n_neighbors"]),
+        "method": info["method"],
+        "n_unconverged": int(info["n_unconverged"]),
+    }
+
+
+def stored_affinities(adata: AnnData, affinity_key: str) -> sparse.csr_matrix | None:
+    """``adata.obsp[affinity_key]`` checked (square, finite, non-negative, not all zero) and symmetric, or None.
+
+    The one check of stored affinities: a bad matrix raises a ValueError naming the key before any training.
+    """
+    if affinity_key not in adata.obsp:
+        return None
+    where = f"adata.obsp[{affinity_key!r}]"
+    P = check_affinity_matrix(adata.obsp[affinity_key], adata.n_obs, where)
+    if abs(P - P.T).max() > 1e-6 * abs(P).max():
+        get_logger().warning(f"{where} is not symmetric; using (P + Pᵀ) / 2")
+        P = ((P + P.T) / 2).tocsr()
+    return P
+
+
+def tool_affinities(
+    X: np.ndarray,
+    rep_name: str,
+    *,
+    perplexity: float,
+    use_rep: str | None,
+    n_jobs: int | None,
+    device: Any,
+    random_state: int,
+) -> tuple[sparse.csr_matrix, dict[str, Any]]:
+    """Affinities a tool computes itself when ``obsp[affinity_key]`` is absent: P and the ``uns`` record to store.
+
+    Same path and defaults as ``pp.affinity(adata, perplexity, use_rep=...)``.
+    """
+    get_logger().info(f"computing entropic affinities (perplexity {perplexity:g}) on {rep_name}")
+    P, info = compute_affinities(X, perplexity, n_jobs=n_jobs, device=device, random_state=random_state)
+    params = {
+        "perplexity": float(perplexity),
+        "use_rep": rep_name,
+        "n_pcs": -1,
+        "metric": "euclidean",
+        "knn_method": "auto",
+        "neighbors_key": "",
+        "tol": 1e-5,
+        "random_state": int(random_state),
+    }
+    return P, affinity_record(params, info, use_rep)
+
+
+@renamed_parameters(method="knn_method")
+@shared_docs
 def affinity(
     adata: AnnData,
     perplexity: float = 30.0,
@@ -26,14 +142,14 @@ def affinity(
     use_rep: str | None = None,
     n_pcs: int | None = None,
     n_neighbors: int | None = None,
-    method: str = "auto",
+    knn_method: str = "auto",
     metric: str = "euclidean",
     neighbors_key: str | None = None,
     tol: float = 1e-5,
-    key_added: str = AFFINITY,
     n_jobs: int | None = None,
     device: str = "auto",
     random_state: int | None = 0,
+    key_added: str = AFFINITY,
     copy: bool = False,
 ) -> AnnData | None:
     """Perplexity-calibrated (entropic) affinities on a k-nearest-neighbour graph.
@@ -48,34 +164,27 @@ def affinity(
         Annotated data matrix.
     perplexity
         Effective number of neighbours. Must be smaller than the number of neighbours.
-    use_rep
-        Representation to use: a key of ``adata.obsm`` or ``"X"``. ``None`` (default) takes ``obsm["X_pca"]``, or
-        ``X`` when it has fewer than 50 variables, or otherwise a 50-component PCA of ``X`` computed on the fly.
-    n_pcs
-        Use only the first ``n_pcs`` columns of the representation.
+    {doc_use_rep}
     n_neighbors
         Neighbours per cell, *k*. Default ``min(3 · perplexity, n_obs − 1)`` as in t-SNE/openTSNE.
-    method
+    knn_method
         Nearest-neighbour search: ``"exact"`` (chunked brute force in torch, on the GPU when present),
         ``"annoy"``, ``"pynndescent"``, or ``"auto"`` (exact on a GPU or up to 20,000 cells, annoy beyond).
+        Formerly ``method``.
     metric
-        ``"euclidean"`` or ``"cosine"``; with ``method="pynndescent"`` any of its metrics.
+        ``"euclidean"`` or ``"cosine"``; with ``knn_method="pynndescent"`` any of its metrics.
     neighbors_key
         Reuse the distances of an existing neighbour graph instead of searching, e.g. ``"neighbors"`` for
         :func:`scanpy.pp.neighbors`' graph (``adata.obsp[adata.uns[neighbors_key]["distances_key"]]``). The graph
         must hold more than ``perplexity`` neighbours for every cell.
     tol
         Tolerance of the entropy calibration, in nats.
-    key_added
-        Key of the result in ``adata.obsp`` and ``adata.uns``.
     n_jobs
         CPU threads for the neighbour search (``None``: all cores).
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    random_state
-        Seed of the approximate neighbour searches and of the PCA computed when needed.
-    copy
-        Return a modified copy instead of writing to ``adata``.
+    {doc_device}
+    {doc_random_state}
+    {doc_key_added}
+    {doc_copy}
 
     Returns
     -------
@@ -96,75 +205,72 @@ def affinity(
     np.float32(1.0...)
     """
     needs_X = use_rep == "X" or (
-        use_rep is None and neighbors_key is None and "X_pca" not in getattr(adata, "obsm", {})
+        use_rep is None and neighbors_key is None and REP_PCA not in getattr(adata, "obsm", {})
     )
     check_adata(adata, min_obs=3, require_vars=needs_X)
     perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
-    if method not in KNN_METHODS:
-        raise ValueError(f"`method` must be one of {KNN_METHODS}, got {method!r}.")
-    if method != "pynndescent" and neighbors_key is None and metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {METRICS} (any pynndescent metric with method='pynndescent').")
+    if knn_method not in KNN_METHODS:
+        raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {knn_method!r}.")
+    if knn_method != "pynndescent" and neighbors_key is None and metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS} (any pynndescent metric with knn_method='pynndescent').")
     tol = check_in_range(tol, "tol", low=0, low_inclusive=False)
-    if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
-    n = adata.n_obs
+    keys = output_keys(key_added)
     dev = resolve_device(device)
     seed = seed_int(random_state)
-    log = get_logger()
 
     if neighbors_key is not None:
-        check_key(adata.uns, neighbors_key, arg="neighbors_key", where="adata.uns")
-        dist_key = adata.uns[neighbors_key].get("distances_key", "distances")
-        check_key(adata.obsp, dist_key, arg="neighbors_key", where=f"adata.obsp (via uns[{neighbors_key!r}])")
-        indices, distances = padded_neighbors_from_graph(adata.obsp[dist_key])
-        k_min = int((indices >= 0).sum(1).min())
-        if perplexity >= k_min:
-            raise ValueError(
-                f"`perplexity={perplexity:g}` needs more than {perplexity:g} neighbours per cell, but the graph "
-                f"obsp[{dist_key!r}] has only {k_min} for some cells; lower the perplexity or recompute the graph "
-                f"with sc.pp.neighbors(adata, n_neighbors={int(3 * perplexity) + 1})."
-            )
-        if not np.isfinite(distances[indices >= 0]).all():
-            raise ValueError(f"the graph obsp[{dist_key!r}] holds NaN or infinite distances.")
-        rep_name, k, used_method = f"obsp[{dist_key!r}]", indices.shape[1], "graph"
+        P, info, rep_name = _from_neighbors(adata, neighbors_key, perplexity, tol, dev)
     else:
+        n = adata.n_obs
         if perplexity >= n - 1:
             raise ValueError(f"`perplexity={perplexity:g}` must be smaller than n_obs - 1 = {n - 1}.")
-        k = min(int(3 * perplexity), n - 1) if n_neighbors is None else check_positive_int(n_neighbors, "n_neighbors")
-        if k > n - 1:
-            raise ValueError(f"`n_neighbors={k}` must be at most n_obs - 1 = {n - 1}.")
-        if perplexity >= k:
-            raise ValueError(f"`perplexity={perplexity:g}` must be smaller than `n_neighbors={k}`.")
+        if n_neighbors is not None:
+            check_positive_int(n_neighbors, "n_neighbors")
         X, rep_name = get_representation(adata, use_rep, n_pcs, random_state=seed)
-        used_method = resolve_knn_method(method, n, dev)
-        log.info(f"computing {k} nearest neighbours ({used_method}, {metric}) on {rep_name}")
-        indices, distances, used_method = nearest_neighbors(
-            X, k, method=used_method, metric=metric, n_jobs=n_jobs, device=dev, random_state=seed
-        )
-
-    P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device=dev)
-    if n_bad:
-        log.warning(
-            f"{n_bad} cell(s) could not be calibrated to perplexity {perplexity:g} within tol={tol:g} "
-            "(e.g. all their neighbours at the same distance)"
+        P, info = compute_affinities(
+            X,
+            perplexity,
+            n_neighbors=n_neighbors,
+            knn_method=knn_method,
+            metric=metric,
+            tol=tol,
+            n_jobs=n_jobs,
+            device=dev,
+            random_state=seed,
         )
 
     adata = adata.copy() if copy else adata
-    adata.obsp[key_added] = sparse.csr_matrix(P)
-    adata.uns[key_added] = {
-        "params": {
-            "perplexity": perplexity,
-            "use_rep": rep_name,
-            "n_pcs": -1 if n_pcs is None else int(n_pcs),
-            "metric": metric,
-            "method": method,
-            "neighbors_key": neighbors_key or "",
-            "tol": tol,
-            "random_state": seed,
-        },
-        "use_rep": "" if use_rep is None else use_rep,
-        "n_neighbors": int(k),
-        "method": used_method,
-        "n_unconverged": int(n_bad),
+    adata.obsp[keys.obsp] = P
+    params = {
+        "perplexity": perplexity,
+        "use_rep": rep_name,
+        "n_pcs": -1 if n_pcs is None else int(n_pcs),
+        "metric": metric,
+        "knn_method": knn_method,
+        "neighbors_key": neighbors_key or "",
+        "tol": tol,
+        "random_state": seed,
     }
+    adata.uns[keys.uns] = affinity_record(params, info, use_rep)
     return adata if copy else None
+
+
+def _from_neighbors(
+    adata: AnnData, neighbors_key: str, perplexity: float, tol: float, dev
+) -> tuple[sparse.csr_matrix, dict[str, Any], str]:
+    """Affinities from the distances of an existing neighbour graph (``neighbors_key``)."""
+    check_key(adata.uns, neighbors_key, arg="neighbors_key", where="adata.uns")
+    dist_key = adata.uns[neighbors_key].get("distances_key", "distances")
+    check_key(adata.obsp, dist_key, arg="neighbors_key", where=f"adata.obsp (via uns[{neighbors_key!r}])")
+    indices, distances = padded_neighbors_from_graph(adata.obsp[dist_key])
+    k_min = int((indices >= 0).sum(1).min())
+    if perplexity >= k_min:
+        raise ValueError(
+            f"`perplexity={perplexity:g}` needs more than {perplexity:g} neighbours per cell, but the graph "
+            f"obsp[{dist_key!r}] has only {k_min} for some cells; lower the perplexity or recompute the graph "
+            f"with sc.pp.neighbors(adata, n_neighbors={int(3 * perplexity) + 1})."
+        )
+    if not np.isfinite(distances[indices >= 0]).all():
+        raise ValueError(f"the graph obsp[{dist_key!r}] holds NaN or infinite distances.")
+    P, info = _calibrate(indices, distances, perplexity, tol, dev)
+    return P, {"n_neighbors": int(indices.shape[1]), "method": "graph", **info}, f"obsp[{dist_key!r}]"

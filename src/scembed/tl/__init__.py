@@ -1,11 +1,10 @@
 """Tools: embeddings, clustering and integration."""
 
-from .._engine.imap import IMAPModel
-from .._engine.neuralee import NeuralEEModel
+from .._engine.models import IMAPModel, NeuralEEModel, ScDeepClusterModel
 from ._ee import ee
 from ._imap import imap_integrate
 from ._neuralee import neuralee
-from ._scdeepcluster import ScDeepClusterModel, scdeepcluster
+from ._scdeepcluster import scdeepcluster
 
 __all__: list[str] = [
     "IMAPModel",

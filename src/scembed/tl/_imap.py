@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,15 +12,21 @@ from scipy import sparse
 
 from .._constants import IMAP
 from .._engine import imap as engine
+from .._engine.models.imap import IMAPModel
 from .._utils import (
+    OutputKeys,
     check_adata,
     check_finite,
     check_in_range,
+    check_int_pair,
     check_key,
     check_positive_int,
     get_logger,
+    output_keys,
+    renamed_parameters,
     resolve_device,
     seeded_torch,
+    shared_docs,
 )
 from .._utils._random import seed_int
 
@@ -27,6 +34,14 @@ METRICS = {"angular": "cosine", "cosine": "cosine", "euclidean": "euclidean"}
 KNN_METHODS = ("annoy", "exact")
 
 
+@renamed_parameters(
+    latent_dim="n_latent",
+    stage1_epochs="max_epochs[0]",
+    stage2_epochs="max_epochs[1]",
+    stage1_batch_size="batch_size[0]",
+    stage2_batch_size="batch_size[1]",
+)
+@shared_docs
 def imap_integrate(
     adata: AnnData,
     batch_key: str = "batch",
@@ -34,9 +49,8 @@ def imap_integrate(
     layer: str | None = None,
     use_hvg: bool = True,
     n_top_genes: int = 2000,
-    latent_dim: int = 256,
-    stage1_epochs: int = 150,
-    stage2_epochs: int = 150,
+    n_latent: int = 256,
+    max_epochs: int | tuple[int, int] = (150, 150),
     lambda_content: float = 3.0,
     lambda_recon: float = 1.0,
     n_sample: int = 3000,
@@ -48,19 +62,19 @@ def imap_integrate(
     order: Sequence | None = None,
     incremental: bool = False,
     n_critic: int = 10,
-    stage1_batch_size: int = 512,
-    stage2_batch_size: int = 1024,
+    batch_size: int | tuple[int, int] = (512, 1024),
     device: str = "auto",
     random_state: int | None = 0,
+    show_progress: bool | None = None,
     key_added: str = IMAP,
-    copy: bool = False,
     return_model: bool = False,
-) -> AnnData | engine.IMAPModel | tuple[AnnData, engine.IMAPModel] | None:
+    copy: bool = False,
+) -> AnnData | IMAPModel | tuple[AnnData, IMAPModel] | None:
     """Batch integration with iMAP (Wang et al. 2021) (two stages: content autoencoder, then adversarial correction).
 
-    **Stage I** trains a content encoder E (genes→1024→512→``latent_dim``) and a batch-conditioned decoder
+    **Stage I** trains a content encoder E (genes→1024→512→``n_latent``) and a batch-conditioned decoder
     Dec(c, b) = ReLU(G2([c; b]) + G1(b)) on batch-balanced *mixup* cells (random convex combinations of two cells
-    of the same batch, 512 per batch and step, 20 steps per epoch), minimising
+    of the same batch, ``batch_size[0]`` per batch and step, 20 steps per epoch), minimising
     ``lambda_recon`` · MSE(Dec(E(x), b), x) + ``lambda_content`` · MSE(E(x), E(Dec(E(x), b̃))) with b̃ a random
     batch. E(x) is a batch-free content representation of every cell.
 
@@ -74,6 +88,11 @@ def imap_integrate(
     Cost is set by the epochs, not by the number of cells (every epoch sees a fixed number of samples), apart from
     encoding and correcting every cell once. Sparse input is densified one mini-batch at a time; the caller's
     ``X``, ``var`` and cell order are never modified.
+
+    Names follow scembed's vocabulary, shared by all tools: ``max_epochs`` is ``(stage I epochs, stage II
+    epochs)`` (formerly ``stage1_epochs``, ``stage2_epochs``), ``batch_size`` the two stages' batch sizes (formerly
+    ``stage1_batch_size``, ``stage2_batch_size``), ``n_latent`` the size of the content representation (formerly
+    ``latent_dim``); the old names raise a ``TypeError`` naming the new one.
 
     Parameters
     ----------
@@ -91,12 +110,13 @@ def imap_integrate(
         (``flavor="seurat"``, ``batch_key``) on a copy of the data. ``False``: use every gene.
     n_top_genes
         Number of genes to select when ``use_hvg`` and ``var`` has no ``"highly_variable"`` column.
-    latent_dim
+    n_latent
         Size of the stage-I content representation and of the generator's bottleneck.
-    stage1_epochs
-        Epochs of stage I (20 steps each).
-    stage2_epochs
-        Epochs of stage II per query batch (10 critic steps of 1024 cells each).
+    max_epochs
+        ``(stage I, stage II)`` epochs; an int sets both. Stage I: 20 steps per epoch; stage II, per query batch:
+        ``n_critic`` critic steps and one generator step per epoch. ``max_epochs[1] == 0`` skips stage II: no
+        generator is trained, ``layers[key_added]`` and ``var[key_added + "_used"]`` are not written, and a
+        returned model has no generators (only ``encode`` is meaningful).
     lambda_content
         Weight of the content loss.
     lambda_recon
@@ -122,40 +142,36 @@ def imap_integrate(
         Grow the anchor with every corrected batch, so later batches are corrected onto all earlier ones.
     n_critic
         Critic steps per generator step (the original: 10, one generator step per epoch).
-    stage1_batch_size
-        Mixup cells drawn per batch in every stage-I step (20 steps per epoch).
-    stage2_batch_size
-        Query and anchor cells drawn in every stage-II step (10 steps per epoch).
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    random_state
-        Seed of all sampling and of the network initialisation (same seed and device → same result).
-    key_added
-        Names the outputs (see Returns).
-    copy
-        Return a modified copy instead of writing to ``adata``.
-    return_model
-        Also return the trained :class:`~scembed._engine.imap.IMAPModel` (encoder, decoder and the generator of
-        every query batch, with ``encode(X)`` and ``correct(X, batch)`` for new cells of a known batch, given as
-        log-normalised expression of ``model.genes``).
+    batch_size
+        ``(stage I, stage II)``; an int sets both. Stage I: mixup cells drawn per batch in every step; stage II:
+        query and anchor cells drawn in every step.
+    {doc_device}
+    {doc_random_state}
+    {doc_show_progress}
+    {doc_key_added}
+    {doc_return_model}
+    {doc_copy}
 
     Returns
     -------
-    ``None`` if ``copy=False``, else a new `AnnData` (with ``return_model=True``: the model, or
-    ``(adata, model)`` when ``copy=True``). Sets the following fields:
+    ``None`` if ``copy=False``, else a new `AnnData` (with ``return_model=True``: the model
+    (:class:`~scembed.tl.IMAPModel`, with ``encode(X)`` and ``correct(X, batch)`` for new cells of a known batch,
+    given as log-normalised expression of ``model.genes``), or ``(adata, model)`` when ``copy=True``). Sets the
+    following fields:
 
     `adata.obsm['X_imap' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-        Stage-I content representation, ``(n_obs, latent_dim)``, in the input cell order.
+        Stage-I content representation, ``(n_obs, n_latent)``, in the input cell order.
     `adata.layers['imap' | key_added]` : :class:`numpy.ndarray` or :class:`scipy.sparse.csr_matrix` (`float32`)
         Corrected expression of every gene (sparse when the input is): integrated genes corrected, the others
-        copied from the input.
+        copied from the input. Not written when ``max_epochs[1] == 0``.
     `adata.var['imap_used' | key_added + '_used']` : `bool`
-        Whether each gene was integrated.
+        Whether each gene was integrated (not written when ``max_epochs[1] == 0``).
     `adata.uns['imap' | key_added]` : `dict`
         `params`, `batches`, `order` (anchor first), `anchor`, `total_std` per batch, `n_genes_used`,
-        `stage1` (per-epoch `loss`, `recon`, `content`), `stage2` (per query batch in order: `batches`,
-        `n_mnn_pairs`, sample and pool sizes, and per-epoch `critic`, `wasserstein`, `penalty`, `generator`
-        losses as ``(n_query, epochs)`` arrays).
+        `history` (per-epoch losses: `stage1_loss`, `stage1_recon`, `stage1_content`, and stage II's
+        `stage2_critic`, `stage2_wasserstein`, `stage2_penalty`, `stage2_generator` as ``(n_query, epochs)``
+        arrays), `stage1` (the stage-I losses by their own names), `stage2` (per query batch in order: `batches`,
+        `n_mnn_pairs`, sample and pool sizes, and the per-epoch losses).
 
     Examples
     --------
@@ -163,13 +179,146 @@ def imap_integrate(
     >>> adata = se.datasets.simulate(2000, 1000, n_batches=2, batch_scale=0.8)
     >>> sc.pp.normalize_total(adata)
     >>> sc.pp.log1p(adata)
-    >>> se.tl.imap_integrate(adata, batch_key="batch", stage1_epochs=20, stage2_epochs=20)
+    >>> se.tl.imap_integrate(adata, batch_key="batch", max_epochs=20)
     >>> sc.pp.pca(adata, layer="imap")
     """
-    # ---- validate everything before any work
+    X, where, batch_idx, batches, sizes = _check_data(adata, batch_key, layer)
+    o = _check_options(
+        use_hvg=use_hvg,
+        incremental=incremental,
+        copy=copy,
+        n_top_genes=n_top_genes,
+        n_latent=n_latent,
+        max_epochs=max_epochs,
+        lambda_content=lambda_content,
+        lambda_recon=lambda_recon,
+        n_sample=n_sample,
+        walk_steps=walk_steps,
+        n_critic=n_critic,
+        batch_size=batch_size,
+        metric=metric,
+        knn_method=knn_method,
+    )
+    keys = output_keys(key_added)
+    order_idx = _resolve_order(order, batches)
+    genes, gene_source = _genes(adata, X, batch_idx, use_hvg, o["n_top_genes"])
+    k_w, k_m = _neighbour_counts(int(min(o["n_sample"], sizes.min())), k_within, k_mnn)
+    dev = resolve_device(device)
+    seed = seed_int(random_state)
+    log = get_logger()
+
+    X_used = X[:, genes]
+    X_used = sparse.csr_matrix(X_used, dtype=np.float32) if sparse.issparse(X_used) else np.asarray(X_used, np.float32)
+    vmax = X_used.max() if X_used.size else 0
+    if vmax > 50:
+        log.warning(f"iMAP expects log-normalised expression, but {where} reaches {float(vmax):g}; raw counts?")
+    groups = [np.flatnonzero(batch_idx == b) for b in range(len(batches))]
+    labels = [str(b) for b in batches]
+    source = engine.RowSource(X_used, dev)
+    total_std = engine.batch_total_std(source, groups)
+    if order_idx is None:
+        order_idx = [int(i) for i in np.argsort(-total_std, kind="stable")]
+    log.info(f"iMAP: {len(genes)} genes, anchor {labels[order_idx[0]]!r}, order {[labels[i] for i in order_idx]}")
+    encoder, decoder, codes, stages = _train(source, groups, order_idx, o, (k_w, k_m), labels, dev, seed, show_progress)
+    hist1, corrected, generators, infos, hist2 = stages
+    for info in infos:
+        if info["n_mnn_pairs"] == 0:
+            log.warning(
+                f"iMAP: no mutual nearest neighbours between batch {info['batch']!r} and the anchor; "
+                "paired every query cell with its nearest anchor cell instead."
+            )
+    layer_out = None if corrected is None else _assemble(X, corrected, genes)
+    params = {**o, "batch_key": batch_key, "layer": layer or "", "genes": gene_source, "device": str(dev)}
+    params.update(k_within=int(k_w), k_mnn=int(k_m), random_state=seed)
+    params.update(max_epochs=list(o["max_epochs"]), batch_size=list(o["batch_size"]))
+    adata = adata.copy() if copy else adata
+    adata.obsm[keys.obsm] = codes
+    record = {
+        "params": params,
+        "batches": labels,
+        "order": [labels[i] for i in order_idx],
+        "anchor": labels[order_idx[0]],
+        "total_std": [float(v) for v in total_std],
+        "n_genes_used": int(len(genes)),
+        "stage1": {k: np.asarray(v, dtype=np.float64) for k, v in hist1.items()},
+        "stage2": _stage2_summary(infos, hist2, o["max_epochs"][1]),
+    }
+    _write(adata, keys, layer_out, genes, record)
+    if return_model:
+        model = IMAPModel(
+            encoder=encoder,
+            decoder=decoder,
+            generators={batches[q]: g for q, g in generators.items()},
+            batches=batches,
+            order=[batches[i] for i in order_idx],
+            genes=[str(g) for g in adata.var_names[genes]],
+            var_names=[str(g) for g in adata.var_names],
+            layer=layer,
+        )
+        return (adata, model) if copy else model
+    return adata if copy else None
+
+
+def _train(
+    source: engine.RowSource,
+    groups: list[np.ndarray],
+    order_idx: list[int],
+    o: dict[str, Any],
+    ks: tuple[int, int],
+    labels: list[str],
+    dev: torch.device,
+    seed: int,
+    show_progress: bool | None,
+) -> tuple[Any, Any, np.ndarray, tuple]:
+    """Stage I, the codes of every cell, and stage II unless ``max_epochs[1] == 0`` (then no generator at all).
+
+    Returns the encoder, decoder, codes and ``(stage-I history, corrected rows or None, generators, stage-II
+    information, stage-II histories)``.
+    """
+    epochs1, epochs2 = o["max_epochs"]
+    with seeded_torch(seed, dev):
+        gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
+        encoder, decoder, hist1 = engine.train_stage1(
+            source,
+            groups,
+            latent_dim=o["n_latent"],
+            n_epochs=epochs1,
+            batch_size=o["batch_size"][0],
+            lambda_recon=o["lambda_recon"],
+            lambda_content=o["lambda_content"],
+            generator=gen,
+            show_progress=show_progress,
+        )
+        codes = engine.apply_in_chunks(encoder, source, np.arange(source.shape[0]))
+        corrected, generators, infos, hist2 = None, {}, [], []
+        if epochs2 > 0:
+            corrected, generators, infos, hist2 = engine.run_stage2(
+                source,
+                groups,
+                codes,
+                order_idx,
+                incremental=o["incremental"],
+                n_sample=o["n_sample"],
+                k_within=ks[0],
+                k_mnn=ks[1],
+                walk_steps=o["walk_steps"],
+                metric=METRICS[o["metric"]],
+                knn_method=o["knn_method"],
+                n_epochs=epochs2,
+                n_critic=o["n_critic"],
+                batch_size=o["batch_size"][1],
+                latent_dim=o["n_latent"],
+                generator=gen,
+                random_state=seed,
+                labels=labels,
+                show_progress=show_progress,
+            )
+    return encoder, decoder, codes, (hist1, corrected, generators, infos, hist2)
+
+
+def _check_data(adata: AnnData, batch_key: str, layer: str | None) -> tuple[Any, str, np.ndarray, list, np.ndarray]:
+    """The expression matrix (checked finite), its name, every cell's batch index, the batches and their sizes."""
     check_adata(adata, min_obs=4)
-    if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
     if not isinstance(batch_key, str):
         raise TypeError(f"`batch_key` must be a column name of adata.obs, got {batch_key!r}.")
     check_key(adata.obs, batch_key, arg="batch_key", where="adata.obs")
@@ -194,39 +343,49 @@ def imap_integrate(
     if sizes.min() < 2:
         small = [str(batches[i]) for i in np.flatnonzero(sizes < 2)]
         raise ValueError(f"every batch needs at least 2 cells; batch(es) {small} of `batch_key={batch_key!r}` have 1.")
-    for name, value in (("use_hvg", use_hvg), ("incremental", incremental), ("copy", copy)):
-        if not isinstance(value, bool | np.bool_):
-            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    n_top_genes = check_positive_int(n_top_genes, "n_top_genes")
-    latent_dim = check_positive_int(latent_dim, "latent_dim")
-    stage1_epochs = check_positive_int(stage1_epochs, "stage1_epochs", minimum=0)
-    stage2_epochs = check_positive_int(stage2_epochs, "stage2_epochs", minimum=0)
-    lambda_content = check_in_range(lambda_content, "lambda_content", low=0)
-    lambda_recon = check_in_range(lambda_recon, "lambda_recon", low=0)
-    n_sample = check_positive_int(n_sample, "n_sample", minimum=2)
-    walk_steps = check_positive_int(walk_steps, "walk_steps")
-    n_critic = check_positive_int(n_critic, "n_critic")
-    stage1_batch_size = check_positive_int(stage1_batch_size, "stage1_batch_size", minimum=2)
-    stage2_batch_size = check_positive_int(stage2_batch_size, "stage2_batch_size", minimum=2)
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {tuple(METRICS)}, got {metric!r}.")
-    if knn_method not in KNN_METHODS:
-        raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {knn_method!r}.")
-    order_idx = _resolve_order(order, batches)
+    return X, where, batch_idx, batches, sizes
 
-    # genes
+
+def _check_options(**o: Any) -> dict[str, Any]:
+    """Validate the scalar options; returns the resolved values (as recorded in ``uns``)."""
+    for name in ("use_hvg", "incremental", "copy"):
+        if not isinstance(o[name], bool | np.bool_):
+            raise TypeError(f"`{name}` must be True or False, got {o[name]!r}.")
+    if o["metric"] not in METRICS:
+        raise ValueError(f"`metric` must be one of {tuple(METRICS)}, got {o['metric']!r}.")
+    if o["knn_method"] not in KNN_METHODS:
+        raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {o['knn_method']!r}.")
+    return {
+        "use_hvg": bool(o["use_hvg"]),
+        "n_top_genes": check_positive_int(o["n_top_genes"], "n_top_genes"),
+        "n_latent": check_positive_int(o["n_latent"], "n_latent"),
+        "max_epochs": check_int_pair(o["max_epochs"], "max_epochs", stages=("stage I", "stage II"), minimum=0),
+        "lambda_content": check_in_range(o["lambda_content"], "lambda_content", low=0),
+        "lambda_recon": check_in_range(o["lambda_recon"], "lambda_recon", low=0),
+        "n_sample": check_positive_int(o["n_sample"], "n_sample", minimum=2),
+        "walk_steps": check_positive_int(o["walk_steps"], "walk_steps"),
+        "metric": o["metric"],
+        "knn_method": o["knn_method"],
+        "incremental": bool(o["incremental"]),
+        "n_critic": check_positive_int(o["n_critic"], "n_critic"),
+        "batch_size": check_int_pair(o["batch_size"], "batch_size", stages=("stage I", "stage II"), minimum=2),
+    }
+
+
+def _genes(adata: AnnData, X, batch_idx: np.ndarray, use_hvg: bool, n_top_genes: int) -> tuple[np.ndarray, str]:
+    """The integrated genes and how they were chosen."""
     if use_hvg and "highly_variable" in adata.var:
         genes = np.flatnonzero(adata.var["highly_variable"].to_numpy(dtype=bool))
         if genes.size == 0:
             raise ValueError("adata.var['highly_variable'] marks no gene; unmark it or pass `use_hvg=False`.")
-        gene_source = "var['highly_variable']"
-    elif use_hvg and n_top_genes < adata.n_vars:
-        genes, gene_source = _select_hvg(X, adata.var_names, batch_idx, n_top_genes), "seurat per batch"
-    else:
-        genes, gene_source = np.arange(adata.n_vars), "all"
+        return genes, "var['highly_variable']"
+    if use_hvg and n_top_genes < adata.n_vars:
+        return _select_hvg(X, adata.var_names, batch_idx, n_top_genes), "seurat per batch"
+    return np.arange(adata.n_vars), "all"
 
-    # neighbour counts: the smallest sample decides what is possible
-    s_min = int(min(n_sample, sizes.min()))
+
+def _neighbour_counts(s_min: int, k_within: int | None, k_mnn: int | None) -> tuple[int, int]:
+    """``k_within`` and ``k_mnn`` resolved and lowered (with a warning) to what the smallest sample allows."""
     log = get_logger()
     k_w = max(10, s_min // 100) if k_within is None else check_positive_int(k_within, "k_within")
     if k_w > s_min - 1:
@@ -236,117 +395,19 @@ def imap_integrate(
     if k_m > s_min:
         log.warning(f"iMAP: the smallest batch has {s_min} cells; k_mnn lowered from {k_m} to {s_min}.")
         k_m = s_min
-    dev = resolve_device(device)
-    seed = seed_int(random_state)
+    return k_w, k_m
 
-    # ---- work
-    X_used = X[:, genes]
-    if sparse.issparse(X_used):
-        X_used = sparse.csr_matrix(X_used, dtype=np.float32)
-    else:
-        X_used = np.asarray(X_used, dtype=np.float32)
-    vmax = X_used.max() if X_used.size else 0
-    if vmax > 50:
-        log.warning(f"iMAP expects log-normalised expression, but {where} reaches {float(vmax):g}; raw counts?")
-    groups = [np.flatnonzero(batch_idx == b) for b in range(len(batches))]
-    labels = [str(b) for b in batches]
-    source = engine.RowSource(X_used, dev)
-    total_std = engine.batch_total_std(source, groups)
-    if order_idx is None:
-        order_idx = [int(i) for i in np.argsort(-total_std, kind="stable")]
-    log.info(f"iMAP: {len(genes)} genes, anchor {labels[order_idx[0]]!r}, order {[labels[i] for i in order_idx]}")
 
-    with seeded_torch(seed, dev):
-        gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
-        encoder, decoder, hist1 = engine.train_stage1(
-            source,
-            groups,
-            latent_dim=latent_dim,
-            n_epochs=stage1_epochs,
-            batch_size=stage1_batch_size,
-            lambda_recon=lambda_recon,
-            lambda_content=lambda_content,
-            generator=gen,
-        )
-        codes = engine.apply_in_chunks(encoder, source, np.arange(adata.n_obs))
-        corrected, generators, infos, hist2 = engine.run_stage2(
-            source,
-            groups,
-            codes,
-            order_idx,
-            incremental=bool(incremental),
-            n_sample=n_sample,
-            k_within=k_w,
-            k_mnn=k_m,
-            walk_steps=walk_steps,
-            metric=METRICS[metric],
-            knn_method=knn_method,
-            n_epochs=stage2_epochs,
-            n_critic=n_critic,
-            batch_size=stage2_batch_size,
-            latent_dim=latent_dim,
-            generator=gen,
-            random_state=seed,
-            labels=labels,
-        )
-    for info in infos:
-        if info["n_mnn_pairs"] == 0:
-            log.warning(
-                f"iMAP: no mutual nearest neighbours between batch {info['batch']!r} and the anchor; "
-                "paired every query cell with its nearest anchor cell instead."
-            )
-    layer_out = _assemble(X, corrected, genes)
-
-    adata = adata.copy() if copy else adata
-    adata.obsm["X_" + key_added] = codes
-    adata.layers[key_added] = layer_out
-    used = np.zeros(adata.n_vars, dtype=bool)
-    used[genes] = True
-    adata.var[key_added + "_used"] = used
-    adata.uns[key_added] = {
-        "params": {
-            "batch_key": batch_key,
-            "layer": layer or "",
-            "use_hvg": bool(use_hvg),
-            "genes": gene_source,
-            "n_top_genes": n_top_genes,
-            "latent_dim": latent_dim,
-            "stage1_epochs": stage1_epochs,
-            "stage2_epochs": stage2_epochs,
-            "lambda_content": lambda_content,
-            "lambda_recon": lambda_recon,
-            "n_sample": n_sample,
-            "k_within": int(k_w),
-            "k_mnn": int(k_m),
-            "walk_steps": walk_steps,
-            "metric": metric,
-            "knn_method": knn_method,
-            "incremental": bool(incremental),
-            "n_critic": n_critic,
-            "stage1_batch_size": stage1_batch_size,
-            "stage2_batch_size": stage2_batch_size,
-            "device": str(dev),
-            "random_state": seed,
-        },
-        "batches": labels,
-        "order": [labels[i] for i in order_idx],
-        "anchor": labels[order_idx[0]],
-        "total_std": [float(v) for v in total_std],
-        "n_genes_used": int(len(genes)),
-        "stage1": {k: np.asarray(v, dtype=np.float64) for k, v in hist1.items()},
-        "stage2": _stage2_summary(infos, hist2, stage2_epochs),
-    }
-    if return_model:
-        model = engine.IMAPModel(
-            encoder=encoder,
-            decoder=decoder,
-            generators={batches[q]: g for q, g in generators.items()},
-            batches=batches,
-            order=[batches[i] for i in order_idx],
-            genes=[str(g) for g in adata.var_names[genes]],
-        )
-        return (adata, model) if copy else model
-    return adata if copy else None
+def _write(adata: AnnData, keys: OutputKeys, layer_out, genes: np.ndarray, record: dict) -> None:
+    """Corrected expression to ``layers[key]``, ``var[key + "_used"]`` (if stage II ran); record to ``uns[key]``."""
+    if layer_out is not None:
+        adata.layers[keys.layers] = layer_out
+        used = np.zeros(adata.n_vars, dtype=bool)
+        used[genes] = True
+        adata.var[keys.suffixed("used")] = used
+    history = {f"stage1_{k}": v for k, v in record["stage1"].items()}
+    history.update({f"stage2_{k}": record["stage2"][k] for k in ("critic", "wasserstein", "penalty", "generator")})
+    adata.uns[keys.uns] = {**record, "history": history}
 
 
 def _resolve_order(order: Sequence | None, batches: list) -> list[int] | None:

@@ -8,84 +8,51 @@ import torch
 from anndata import AnnData
 from scipy import sparse
 
-from .._constants import AFFINITY, NEURALEE, REP_PCA
+from .._constants import AFFINITY, NEURALEE
 from .._engine.ee_objective import REPULSIONS
-from .._engine.neuralee import BATCH_AFFINITIES, NeuralEEModel, fit_neuralee
+from .._engine.models.neuralee import NeuralEEModel
+from .._engine.neuralee import BATCH_AFFINITIES, fit_neuralee
 from .._utils import (
     check_adata,
-    check_finite,
     check_in_range,
     check_positive_int,
-    get_logger,
-    get_representation,
+    network_input,
+    output_keys,
+    renamed_parameters,
     resolve_device,
     seeded_torch,
+    shared_docs,
 )
 from .._utils._random import seed_int
-from .._utils._rep import DEFAULT_N_PCS, N_VARS_USE_X
+from ..pp._affinity import stored_affinities, tool_affinities
 
-#: ``N_small=None`` trains full batch up to this many cells, and in mini-batches of it beyond
+#: ``batch_size=None`` trains full batch up to this many cells, and in mini-batches of it beyond
 AUTO_BATCH = 1024
 #: ``n_subsample=None``: above this many cells, train on this many first (openTSNE's large-data recipe)
 AUTO_SUBSAMPLE = 100_000
 
 
-def _resolve_n_small(N_small: int | float | None, n: int) -> int:
-    if N_small is None:
+def _resolve_batch_size(batch_size: int | float | None, n: int) -> int:
+    if batch_size is None:
         return min(n, AUTO_BATCH)
-    if isinstance(N_small, bool) or not isinstance(N_small, numbers.Real):
-        raise TypeError(f"`N_small` must be an int (cells), a float in (0, 1] (fraction) or None, got {N_small!r}.")
-    if isinstance(N_small, numbers.Integral):
-        if not 2 <= N_small:
-            raise ValueError(f"`N_small` must be at least 2 cells, got {N_small}.")
-        return min(int(N_small), n)
-    if not (0 < N_small <= 1) or not np.isfinite(N_small):
-        raise ValueError(f"`N_small` as a fraction must lie in (0, 1], got {N_small}.")
-    b = int(round(N_small * n))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real):
+        raise TypeError(
+            f"`batch_size` must be an int (cells), a float in (0, 1] (fraction) or None, got {batch_size!r}."
+        )
+    if isinstance(batch_size, numbers.Integral):
+        if not 2 <= batch_size:
+            raise ValueError(f"`batch_size` must be at least 2 cells, got {batch_size}.")
+        return min(int(batch_size), n)
+    if not (0 < batch_size <= 1) or not np.isfinite(batch_size):
+        raise ValueError(f"`batch_size` as a fraction must lie in (0, 1], got {batch_size}.")
+    b = int(round(batch_size * n))
     if b < 2:
-        raise ValueError(f"`N_small={N_small}` gives {b} cell(s) per batch for {n} cells; at least 2 are needed.")
+        raise ValueError(f"`batch_size={batch_size}` gives {b} cell(s) per batch for {n} cells; at least 2 are needed.")
     return b
 
 
-def _input_representation(
-    adata: AnnData, use_rep: str | None, n_pcs: int | None, seed: int
-) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    """The network's input, what it is (metadata for the model) and optional PCA loadings/offset to recompute it."""
-    pca_key = use_rep if use_rep is not None else (REP_PCA if REP_PCA in adata.obsm else None)
-    if pca_key is None and adata.n_vars >= N_VARS_USE_X:
-        # PCA on the fly, keeping the loadings so that new cells can be projected alike
-        n_comps = min(n_pcs or DEFAULT_N_PCS, adata.n_obs - 1, adata.n_vars - 1)
-        check_finite(adata.X, "adata.X")
-        import scanpy as sc
-
-        get_logger().info(f"computing {n_comps} principal components of X (no 'X_pca' in obsm)")
-        Xf = adata.X.astype(np.float32) if sparse.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
-        _, comps, _, _ = sc.pp.pca(Xf, n_comps=n_comps, random_state=seed, return_info=True)
-        W = np.ascontiguousarray(comps.T, dtype=np.float32)
-        mean = np.asarray(Xf.mean(0), dtype=np.float64).ravel()
-        offset = (mean @ W).astype(np.float32)
-        rep = np.asarray(Xf @ W, dtype=np.float32) - offset
-        return np.ascontiguousarray(rep), {"input": "pca", "rep_name": f"pca(X, {n_comps})"}, W, offset
-    X, rep_name = get_representation(adata, use_rep if pca_key is None else pca_key, n_pcs, random_state=seed)
-    if pca_key is None:
-        return X, {"input": "X", "rep_name": rep_name}, None, None
-    W = offset = None
-    pcs = adata.varm.get("PCs") if pca_key == REP_PCA else None
-    if pcs is not None and pcs.shape[1] >= X.shape[1]:
-        # scanpy's loadings: keep them if they reproduce obsm["X_pca"] from X (i.e. X is what the PCA saw)
-        W = np.ascontiguousarray(np.asarray(pcs)[:, : X.shape[1]], dtype=np.float32)
-        mean = np.asarray(adata.X.mean(0), dtype=np.float64).ravel()
-        offset = (mean @ W).astype(np.float32)
-        rows = slice(0, min(adata.n_obs, 200))
-        head = adata.X[rows]
-        head = head.toarray() if sparse.issparse(head) else np.asarray(head)
-        recomputed = head.astype(np.float32) @ W - offset
-        scale = float(np.abs(X[rows]).max()) or 1.0
-        if not np.allclose(recomputed, X[rows], atol=1e-3 * scale):
-            W = offset = None
-    return X, {"input": f"obsm:{pca_key}", "rep_name": rep_name}, W, offset
-
-
+@renamed_parameters(N_small="batch_size", maxit="max_epochs", refine_epochs="refine_max_epochs")
+@shared_docs
 def neuralee(
     adata: AnnData,
     n_components: int = 2,
@@ -94,26 +61,27 @@ def neuralee(
     perplexity: float = 30.0,
     use_rep: str | None = None,
     n_pcs: int | None = None,
-    N_small: int | float | None = None,
-    maxit: int = 500,
+    batch_size: int | float | None = None,
+    max_epochs: int = 500,
     lr: float = 0.01,
     hidden: tuple[int, ...] | list[int] = (50, 50),
     repulsion: str = "uniform",
     batch_affinity: str = "graph",
     n_subsample: int | None = None,
-    refine_epochs: int = 10,
+    refine_max_epochs: int = 10,
     early_exaggeration: float = 1.0,
     exaggeration_epochs: int = 0,
     patience: int | None = 50,
     affinity_key: str = AFFINITY,
+    n_jobs: int | None = None,
     device: str = "auto",
     random_state: int | None = 0,
-    n_jobs: int | None = None,
-    key_added: str = "X_neuralee",
+    show_progress: bool | None = None,
+    key_added: str = NEURALEE,
     return_model: bool = False,
     copy: bool = False,
 ) -> AnnData | NeuralEEModel | tuple[AnnData, NeuralEEModel] | None:
-    """NeuralEE: a neural network trained on the Elastic Embedding objective (Xiang et al. 2021).
+    """NeuralEE: a neural network trained on the Elastic Embedding objective (Xiong et al., Frontiers in Genetics 2020).
 
     A network f_θ (as in the original: two hidden layers of 50 units with BatchNorm and ReLU) maps each cell's
     input representation x to its embedding y = f_θ(x); θ minimises the EE objective
@@ -123,23 +91,25 @@ def neuralee(
     with W⁺ the entropic affinities (:func:`scembed.pp.affinity`) and W⁻ uniform or the squared input distances.
     Because the embedding is a function, new cells are embedded by the trained model (``return_model=True``).
 
-    Training, by batch size ``N_small``:
+    Training, by ``batch_size``:
 
-    - **full batch** (``N_small`` covers every cell): each epoch evaluates E on all cells with the sparse affinity
+    - **full batch** (``batch_size`` covers every cell): each epoch evaluates E on all cells with the sparse affinity
       graph ``obsp[affinity_key]`` (computed with :func:`scembed.pp.affinity` if missing) and a tiled repulsion;
-    - **mini-batches**: every epoch draws fresh random batches of ``N_small`` cells. With
+    - **mini-batches**: every epoch draws fresh random batches of ``batch_size`` cells. With
       ``batch_affinity="graph"`` (default) each batch cell draws a few neighbours from the global sparse affinity
       graph (unbiased estimate of the attraction of all cells), and repulsion acts between all pairs of the
       batch: a stochastic gradient of the EE objective of all N cells. With ``batch_affinity="batch"`` the
       affinities are recomputed among the batch's cells on the device (exact kNN in the batch + entropic
       calibration, as the original did on its fixed partitions): no global graph is needed at all. Host memory is
-      O(N·D + N·k) in both; nothing of size N·N_small is stored. ``"graph"`` is the default because it optimises
-      the EE objective of all cells and measured both faster and more faithful: on pbmc_10x_4k (batches of 1,024,
-      100 epochs, 2 CPU threads) 5.1 s, 10-NN accuracy 0.888, centroid-distance Spearman 0.81, against 23 s, 0.888
-      and 0.74 for ``"batch"`` (whose per-batch kNN search and calibration dominate the step).
+      O(N·D + N·k) in both; nothing of size N·batch_size is stored. ``"graph"`` is the default because it
+      optimises the EE objective of all cells; it also measured faster and more faithful (the project's
+      ``benchmarks/README.md``), as the per-batch kNN search and calibration dominate a ``"batch"`` step.
     - **large data** (openTSNE's recipe): with ``n_subsample`` < N (default: 100,000 cells once N exceeds that),
       the network is trained on a random subsample (with its own affinities), then every cell is mapped through
-      it and training is refined on all cells for ``refine_epochs`` epochs.
+      it and training is refined on all cells for ``refine_max_epochs`` epochs.
+
+    Names differ from the original's where scembed's vocabulary is shared by all tools: ``batch_size`` is the
+    original's ``N_small``, ``max_epochs`` its ``maxit``; ``n_components`` its ``d``.
 
     Parameters
     ----------
@@ -157,12 +127,12 @@ def neuralee(
         model, so that :meth:`NeuralEEModel.transform` projects new cells the same way).
     n_pcs
         Use only the first ``n_pcs`` columns of the representation.
-    N_small
+    batch_size
         Cells per mini-batch, as an int or a fraction of the cells (the original's ``N_small``); ``1.0`` or ≥
         ``n_obs`` trains full batch. ``None``: full batch up to 1,024 cells, mini-batches of 1,024 beyond.
-    maxit
-        Maximum number of epochs (passes over the training cells); training stops earlier when the loss has not
-        improved for ``patience`` epochs, and the weights of the best epoch are kept.
+    max_epochs
+        Maximum number of epochs (passes over the training cells; the original's ``maxit``); training stops
+        earlier when the loss has not improved for ``patience`` epochs, and the weights of the best epoch are kept.
     lr
         Adam learning rate (the original's 0.01).
     hidden
@@ -173,43 +143,38 @@ def neuralee(
         ``"graph"`` or ``"batch"``: how mini-batches get their attraction (see above).
     n_subsample
         Cells to train on first in the large-data recipe; ``None``: ``min(n_obs, 100000)``.
-    refine_epochs
-        Epochs on all cells after the subsample phase (only when ``n_subsample`` < ``n_obs``).
+    refine_max_epochs
+        Maximum epochs on all cells after the subsample phase (only when ``n_subsample`` < ``n_obs``).
     early_exaggeration
         Factor multiplying the attraction during the first ``exaggeration_epochs`` epochs.
     exaggeration_epochs
-        Epochs of early exaggeration (0: none). Off by
-        default: unlike t-SNE, the network's smoothness already keeps clusters together, and on pbmc_10x_4k an
-        exaggeration of 4 for 25 of 100 epochs lowered the centroid-distance Spearman from 0.81 to 0.48 and the
-        10-NN accuracy from 0.888 to 0.878.
+        Epochs of early exaggeration (0: none). Off by default: unlike t-SNE, the network's smoothness already
+        keeps clusters together, and exaggeration measured worse on the benchmark data (``benchmarks/README.md``).
     patience
-        Epochs without improvement before stopping (``None``: run ``maxit`` epochs).
+        Epochs without improvement before stopping (``None``: run ``max_epochs`` epochs).
     affinity_key
-        ``obsp`` key of the affinity graph to use (and where it is stored when computed here).
-    device
-        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-    random_state
-        Seed of the initial weights, batches, samples and PCA. The same seed on the same device gives the same
-        result.
+        ``obsp`` key of the affinity graph to use (checked: square, finite, non-negative, not all zero), and where
+        it is stored when computed here.
     n_jobs
         Threads of the neighbour search (``None``: all cores).
-    key_added
-        ``obsm`` key of the embedding; ``uns`` key is ``key_added`` without a leading ``"X_"``.
-    return_model
-        Also return the trained :class:`~scembed._engine.neuralee.NeuralEEModel`.
-    copy
-        Return a modified copy instead of writing to ``adata``.
+    {doc_device}
+    {doc_random_state}
+    {doc_show_progress}
+    {doc_key_added}
+    {doc_return_model}
+    {doc_copy}
 
     Returns
     -------
     `None`, or the new `AnnData` if `copy=True`; with `return_model=True` the model (alone, or `(adata, model)`
     with `copy=True`). Sets the following fields:
 
-    `adata.obsm['X_neuralee' | key_added]` : :class:`numpy.ndarray` (dtype `float32`)
+    `adata.obsm['X_neuralee' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
         The embedding, ``(n_obs, n_components)``.
-    `adata.uns['neuralee']` : `dict`
-        `params` (the call's resolved parameters), `loss` (EE objective per epoch; mini-batch epochs report the
-        mean of their batch estimates), `phase` (0: main/subsample phase, 1: refinement), `n_epochs`, `mode`
+    `adata.uns['neuralee' | key_added]` : `dict`
+        `params` (the call's resolved parameters), `history` (`loss`: the EE objective per epoch; mini-batch
+        epochs report the mean of their batch estimates), `phase` (per epoch, 0: main/subsample phase,
+        1: refinement), `n_epochs`, `mode`
         (``"full"``, ``"graph"`` or ``"batch"``), `input` (the representation the network reads).
     `adata.obsp['affinity' | affinity_key]`, `adata.uns['affinity' | affinity_key]`
         Only when the global affinities were needed and absent (as :func:`scembed.pp.affinity` writes them).
@@ -222,125 +187,54 @@ def neuralee(
     >>> sc.pl.embedding(adata, basis="neuralee", color="bulk_labels")  # doctest: +SKIP
     >>> new_coords = model.transform(other_adata)  # doctest: +SKIP
     """
-    # ---- validate everything before any work
-    check_adata(adata, min_obs=4)
-    n = adata.n_obs
-    n_components = check_positive_int(n_components, "n_components")
-    lam = check_in_range(lam, "lam", low=0, low_inclusive=False)
-    perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
-    if perplexity >= n - 1:
-        raise ValueError(f"`perplexity={perplexity:g}` must be smaller than n_obs - 1 = {n - 1}.")
-    batch = _resolve_n_small(N_small, n)
-    maxit = check_positive_int(maxit, "maxit")
-    lr = check_in_range(lr, "lr", low=0, low_inclusive=False)
-    hidden = tuple(check_positive_int(h, "hidden") for h in hidden)
-    if repulsion not in REPULSIONS:
-        raise ValueError(f"`repulsion` must be one of {REPULSIONS}, got {repulsion!r}.")
-    if batch_affinity not in BATCH_AFFINITIES:
-        raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
-    n_sub = min(n, AUTO_SUBSAMPLE) if n_subsample is None else check_positive_int(n_subsample, "n_subsample")
-    n_sub = min(n_sub, n)
-    if n_sub < batch:
-        raise ValueError(f"`n_subsample={n_sub}` must be at least the batch size N_small={batch}.")
-    refine_epochs = check_positive_int(refine_epochs, "refine_epochs", minimum=0)
-    early_exaggeration = check_in_range(early_exaggeration, "early_exaggeration", low=0, low_inclusive=False)
-    exaggeration_epochs = check_positive_int(exaggeration_epochs, "exaggeration_epochs", minimum=0)
-    if patience is not None:
-        patience = check_positive_int(patience, "patience")
-    if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
-    if not isinstance(affinity_key, str) or not affinity_key:
-        raise TypeError(f"`affinity_key` must be a non-empty string, got {affinity_key!r}.")
-    if affinity_key in adata.obsp and adata.obsp[affinity_key].shape != (n, n):
-        raise ValueError(f"adata.obsp[{affinity_key!r}] must be {n} × {n}.")
+    opts = _check_options(
+        adata,
+        n_components=n_components,
+        lam=lam,
+        perplexity=perplexity,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        lr=lr,
+        hidden=hidden,
+        repulsion=repulsion,
+        batch_affinity=batch_affinity,
+        n_subsample=n_subsample,
+        refine_max_epochs=refine_max_epochs,
+        early_exaggeration=early_exaggeration,
+        exaggeration_epochs=exaggeration_epochs,
+        patience=patience,
+        affinity_key=affinity_key,
+    )
+    keys = output_keys(key_added)
     dev = resolve_device(device)
     seed = seed_int(random_state)
-    log = get_logger()
-
-    X, source, W, offset = _input_representation(adata, use_rep, n_pcs, seed)
-    full = batch >= n
-    needs_global = full or (batch_affinity == "graph" and (n_sub >= n or refine_epochs > 0))
-    new_affinity: dict[str, Any] = {}
-
-    def get_P() -> sparse.csr_matrix:
-        from .. import pp
-
-        log.info(f"computing entropic affinities (perplexity {perplexity:g}) on {source['rep_name']}")
-        shell = AnnData(X=X)
-        pp.affinity(shell, perplexity, use_rep="X", n_jobs=n_jobs, device=str(dev), random_state=seed)
-        new_affinity["P"] = shell.obsp[AFFINITY]
-        new_affinity["uns"] = shell.uns[AFFINITY]
-        new_affinity["uns"]["params"]["use_rep"] = source["rep_name"]
-        return new_affinity["P"]
-
-    P = adata.obsp[affinity_key] if (needs_global and affinity_key in adata.obsp) else None
+    n = adata.n_obs
+    P = stored_affinities(adata, affinity_key)
+    X, source, W, offset = network_input(adata, use_rep, n_pcs, random_state=seed)
+    affinities, new_affinity = _affinity_path(opts["perplexity"], source["rep_name"], n, n_jobs, dev, seed)
+    full = opts["batch_size"] >= n
     with seeded_torch(seed, dev):
         net, info = fit_neuralee(
             X,
-            n_components=n_components,
-            lam=lam,
-            perplexity=perplexity,
-            repulsion=repulsion,
             P=P,
-            get_P=get_P,
-            batch_size=None if full else batch,
-            batch_affinity=batch_affinity,
-            n_subsample=n_sub,
-            maxit=maxit,
-            refine_epochs=refine_epochs,
-            lr=lr,
-            hidden=hidden,
-            early_exaggeration=early_exaggeration,
-            exaggeration_epochs=exaggeration_epochs,
-            patience=patience,
+            affinities=affinities,
+            batch_size=None if full else opts["batch_size"],
             device=dev,
             random_state=seed,
-            n_jobs=n_jobs,
+            show_progress=show_progress,
+            **{k: opts[k] for k in _ENGINE_OPTIONS},
         )
-    params = {
-        "n_components": n_components,
-        "lam": lam,
-        "perplexity": perplexity,
-        "use_rep": "" if use_rep is None else use_rep,
-        "n_pcs": -1 if n_pcs is None else int(n_pcs),
-        "N_small": int(batch),
-        "maxit": maxit,
-        "lr": lr,
-        "hidden": list(hidden),
-        "repulsion": repulsion,
-        "batch_affinity": batch_affinity,
-        "n_subsample": int(n_sub),
-        "refine_epochs": refine_epochs,
-        "early_exaggeration": early_exaggeration,
-        "exaggeration_epochs": exaggeration_epochs,
-        "patience": -1 if patience is None else patience,
-        "affinity_key": affinity_key,
-        "random_state": seed,
-        "device": str(dev),
-    }
-    metadata = {
-        "input": source["input"],
-        "rep_name": source["rep_name"],
-        "n_inputs": int(X.shape[1]),
-        "n_components": n_components,
-        "hidden": list(hidden),
-        "var_names": list(map(str, adata.var_names)),
-        "params": params,
-    }
-    model = NeuralEEModel(
-        net.cpu(),
-        metadata,
-        loadings=None if W is None else torch.from_numpy(W),
-        offset=None if offset is None else torch.from_numpy(offset),
-    )
+    params = {**opts, "hidden": list(opts["hidden"]), "patience": -1 if patience is None else opts["patience"]}
+    params.update(use_rep="" if use_rep is None else use_rep, n_pcs=-1 if n_pcs is None else int(n_pcs))
+    params.update(affinity_key=affinity_key, random_state=seed, device=str(dev))
+    model = _model(net, X, source, W, offset, adata, params)
     Y = model.transform(X, device=dev)
 
     adata = adata.copy() if copy else adata
-    adata.obsm[key_added] = Y.astype(np.float32)
-    uns_key = key_added[2:] if key_added.startswith("X_") else key_added
-    adata.uns[uns_key if uns_key else NEURALEE] = {
+    adata.obsm[keys.obsm] = Y.astype(np.float32)
+    adata.uns[keys.uns] = {
         "params": params,
-        "loss": [float(v) for v in info["history"]["loss"]],
+        "history": {"loss": [float(v) for v in info["history"]["loss"]]},
         "phase": [int(v) for v in info["history"]["phase"]],
         "n_epochs": int(info["n_epochs"]),
         "mode": info["mode"],
@@ -352,3 +246,102 @@ def neuralee(
     if return_model:
         return (adata, model) if copy else model
     return adata if copy else None
+
+
+#: options passed to the engine as they are
+_ENGINE_OPTIONS = (
+    "n_components",
+    "lam",
+    "perplexity",
+    "repulsion",
+    "batch_affinity",
+    "n_subsample",
+    "max_epochs",
+    "refine_max_epochs",
+    "lr",
+    "hidden",
+    "early_exaggeration",
+    "exaggeration_epochs",
+    "patience",
+)
+
+
+def _affinity_path(
+    perplexity: float, rep_name: str, n: int, n_jobs: int | None, dev: torch.device, seed: int
+) -> tuple[Any, dict[str, Any]]:
+    """The engine's ``affinities`` function (the one path of ``pp.affinity``) and where the graph of all cells is kept.
+
+    The perplexity is lowered just below the number of neighbours for a small subsample (never for all cells, where
+    it was checked against ``n_obs``).
+    """
+    kept: dict[str, Any] = {}
+
+    def affinities(rep: np.ndarray) -> sparse.csr_matrix:
+        k = min(int(3 * perplexity), rep.shape[0] - 1)
+        P_rep, record = tool_affinities(
+            rep,
+            rep_name,
+            perplexity=min(perplexity, k - 1e-3),
+            use_rep="X",
+            n_jobs=n_jobs,
+            device=dev,
+            random_state=seed,
+        )
+        if rep.shape[0] == n:
+            record["params"]["perplexity"] = perplexity
+            kept.update(P=P_rep, uns=record)
+        return P_rep
+
+    return affinities, kept
+
+
+def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
+    """Validate every option before any work; returns the resolved values (as recorded in ``uns``)."""
+    check_adata(adata, min_obs=4)
+    n = adata.n_obs
+    out: dict[str, Any] = {}
+    out["n_components"] = check_positive_int(o["n_components"], "n_components")
+    out["lam"] = check_in_range(o["lam"], "lam", low=0, low_inclusive=False)
+    out["perplexity"] = check_in_range(o["perplexity"], "perplexity", low=0, low_inclusive=False)
+    if out["perplexity"] >= n - 1:
+        raise ValueError(f"`perplexity={out['perplexity']:g}` must be smaller than n_obs - 1 = {n - 1}.")
+    out["batch_size"] = _resolve_batch_size(o["batch_size"], n)
+    out["max_epochs"] = check_positive_int(o["max_epochs"], "max_epochs")
+    out["lr"] = check_in_range(o["lr"], "lr", low=0, low_inclusive=False)
+    out["hidden"] = tuple(check_positive_int(h, "hidden") for h in o["hidden"])
+    if o["repulsion"] not in REPULSIONS:
+        raise ValueError(f"`repulsion` must be one of {REPULSIONS}, got {o['repulsion']!r}.")
+    if o["batch_affinity"] not in BATCH_AFFINITIES:
+        raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {o['batch_affinity']!r}.")
+    out["repulsion"], out["batch_affinity"] = o["repulsion"], o["batch_affinity"]
+    n_sub = min(n, AUTO_SUBSAMPLE) if o["n_subsample"] is None else check_positive_int(o["n_subsample"], "n_subsample")
+    out["n_subsample"] = min(n_sub, n)
+    if out["n_subsample"] < out["batch_size"]:
+        raise ValueError(f"`n_subsample={out['n_subsample']}` must be at least `batch_size={out['batch_size']}`.")
+    out["refine_max_epochs"] = check_positive_int(o["refine_max_epochs"], "refine_max_epochs", minimum=0)
+    out["early_exaggeration"] = check_in_range(
+        o["early_exaggeration"], "early_exaggeration", low=0, low_inclusive=False
+    )
+    out["exaggeration_epochs"] = check_positive_int(o["exaggeration_epochs"], "exaggeration_epochs", minimum=0)
+    out["patience"] = None if o["patience"] is None else check_positive_int(o["patience"], "patience")
+    if not isinstance(o["affinity_key"], str) or not o["affinity_key"]:
+        raise TypeError(f"`affinity_key` must be a non-empty string, got {o['affinity_key']!r}.")
+    return out
+
+
+def _model(net, X: np.ndarray, source: dict, W, offset, adata: AnnData, params: dict) -> NeuralEEModel:
+    metadata = {
+        "input": source["input"],
+        "rep_name": source["rep_name"],
+        "n_inputs": int(X.shape[1]),
+        "n_components": params["n_components"],
+        "hidden": list(params["hidden"]),
+        "var_names": list(map(str, adata.var_names)),
+        "params": params,
+    }
+    return NeuralEEModel(
+        net.cpu(),
+        metadata,
+        loadings=None if W is None else torch.from_numpy(W),
+        offset=None if offset is None else torch.from_numpy(offset),
+    )

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numbers
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,225 +13,75 @@ from scipy import sparse
 
 from .._constants import SCDEEPCLUSTER
 from .._engine import scdeepcluster as engine
+from .._engine.models.scdeepcluster import ScDeepClusterModel
 from .._utils import (
+    OutputKeys,
     check_adata,
     check_counts,
-    check_features,
     check_in_range,
-    check_key,
+    check_int_pair,
     check_positive_int,
     get_logger,
-    load_checkpoint,
+    output_keys,
+    renamed_parameters,
     resolve_device,
-    save_checkpoint,
     seeded_torch,
+    shared_docs,
 )
+from .._utils._model_data import batch_codes as _batch_codes
+from .._utils._model_data import counts_of as _counts_of
 from .._utils._random import seed_int
 
 
-def _counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    if layer is None:
-        return adata.X, "adata.X"
-    if not isinstance(layer, str):
-        raise TypeError(f"`layer` must be a string key of adata.layers or None, got {type(layer).__name__}.")
-    check_key(adata.layers, layer, arg="layer", where="adata.layers")
-    return adata.layers[layer], f"adata.layers[{layer!r}]"
-
-
-def _batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None = None) -> tuple[np.ndarray, list]:
-    if not isinstance(batch_key, str):
-        raise TypeError(f"`batch_key` must be a string key of adata.obs or None, got {type(batch_key).__name__}.")
-    check_key(adata.obs, batch_key, arg="batch_key", where="adata.obs")
-    values = adata.obs[batch_key]
-    if values.isna().any():
-        raise ValueError(f"adata.obs[{batch_key!r}] has {int(values.isna().sum())} missing value(s).")
-    values = values.astype(str)
-    if categories is None:
-        categories = sorted(values.unique())
-    unknown = sorted(set(values.unique()) - set(categories))
-    if unknown:
-        raise ValueError(
-            f"adata.obs[{batch_key!r}] holds batches the model was not trained on: {unknown[:5]}; "
-            f"known batches: {list(categories)[:10]}."
-        )
-    codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
-    return codes, list(categories)
-
-
-class ScDeepClusterModel:
-    """A trained scDeepCluster model: assigns new cells to the learnt clusters.
-
-    Returned by :func:`scembed.tl.scdeepcluster` with ``return_model=True``. It keeps the genes it was trained
-    on, the normalisation (target sum and gene statistics) and the batches; new data must have the same genes
-    in the same order and raw counts in the same ``layer``.
-    """
-
-    def __init__(
-        self,
-        net: engine.ZINBAutoencoder,
-        *,
-        var_names: Sequence[str],
-        genes: np.ndarray,
-        target_sum: float,
-        gene_mean: np.ndarray,
-        gene_std: np.ndarray,
-        layer: str | None,
-        batch_key: str | None,
-        batch_categories: Sequence[str],
-    ):
-        self.net = net.cpu().eval()
-        self.var_names = [str(v) for v in var_names]
-        self.genes = np.asarray(genes, dtype=np.int64)
-        self.target_sum = float(target_sum)
-        self.gene_mean = np.asarray(gene_mean, dtype=np.float32)
-        self.gene_std = np.asarray(gene_std, dtype=np.float32)
-        self.layer = layer
-        self.batch_key = batch_key
-        self.batch_categories = list(batch_categories)
-
-    @property
-    def n_clusters(self) -> int:
-        """Number of clusters."""
-        return int(self.net.centroids.shape[0])
-
-    def __repr__(self) -> str:
-        return (
-            f"ScDeepClusterModel(n_genes={len(self.genes)}, z_dim={self.net.z_dim}, n_clusters={self.n_clusters}, "
-            f"batch_key={self.batch_key!r})"
-        )
-
-    def _data(self, adata: AnnData, layer: str | None) -> engine.CountData:
-        check_adata(adata)
-        check_features(self.var_names, adata.var_names)
-        X, where = _counts_of(adata, self.layer if layer is None else layer)
-        check_counts(X, where)
-        codes = None
-        if self.batch_key is not None:
-            codes, _ = _batch_codes(adata, self.batch_key, self.batch_categories)
-        proto = engine.CountData(
-            X=X,
-            genes=self.genes,
-            size_factors=np.ones(0, np.float32),
-            target_sum=self.target_sum,
-            gene_mean=self.gene_mean,
-            gene_std=self.gene_std,
-            n_batches=len(self.batch_categories) if self.batch_key is not None else 0,
-        )
-        data = proto.like(X, codes)
-        if (data.size_factors <= 0).any():
-            raise ValueError(f"{where} has cells without counts in the model's genes; remove them first.")
-        return data
-
-    def predict(
-        self, adata: AnnData, *, layer: str | None = None, device: str = "auto"
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Assign the cells of ``adata`` to the clusters.
-
-        Parameters
-        ----------
-        adata
-            Raw counts of new cells with the training genes (``adata.var_names`` in the same order) and, for a
-            batch-aware model, the batch column with batches seen in training.
-        layer
-            Layer holding the counts (default: the training call's ``layer``).
-        device
-            ``"auto"``, ``"cpu"`` or ``"cuda"``.
-
-        Returns
-        -------
-        labels
-            Cluster index of every cell (int64).
-        proba
-            Soft assignments Q, cells × clusters (float32).
-        latent
-            Latent coordinates, cells × ``z_dim`` (float32).
-        """
-        data = self._data(adata, layer)
-        dev = resolve_device(device)
-        net = self.net.to(dev)
-        try:
-            z, q = engine.infer(net, data, dev)
-        finally:
-            self.net.cpu()
-        return q.argmax(1).astype(np.int64), q, z
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Save weights and metadata (genes, normalisation, batches) to one file; see :meth:`load`."""
-        meta = {
-            "model": "scdeepcluster",
-            "n_genes_used": len(self.genes),
-            "z_dim": self.net.z_dim,
-            "hidden": list(self.net.hidden),
-            "n_batches": self.net.n_batches,
-            "n_clusters": self.n_clusters,
-            "var_names": self.var_names,
-            "genes": self.genes.tolist(),
-            "target_sum": self.target_sum,
-            "gene_mean": self.gene_mean.tolist(),
-            "gene_std": self.gene_std.tolist(),
-            "layer": self.layer,
-            "batch_key": self.batch_key,
-            "batch_categories": self.batch_categories,
-        }
-        save_checkpoint(path, self.net.state_dict(), meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ScDeepClusterModel:
-        """Load a model written by :meth:`save` (``weights_only``: no pickled code is run)."""
-        state, meta = load_checkpoint(path)
-        if meta.get("model") != "scdeepcluster":
-            raise ValueError(f"{os.fspath(path)!r} does not hold an scDeepCluster model.")
-        net = engine.ZINBAutoencoder(meta["n_genes_used"], meta["z_dim"], meta["hidden"], meta["n_batches"])
-        net.set_centroids(torch.zeros(meta["n_clusters"], meta["z_dim"]))
-        net.load_state_dict(state)
-        return cls(
-            net,
-            var_names=meta["var_names"],
-            genes=np.asarray(meta["genes"]),
-            target_sum=meta["target_sum"],
-            gene_mean=np.asarray(meta["gene_mean"]),
-            gene_std=np.asarray(meta["gene_std"]),
-            layer=meta["layer"],
-            batch_key=meta["batch_key"],
-            batch_categories=meta["batch_categories"],
-        )
-
-
+@renamed_parameters(
+    select_genes="n_top_genes",
+    z_dim="n_latent",
+    encoder="hidden",
+    sigma="noise",
+    pretrain_epochs="max_epochs[0]",
+    maxiter="max_epochs[1]",
+    knn="n_neighbors",
+)
+@shared_docs
 def scdeepcluster(
     adata: AnnData,
     n_clusters: int = 0,
     *,
     layer: str | None = None,
     batch_key: str | None = None,
-    select_genes: int = 0,
-    z_dim: int = 32,
-    encoder: Sequence[int] = (256, 64),
-    sigma: float = 2.5,
+    n_top_genes: int | None = None,
+    n_latent: int = 32,
+    hidden: Sequence[int] = (256, 64),
+    noise: float = 2.5,
     gamma: float = 1.0,
-    pretrain_epochs: int = 300,
-    maxiter: int = 2000,
+    max_epochs: int | tuple[int, int] = (300, 2000),
     update_interval: int = 1,
     tol: float = 1e-3,
     batch_size: int = 256,
-    knn: int = 20,
+    n_neighbors: int = 20,
     resolution: float = 0.2,
     device: str = "auto",
     random_state: int | None = 0,
+    show_progress: bool | None = None,
     key_added: str = SCDEEPCLUSTER,
-    copy: bool = False,
     return_model: bool = False,
+    copy: bool = False,
 ) -> AnnData | ScDeepClusterModel | tuple[AnnData, ScDeepClusterModel] | None:
     """Cluster cells with scDeepCluster: a ZINB denoising autoencoder and deep embedded clustering.
 
-    Tian et al. (2019). Raw counts go through a denoising autoencoder (Gaussian noise ``sigma`` on the z-scored
-    log input) whose decoder gives the mean, dispersion and dropout of a zero-inflated negative binomial (ZINB)
-    for every count, scaled by the cell's size factor. After pretraining on the ZINB likelihood, cluster centres
-    are initialised in the latent space (KMeans with a given ``n_clusters``; with ``n_clusters=0``, Leiden on
-    the latent kNN graph chooses the number), and the network and centres are trained jointly on
-    ZINB + ``gamma`` · KL(P‖Q), with Q the Student-t soft assignment and P its sharpened target, recomputed
-    every ``update_interval`` epochs, until fewer than ``tol`` of the labels change. With ``batch_key``, the
-    one-hot batch is given to the encoder and to the decoder. Everything runs in mini-batches (sparse counts are
-    densified one batch at a time); float32; seeded.
+    Tian et al. (2019). Raw counts go through a denoising autoencoder (Gaussian noise of standard deviation
+    ``noise`` on the z-scored log input) whose decoder gives the mean, dispersion and dropout of a zero-inflated
+    negative binomial (ZINB) for every count, scaled by the cell's size factor. After pretraining on the ZINB
+    likelihood, cluster centres are initialised in the latent space (KMeans with a given ``n_clusters``; with
+    ``n_clusters=0``, Leiden on the latent kNN graph chooses the number), and the network and centres are trained
+    jointly on ZINB + ``gamma`` · KL(P‖Q), with Q the Student-t soft assignment and P its sharpened target,
+    recomputed every ``update_interval`` epochs, until fewer than ``tol`` of the labels change. With
+    ``batch_key``, the one-hot batch is given to the encoder and to the decoder. Everything runs in mini-batches
+    (sparse counts are densified one batch at a time); float32; seeded.
+
+    Names differ from the original's where scembed's vocabulary is shared by all tools: ``max_epochs`` is
+    ``(pretrain_epochs, maxiter)``, ``noise`` is ``sigma``, ``n_latent`` is ``z_dim``, ``hidden`` is the
+    encoder's widths, ``n_neighbors`` is ``knn`` and ``n_top_genes`` is ``select_genes``.
 
     Parameters
     ----------
@@ -243,49 +92,44 @@ def scdeepcluster(
     layer
         Layer with the raw counts (default ``X``).
     batch_key
-        Column of ``adata.obs`` with the batch of every cell (batch-aware model); ``None`` for one batch.
-    select_genes
+        Column of ``adata.obs`` with the batch of every cell (batch-aware model); ``None`` for one batch. Its
+        labels must be of one type (a column mixing ``1`` and ``"1"`` is refused rather than merged).
+    n_top_genes
         Use only this many genes, chosen for their excess of zeros given their mean expression (Kobak & Berens
-        2019, as the original's ``geneSelection``); 0 (default) uses every gene with counts.
-    z_dim
-        Dimension of the latent space.
-    encoder
+        2019, as the original's ``geneSelection``); ``None`` (default) uses every gene with counts.
+    n_latent
+        Dimension of the latent space (the original's ``z_dim``).
+    hidden
         Widths of the encoder's hidden layers; the decoder mirrors them.
-    sigma
-        Standard deviation of the Gaussian noise added to the encoder input in training.
+    noise
+        Standard deviation of the Gaussian noise added to the encoder input in training (the original's
+        ``sigma``).
     gamma
         Weight of the clustering loss KL(P‖Q).
-    pretrain_epochs
-        Epochs of autoencoder pretraining (Adam, lr 1e-3, amsgrad).
-    maxiter
-        Maximum epochs of the clustering stage (Adadelta, lr 1, ρ 0.95).
+    max_epochs
+        ``(pretraining, clustering)`` epochs; an int sets both. Pretraining: Adam, lr 1e-3, amsgrad (the
+        original's ``pretrain_epochs``); clustering: at most this many epochs of Adadelta, lr 1, ρ 0.95 (the
+        original's ``maxiter``). Either may be 0.
     update_interval
         Epochs between recomputations of the target distribution P (and the stopping check).
     tol
         Stop when the share of cells whose label changed since the last update falls below this.
     batch_size
         Cells per mini-batch.
-    knn
+    n_neighbors
         Neighbours (including the cell itself, as ``scanpy.pp.neighbors``) of the Leiden graph for
         ``n_clusters=0``.
     resolution
         Leiden resolution for ``n_clusters=0``; larger gives more clusters. The default 0.2 (the original's
-        Louvain used 0.8) gave the best mean ARI and nearly the smallest error in K on five annotated data sets
-        (10x PBMC, worm neurons, CITE-seq PBMC; benchmarks/README.md), after 50 and after 300 pretraining epochs;
-        still, K was off by up to 7 on single sets, and it grows with the number of cells. Pass ``n_clusters``
-        when the number of types is known, and lower the resolution for large data.
-    device
-        ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
-    random_state
-        Seed of the network, noise, mini-batches, KMeans and Leiden; the same seed on the same device gives the
-        same result.
-    key_added
-        Name of the outputs.
-    copy
-        Return a modified copy instead of writing to ``adata``.
-    return_model
-        Also return the trained :class:`ScDeepClusterModel` (which can ``predict`` new cells, ``save`` and
-        ``load``).
+        Louvain used 0.8) gave the best mean ARI on the project's benchmark sets (``benchmarks/README.md``), but K
+        can still be off on single sets and it grows with the number of cells: pass ``n_clusters`` when the
+        number of types is known, and lower the resolution for large data.
+    {doc_device}
+    {doc_random_state}
+    {doc_show_progress}
+    {doc_key_added}
+    {doc_return_model}
+    {doc_copy}
 
     Returns
     -------
@@ -295,173 +139,53 @@ def scdeepcluster(
     `adata.obs['scdeepcluster' | key_added]` : :class:`pandas.Categorical`
         Cluster labels "0", "1", … (clusters that end up empty are dropped from the categories).
     `adata.obsm['X_scdeepcluster' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-        The latent coordinates, cells × ``z_dim``.
+        The latent coordinates, cells × ``n_latent``.
     `adata.obsm['scdeepcluster_proba' | key_added + '_proba']` : :class:`numpy.ndarray` (dtype `float32`)
         Soft assignments Q, cells × clusters; column j belongs to cluster "j".
     `adata.uns['scdeepcluster' | key_added]` : `dict`
         `params`; `n_clusters` (the number used) and `n_clusters_method` ("given" or "leiden");
         `n_clusters_init` labels' sizes; `n_genes_used`; `converged`; `n_epochs_pretrain`, `n_epochs_cluster`;
-        `history` with `pretrain_zinb`, `cluster_loss`, `cluster_zinb`, `cluster_kl`, `delta_label`; `time`
-        (seconds of each stage) and `device`.
+        `history` (per-epoch losses: `pretrain_zinb`, `cluster_loss`, `cluster_zinb`, `cluster_kl`);
+        `delta_label` (share of changed labels at every update); `time` (seconds of each stage) and `device`.
 
     Examples
     --------
     >>> import scembed as se
     >>> adata = se.datasets.simulate(1000, 500, n_celltypes=4)
-    >>> se.tl.scdeepcluster(adata, n_clusters=4, pretrain_epochs=20, maxiter=50)
+    >>> se.tl.scdeepcluster(adata, n_clusters=4, max_epochs=(20, 50))
     >>> adata.obs["scdeepcluster"].value_counts()  # doctest: +SKIP
     """
-    # ---- validate everything before any work ----
-    check_adata(adata, min_obs=2)
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral) or n_clusters < 0:
-        raise ValueError(f"`n_clusters` must be a non-negative integer (0: estimate by Leiden), got {n_clusters!r}.")
-    n_clusters = int(n_clusters)
-    n = adata.n_obs
-    if n_clusters > n:
-        raise ValueError(f"`n_clusters={n_clusters}` is larger than the number of cells ({n}).")
-    X, where = _counts_of(adata, layer)
-    check_counts(X, where)
-    select_genes = check_positive_int(select_genes, "select_genes", minimum=0)
-    if select_genes > adata.n_vars:
-        raise ValueError(f"`select_genes={select_genes}` is larger than the number of genes ({adata.n_vars}).")
-    z_dim = check_positive_int(z_dim, "z_dim")
-    if isinstance(encoder, str | bytes) or not isinstance(encoder, Sequence) or len(encoder) == 0:
-        raise TypeError(f"`encoder` must be a non-empty sequence of layer widths, got {encoder!r}.")
-    hidden = tuple(check_positive_int(h, "encoder") for h in encoder)
-    sigma = check_in_range(sigma, "sigma", low=0)
-    gamma = check_in_range(gamma, "gamma", low=0)
-    pretrain_epochs = check_positive_int(pretrain_epochs, "pretrain_epochs", minimum=0)
-    maxiter = check_positive_int(maxiter, "maxiter", minimum=0)
-    update_interval = check_positive_int(update_interval, "update_interval")
-    tol = check_in_range(tol, "tol", low=0, high=1)
-    batch_size = check_positive_int(batch_size, "batch_size")
-    knn = check_positive_int(knn, "knn", minimum=2)
-    if n_clusters == 0 and knn > n:
-        raise ValueError(f"`knn={knn}` must be at most the number of cells ({n}).")
-    resolution = check_in_range(resolution, "resolution", low=0, low_inclusive=False)
-    if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    o = _check_options(
+        adata,
+        n_clusters=n_clusters,
+        layer=layer,
+        n_top_genes=n_top_genes,
+        n_latent=n_latent,
+        hidden=hidden,
+        noise=noise,
+        gamma=gamma,
+        max_epochs=max_epochs,
+        update_interval=update_interval,
+        tol=tol,
+        batch_size=batch_size,
+        n_neighbors=n_neighbors,
+        resolution=resolution,
+    )
+    keys = output_keys(key_added)
     dev = resolve_device(device)
     seed = seed_int(random_state)
-    codes, categories = (None, [])
-    if batch_key is not None:
-        codes, categories = _batch_codes(adata, batch_key)
-    if sparse.issparse(X) and X.format != "csr":
-        X = sparse.csr_matrix(X)
+    codes, categories = _batch_codes(adata, batch_key) if batch_key is not None else (None, [])
+    X, genes = _genes_used(adata, layer, o["n_top_genes"])
+    params = {**o, "layer": layer or "", "batch_key": batch_key or "", "random_state": seed}
+    params["n_top_genes"] = -1 if o["n_top_genes"] is None else o["n_top_genes"]
+    params["hidden"], params["max_epochs"] = list(o["hidden"]), list(o["max_epochs"])
 
-    genes = np.arange(adata.n_vars)
-    if select_genes:
-        genes = engine.select_genes_by_zero_rate(X, select_genes)
-    sub = X if len(genes) == adata.n_vars else X[:, genes]
-    detected = np.asarray((sub > 0).sum(0)).ravel()
-    genes = genes[detected > 0]  # genes without counts carry no information (and have no z-score)
-    if len(genes) == 0:
-        raise ValueError(f"{where} has no gene with counts.")
-    lib = engine.library_sizes(sub)
-    if (lib <= 0).any():
-        raise ValueError(
-            f"{where} has {int((lib <= 0).sum())} cell(s) without counts"
-            f"{' in the selected genes' if select_genes else ''}; remove them first, e.g. with "
-            "sc.pp.filter_cells(adata, min_counts=1)."
-        )
-    del sub
-    log = get_logger()
-    params = {
-        "n_clusters": n_clusters,
-        "layer": layer or "",
-        "batch_key": batch_key or "",
-        "select_genes": select_genes,
-        "z_dim": z_dim,
-        "encoder": list(hidden),
-        "sigma": sigma,
-        "gamma": gamma,
-        "pretrain_epochs": pretrain_epochs,
-        "maxiter": maxiter,
-        "update_interval": update_interval,
-        "tol": tol,
-        "batch_size": batch_size,
-        "knn": knn,
-        "resolution": resolution,
-        "random_state": seed,
-    }
-
-    # ---- work ----
-    times = {}
     data = engine.CountData.fit(X, genes, codes, len(categories))
-    with seeded_torch(seed, dev) as noise_gen:
-        batch_gen = torch.Generator().manual_seed(seed)
-        net = engine.ZINBAutoencoder(len(genes), z_dim, hidden, len(categories)).to(dev)
-        t0 = time.perf_counter()
-        log.info(f"scDeepCluster: pretraining on {n} cells × {len(genes)} genes ({dev.type})")
-        pre_hist = engine.pretrain(
-            net,
-            data,
-            epochs=pretrain_epochs,
-            batch_size=batch_size,
-            sigma=sigma,
-            device=dev,
-            generator=batch_gen,
-            noise_generator=noise_gen,
-        )
-        times["pretrain"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        z0 = engine.encode_all(net.eval(), data, dev).cpu().numpy()
-        init_labels, centroids = engine.initial_clusters(
-            z0, n_clusters, knn=knn, resolution=resolution, random_state=seed, device=dev
-        )
-        k_used = centroids.shape[0]
-        times["init"] = time.perf_counter() - t0
-        log.info(
-            f"scDeepCluster: {k_used} clusters "
-            f"({'given' if n_clusters else f'Leiden, resolution {resolution:g}'}); clustering stage"
-        )
-        net.set_centroids(torch.from_numpy(centroids))
-        t0 = time.perf_counter()
-        if k_used > 1:
-            cl_hist, converged = engine.cluster(
-                net,
-                data,
-                init_labels,
-                maxiter=maxiter,
-                batch_size=batch_size,
-                sigma=sigma,
-                gamma=gamma,
-                update_interval=update_interval,
-                tol=tol,
-                device=dev,
-                generator=batch_gen,
-                noise_generator=noise_gen,
-            )
-        else:  # one cluster: nothing to refine
-            cl_hist, converged = {}, True
-        times["cluster"] = time.perf_counter() - t0
-        z, q = engine.infer(net, data, dev)
-
-    labels = q.argmax(1)
+    net, fit = _fit(data, len(genes), len(categories), o, dev, seed, show_progress)
     adata = adata.copy() if copy else adata
-    cats = [str(i) for i in range(k_used)]
-    adata.obs[key_added] = pd.Categorical([cats[i] for i in labels], categories=cats).remove_unused_categories()
-    adata.obsm[f"X_{key_added}"] = z
-    adata.obsm[f"{key_added}_proba"] = q
-    adata.uns[key_added] = {
-        "params": params,
-        "n_clusters": int(k_used),
-        "n_clusters_method": "given" if n_clusters else "leiden",
-        "n_clusters_init": np.bincount(init_labels, minlength=k_used).tolist(),
-        "n_genes_used": len(genes),
-        "converged": bool(converged),
-        "n_epochs_pretrain": len(pre_hist.get("zinb", [])),
-        "n_epochs_cluster": len(cl_hist.get("loss", [])),
-        "history": {
-            "pretrain_zinb": pre_hist.get("zinb", []),
-            "cluster_loss": cl_hist.get("loss", []),
-            "cluster_zinb": cl_hist.get("zinb", []),
-            "cluster_kl": cl_hist.get("kl", []),
-            "delta_label": cl_hist.get("delta_label", []),
-        },
-        "time": {k: float(v) for k, v in times.items()},
-        "device": str(dev),
-    }
+    record = {"params": params, "n_clusters_method": "given" if o["n_clusters"] else "leiden", "device": str(dev)}
+    record["time"] = {k: float(v) for k, v in fit["times"].items()}
+    _write(adata, keys, len(genes), fit, record)
     if not return_model:
         return adata if copy else None
     model = ScDeepClusterModel(
@@ -476,3 +200,147 @@ def scdeepcluster(
         batch_categories=categories,
     )
     return (adata, model) if copy else model
+
+
+def _fit(
+    data: engine.CountData, n_genes: int, n_batches: int, o: dict, dev: torch.device, seed: int, show_progress
+) -> tuple[engine.ZINBAutoencoder, dict[str, Any]]:
+    """Pretrain, initialise the clusters, train the clustering stage; the network and what the run produced."""
+    log = get_logger()
+    pre_epochs, cluster_epochs = o["max_epochs"]
+    times = {}
+    with seeded_torch(seed, dev) as noise_gen:
+        batch_gen = torch.Generator().manual_seed(seed)
+        net = engine.ZINBAutoencoder(n_genes, o["n_latent"], o["hidden"], n_batches).to(dev)
+        t0 = time.perf_counter()
+        log.info(f"scDeepCluster: pretraining on {data.n_obs} cells × {n_genes} genes ({dev.type})")
+        pre_hist = engine.pretrain(
+            net,
+            data,
+            epochs=pre_epochs,
+            batch_size=o["batch_size"],
+            sigma=o["noise"],
+            device=dev,
+            generator=batch_gen,
+            noise_generator=noise_gen,
+            show_progress=show_progress,
+        )
+        times["pretrain"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        z0 = engine.encode_all(net.eval(), data, dev).cpu().numpy()
+        init_labels, centroids = engine.initial_clusters(
+            z0, o["n_clusters"], knn=o["n_neighbors"], resolution=o["resolution"], random_state=seed, device=dev
+        )
+        k_used = centroids.shape[0]
+        times["init"] = time.perf_counter() - t0
+        how = "given" if o["n_clusters"] else f"Leiden, resolution {o['resolution']:g}"
+        log.info(f"scDeepCluster: {k_used} clusters ({how}); clustering stage")
+        net.set_centroids(torch.from_numpy(centroids))
+        t0 = time.perf_counter()
+        cl_hist, converged = {}, True  # one cluster: nothing to refine
+        if k_used > 1:
+            cl_hist, converged = engine.cluster(
+                net,
+                data,
+                init_labels,
+                maxiter=cluster_epochs,
+                batch_size=o["batch_size"],
+                sigma=o["noise"],
+                gamma=o["gamma"],
+                update_interval=o["update_interval"],
+                tol=o["tol"],
+                device=dev,
+                generator=batch_gen,
+                noise_generator=noise_gen,
+                show_progress=show_progress,
+            )
+        times["cluster"] = time.perf_counter() - t0
+        z, q = engine.infer(net, data, dev)
+    fit = {"z": z, "q": q, "init_labels": init_labels, "converged": converged, "times": times}
+    return net, {**fit, "pre_hist": pre_hist, "cl_hist": cl_hist}
+
+
+def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
+    """Validate every option before any work (counts included); returns the resolved values."""
+    check_adata(adata, min_obs=2)
+    n = adata.n_obs
+    n_clusters = o["n_clusters"]
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral) or n_clusters < 0:
+        raise ValueError(f"`n_clusters` must be a non-negative integer (0: estimate by Leiden), got {n_clusters!r}.")
+    if n_clusters > n:
+        raise ValueError(f"`n_clusters={n_clusters}` is larger than the number of cells ({n}).")
+    X, where = _counts_of(adata, o["layer"])
+    check_counts(X, where)
+    out: dict[str, Any] = {"n_clusters": int(n_clusters), "n_top_genes": None}
+    if o["n_top_genes"] is not None:
+        out["n_top_genes"] = check_positive_int(o["n_top_genes"], "n_top_genes")
+        if out["n_top_genes"] > adata.n_vars:
+            raise ValueError(f"`n_top_genes={out['n_top_genes']}` is larger than the number of genes ({adata.n_vars}).")
+    out["n_latent"] = check_positive_int(o["n_latent"], "n_latent")
+    hidden = o["hidden"]
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or len(hidden) == 0:
+        raise TypeError(f"`hidden` must be a non-empty sequence of layer widths, got {hidden!r}.")
+    out["hidden"] = tuple(check_positive_int(h, "hidden") for h in hidden)
+    out["noise"] = check_in_range(o["noise"], "noise", low=0)
+    out["gamma"] = check_in_range(o["gamma"], "gamma", low=0)
+    out["max_epochs"] = check_int_pair(o["max_epochs"], "max_epochs", stages=("pretraining", "clustering"), minimum=0)
+    out["update_interval"] = check_positive_int(o["update_interval"], "update_interval")
+    out["tol"] = check_in_range(o["tol"], "tol", low=0, high=1)
+    out["batch_size"] = check_positive_int(o["batch_size"], "batch_size")
+    out["n_neighbors"] = check_positive_int(o["n_neighbors"], "n_neighbors", minimum=2)
+    if n_clusters == 0 and out["n_neighbors"] > n:
+        raise ValueError(f"`n_neighbors={out['n_neighbors']}` must be at most the number of cells ({n}).")
+    out["resolution"] = check_in_range(o["resolution"], "resolution", low=0, low_inclusive=False)
+    return out
+
+
+def _genes_used(adata: AnnData, layer: str | None, n_top_genes: int | None) -> tuple[Any, np.ndarray]:
+    """The counts (CSR when sparse) and the genes used: selected, and with counts; every cell must have counts."""
+    X, where = _counts_of(adata, layer)
+    if sparse.issparse(X) and X.format != "csr":
+        X = sparse.csr_matrix(X)
+    genes = np.arange(adata.n_vars)
+    if n_top_genes:
+        genes = engine.select_genes_by_zero_rate(X, n_top_genes)
+    sub = X if len(genes) == adata.n_vars else X[:, genes]
+    detected = np.asarray((sub > 0).sum(0)).ravel()
+    genes = genes[detected > 0]  # genes without counts carry no information (and have no z-score)
+    if len(genes) == 0:
+        raise ValueError(f"{where} has no gene with counts.")
+    lib = engine.library_sizes(sub)
+    if (lib <= 0).any():
+        raise ValueError(
+            f"{where} has {int((lib <= 0).sum())} cell(s) without counts"
+            f"{' in the selected genes' if n_top_genes else ''}; remove them first, e.g. with "
+            "sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    return X, genes
+
+
+def _write(adata: AnnData, keys: OutputKeys, n_genes: int, fit: dict, record: dict) -> None:
+    """Labels to ``obs[key]``, latent to ``obsm["X_" + key]``, Q to ``obsm[key + "_proba"]``, record to ``uns[key]``."""
+    z, q, init_labels, pre_hist, cl_hist = fit["z"], fit["q"], fit["init_labels"], fit["pre_hist"], fit["cl_hist"]
+    k_used = q.shape[1]
+    cats = [str(i) for i in range(k_used)]
+    adata.obs[keys.obs] = pd.Categorical([cats[i] for i in q.argmax(1)], categories=cats).remove_unused_categories()
+    adata.obsm[keys.obsm] = z
+    adata.obsm[keys.suffixed("proba")] = q
+    adata.uns[keys.uns] = {
+        "params": record["params"],
+        "n_clusters": int(k_used),
+        "n_clusters_method": record["n_clusters_method"],
+        "n_clusters_init": np.bincount(init_labels, minlength=k_used).tolist(),
+        "n_genes_used": int(n_genes),
+        "converged": bool(fit["converged"]),
+        "n_epochs_pretrain": len(pre_hist.get("zinb", [])),
+        "n_epochs_cluster": len(cl_hist.get("loss", [])),
+        "history": {
+            "pretrain_zinb": pre_hist.get("zinb", []),
+            "cluster_loss": cl_hist.get("loss", []),
+            "cluster_zinb": cl_hist.get("zinb", []),
+            "cluster_kl": cl_hist.get("kl", []),
+        },
+        "delta_label": cl_hist.get("delta_label", []),
+        "time": record["time"],
+        "device": record["device"],
+    }

@@ -1,0 +1,151 @@
+"""What trained models read from new data: AnnData → arrays, and arrays made canonical, in one place.
+
+The models' maths take arrays; these helpers do the AnnData side (feature check, layer, obsm, batch column)
+and bring any accepted matrix type to one of two forms: a dense NumPy array of real numbers, or a canonical
+float32 CSR matrix (sorted indices, duplicate entries added up) — without ever modifying the caller's matrix.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from ._io import check_features
+from ._validation import check_finite, check_key
+
+
+def is_anndata(data: object) -> bool:
+    """Whether ``data`` is an AnnData (views included)."""
+    return isinstance(data, AnnData)
+
+
+def canonical_matrix(X: Any, name: str) -> np.ndarray | sparse.csr_matrix:
+    """``X`` as a dense NumPy array (its dtype kept) or a canonical float32 CSR matrix; finite values checked.
+
+    Accepts NumPy arrays and matrices, anything ``np.asarray`` turns into a 2-D numeric array, and SciPy sparse
+    matrices/arrays of any format (CSR, CSC, COO, …). A CSR matrix with duplicate entries gets them added up (as
+    every SciPy operation treats them) on a copy; the caller's matrix is never changed.
+
+    Raises
+    ------
+    TypeError
+        ``X`` is not numeric (names ``name``).
+    ValueError
+        ``X`` is not 2-D, or holds NaN or infinite values (names ``name``).
+    """
+    if sparse.issparse(X):
+        if X.ndim != 2:
+            raise ValueError(f"{name} must be 2-dimensional, got shape {X.shape}.")
+        if X.format == "csr":
+            # a new matrix object that shares the caller's arrays: copied before anything is changed
+            out = sparse.csr_matrix(X)
+            copied = False
+            if out.dtype != np.float32:
+                check_finite(out, name)  # the dtype check comes before the cast
+                out, copied = out.astype(np.float32), True
+            if not out.has_canonical_format:
+                out = out if copied else out.copy()
+                out.sum_duplicates()
+        else:
+            out = sparse.csr_matrix(X, dtype=np.float32)  # conversion adds up duplicates (COO) into a new matrix
+            out.sum_duplicates()
+        check_finite(out, name)
+        return out
+    if hasattr(X, "to_numpy"):  # a DataFrame
+        X = X.to_numpy()
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (cells × features), got shape {arr.shape}.")
+    check_finite(arr, name)
+    return arr  # cast to float32 by the consumer, one block at a time where it can
+
+
+def matrix_for_model(
+    adata: AnnData, layer: str | None, var_names: Sequence[str] | None
+) -> tuple[np.ndarray | sparse.csr_matrix, str]:
+    """The expression matrix a model reads from ``adata`` (``X`` or ``layers[layer]``) and its name.
+
+    Checks first that ``adata.var_names`` equal ``var_names`` (the model's training features, in order; skipped
+    when ``None``), then canonicalises the matrix with :func:`canonical_matrix` (finite values, duplicates added).
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
+    if var_names is not None:
+        check_features(var_names, adata.var_names)
+    if layer is None:
+        X, where = adata.X, "adata.X"
+    else:
+        if not isinstance(layer, str):
+            raise TypeError(f"`layer` must be a string key of adata.layers or None, got {type(layer).__name__}.")
+        check_key(adata.layers, layer, arg="layer", where="adata.layers")
+        X, where = adata.layers[layer], f"adata.layers[{layer!r}]"
+    if X is None:
+        raise ValueError(f"{where} is empty (None).")
+    return canonical_matrix(X, where), where
+
+
+def obsm_for_model(adata: AnnData, key: str, n_columns: int) -> np.ndarray:
+    """The first ``n_columns`` of ``adata.obsm[key]`` as a dense float32 array (finite values checked)."""
+    check_key(adata.obsm, key, arg="key", where="adata.obsm")
+    rep = canonical_matrix(adata.obsm[key], f"adata.obsm[{key!r}]")
+    if rep.shape[1] < n_columns:
+        raise ValueError(f"adata.obsm[{key!r}] has shape {rep.shape}; the model needs at least {n_columns} columns.")
+    rep = rep[:, :n_columns]
+    return rep.toarray() if sparse.issparse(rep) else np.ascontiguousarray(rep, dtype=np.float32)
+
+
+def counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:
+    """``adata.X`` or ``adata.layers[layer]`` as stored (not copied or converted), and its name for messages."""
+    if layer is None:
+        return adata.X, "adata.X"
+    if not isinstance(layer, str):
+        raise TypeError(f"`layer` must be a string key of adata.layers or None, got {type(layer).__name__}.")
+    check_key(adata.layers, layer, arg="layer", where="adata.layers")
+    return adata.layers[layer], f"adata.layers[{layer!r}]"
+
+
+def batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None = None) -> tuple[np.ndarray, list]:
+    """Integer codes of ``adata.obs[batch_key]`` (as strings) in ``categories`` (default: the sorted batches).
+
+    Raises a ValueError for missing values and for batches outside ``categories``.
+    """
+    if not isinstance(batch_key, str):
+        raise TypeError(f"`batch_key` must be a string key of adata.obs or None, got {type(batch_key).__name__}.")
+    check_key(adata.obs, batch_key, arg="batch_key", where="adata.obs")
+    values = adata.obs[batch_key]
+    if values.isna().any():
+        raise ValueError(f"adata.obs[{batch_key!r}] has {int(values.isna().sum())} missing value(s).")
+    check_batch_labels(values, batch_key)
+    values = values.astype(str)
+    if categories is None:
+        categories = sorted(values.unique())
+    unknown = sorted(set(values.unique()) - set(categories))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] holds batches the model was not trained on: {unknown[:5]}; "
+            f"known batches: {list(categories)[:10]}."
+        )
+    codes = pd.Categorical(values, categories=list(categories)).codes.astype(np.int64)
+    return codes, list(categories)
+
+
+def check_batch_labels(values: pd.Series, batch_key: str) -> None:
+    """Refuse batch columns whose labels would merge as strings (``1`` and ``"1"``, ``1`` and ``1.0``)."""
+    unique = pd.unique(values.to_numpy(dtype=object))
+    kinds = {
+        "text" if isinstance(v, str) else "number" if isinstance(v, numbers.Number) else type(v).__name__
+        for v in unique
+    }
+    as_text = {str(v) for v in unique}
+    if len(kinds) > 1 or len(as_text) < len(unique):
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] mixes label types ({sorted(kinds)}) or holds labels that read the same as "
+            f"text (e.g. 1 and '1'); batches are identified by their text, so make the column one type, e.g. "
+            f"adata.obs[{batch_key!r}] = adata.obs[{batch_key!r}].astype(str) if equal texts are one batch."
+        )
