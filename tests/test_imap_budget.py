@@ -125,3 +125,41 @@ def test_stage2_divergence_names_the_stage_and_the_batch():
             query, anchor, weights, weights, n_epochs=2, steps_per_epoch=2, batch_size=8, n_critic=2,
             latent_dim=4, generator=torch.Generator().manual_seed(0), stage="stage II (batch b)", show_progress=False,
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the public function
+def _adata(n_cells=240, n_genes=30, n_batches=2, seed=0):
+    import scanpy as sc
+
+    import scembed as se
+
+    a = se.datasets.simulate(
+        n_cells, n_genes, n_batches=n_batches, n_celltypes=3, batch_scale=0.5, de_scale=1.5, random_state=seed
+    )
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    return a
+
+
+def test_default_max_epochs_follow_the_budget(monkeypatch):
+    import scembed as se
+
+    asked = []
+
+    def budget(n_cells, n_batches, batch_size, **kw):
+        asked.append((n_cells, n_batches, tuple(batch_size), kw))
+        return 2, 1
+
+    monkeypatch.setattr(engine, "default_budget", budget)
+    a = _adata()
+    kw = {"use_hvg": False, "n_latent": 8, "batch_size": (16, 32), "n_sample": 100, "show_progress": False}
+    b = se.tl.imap_integrate(a, copy=True, **kw)
+    assert asked == [(240, 2, (16, 32), {"n_sample": 100, "n_critic": 10})]
+    u = b.uns["imap"]
+    assert u["params"]["max_epochs"] == [2, 1] and u["params"]["budget"] == "default"
+    assert 1 <= len(u["stage1"]["loss"]) <= 2 and "val_loss" in u["stage1"]  # held-out cells watched
+    assert u["stage2"]["critic"].shape == (1, 1)
+
+    c = se.tl.imap_integrate(a, copy=True, max_epochs=(2, 1), **kw)  # explicit: no held-out cells, as given
+    assert c.uns["imap"]["params"]["budget"] == "explicit" and "val_loss" not in c.uns["imap"]["stage1"]
+    assert len(c.uns["imap"]["stage1"]["loss"]) == 2
