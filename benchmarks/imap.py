@@ -3,7 +3,8 @@
 Every method runs in a fresh subprocess (wall time and peak RSS of that process); scib-metrics scores are computed
 afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony-corrected PCs, or the PCs.
 
-    python benchmarks/imap.py --epochs1 150 --epochs2 150          # full
+    python benchmarks/imap.py --epochs1 150 --epochs2 150          # full, the original's fixed budget
+    python benchmarks/imap.py --default-budget                     # scembed's budget that follows the data
     python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs
     python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only
     python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
@@ -91,8 +92,12 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
 
         for fn in ("train_stage1", "run_stage2"):  # time the two stages (the benchmark's wrapper, not the package's)
             setattr(engine, fn, timed(getattr(engine, fn), stages, fn))
-        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=(e1, e2), device="cpu")
+        max_epochs = None if e1 < 0 else (e1, e2)  # negative: the default budget (default_budget, early stopping)
+        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=max_epochs, device="cpu")
         emb = pca(a.layers["imap"])
+        u = a.uns["imap"]
+        stages["epochs_stage1"] = float(len(u["stage1"]["loss"]))
+        stages["epochs_stage2"] = float(u["stage2"]["critic"].shape[1])
     elif method == "imap_original":
         import anndata as ad2
 
@@ -117,7 +122,7 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
 def run_method(method: str, path: Path, tmp: Path, args) -> dict:
     out = str(tmp / f"{path.stem}_{method}.npy")
     python = args.original_python if method == "imap_original" else None
-    epochs = (args.epochs1, args.epochs2)
+    epochs = (-1, -1) if args.default_budget and method == "scembed" else (args.epochs1, args.epochs2)
     cmd = script_command(__file__, "--worker", method, path, out, *epochs, args.threads, python=python)
     r = run_child(cmd, args.threads)
     if not r["ok"]:
@@ -228,6 +233,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs")
+    p.add_argument(
+        "--default-budget", action="store_true", help="scembed with max_epochs=None (the original keeps 150 + 150)"
+    )
     p.add_argument("--step-compare", action="store_true", help="time one stage-I step, both translations")
     p.add_argument("--stage2-compare", action="store_true", help="time one stage-II step, with/without the projection")
     p.add_argument(
@@ -290,7 +298,11 @@ def main() -> None:
     )  # fmt: skip
     keys = ["seconds", "time_ratio", "peak_mb", "iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn"]
     keys += ["bio", "batch", "total"]
-    print(f"\nepochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
+    budget = "scembed: the default budget (epochs run below); " if args.default_budget else ""
+    print(f"\n{budget}epochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
+    for name, m, r in rows:
+        if "epochs_stage1" in r:
+            print(f"  {name} {m}: stage I ran {r['epochs_stage1']:.0f} epochs, stage II {r['epochs_stage2']:.0f}")
     print("| data | method | " + " | ".join(keys) + " |")
     print("|" + " --- |" * (len(keys) + 2))
     for name, m, r in rows:
