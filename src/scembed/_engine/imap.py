@@ -158,8 +158,9 @@ def default_budget(
 
 def check_expression(source: RowSource) -> float:
     """Largest value of the input; a ValueError for non-finite values (iMAP expects log-normalised expression)."""
-    values = source.data if source.dense is None else source.dense
-    if values.numel() and not bool(torch.isfinite(values).all()):
+    values = (source.data if source.dense is None else source.dense).reshape(-1)
+    step = CHUNK * 1024  # a block at a time: no full-size boolean copy of a large matrix
+    if not all(bool(torch.isfinite(values[i : i + step]).all()) for i in range(0, values.numel(), step)):
         raise ValueError("the expression holds NaN or infinite values; iMAP needs finite log-normalised expression.")
     return float(values.max()) if values.numel() else 0.0
 
