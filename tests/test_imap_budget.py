@@ -154,7 +154,7 @@ def test_default_max_epochs_follow_the_budget(monkeypatch):
     a = _adata()
     kw = {"use_hvg": False, "n_latent": 8, "batch_size": (16, 32), "n_sample": 100, "show_progress": False}
     b = se.tl.imap_integrate(a, copy=True, **kw)
-    assert asked == [(240, 2, (16, 32), {"n_sample": 100, "n_critic": 10})]
+    assert asked == [(240, 2, (16, 32), {"n_sample": 100})]
     u = b.uns["imap"]
     assert u["params"]["max_epochs"] == [2, 1] and u["params"]["budget"] == "default"
     assert 1 <= len(u["stage1"]["loss"]) <= 2 and "val_loss" in u["stage1"]  # held-out cells watched

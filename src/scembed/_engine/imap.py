@@ -122,7 +122,6 @@ def default_budget(
     batch_size: tuple[int, int] = (512, 1024),
     *,
     n_sample: int = 3000,
-    n_critic: int = STAGE2_STEPS,
 ) -> tuple[int, int]:
     """Epochs of stage I and of stage II (per query batch) that follow the size of the data.
 
@@ -139,8 +138,8 @@ def default_budget(
       cells. The cap is the original's 150, reached from about ``n_batches · 15,400`` cells on, so large data train
       exactly as the original does and small data no longer make thousands of passes.
     * stage II, per query batch: the critic draws ``batch_size[1]`` cells from a sample of
-      ``s = min(n_sample, n_cells / n_batches)`` cells, ``n_critic`` steps per epoch and one generator step:
-      ``clip(ceil(STAGE2_PASSES · s / (batch_size[1] · n_critic)), STAGE2_MIN_EPOCHS, 150)``. The floor, 40
+      ``s = min(n_sample, n_cells / n_batches)`` cells, 10 steps per epoch:
+      ``clip(ceil(STAGE2_PASSES · s / (batch_size[1] · 10)), STAGE2_MIN_EPOCHS, 150)``. The floor, 40
       epochs (400 critic steps, 40 generator steps at the default ``n_critic``), is what the adversarial fit
       needs whatever the sample size: on three simulated batches the
       corrected batches' cell-type centroids moved 37-40 % of the way to the anchor's after 10 generator steps
@@ -156,7 +155,7 @@ def default_budget(
     bs1, bs2 = batch_size
     e1 = math.ceil(STAGE1_PASSES * n_cells / (n_batches * bs1 * STAGE1_STEPS))
     s = min(n_sample, n_cells / n_batches)
-    e2 = math.ceil(STAGE2_PASSES * s / (bs2 * n_critic))
+    e2 = math.ceil(STAGE2_PASSES * s / (bs2 * STAGE2_STEPS))
     return (
         int(np.clip(e1, STAGE1_MIN_EPOCHS, STAGE1_MAX_EPOCHS)),
         int(np.clip(e2, STAGE2_MIN_EPOCHS, STAGE2_MAX_EPOCHS)),

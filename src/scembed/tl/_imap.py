@@ -207,9 +207,7 @@ def imap_integrate(
     genes, gene_source = _genes(adata, X, batch_idx, use_hvg, o["n_top_genes"])
     k_w, k_m = _neighbour_counts(int(min(o["n_sample"], sizes.min())), k_within, k_mnn)
     if o["max_epochs"] is None:
-        o["max_epochs"] = engine.default_budget(
-            int(sizes.sum()), len(sizes), o["batch_size"], n_sample=o["n_sample"], n_critic=o["n_critic"]
-        )
+        o["max_epochs"] = engine.default_budget(int(sizes.sum()), len(sizes), o["batch_size"], n_sample=o["n_sample"])
     dev = resolve_device(device)
     seed = seed_int(random_state)
     log = get_logger()
