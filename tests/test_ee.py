@@ -383,3 +383,20 @@ def test_show_progress(emb, capfd):
     assert "EE" in capfd.readouterr().err
     se.tl.ee(emb, maxiter=2, copy=True, show_progress=False)
     assert capfd.readouterr().err == ""
+
+
+def test_initial_embedding_dispatch_in_the_engine() -> None:
+    """The engine's one init dispatch: each name equals its builder, rescaled; bad names and inputs are refused."""
+    from scembed._engine.ee import initial_embedding, pca_init, random_init, rescale, spectral_init
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5))
+    P = sparse.random(60, 60, density=0.2, random_state=0, format="csr")
+    P = P + P.T
+    np.testing.assert_allclose(initial_embedding("spectral", 2, P=P, random_state=3), rescale(spectral_init(P, 2, 3)))
+    np.testing.assert_allclose(initial_embedding("pca", 2, X=X), rescale(pca_init(X, 2)))
+    np.testing.assert_allclose(initial_embedding("random", 2, X=X, random_state=1), rescale(random_init(60, 2, 1)))
+    with pytest.raises(ValueError, match="init"):
+        initial_embedding("umap", 2, P=P)
+    with pytest.raises(ValueError, match="needs the affinities"):
+        initial_embedding("spectral", 2, X=X)

@@ -200,7 +200,7 @@ def test_fuzzy_connectivities_calibrated_and_symmetric():
     rho = dist[:, :1]
     directed = np.exp(-(dist - rho) / _sigma_bisect(dist - rho, np.log2(10))[:, None])
     np.testing.assert_allclose(directed.sum(1), np.log2(10), rtol=1e-4)
-    assert (dense[np.arange(120)[:, None], idx] >= directed - 1e-6).all()
+    assert (dense[np.arange(120)[:, None], idx] >= directed - 1e-5).all()  # float32, as scanpy's graph
 
 
 def _sigma_bisect(d: np.ndarray, target: float) -> np.ndarray:

@@ -210,6 +210,42 @@ def rescale(Y: np.ndarray, scale: float = INIT_SCALE) -> np.ndarray:
     return Y * (scale / sd) if sd > 0 else Y
 
 
+#: the named initialisations of :func:`initial_embedding`
+INITS = ("spectral", "pca", "random")
+
+
+def initial_embedding(
+    init: str,
+    n_components: int,
+    *,
+    P: sparse.spmatrix | sparse.sparray | None = None,
+    X: np.ndarray | None = None,
+    random_state: int = 0,
+    scale: float = INIT_SCALE,
+) -> np.ndarray:
+    """A named initial embedding, centred and scaled by :func:`rescale` (float64, ``(N, n_components)``).
+
+    ``"spectral"``: Laplacian eigenmaps of the affinities ``P``; ``"pca"``: the first principal components of ``X``;
+    ``"random"``: seeded standard normal coordinates (N from ``P`` or ``X``).
+    """
+    if init == "spectral":
+        if P is None:
+            raise ValueError("init='spectral' needs the affinities P.")
+        Y = spectral_init(P, n_components, random_state=random_state)
+    elif init == "pca":
+        if X is None:
+            raise ValueError("init='pca' needs the representation X.")
+        Y = pca_init(X, n_components)
+    elif init == "random":
+        n = P.shape[0] if P is not None else (X.shape[0] if X is not None else None)
+        if n is None:
+            raise ValueError("init='random' needs P or X to know the number of cells.")
+        Y = random_init(n, n_components, random_state=random_state)
+    else:
+        raise ValueError(f"`init` must be one of {INITS} or an array, got {init!r}.")
+    return rescale(Y, scale)
+
+
 def optimize_ee(
     objective: EEObjective,
     Y0: torch.Tensor,

@@ -20,6 +20,7 @@ from scipy import sparse
 from torch import nn
 
 from .._utils._model_data import canonical_matrix
+from .distributed import average_buffers_, rank_generator
 from .knn import nearest_neighbors
 from .nn import mlp, predict_in_batches
 from .training import adam, train
@@ -177,7 +178,7 @@ def _diverged(stage: str, epoch: int, err: FloatingPointError, vmax: float | Non
         cause = f"the input reaches {vmax:g}: iMAP expects log-normalised expression, not raw counts"
     else:
         cause = "the input is finite and log-scaled, so a smaller learning rate may help"
-    return FloatingPointError(f"iMAP {stage} diverged at epoch {epoch} (non-finite loss); {cause}. ({err})")
+    return FloatingPointError(f"iMAP {stage} diverged at epoch {epoch} (non-finite loss); {cause}.")
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -371,6 +372,8 @@ def train_stage1(
         x_val = source(np.concatenate(val_rows))
         b_val = torch.arange(n_b).repeat_interleave(torch.tensor([len(v) for v in val_rows])).to(device)
         o_val = torch.randint(n_b, (n_val,), generator=generator).to(device)
+    # the held-out cells above are the same on every rank; under torchrun each rank then draws its own mixup cells
+    generator = rank_generator(generator)
     networks = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
     epoch_now = [0]
 
@@ -421,6 +424,7 @@ def train_stage1(
         )
     except FloatingPointError as err:
         raise _diverged("stage I", epoch_now[0], err, vmax) from err
+    average_buffers_(encoder, decoder)  # under torchrun: one set of BatchNorm statistics on every rank
     encoder.eval()
     decoder.eval()
     return encoder, decoder, history
@@ -541,6 +545,7 @@ def train_generator(
     """
     desc = f"iMAP {stage}"
     device = query_pool.device
+    generator = rank_generator(generator)  # under torchrun: each rank its own pool draws (distributed.py)
     n_genes = query_pool.shape[1]
     gen = ResidualGenerator(n_genes, latent_dim).to(device)
     critic = make_critic(n_genes).to(device)
@@ -599,6 +604,7 @@ def train_generator(
         history, _ = train(step, n_epochs, desc=desc, show_progress=show_progress, monitor="critic")
     except FloatingPointError as err:
         raise _diverged(stage, epoch_now[0], err, None) from err
+    average_buffers_(gen, critic)  # under torchrun: one set of BatchNorm statistics on every rank
     gen.eval()
     return gen, history
 

@@ -26,6 +26,7 @@ from scipy import sparse
 from torch import nn
 
 from .affinity import calibrate_perplexity
+from .distributed import broadcast_module_, check_inputs, rank_blocks, world
 from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
 from .nn import mlp
@@ -165,11 +166,11 @@ class GraphSampler:
         self.device = device
 
     def sample(
-        self, cells: torch.Tensor, n_per_cell: int, generator: torch.Generator
+        self, cells: torch.Tensor, n_per_cell: int, generator: torch.Generator, u: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, cols, weights)`` with ``n_per_cell`` draws for each of ``cells``."""
+        """``(rows, cols, weights)`` with ``n_per_cell`` draws for each of ``cells`` (uniforms ``u`` if given)."""
         rows = cells.repeat_interleave(n_per_cell)
-        u = torch.rand(rows.shape[0], generator=generator).to(self.device)
+        u = (torch.rand(rows.shape[0], generator=generator) if u is None else u).to(self.device)
         c = self.counts[rows]
         offset = torch.minimum((u * c).long(), c - 1)
         pos = self.indptr[rows] + offset
@@ -266,6 +267,10 @@ def fit_neuralee(
         return affinities(X if rows is None else X[rows])
 
     net = build_network(D, n_components, hidden).to(device)
+    # under torchrun (distributed.py): same inputs on every rank, rank 0's initial weights, whole blocks per rank
+    ranks = world()
+    check_inputs({"X": X, "NeuralEE parameters": (B, batch_affinity, n_subsample, lr, neighbor_samples, random_state)})
+    broadcast_module_(net)
     opt = adam(net.parameters(), lr=lr)
     history: dict[str, list[float]] = {"loss": [], "phase": []}
 
@@ -329,11 +334,12 @@ def fit_neuralee(
         def step(epoch: int) -> float:
             net.train()
             order = train_cells[torch.randperm(n_train, generator=gen)]
-            n_steps = max(1, n_train // b)  # full batches; the remainder is drawn in the next epoch's permutation
+            n_blocks = max(1, n_train // b)  # full batches; the remainder is drawn in the next epoch's permutation
+            n_steps = max(1, n_blocks // ranks.size)
             a = alpha(epoch, phase)
             total = 0.0
-            for s in range(n_steps):
-                Xb = Xt[order[s * b : (s + 1) * b].to(device)]
+            for blk in rank_blocks(n_blocks, n_steps, ranks):
+                Xb = Xt[order[blk * b : (blk + 1) * b].to(device)]
                 rows, cols, w = in_batch_affinities(Xb, perplexity)
                 note("batch_input", tuple(Xb.shape))
                 note("edges", (rows.shape[0],))
@@ -361,12 +367,16 @@ def fit_neuralee(
         def step(epoch: int) -> float:
             net.train()
             order = torch.randperm(n_train, generator=gen)
-            n_steps = max(1, n_train // b)
+            n_blocks = max(1, n_train // b)
+            n_steps = max(1, n_blocks // ranks.size)  # every step takes W blocks, one per rank (rank_blocks)
             a = alpha(epoch, phase)
             total = 0.0
-            for s in range(n_steps):
-                pos = order[s * b : (s + 1) * b]
-                _, cols, w = sampler.sample(pos.to(device), neighbor_samples, gen)
+            for blk in rank_blocks(n_blocks, n_steps, ranks):
+                pos = order[blk * b : (blk + 1) * b]
+                # every rank draws the neighbour uniforms of all W blocks and keeps its own: one shared stream
+                n_u = b * neighbor_samples
+                u = torch.rand(ranks.size * n_u, generator=gen)[ranks.rank * n_u : (ranks.rank + 1) * n_u]
+                _, cols, w = sampler.sample(pos.to(device), neighbor_samples, gen, u=u)
                 inputs = torch.cat([Xtrain[pos.to(device)], Xtrain[cols]])
                 note("batch_input", tuple(inputs.shape))
                 opt.zero_grad(set_to_none=True)

@@ -9,6 +9,13 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from .._utils._logging import get_logger, progress
+from .distributed import check_same_across_ranks, mean_across_ranks, sync_gradients
+
+#: the suggestion of a diverged training's error, unless the caller gives its own
+DIVERGENCE_ADVICE = (
+    "Check the input: it may hold extreme values, or raw counts where log-normalised expression is expected "
+    "(or the reverse)."
+)
 
 
 def adam(params, **kwargs) -> torch.optim.Adam:
@@ -20,9 +27,11 @@ def adam(params, **kwargs) -> torch.optim.Adam:
     """
     params = list(params)
     try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
+        opt = torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, **kwargs)
+        opt = torch.optim.Adam(params, **kwargs)
+    sync_gradients(opt)  # under torchrun: gradients averaged over ranks before every step (no-op otherwise)
+    return opt
 
 
 def minibatches(
@@ -54,6 +63,7 @@ def train(
     module: torch.nn.Module | None = None,
     keep_best: bool = False,
     stop: Callable[[int, Mapping[str, float]], bool] | None = None,
+    advice: str = DIVERGENCE_ADVICE,
 ) -> tuple[dict[str, list[float]], int]:
     """Run ``step(epoch)`` for up to ``n_epochs`` epochs.
 
@@ -81,6 +91,9 @@ def train(
         Restore ``module``'s weights from the epoch with the lowest ``monitor``.
     stop
         Extra stopping rule, called after every epoch with the epoch and its losses.
+    advice
+        What the error raised when the monitored loss becomes NaN or infinite suggests (the message names ``desc``
+        and the epoch). The default points at the input; a function with a learning rate may suggest lowering it.
 
     A run stopped by ``patience`` or ``stop`` logs one info line, "stopped early at epoch k of n".
 
@@ -91,6 +104,7 @@ def train(
     n_run
         Epochs actually run.
     """
+    check_same_across_ranks(f"{desc}: number of epochs", n_epochs)  # under torchrun: ranks step in lock-step
     history: dict[str, list[float]] = {}
     best, best_epoch, best_state = math.inf, -1, None
     bar = progress(range(n_epochs), desc=desc, show=show_progress)
@@ -99,6 +113,7 @@ def train(
     for epoch in bar:
         out = step(epoch)
         losses = {monitor: float(out)} if not isinstance(out, Mapping) else {k: float(v) for k, v in out.items()}
+        losses = mean_across_ranks(losses)  # under torchrun: every rank stops and keeps the best alike
         for name, value in losses.items():
             history.setdefault(name, []).append(value)
         n_run = epoch + 1
@@ -107,7 +122,7 @@ def train(
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]}, refresh=epoch == 0)
         if not math.isfinite(current):
             raise FloatingPointError(
-                f"{desc}: the loss became {current} at epoch {epoch + 1}; try a smaller learning rate."
+                f"{desc}: the loss {monitor!r} became {current} at epoch {epoch + 1} of {n_epochs}. {advice}"
             )
         if current < best - min_delta * abs(best if math.isfinite(best) else current):
             best, best_epoch = current, epoch

@@ -13,7 +13,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         device = settings.device
         if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return _local(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -22,4 +22,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"`device={device!r}` was requested but CUDA is not available; use device='auto' or 'cpu'.")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"`device` must be a CPU or CUDA device, got {device!r}.")
-    return dev
+    return _local(dev)
+
+
+def _local(dev: torch.device) -> torch.device:
+    from .._engine.distributed import local_device  # under torchrun: "cuda" is this rank's GPU
+
+    return local_device(dev)

@@ -11,6 +11,12 @@ from .._settings import settings
 _logger = logging.getLogger("scembed")
 
 
+def _is_main() -> bool:
+    from .._engine.distributed import is_main
+
+    return is_main()
+
+
 def verbosity() -> int:
     """Effective verbosity: scembed's own setting, else scanpy's (0 error … 4 debug)."""
     if settings.verbosity is not None:
@@ -26,7 +32,7 @@ def verbosity() -> int:
 def get_logger() -> logging.Logger:
     """The package logger, its level following :func:`verbosity`."""
     level = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.INFO}.get(verbosity(), logging.DEBUG)
-    _logger.setLevel(level)
+    _logger.setLevel(level if _is_main() else logging.ERROR)  # under torchrun only rank 0 logs
     if not _logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -49,6 +55,8 @@ def progress(
     """
     if show is None:
         show = show_progress_default()
+    if not _is_main():  # under torchrun only rank 0 shows progress
+        show = False
     return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True, **kwargs)
 
 

@@ -17,7 +17,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from ._io import check_features
-from ._validation import check_finite, check_key
+from ._validation import check_finite, check_key, is_backed_matrix
 
 
 def is_anndata(data: object) -> bool:
@@ -66,13 +66,32 @@ def canonical_matrix(X: Any, name: str) -> np.ndarray | sparse.csr_matrix:
     return arr  # cast to float32 by the consumer, one block at a time where it can
 
 
+class BackedRows:
+    """A backed (on-disk) matrix read one row block at a time: ``X[start:stop]`` is a canonical float32 block.
+
+    What a model's batched prediction needs (``shape`` and row slices); each block is checked for finite values.
+    """
+
+    def __init__(self, X: Any, name: str) -> None:
+        self._X, self.name = X, name
+        self.shape = tuple(X.shape)
+        self.ndim = 2
+
+    def __getitem__(self, rows: slice) -> np.ndarray | sparse.csr_matrix:
+        if not isinstance(rows, slice):
+            raise TypeError("a backed matrix is read in row slices only")
+        return canonical_matrix(self._X[rows], self.name)
+
+
 def matrix_for_model(
-    adata: AnnData, layer: str | None, var_names: Sequence[str] | None
-) -> tuple[np.ndarray | sparse.csr_matrix, str]:
+    adata: AnnData, layer: str | None, var_names: Sequence[str] | None, *, backed: bool = False
+) -> tuple[np.ndarray | sparse.csr_matrix | BackedRows, str]:
     """The expression matrix a model reads from ``adata`` (``X`` or ``layers[layer]``) and its name.
 
     Checks first that ``adata.var_names`` equal ``var_names`` (the model's training features, in order; skipped
     when ``None``), then canonicalises the matrix with :func:`canonical_matrix` (finite values, duplicates added).
+    A backed ``X`` (``read_h5ad(..., backed='r')``) is returned as :class:`BackedRows` when the caller reads row
+    blocks (``backed=True``), and refused otherwise.
     """
     if not isinstance(adata, AnnData):
         raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
@@ -87,6 +106,13 @@ def matrix_for_model(
         X, where = adata.layers[layer], f"adata.layers[{layer!r}]"
     if X is None:
         raise ValueError(f"{where} is empty (None).")
+    if is_backed_matrix(X):
+        if backed:
+            return BackedRows(X, where), where
+        raise ValueError(
+            "`adata` is backed (read_h5ad(..., backed='r')): this model needs adata.X in memory; "
+            "call adata = adata.to_memory() first."
+        )
     return canonical_matrix(X, where), where
 
 
@@ -101,13 +127,30 @@ def obsm_for_model(adata: AnnData, key: str, n_columns: int) -> np.ndarray:
 
 
 def counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    """``adata.X`` or ``adata.layers[layer]`` as stored (not copied or converted), and its name for messages."""
+    """``adata.X`` or ``adata.layers[layer]`` as stored (copied only when sparse and not canonical), and its name."""
     if layer is None:
-        return adata.X, "adata.X"
+        if is_backed_matrix(adata.X):
+            raise ValueError(
+                "`adata` is backed (read_h5ad(..., backed='r')): the counts are read from adata.X, which must be "
+                "in memory; call adata = adata.to_memory() first (or pass `layer`)."
+            )
+        return _canonical_copy(adata.X), "adata.X"
     if not isinstance(layer, str):
         raise TypeError(f"`layer` must be a string key of adata.layers or None, got {type(layer).__name__}.")
     check_key(adata.layers, layer, arg="layer", where="adata.layers")
-    return adata.layers[layer], f"adata.layers[{layer!r}]"
+    return _canonical_copy(adata.layers[layer]), f"adata.layers[{layer!r}]"
+
+
+def _canonical_copy(X: Any) -> Any:
+    """A sparse matrix with duplicate or unsorted entries as a canonical copy; anything else as it is.
+
+    SciPy canonicalises such a matrix in place on many operations (``X > 0``, ``X[:, cols]``), which would
+    modify the caller's AnnData.
+    """
+    if sparse.issparse(X) and X.format in ("csr", "csc") and not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    return X
 
 
 def batch_codes(adata: AnnData, batch_key: str, categories: Sequence[str] | None = None) -> tuple[np.ndarray, list]:

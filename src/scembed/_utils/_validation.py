@@ -69,8 +69,14 @@ def check_finite(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) ->
 
 
 def check_counts(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) -> None:
-    """Raise a ValueError naming ``name`` unless X holds non-negative integer counts."""
+    """Raise a ValueError naming ``name`` unless X holds non-negative integer counts.
+
+    Duplicate entries of a non-canonical sparse matrix are added up first (on a copy), as every consumer does.
+    """
     check_finite(X, name)
+    if sparse.issparse(X) and X.format in ("csr", "csc", "coo") and not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
     values = _values(X)
     if values.size and values.min() < 0:
         raise ValueError(f"{name} must hold raw counts, but it has negative values (min {values.min():g}).")
@@ -120,3 +126,61 @@ def check_affinity_matrix(P: object, n: int, where: str) -> sparse.csr_matrix:
     if P.sum() <= 0:
         raise ValueError(f"{where} is all zero.")
     return P
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Check a flag is True or False (NumPy booleans included); a string such as ``"no"`` is refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_optional_bool(value: object, name: str) -> bool | None:
+    """Check a flag is True, False or None (``show_progress``: None follows the verbosity)."""
+    return None if value is None else check_bool(value, name)
+
+
+def check_n_jobs(value: object, name: str = "n_jobs") -> int | None:
+    """Check a thread count: None (all cores), a positive integer, or a negative one (joblib's -1 = all cores)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer or None, got {value!r}.")
+    if value == 0:
+        raise ValueError(f"`{name}` must be a positive integer, -1 (all cores) or None, got 0.")
+    return int(value)
+
+
+def check_int_sequence(value: object, name: str, *, minimum: int = 1, allow_empty: bool = False) -> tuple[int, ...]:
+    """Check a sequence of integers (e.g. ``hidden`` layer widths), each ≥ ``minimum``; a bare int is refused."""
+    from collections.abc import Sequence
+
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+        raise TypeError(f"`{name}` must be a sequence of integers, e.g. (50, 50), got {value!r}.")
+    if len(value) == 0 and not allow_empty:
+        raise TypeError(f"`{name}` must be a non-empty sequence of integers, got {value!r}.")
+    return tuple(check_positive_int(v, name, minimum=minimum) for v in value)
+
+
+def is_backed_matrix(X: object) -> bool:
+    """Whether ``X`` is an on-disk matrix (``read_h5ad(..., backed='r')``: an h5py dataset or anndata's sparse one)."""
+    if X is None or isinstance(X, np.ndarray) or sparse.issparse(X):
+        return False
+    return type(X).__module__.split(".")[0] in ("h5py", "anndata", "zarr")
+
+
+def check_not_backed(adata: AnnData, where: str, *, layer: str | None = None) -> None:
+    """Refuse an AnnData whose ``X`` is on disk (backed) when ``where`` (e.g. ``"tl.scdeepcluster"``) reads ``X``.
+
+    Layers and ``obsm`` of a backed AnnData are in memory, so reading ``layers[layer]`` is fine.
+    """
+    if layer is None and is_backed_matrix(getattr(adata, "X", None)):
+        raise ValueError(
+            f"`adata` is backed (read_h5ad(..., backed='r')): {where} needs adata.X in memory; "
+            "call adata = adata.to_memory() first."
+        )
+
+
+def copy_adata(adata: AnnData) -> AnnData:
+    """``adata.copy()``, or for a backed AnnData its in-memory copy (``to_memory()``; ``copy()`` needs a file name)."""
+    return adata.to_memory() if adata.isbacked else adata.copy()

@@ -73,6 +73,9 @@ def simulate(
     check_in_range(dropout, "dropout", low=0, high=1, high_inclusive=False)
     check_in_range(dispersion, "dispersion", low=0, low_inclusive=False)
     check_in_range(library_size, "library_size", low=0, low_inclusive=False)
+    check_in_range(de_scale, "de_scale", low=0)
+    check_in_range(batch_scale, "batch_scale", low=0)
+    check_in_range(library_sd, "library_sd", low=0)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     rng = check_random_state(random_state)
 
@@ -168,6 +171,7 @@ def simulate_embedding(
     n_dims = check_positive_int(n_dims, "n_dims")
     n_celltypes = check_positive_int(n_celltypes, "n_celltypes")
     n_lineages = check_positive_int(n_lineages, "n_lineages")
+    check_in_range(spread, "spread", low=0)
     rng = check_random_state(random_state)
     scale = 1.0 / np.sqrt(np.arange(1, n_dims + 1))  # decaying variance per component, like PCs
     lineage_centres = rng.normal(0, 12.0, (n_lineages, n_dims)) * scale

@@ -14,13 +14,18 @@ if TYPE_CHECKING:
 
 def _declared_history(adata: AnnData, key: str) -> dict[str, np.ndarray]:
     """The per-epoch curves a trainer declared in ``adata.uns[key]["history"]``, as float arrays (1-D or 2-D)."""
+    if not isinstance(key, str):
+        raise TypeError(f"`key` must be a string key of adata.uns, got {key!r}.")
     check_key(adata.uns, key, arg="key", where="adata.uns")
     entry = adata.uns[key]
     if not isinstance(entry, dict) or not isinstance(entry.get("history"), dict) or not entry["history"]:
         raise KeyError(f"`key={key!r}`: adata.uns[{key!r}] holds no per-epoch 'history' to plot.")
     out = {}
     for name, values in entry["history"].items():
-        arr = np.asarray(values, dtype=float)
+        try:
+            arr = np.asarray(values, dtype=float)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"adata.uns[{key!r}]['history'][{name!r}] must hold numbers, got {values!r}.") from e
         if arr.ndim not in (1, 2):
             raise ValueError(f"adata.uns[{key!r}]['history'][{name!r}] must be 1- or 2-dimensional, got {arr.shape}.")
         out[name] = arr
@@ -31,7 +36,7 @@ def history(
     adata: AnnData,
     key: str,
     *,
-    curves: Sequence[str] | None = None,
+    curves: str | Sequence[str] | None = None,
     log_y: bool = False,
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
@@ -50,7 +55,7 @@ def history(
     key
         The tool's ``key_added`` (e.g. ``"ee"``).
     curves
-        Names of the quantities to plot (default: all of the history).
+        Name, or names, of the quantities to plot (default: all of the history).
     log_y
         Logarithmic y axes.
     ax
@@ -66,7 +71,14 @@ def history(
     import matplotlib.pyplot as plt
 
     hist = _declared_history(adata, key)
-    names = list(hist) if curves is None else list(curves)
+    if curves is None:
+        names = list(hist)
+    elif isinstance(curves, str):
+        names = [curves]  # one curve, not its letters
+    elif isinstance(curves, Sequence | np.ndarray) and all(isinstance(c, str) for c in curves) and len(curves):
+        names = list(curves)
+    else:
+        raise TypeError(f"`curves` must be a curve name or a non-empty list of them, got {curves!r}.")
     for name in names:
         check_key(hist, name, arg="curves", where=f"adata.uns[{key!r}]['history']")
     axes = None if ax is None else [ax] if not isinstance(ax, Sequence | np.ndarray) else list(ax)

@@ -8,13 +8,17 @@ from scipy import sparse
 
 from .._constants import AFFINITY, REP_PCA
 from .._engine.affinity import entropic_affinities, padded_neighbors_from_graph
-from .._engine.knn import KNN_METHODS, METRICS, nearest_neighbors, resolve_knn_method
+from .._engine.distributed import knn_affinities
+from .._engine.knn import KNN_METHODS, METRICS, resolve_knn_method
 from .._utils import (
     check_adata,
     check_affinity_matrix,
+    check_bool,
     check_in_range,
     check_key,
+    check_n_jobs,
     check_positive_int,
+    copy_adata,
     get_logger,
     get_representation,
     output_keys,
@@ -61,21 +65,26 @@ def compute_affinities(
         raise ValueError(f"`perplexity={perplexity:g}` must be smaller than `n_neighbors={k}`.")
     method = resolve_knn_method(knn_method, n, dev)
     get_logger().info(f"computing {k} nearest neighbours ({method}, {metric})")
-    indices, distances, method = nearest_neighbors(
-        X, k, method=method, metric=metric, n_jobs=n_jobs, device=dev, random_state=random_state
+    # one process: nearest_neighbors + entropic_affinities; under torchrun the rows are split across ranks
+    P, _, n_bad, method = knn_affinities(
+        X, k, perplexity, method=method, metric=metric, tol=tol, n_jobs=n_jobs, device=dev, random_state=random_state
     )
-    P, info = _calibrate(indices, distances, perplexity, tol, dev)
-    return P, {"n_neighbors": int(k), "method": method, **info}
+    _warn_unconverged(n_bad, perplexity, tol)
+    return sparse.csr_matrix(P), {"n_neighbors": int(k), "method": method, "n_unconverged": int(n_bad)}
 
 
 def _calibrate(indices, distances, perplexity: float, tol: float, dev) -> tuple[sparse.csr_matrix, dict[str, Any]]:
     P, _, n_bad = entropic_affinities(indices, distances, perplexity, tol=tol, device=dev)
+    _warn_unconverged(n_bad, perplexity, tol)
+    return sparse.csr_matrix(P), {"n_unconverged": int(n_bad)}
+
+
+def _warn_unconverged(n_bad: int, perplexity: float, tol: float) -> None:
     if n_bad:
         get_logger().warning(
             f"{n_bad} cell(s) could not be calibrated to perplexity {perplexity:g} within tol={tol:g} "
             "(e.g. all their neighbours at the same distance)"
         )
-    return sparse.csr_matrix(P), {"n_unconverged": int(n_bad)}
 
 
 def affinity_record(params: dict[str, Any], info: dict[str, Any], use_rep: str | None) -> dict[str, Any]:
@@ -208,12 +217,14 @@ def affinity(
         use_rep is None and neighbors_key is None and REP_PCA not in getattr(adata, "obsm", {})
     )
     check_adata(adata, min_obs=3, require_vars=needs_X)
-    perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
+    perplexity = check_in_range(perplexity, "perplexity", low=1)  # the entropy of p_{j|i} is never below log(1)
     if knn_method not in KNN_METHODS:
         raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {knn_method!r}.")
     if knn_method != "pynndescent" and neighbors_key is None and metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS} (any pynndescent metric with knn_method='pynndescent').")
     tol = check_in_range(tol, "tol", low=0, low_inclusive=False)
+    n_jobs = check_n_jobs(n_jobs)
+    check_bool(copy, "copy")
     keys = output_keys(key_added)
     dev = resolve_device(device)
     seed = seed_int(random_state)
@@ -239,7 +250,7 @@ def affinity(
             random_state=seed,
         )
 
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     adata.obsp[keys.obsp] = P
     params = {
         "perplexity": perplexity,

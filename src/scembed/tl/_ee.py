@@ -9,14 +9,17 @@ import torch
 from anndata import AnnData
 
 from .._constants import AFFINITY, EE
-from .._engine.ee import SOLVERS, optimize_ee, pca_init, random_init, rescale, spectral_init
+from .._engine.ee import INITS, SOLVERS, initial_embedding, optimize_ee
 from .._engine.ee_objective import REPULSIONS, EEObjective
 from .._utils import (
     OutputKeys,
     check_adata,
+    check_bool,
     check_finite,
     check_in_range,
+    check_optional_bool,
     check_positive_int,
+    copy_adata,
     get_logger,
     get_representation,
     output_keys,
@@ -25,8 +28,6 @@ from .._utils import (
 )
 from .._utils._random import seed_int
 from ..pp._affinity import stored_affinities, tool_affinities
-
-INITS = ("spectral", "pca", "random")
 
 
 @shared_docs
@@ -128,6 +129,8 @@ def ee(
     perplexity = check_in_range(perplexity, "perplexity", low=0, low_inclusive=False)
     maxiter = check_positive_int(maxiter, "maxiter")
     tol = check_in_range(tol, "tol", low=0)
+    check_bool(copy, "copy")
+    check_optional_bool(show_progress, "show_progress")
     if repulsion not in REPULSIONS:
         raise ValueError(f"`repulsion` must be one of {REPULSIONS}, got {repulsion!r}.")
     if solver not in SOLVERS:
@@ -153,14 +156,7 @@ def ee(
         P, new_affinity = tool_affinities(
             X, rep_name, perplexity=perplexity, use_rep=use_rep, n_jobs=None, device=dev, random_state=seed
         )
-    if Y_given is not None:
-        Y0 = np.asarray(Y_given, dtype=np.float64)
-    elif init_name == "spectral":
-        Y0 = rescale(spectral_init(P, n_components, random_state=seed))
-    elif init_name == "pca":
-        Y0 = rescale(pca_init(X, n_components))
-    else:
-        Y0 = rescale(random_init(n, n_components, random_state=seed))
+    Y0 = Y_given if Y_given is not None else initial_embedding(init_name, n_components, P=P, X=X, random_state=seed)
     objective = EEObjective(P, lam=lam, repulsion=repulsion, X=X, device=dev)
     Y0 = torch.as_tensor(Y0, dtype=torch.float32, device=dev)
     Y, info = optimize_ee(objective, Y0, P=P, solver=solver, maxiter=maxiter, tol=tol, show_progress=show_progress)
@@ -183,7 +179,7 @@ def ee(
         "device": str(dev),
         "random_state": seed,
     }
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     if new_affinity is not None:
         adata.obsp[affinity_key] = P
         adata.uns[affinity_key] = new_affinity

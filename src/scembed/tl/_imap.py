@@ -16,11 +16,15 @@ from .._engine.models.imap import IMAPModel
 from .._utils import (
     OutputKeys,
     check_adata,
+    check_bool,
     check_finite,
     check_in_range,
     check_int_pair,
     check_key,
+    check_not_backed,
+    check_optional_bool,
     check_positive_int,
+    copy_adata,
     get_logger,
     output_keys,
     renamed_parameters,
@@ -190,6 +194,8 @@ def imap_integrate(
         use_hvg=use_hvg,
         incremental=incremental,
         copy=copy,
+        return_model=return_model,
+        show_progress=show_progress,
         n_top_genes=n_top_genes,
         n_latent=n_latent,
         max_epochs=max_epochs,
@@ -214,9 +220,7 @@ def imap_integrate(
 
     X_used = X[:, genes]
     X_used = sparse.csr_matrix(X_used, dtype=np.float32) if sparse.issparse(X_used) else np.asarray(X_used, np.float32)
-    vmax = X_used.max() if X_used.size else 0
-    if vmax > 50:
-        log.warning(f"iMAP expects log-normalised expression, but {where} reaches {float(vmax):g}; raw counts?")
+    _warn_if_counts(X_used, where)
     groups = [np.flatnonzero(batch_idx == b) for b in range(len(batches))]
     labels = [str(b) for b in batches]
     source = engine.RowSource(X_used, dev)
@@ -236,7 +240,7 @@ def imap_integrate(
     params = {**o, "batch_key": batch_key, "layer": layer or "", "genes": gene_source, "device": str(dev)}
     params.update(k_within=int(k_w), k_mnn=int(k_m), random_state=seed)
     params.update(max_epochs=list(o["max_epochs"]), batch_size=list(o["batch_size"]))
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     adata.obsm[keys.obsm] = codes
     record = {
         "params": params,
@@ -326,6 +330,7 @@ def _train(
 def _check_data(adata: AnnData, batch_key: str, layer: str | None) -> tuple[Any, str, np.ndarray, list, np.ndarray]:
     """The expression matrix (checked finite), its name, every cell's batch index, the batches and their sizes."""
     check_adata(adata, min_obs=4)
+    check_not_backed(adata, "tl.imap_integrate", layer=layer)
     if not isinstance(batch_key, str):
         raise TypeError(f"`batch_key` must be a column name of adata.obs, got {batch_key!r}.")
     check_key(adata.obs, batch_key, arg="batch_key", where="adata.obs")
@@ -353,11 +358,26 @@ def _check_data(adata: AnnData, batch_key: str, layer: str | None) -> tuple[Any,
     return X, where, batch_idx, batches, sizes
 
 
+def _warn_if_counts(X: Any, where: str) -> None:
+    """Warn before training when the expression looks like raw counts (iMAP's losses diverge or mislead on them)."""
+    values = X.data if sparse.issparse(X) else X
+    vmax = float(values.max()) if values.size else 0.0
+    if vmax > 50:
+        integer = bool(np.array_equal(values, np.round(values)))
+        warnings.warn(
+            f"tl.imap_integrate expects log-normalised expression, but {where} reaches {vmax:g}"
+            f"{' and holds only integers: raw counts' if integer else ''}. Normalise first "
+            "(sc.pp.normalize_total(adata); sc.pp.log1p(adata)) or pass the log-normalised layer with `layer=`.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_options(**o: Any) -> dict[str, Any]:
     """Validate the scalar options; returns the resolved values (as recorded in ``uns``)."""
-    for name in ("use_hvg", "incremental", "copy"):
-        if not isinstance(o[name], bool | np.bool_):
-            raise TypeError(f"`{name}` must be True or False, got {o[name]!r}.")
+    for name in ("use_hvg", "incremental", "copy", "return_model"):
+        check_bool(o[name], name)
+    check_optional_bool(o["show_progress"], "show_progress")
     if o["metric"] not in METRICS:
         raise ValueError(f"`metric` must be one of {tuple(METRICS)}, got {o['metric']!r}.")
     if o["knn_method"] not in KNN_METHODS:

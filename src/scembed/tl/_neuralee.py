@@ -14,8 +14,13 @@ from .._engine.models.neuralee import NeuralEEModel
 from .._engine.neuralee import BATCH_AFFINITIES, fit_neuralee
 from .._utils import (
     check_adata,
+    check_bool,
     check_in_range,
+    check_int_sequence,
+    check_n_jobs,
+    check_optional_bool,
     check_positive_int,
+    copy_adata,
     network_input,
     output_keys,
     renamed_parameters,
@@ -204,6 +209,10 @@ def neuralee(
         exaggeration_epochs=exaggeration_epochs,
         patience=patience,
         affinity_key=affinity_key,
+        return_model=return_model,
+        copy=copy,
+        show_progress=show_progress,
+        n_jobs=n_jobs,
     )
     keys = output_keys(key_added)
     dev = resolve_device(device)
@@ -230,7 +239,7 @@ def neuralee(
     model = _model(net, X, source, W, offset, adata, params)
     Y = model.transform(X, device=dev)
 
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     adata.obsm[keys.obsm] = Y.astype(np.float32)
     adata.uns[keys.uns] = {
         "params": params,
@@ -308,7 +317,11 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     out["batch_size"] = _resolve_batch_size(o["batch_size"], n)
     out["max_epochs"] = check_positive_int(o["max_epochs"], "max_epochs")
     out["lr"] = check_in_range(o["lr"], "lr", low=0, low_inclusive=False)
-    out["hidden"] = tuple(check_positive_int(h, "hidden") for h in o["hidden"])
+    out["hidden"] = check_int_sequence(o["hidden"], "hidden", allow_empty=True)  # () is a linear map
+    for flag in ("return_model", "copy"):
+        check_bool(o[flag], flag)
+    check_optional_bool(o["show_progress"], "show_progress")
+    check_n_jobs(o["n_jobs"])
     if o["repulsion"] not in REPULSIONS:
         raise ValueError(f"`repulsion` must be one of {REPULSIONS}, got {o['repulsion']!r}.")
     if o["batch_affinity"] not in BATCH_AFFINITIES:

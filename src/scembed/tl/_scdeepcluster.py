@@ -13,14 +13,20 @@ from scipy import sparse
 
 from .._constants import SCDEEPCLUSTER
 from .._engine import scdeepcluster as engine
+from .._engine.distributed import on_main
 from .._engine.models.scdeepcluster import ScDeepClusterModel
 from .._utils import (
     OutputKeys,
     check_adata,
+    check_bool,
     check_counts,
     check_in_range,
     check_int_pair,
+    check_int_sequence,
+    check_not_backed,
+    check_optional_bool,
     check_positive_int,
+    copy_adata,
     get_logger,
     output_keys,
     renamed_parameters,
@@ -170,6 +176,9 @@ def scdeepcluster(
         batch_size=batch_size,
         n_neighbors=n_neighbors,
         resolution=resolution,
+        show_progress=show_progress,
+        return_model=return_model,
+        copy=copy,
     )
     keys = output_keys(key_added)
     dev = resolve_device(device)
@@ -182,7 +191,7 @@ def scdeepcluster(
 
     data = engine.CountData.fit(X, genes, codes, len(categories))
     net, fit = _fit(data, len(genes), len(categories), o, dev, seed, show_progress)
-    adata = adata.copy() if copy else adata
+    adata = copy_adata(adata) if copy else adata
     record = {"params": params, "n_clusters_method": "given" if o["n_clusters"] else "leiden", "device": str(dev)}
     record["time"] = {k: float(v) for k, v in fit["times"].items()}
     _write(adata, keys, len(genes), fit, record)
@@ -228,8 +237,15 @@ def _fit(
         times["pretrain"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         z0 = engine.encode_all(net.eval(), data, dev).cpu().numpy()
-        init_labels, centroids = engine.initial_clusters(
-            z0, o["n_clusters"], knn=o["n_neighbors"], resolution=o["resolution"], random_state=seed, device=dev
+        # under torchrun: computed once on rank 0 and sent to the others (one process: a plain call)
+        init_labels, centroids = on_main(
+            engine.initial_clusters,
+            z0,
+            o["n_clusters"],
+            knn=o["n_neighbors"],
+            resolution=o["resolution"],
+            random_state=seed,
+            device=dev,
         )
         k_used = centroids.shape[0]
         times["init"] = time.perf_counter() - t0
@@ -263,6 +279,10 @@ def _fit(
 def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     """Validate every option before any work (counts included); returns the resolved values."""
     check_adata(adata, min_obs=2)
+    check_not_backed(adata, "tl.scdeepcluster", layer=o["layer"])
+    for flag in ("return_model", "copy"):
+        check_bool(o[flag], flag)
+    check_optional_bool(o["show_progress"], "show_progress")
     n = adata.n_obs
     n_clusters = o["n_clusters"]
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral) or n_clusters < 0:
@@ -277,10 +297,7 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
         if out["n_top_genes"] > adata.n_vars:
             raise ValueError(f"`n_top_genes={out['n_top_genes']}` is larger than the number of genes ({adata.n_vars}).")
     out["n_latent"] = check_positive_int(o["n_latent"], "n_latent")
-    hidden = o["hidden"]
-    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or len(hidden) == 0:
-        raise TypeError(f"`hidden` must be a non-empty sequence of layer widths, got {hidden!r}.")
-    out["hidden"] = tuple(check_positive_int(h, "hidden") for h in hidden)
+    out["hidden"] = check_int_sequence(o["hidden"], "hidden")
     out["noise"] = check_in_range(o["noise"], "noise", low=0)
     out["gamma"] = check_in_range(o["gamma"], "gamma", low=0)
     out["max_epochs"] = check_int_pair(o["max_epochs"], "max_epochs", stages=("pretraining", "clustering"), minimum=0)

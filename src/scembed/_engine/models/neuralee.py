@@ -132,7 +132,7 @@ class NeuralEEModel(Model):
         self.check_var_names(adata.var_names)
         source = str(self.metadata["input"])
         if self.loadings is not None:
-            X, where = matrix_for_model(adata, None, None)
+            X, where = matrix_for_model(adata, None, None, backed=True)  # a backed X is read in row blocks
             if X.shape[1] != self.loadings.shape[0]:
                 raise ValueError(
                     f"{where} has {X.shape[1]} columns; the model's PCA loadings need {self.loadings.shape[0]} genes."

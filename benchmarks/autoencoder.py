@@ -1,0 +1,213 @@
+"""Benchmark of se.tl.autoencoder's latent space against PCA-50 of log-normalised counts (and scVI's latent).
+
+For every real data set (``obs["celltype"]`` as truth; ``obs["batch"]`` given to the models where a set has
+several batches), each method runs in a fresh subprocess, so that its wall time and peak memory (max RSS of that
+process, read right after the embedding) are its own. Quality of each latent space: 10-NN classification accuracy
+of the cell types (5-fold cross-validation), and ARI / NMI of Leiden clusters on its 15-NN graph at resolution 0.8
+and at the resolution that gives the true number of types (found by bisection).
+
+    python benchmarks/autoencoder.py                                  # every set in --data-dir, defaults
+    python benchmarks/autoencoder.py --max-epochs 2 --datasets pbmc_10x_2100   # a quick check that it runs
+    python benchmarks/autoencoder.py --scale 1000000 --max-epochs 3  # simulated 1M cells × 2,000 genes (sparse):
+                                                                      # time per epoch and peak RSS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+METHODS = ["autoencoder", "pca", "scvi"]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int) -> dict:
+    """ARI/NMI of Leiden at resolution 0.8 and at the resolution giving the true K (bisection on the resolution)."""
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    tmp = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
+    tmp.obsm["X_latent"] = latent
+    sc.pp.neighbors(tmp, n_neighbors=15, use_rep="X_latent", random_state=seed)
+
+    def leiden(resolution: float) -> np.ndarray:
+        sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=-1, directed=False)
+        return tmp.obs["leiden"].to_numpy()
+
+    def scores(labels: np.ndarray) -> tuple[float, float]:
+        return float(adjusted_rand_score(truth, labels)), float(normalized_mutual_info_score(truth, labels))
+
+    out = {}
+    out["ari_08"], out["nmi_08"] = scores(leiden(0.8))
+    k_true = len(set(truth))
+    lo, hi, best = 0.01, 5.0, None
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        labels = leiden(mid)
+        k = len(set(labels))
+        if best is None or abs(k - k_true) < abs(best[1] - k_true):
+            best = (mid, k, labels)
+        if k == k_true:
+            break
+        lo, hi = (mid, hi) if k < k_true else (lo, mid)
+    out["resolution_k"], out["k_found"] = best[0], best[1]
+    out["ari_k"], out["nmi_k"] = scores(best[2])
+    return out
+
+
+def worker(spec: dict) -> dict:
+    """One method on one data set: the latent space, its time and peak RSS, then its scores."""
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    adata = ad.read_h5ad(spec["path"])
+    truth = adata.obs["celltype"].astype(str).to_numpy()
+    batch_key = "batch" if "batch" in adata.obs and adata.obs["batch"].nunique() > 1 else None
+    seed, method, max_epochs = spec["seed"], spec["method"], spec["max_epochs"]
+    out: dict = {"n_obs": adata.n_obs, "n_vars": adata.n_vars}
+    t0 = time.perf_counter()
+    if method == "autoencoder":
+        import scembed as se
+
+        se.tl.autoencoder(
+            adata, batch_key=batch_key, max_epochs=max_epochs, device=spec["device"], random_state=seed,
+            show_progress=False,
+        )  # fmt: skip
+        latent = adata.obsm["X_autoencoder"]
+        out["epochs"] = adata.uns["autoencoder"]["n_epochs"]
+    elif method == "pca":
+        import scanpy as sc
+
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        sc.pp.pca(adata, n_comps=min(50, adata.n_vars - 1, adata.n_obs - 1), random_state=seed)
+        latent = adata.obsm["X_pca"]
+    elif method == "scvi":
+        try:
+            import scvi
+        except ImportError:
+            return {"skipped": "scvi-tools is not installed"}
+        scvi.settings.seed = seed
+        scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
+        model = scvi.model.SCVI(adata)
+        model.train(max_epochs=max_epochs, enable_progress_bar=False)
+        latent = model.get_latent_representation()
+        out["epochs"] = len(model.history["elbo_train"])
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    out["time"] = time.perf_counter() - t0
+    out["rss_gb"] = _peak_rss_gb()
+    from _metrics import knn_accuracy
+
+    latent = np.ascontiguousarray(latent, dtype=np.float32)
+    out["knn_acc"] = knn_accuracy(latent, truth, k=10, folds=5)
+    out.update(_leiden_scores(latent, truth, seed))
+    out["k_true"] = len(set(truth))
+    return out
+
+
+def scale_worker(spec: dict) -> dict:
+    """tl.autoencoder on N simulated cells × 2,000 genes (sparse counts): time per epoch and peak RSS."""
+    import torch
+
+    import scembed as se
+
+    torch.set_num_threads(spec["threads"])
+    adata = se.datasets.simulate(spec["n_cells"], 2000, n_celltypes=10, random_state=spec["seed"])
+    rss_data = _peak_rss_gb()
+    t0 = time.perf_counter()
+    se.tl.autoencoder(
+        adata, max_epochs=spec["max_epochs"], device=spec["device"], random_state=spec["seed"], show_progress=False
+    )
+    elapsed = time.perf_counter() - t0
+    n_epochs = adata.uns["autoencoder"]["n_epochs"]
+    return {"time": elapsed, "epochs": n_epochs, "rss_gb": _peak_rss_gb(), "rss_data_gb": rss_data}
+
+
+def _run(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="folder of .h5ad files (default ../shared/data)")
+    parser.add_argument("--datasets", nargs="+", default=None, help="names without .h5ad (default: every file)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: each tool's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--scale", type=int, default=None, help="simulated N-cell run (time per epoch, peak RSS)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(scale_worker(spec) if "n_cells" in spec else worker(spec)))
+        return
+    common = {"seed": args.seed, "threads": args.threads, "device": args.device}
+    if args.scale:
+        res = _run({**common, "n_cells": args.scale, "max_epochs": args.max_epochs or 3})
+        if "error" in res:
+            sys.exit(f"scale run failed: {res['error']}")
+        print(
+            f"{args.scale} cells × 2000 genes, {res['epochs']} epochs: {res['time'] / max(res['epochs'], 1):.1f} s "
+            f"per epoch (setup included), peak RSS {res['rss_gb']:.2f} GB ({res['rss_data_gb']:.2f} GB after "
+            "simulating the data)"
+        )
+        return
+
+    names = args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad"))
+    rows = []
+    for name in names:
+        path = args.data_dir / f"{name}.h5ad"
+        if not path.exists():
+            print(f"{name}: {path} not found, skipped", file=sys.stderr)
+            continue
+        for method in args.methods:
+            res = _run({**common, "path": str(path), "method": method, "max_epochs": args.max_epochs})
+            if "skipped" in res or "error" in res:
+                print(f"{name} / {method}: {res.get('skipped') or res.get('error')}", file=sys.stderr)
+                continue
+            rows.append({"dataset": name, "method": method, **res})
+            print(f"{name} / {method}: done in {res['time']:.1f} s", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(
+        "| data | method | epochs | 10-NN acc. | ARI (0.8) | NMI (0.8) | K true / found | ARI (true K) | NMI (true K) "
+        "| time (s) | peak RSS (GB) |"
+    )
+    print("|" + " --- |" * 11)
+    for r in rows:
+        print(
+            f"| {r['dataset']} | {r['method']} | {r.get('epochs', '–')} | {_fmt(r['knn_acc'])} | {_fmt(r['ari_08'])} "
+            f"| {_fmt(r['nmi_08'])} | {r['k_true']} / {r['k_found']} | {_fmt(r['ari_k'])} | {_fmt(r['nmi_k'])} "
+            f"| {_fmt(r['time'], '.1f')} | {_fmt(r['rss_gb'], '.2f')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

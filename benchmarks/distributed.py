@@ -1,0 +1,176 @@
+"""Data-parallel NeuralEE: W processes under torchrun (gloo on CPU, NCCL on GPUs) against one process.
+
+Every run trains NeuralEE in mini-batch "graph" mode on the same simulated 50-D data (``simulate_embedding``: cell
+types around lineages), one thread per process. Each rank computes its share of the affinities
+(``knn_affinities``: rows split across ranks), then trains; the ranks take whole mini-batches of one shared
+permutation and average their gradients before every Adam step, so W ranks do W times fewer, W times larger
+steps per epoch. Reported per run: affinity time, training time per epoch (the whole ``fit_neuralee`` call divided
+by the epochs, so its one-off setup and the final BatchNorm pass are spread over them: use 10 or more epochs for a
+per-epoch figure), every rank's peak RSS (its own ``ru_maxrss``), and the 10-NN accuracy of the cell types in the
+embedding (5-fold cross-validation).
+
+    python benchmarks/distributed.py                          # 50,000 cells, 1 and 2 processes, 10 epochs
+    python benchmarks/distributed.py --n-cells 200000 --ranks 1 2 4 --epochs 20 --json results/distributed.json
+    python benchmarks/distributed.py --smoke                  # 600 cells, 1 epoch: checks that it runs
+
+The runs are started with ``python -m torch.distributed.run --standalone --nproc-per-node W`` (torchrun); one
+process (W = 1) runs the same worker without torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _runner import thread_env, write_json  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def worker(folder: Path, out: Path, opts: dict) -> None:
+    """One rank (or the single process): affinities, training, its own numbers written to ``out``."""
+    import torch
+
+    from scembed._engine import distributed
+    from scembed._engine.neuralee import fit_neuralee
+
+    torch.set_num_threads(1)
+    w = distributed.init_from_env()
+    X = np.load(folder / "X.npy")
+    perplexity = float(opts["perplexity"])
+    k = min(int(3 * perplexity), X.shape[0] - 1)
+    t0 = time.perf_counter()
+    P, _, _, method = distributed.knn_affinities(X, k, perplexity, method="auto", n_jobs=1)
+    t_aff = time.perf_counter() - t0
+    torch.manual_seed(0)
+    t1 = time.perf_counter()
+    net, info = fit_neuralee(
+        X,
+        P=P,
+        batch_size=int(opts["batch_size"]),
+        batch_affinity="graph",
+        patience=None,
+        random_state=0,
+        max_epochs=int(opts["epochs"]),
+        show_progress=False,
+    )
+    t_train = time.perf_counter() - t1
+    with torch.no_grad():
+        Y = net(torch.as_tensor(X)).numpy()
+    if w.is_main:
+        np.save(out / "Y.npy", Y)
+    result = {
+        "rank": w.rank,
+        "world_size": w.size,
+        "knn_method": method,
+        "affinity_s": t_aff,
+        "train_s": t_train,
+        "epochs": int(info["n_epochs"]),
+        "s_per_epoch": t_train / max(1, int(info["n_epochs"])),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": float(info["history"]["loss"][-1]),
+        "n_parameters": int(sum(p.numel() for p in net.parameters())),
+    }
+    (out / f"rank{w.rank}.json").write_text(json.dumps(result))
+    if w.distributed:
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def launch(n_ranks: int, folder: Path, out: Path, opts: dict, timeout: float) -> float:
+    """Run the worker as ``n_ranks`` processes (torchrun) or one plain process; returns the wall time."""
+    args = [str(Path(__file__).resolve()), "--worker", str(folder), str(out), json.dumps(opts)]
+    if n_ranks == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_ranks), *args]
+    env = thread_env(1)
+    src = HERE.parent / "src"
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{n_ranks}-process run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", nargs=3, metavar=("DATA", "OUT", "OPTS"), help=argparse.SUPPRESS)
+    p.add_argument("--n-cells", type=int, default=50_000)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument("--smoke", action="store_true", help="600 cells, 1 epoch, batch 100: only checks that it runs")
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    args = p.parse_args()
+    if args.worker:
+        data, out, opts = args.worker
+        worker(Path(data), Path(out), json.loads(opts))
+        return
+    if args.smoke:
+        args.n_cells, args.epochs, args.batch_size, args.perplexity = 600, 1, 100, 10.0
+
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scembed.datasets import simulate_embedding
+
+    opts = {"epochs": args.epochs, "batch_size": args.batch_size, "perplexity": args.perplexity}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        a = simulate_embedding(args.n_cells, 50, random_state=0)
+        np.save(folder / "X.npy", np.asarray(a.obsm["X_pca"], dtype=np.float32))
+        labels = a.obs["celltype"].astype(str).to_numpy()
+        for n_ranks in args.ranks:
+            out = folder / f"w{n_ranks}"
+            out.mkdir()
+            wall = launch(n_ranks, folder, out, opts, args.timeout)
+            per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n_ranks)]
+            Y = np.load(out / "Y.npy")
+            acc = float(cross_val_score(KNeighborsClassifier(n_neighbors=10), Y, labels, cv=5).mean())
+            rows.append(
+                {
+                    "n_cells": args.n_cells,
+                    "processes": n_ranks,
+                    "batch_size": args.batch_size,
+                    "epochs": per_rank[0]["epochs"],
+                    "wall_s": wall,
+                    "affinity_s": max(r["affinity_s"] for r in per_rank),
+                    "s_per_epoch": max(r["s_per_epoch"] for r in per_rank),
+                    "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in per_rank],
+                    "knn_acc": acc,
+                    "final_loss": per_rank[0]["final_loss"],
+                    "n_parameters": per_rank[0]["n_parameters"],
+                    "knn_method": per_rank[0]["knn_method"],
+                }
+            )
+    print(
+        f"{'cells':>9} {'procs':>5} {'epochs':>6} {'affinity s':>10} {'s/epoch':>8} {'RSS/rank MiB':>20} "
+        f"{'10-NN acc':>9}"
+    )
+    for r in rows:
+        rss = "/".join(f"{v:.0f}" for v in r["peak_rss_mib_per_rank"])
+        print(
+            f"{r['n_cells']:>9} {r['processes']:>5} {r['epochs']:>6} {r['affinity_s']:>10.2f} "
+            f"{r['s_per_epoch']:>8.3f} {rss:>20} {r['knn_acc']:>9.3f}"
+        )
+    if args.json:
+        write_json(args.json, rows, script="distributed.py", threads_per_process=1)
+
+
+if __name__ == "__main__":
+    main()

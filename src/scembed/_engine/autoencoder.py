@@ -1,0 +1,260 @@
+"""Deep count autoencoder: the network and its training, shared by ``tl.autoencoder`` and scDeepCluster.
+
+A denoising autoencoder in the manner of DCA (Eraslan et al., Nature Communications 2019) and of scDeepCluster's
+pretraining (Tian et al., Nature Machine Intelligence 2019): the encoder reads the z-scored log-normalised
+counts plus Gaussian noise, the decoder gives per gene the parameters of a likelihood of the raw counts
+(ZINB: mean, dispersion, dropout; NB: mean, dispersion) or, for log-normalised data, its reconstruction (MSE).
+One training loop (:func:`train_autoencoder`, on :func:`scembed._engine.training.train`) serves both callers;
+:func:`pretrain` is scDeepCluster's call of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .counts import INFER_BATCH, CountData
+from .distributed import broadcast_module_, check_same_across_ranks, rank_generator, rank_minibatches
+from .nn import mlp
+from .training import adam, train
+from .zinb import LIKELIHOODS, N_HEADS, reconstruction_loss
+
+#: default training length: about this many gradient steps, within the epoch bounds below
+TARGET_STEPS = 20_000
+MIN_EPOCHS, MAX_EPOCHS = 5, 400
+
+
+def default_max_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs for about :data:`TARGET_STEPS` mini-batch steps: clip(round(S · batch_size / N), 5, 400)."""
+    if n_train <= 0:
+        return MIN_EPOCHS
+    return int(np.clip(round(TARGET_STEPS * batch_size / n_train), MIN_EPOCHS, MAX_EPOCHS))
+
+
+class Autoencoder(nn.Module):
+    """Encoder G(+B) → hidden → latent (linear bottleneck); decoder latent(+B) → reversed hidden → heads.
+
+    The heads are one Linear layer of width ``N_HEADS[likelihood]`` × G: stacked logits of the mean,
+    dispersion and dropout (ZINB), of the mean and dispersion (NB), or the reconstruction itself (MSE). With
+    ``n_batches`` > 0 the one-hot batch is appended to the decoder's input and, if ``batch_encoder``, to the
+    encoder's.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_latent: int = 32,
+        hidden: Sequence[int] = (256, 64),
+        n_batches: int = 0,
+        *,
+        likelihood: str = "zinb",
+        batch_encoder: bool = True,
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        self.n_genes, self.n_latent, self.n_batches, self.hidden = n_genes, n_latent, n_batches, tuple(hidden)
+        self.likelihood = likelihood
+        self.batch_encoder = bool(batch_encoder and n_batches)
+        self.encoder = mlp([n_genes + (n_batches if self.batch_encoder else 0), *hidden, n_latent], batchnorm=False)
+        dec = [n_latent + n_batches, *reversed(self.hidden)]
+        self.decoder = mlp(dec, batchnorm=False, final_activation=True)
+        self.heads = nn.Linear(dec[-1], N_HEADS[likelihood] * n_genes)
+
+    @property
+    def z_dim(self) -> int:
+        """The latent dimension (scDeepCluster's name for ``n_latent``)."""
+        return self.n_latent
+
+    def encode(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent coordinates of the encoder input ``x`` (the batch one-hot is used if ``batch_encoder``)."""
+        return self.encoder(x if onehot is None or not self.batch_encoder else torch.cat([x, onehot], 1))
+
+    def decode(self, z: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' output, rows × ``N_HEADS[likelihood]`` · G (for the ZINB: ``[a | b | c]``)."""
+        return self.heads(self.decoder(z if onehot is None else torch.cat([z, onehot], 1)))
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, onehot), onehot)
+
+
+def _with_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """The denoising input ``x`` + σ·N(0, 1), in one pass over ``x``; ``x`` itself when σ = 0."""
+    if not sigma:
+        return x
+    return torch.add(x, torch.randn(x.shape, generator=generator, device=x.device), alpha=sigma)
+
+
+@torch.no_grad()
+def encode_all(
+    net: Autoencoder, data: CountData, device: torch.device, batch_size: int = INFER_BATCH, *, rows: slice | None = None
+) -> torch.Tensor:
+    """Latent coordinates of every cell (or of the cells in ``rows``; no noise), in batches; float32 on ``device``."""
+    out = []
+    first, last = (0, data.n_obs) if rows is None else (rows.start, rows.stop)
+    for start in range(first, last, batch_size):
+        mb = data.batch(slice(start, min(start + batch_size, last)), device)
+        out.append(net.encode(mb.xin, mb.onehot))
+    return torch.cat(out) if out else torch.empty(0, net.n_latent, device=device)
+
+
+@torch.no_grad()
+def evaluate(
+    net: Autoencoder,
+    data: CountData,
+    rows: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> float:
+    """Mean loss over ``rows`` × genes, with the input noise of training drawn afresh from ``seed``.
+
+    The same ``seed`` gives the same noise, so that the losses of successive epochs differ only by the weights.
+    """
+    net.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        mb = data.batch(chunk, device)
+        out = net(_with_noise(mb.xin, noise, gen), mb.onehot)
+        total += float(reconstruction_loss(net.likelihood, out, mb.counts, mb.size_factors, mb.nonzero)) * len(chunk)
+    return total / max(len(rows), 1)
+
+
+def train_autoencoder(
+    net: Autoencoder,
+    data: CountData,
+    *,
+    max_epochs: int,
+    batch_size: int,
+    noise: float,
+    lr: float = 1e-3,
+    device: torch.device,
+    generator: torch.Generator,
+    noise_generator: torch.Generator,
+    train_rows: np.ndarray | None = None,
+    validation_rows: np.ndarray | None = None,
+    patience: int | None = None,
+    validation_seed: int = 0,
+    desc: str = "autoencoder",
+    show_progress: bool | None = None,
+) -> tuple[dict[str, list[float]], int]:
+    """Train ``net`` on its likelihood: Gaussian noise ``noise`` on the encoder input, Adam(amsgrad).
+
+    Mini-batches are drawn from ``train_rows`` (default: every cell). With ``validation_rows``, the mean loss
+    of those cells is recorded every epoch (with input noise as in training, the same draw every epoch: the
+    denoising objective, whose clean-input counterpart stops improving long before the latent space is
+    learnt; ``validation_seed`` seeds that draw), training stops when it has not improved for
+    ``patience`` epochs and the weights of its best epoch are restored; without, ``patience`` watches the
+    training loss and the last weights are kept.
+
+    Returns
+    -------
+    history
+        ``loss`` (training, per epoch) and, with validation cells, ``validation_loss``.
+    n_epochs
+        Epochs run.
+    """
+    opt = adam(net.parameters(), lr=lr, amsgrad=True)
+    n = data.n_obs if train_rows is None else len(train_rows)
+    validate = validation_rows is not None and len(validation_rows) > 0
+    # under torchrun (distributed.py): rank 0's weights, this rank's share of the batches and its own noise; every
+    # rank evaluates all held-out cells with the same weights and noise, so early stopping decides alike everywhere
+    stats = [data.size_factors, data.genes, data.gene_mean, data.gene_std]
+    check_same_across_ranks("count data (size factors, genes, gene statistics)", np.concatenate(stats, dtype=float))
+    broadcast_module_(net)
+    noise_generator = rank_generator(noise_generator)
+
+    def step(epoch: int) -> dict[str, float]:
+        net.train()
+        total = torch.zeros((), device=device)
+        batches = rank_minibatches(n, batch_size, generator=generator)
+        for idx in batches:
+            rows = idx.numpy() if train_rows is None else train_rows[idx.numpy()]
+            xin, raw, sf, onehot, nonzero = data.batch(rows, device)
+            noisy = _with_noise(xin, noise, noise_generator)
+            loss = reconstruction_loss(net.likelihood, net.decode(net.encode(noisy, onehot), onehot), raw, sf, nonzero)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(rows)
+        out = {"loss": float(total) / max(sum(len(b) for b in batches), 1)}
+        if validate:
+            out["validation_loss"] = evaluate(
+                net, data, validation_rows, device, batch_size, noise=noise, seed=validation_seed
+            )
+        return out
+
+    return train(
+        step,
+        max_epochs,
+        desc=desc,
+        show_progress=show_progress,
+        monitor="validation_loss" if validate else "loss",
+        patience=patience,
+        module=net,
+        keep_best=validate,
+    )
+
+
+def pretrain(
+    net: Autoencoder,
+    data: CountData,
+    *,
+    epochs: int | None = None,
+    batch_size: int,
+    sigma: float | None = None,
+    lr: float = 1e-3,
+    device: torch.device,
+    generator: torch.Generator,
+    noise_generator: torch.Generator,
+    show_progress: bool | None = None,
+    max_epochs: int | None = None,
+    noise: float | None = None,
+) -> dict[str, list[float]]:
+    """Pretrain scDeepCluster's network: :func:`train_autoencoder` on every cell for a fixed number of epochs.
+
+    ``max_epochs``/``noise`` are the vocabulary's names of ``epochs``/``sigma`` (either may be given).
+    Returns the history with the loss under the likelihood's name (``{"zinb": [...]}``).
+    """
+    max_epochs = _one_of(epochs, max_epochs, "epochs", "max_epochs")
+    noise = _one_of(sigma, noise, "sigma", "noise")
+    history, _ = train_autoencoder(
+        net,
+        data,
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        noise=noise,
+        lr=lr,
+        device=device,
+        generator=generator,
+        noise_generator=noise_generator,
+        desc="scDeepCluster pretraining",
+        show_progress=show_progress,
+    )
+    return {net.likelihood: history.get("loss", [])}
+
+
+def _one_of(old, new, old_name: str, new_name: str):
+    if old is None and new is None:
+        raise TypeError(f"`{new_name}` is required")
+    if old is not None and new is not None and old != new:
+        raise TypeError(f"`{old_name}` and `{new_name}` name the same setting; give one")
+    return new if new is not None else old
+
+
+def split_validation(n_obs: int, fraction: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows (sorted): a random ``round(fraction · n_obs)`` cells are held out.
+
+    At least one cell is always left for training; with fewer than one held-out cell there is no validation.
+    """
+    n_val = min(int(math.floor(fraction * n_obs + 0.5)), n_obs - 1) if fraction > 0 else 0
+    order = np.random.default_rng(random_state).permutation(n_obs)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,0 +1,256 @@
+"""Likelihoods of a count autoencoder's output: ZINB, NB (ZINB without zero inflation) and MSE.
+
+The decoder of a count autoencoder ends in one Linear layer whose output stacks the logits of the likelihood's
+parameters per gene: ``[a | b | c]`` (rows × 3G) for the zero-inflated negative binomial (mean = exp(a),
+inverse dispersion θ = softplus(b), dropout π = sigmoid(c)), ``[a | b]`` (rows × 2G) for the negative binomial,
+and the reconstruction itself (rows × G) for the mean squared error. :func:`reconstruction_loss` dispatches on
+the likelihood's name. The NB loss is the ZINB code path with π = 0: one fused autograd function
+(:class:`_ZINBLogits`) serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Likelihood = Literal["zinb", "nb", "mse"]
+LIKELIHOODS: tuple[str, ...] = ("zinb", "nb", "mse")
+#: output logits per gene of each likelihood
+N_HEADS = {"zinb": 3, "nb": 2, "mse": 1}
+
+#: clamps of the original's output activations: mean = clamp(exp, 1e-5, 1e6), dispersion = clamp(softplus, 1e-4, 1e4)
+MEAN_MIN, MEAN_MAX = 1e-5, 1e6
+DISP_MIN, DISP_MAX = 1e-4, 1e4
+_LOG_MEAN_MIN, _LOG_MEAN_MAX = math.log(MEAN_MIN), math.log(MEAN_MAX)
+#: softplus(b) < DISP_MIN exactly where b < log(expm1(DISP_MIN))
+_SOFTPLUS_INV_DISP_MIN = math.log(math.expm1(DISP_MIN))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain expressions (references for tests and evaluation)
+# ----------------------------------------------------------------------------------------------------------------
+def nb_log_prob(x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Element-wise log NB(x; mean, θ = ``disp``), variance m + m²/θ (mean already scaled by the size factors)."""
+    log_theta_m = torch.log(disp + mean)
+    return (
+        torch.lgamma(x + disp)
+        - torch.lgamma(disp)
+        - torch.lgamma(x + 1)
+        + disp * (torch.log(disp) - log_theta_m)
+        + x * (torch.log(mean) - log_theta_m)
+    )
+
+
+def zinb_nll(
+    x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor, pi: torch.Tensor, size_factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Element-wise ZINB negative log-likelihood, written plainly (reference for tests and evaluation).
+
+    ``mean`` is the normalised mean, multiplied by ``size_factors`` (one per row); ``disp`` is the inverse
+    dispersion θ (variance = m + m²/θ); ``pi`` the zero-inflation probability.
+    """
+    m = mean if size_factors is None else mean * size_factors[:, None]
+    log_nb = nb_log_prob(x, m, disp)
+    log_nb0 = disp * (torch.log(disp) - torch.log(disp + m))
+    zero = torch.logaddexp(torch.log(pi), torch.log1p(-pi) + log_nb0)
+    return -torch.where(x > 0, torch.log1p(-pi) + log_nb, zero)
+
+
+def nb_nll(
+    x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor, size_factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Element-wise NB negative log-likelihood, written plainly (the ZINB's with π = 0)."""
+    m = mean if size_factors is None else mean * size_factors[:, None]
+    return -nb_log_prob(x, m, disp)
+
+
+def zinb_heads(logits: torch.Tensor, n_genes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three output heads (normalised mean, dispersion, dropout probability) from the decoder's logits."""
+    a, b, c = logits.view(logits.shape[0], 3, n_genes).unbind(1)
+    return torch.exp(a).clamp(MEAN_MIN, MEAN_MAX), F.softplus(b).clamp(DISP_MIN, DISP_MAX), torch.sigmoid(c)
+
+
+def nb_heads(logits: torch.Tensor, n_genes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two output heads (normalised mean, dispersion) of the NB likelihood from the decoder's logits."""
+    a, b = logits.view(logits.shape[0], 2, n_genes).unbind(1)
+    return torch.exp(a).clamp(MEAN_MIN, MEAN_MAX), F.softplus(b).clamp(DISP_MIN, DISP_MAX)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused loss
+# ----------------------------------------------------------------------------------------------------------------
+class _ZINBLogits(torch.autograd.Function):
+    """Mean ZINB (or NB) NLL of counts ``x`` given the stacked head logits and the size factors.
+
+    The logits are ``[a | b | c]`` (rows × 3G) for the ZINB, ``[a | b]`` (rows × 2G) for the NB, which is the
+    ZINB with π = 0 (c → −∞): then ρ = 1, log(π + (1 − π) NB(0)) = log NB(0) and there is no ∂ℓ/∂c.
+
+    The gradient is formed analytically while the loss is evaluated (with ρ the posterior probability of the
+    negative-binomial component, 1 for non-zero counts; the terms in x vanish where x = 0):
+    ∂ℓ/∂a = (ρ m − x) θ/(θ + m), ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) + x/(θ + m) + ψ(θ) − ψ(x + θ),
+    ∂ℓ/∂c = π − 1 + ρ.
+
+    Written so that float32 keeps its precision where θ ≫ m (near-Poisson genes, θ up to 1e4): log(1 + m/θ) comes
+    from log1p rather than a difference of two logarithms, and the terms of the non-zero counts are evaluated in
+    float64. Differences of nearly equal float32 logarithms there would leave ∂ℓ/∂θ as rounding noise
+    (≫ 100 % relative error at θ > 1e3) and log NB(0) = −θ log(1 + m/θ) off by ~1e-2.
+
+    Written for a CPU's memory bandwidth: every operation over the full rows × G block is one pass, so there
+    are as few of them as the maths allows (about 26), mostly in place; the terms of the non-zero counts
+    (typically 5–15 % of a count matrix) are gathered once; ``nonzero`` (flat indices of the non-zero counts,
+    known from a sparse matrix for free) spares the search for them; and on a CPU the clamps' masks are only
+    built when a logit is near a clamp, which two reductions tell.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        x: torch.Tensor,
+        size_factors: torch.Tensor,
+        nonzero: torch.Tensor | None,
+        zero_inflated: bool,
+    ) -> torch.Tensor:
+        logits, x = logits.contiguous(), x.contiguous()
+        n_rows, n_genes = x.shape
+        n_heads = 3 if zero_inflated else 2
+        if logits.shape != (n_rows, n_heads * n_genes):
+            raise ValueError(
+                f"expected logits of shape {(n_rows, n_heads * n_genes)} for counts {tuple(x.shape)}, "
+                f"got {tuple(logits.shape)}"
+            )
+        heads = logits.view(n_rows, n_heads, n_genes).unbind(1)
+        a, b = heads[0], heads[1]
+        # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
+        on_cpu = x.device.type == "cpu"
+        clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
+        clamp_b = not on_cpu or _near_clamp(b, _SOFTPLUS_INV_DISP_MIN, DISP_MAX)
+        m = torch.exp(a)
+        if clamp_a:
+            m.clamp_(MEAN_MIN, MEAN_MAX)
+        m.mul_(size_factors[:, None])
+        sp_b = F.softplus(b)
+        theta = sp_b.clamp(DISP_MIN, DISP_MAX) if clamp_b else sp_b
+        r = m / theta
+        log1p_r = torch.log1p(r)  # log(θ + m) − log θ
+        if zero_inflated:
+            c = heads[2]
+            sp_c = F.softplus(c)  # −log(1 − π); log π = c − softplus(c)
+            log_zero_nb = torch.addcmul(sp_c, theta, log1p_r).neg_()  # log((1 − π) NB(0)) = −softplus(c) − θ log1p_r
+            log_pi = c - sp_c
+            log_d = torch.logaddexp(log_pi, log_zero_nb)  # log(π + (1 − π) NB(0)): ℓ = −log_d where x = 0
+        else:
+            log_zero_nb = torch.mul(theta, log1p_r).neg_()  # log NB(0) = −θ log1p_r
+            log_d = log_zero_nb
+        # where x > 0, ℓ = −log(1 − π) − log NB(x); evaluated on the non-zero entries only
+        flat = x.view(-1).nonzero().squeeze(1) if nonzero is None else nonzero
+        x_nz = torch.take(x, flat)
+
+        def at_nz(t: torch.Tensor) -> torch.Tensor:
+            return torch.take(t, flat)
+
+        wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
+        x64, th64, m64 = x_nz.to(wide), at_nz(theta).to(wide), at_nz(m).to(wide)
+        log1p_r64 = torch.log1p(m64 / th64)
+        # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) − x log(m/(θ + m)) − log Γ(x + θ) + log Γ(θ)
+        # + log Γ(x + 1); log Γ(x + θ) − log Γ(θ) nearly cancel when θ ≫ x, hence float64
+        loss_nz = (
+            x64 * (log1p_r64 - torch.log(m64 / th64))
+            - torch.lgamma(x64 + th64)
+            + torch.lgamma(th64)
+            + torch.lgamma(x64 + 1)
+        )
+        # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
+        total = (loss_nz.sum() - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
+        if ctx.needs_input_grad[0]:
+            grad = torch.empty(n_rows, n_heads, n_genes, dtype=logits.dtype, device=logits.device)
+            grads = grad.unbind(1)
+            ga, gb = grads[0], grads[1]
+            # the same entries in grad's (rows, heads, G) layout
+            flat_a = flat + (flat // n_genes) * ((n_heads - 1) * n_genes)
+            if zero_inflated:
+                rho = log_zero_nb.sub_(log_d).exp_()  # posterior of the NB component at x = 0
+                rho.view(-1).index_fill_(0, flat, 1.0)
+            else:
+                rho = None  # 1 everywhere
+            inv_1p_r = torch.add(r, 1.0).reciprocal_()  # θ / (θ + m)
+            m_w = r.mul_(inv_1p_r)  # m / (θ + m), formed directly: 1 − θ/(θ + m) would lose its precision
+            # ∂ℓ/∂a = ρ m θ/(θ + m) (− x θ/(θ + m) where x > 0), zero where exp(a) is clamped
+            torch.mul(m, inv_1p_r, out=ga)
+            if rho is not None:
+                ga.mul_(rho)
+            grad.view(-1).index_add_(0, flat_a, -x_nz * at_nz(inv_1p_r))
+            if clamp_a:
+                ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
+            # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
+            # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x, so that part is summed in float64
+            gtheta = log1p_r.sub_(m_w)
+            if rho is not None:
+                gtheta.mul_(rho)
+            g_nz = log1p_r64 + (x64 - m64) / (th64 + m64) + torch.digamma(th64) - torch.digamma(x64 + th64)
+            gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
+            torch.sigmoid(b, out=gb).mul_(gtheta)
+            if clamp_b:
+                gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
+            if zero_inflated:
+                # ∂ℓ/∂c = π − 1 + ρ
+                torch.add(log_pi.exp_(), rho, out=grads[2]).sub_(1.0)
+            ctx.save_for_backward(grad.view(n_rows, n_heads * n_genes))
+        ctx.numel = x.numel()
+        return total / ctx.numel
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_output / ctx.numel), None, None, None, None
+
+
+def _near_clamp(t: torch.Tensor, low: float, high: float, margin: float = 1e-2) -> bool:
+    """Whether any entry of ``t`` lies within ``margin`` of [low, high]'s ends or outside it (one reduction)."""
+    if t.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(t)
+    return bool(lo < low + margin) or bool(hi > high - margin)
+
+
+def zinb_nll_logits(
+    logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor, nonzero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean ZINB negative log-likelihood over rows × genes, from the decoder's stacked logits (fused, fast).
+
+    ``nonzero``, if given, holds the flat indices (into ``x.view(-1)``) of exactly the non-zero counts, as
+    :meth:`~scembed._engine.counts.CountData.batch` returns them; otherwise they are searched for.
+    """
+    return _ZINBLogits.apply(logits, x, size_factors, nonzero, True)
+
+
+def nb_nll_logits(
+    logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor, nonzero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean NB negative log-likelihood over rows × genes from the logits ``[a | b]`` (the ZINB's code, π = 0)."""
+    return _ZINBLogits.apply(logits, x, size_factors, nonzero, False)
+
+
+def mse_loss(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over rows × genes between the decoder's output and the data."""
+    return F.mse_loss(output, x)
+
+
+def reconstruction_loss(
+    likelihood: str,
+    output: torch.Tensor,
+    x: torch.Tensor,
+    size_factors: torch.Tensor,
+    nonzero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean loss of ``likelihood`` ("zinb", "nb" or "mse") over rows × genes of the decoder's ``output``."""
+    if likelihood == "zinb":
+        return zinb_nll_logits(output, x, size_factors, nonzero)
+    if likelihood == "nb":
+        return nb_nll_logits(output, x, size_factors, nonzero)
+    if likelihood == "mse":
+        return mse_loss(output, x)
+    raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")

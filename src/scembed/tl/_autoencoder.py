@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scipy import sparse
+
+from .._engine import autoencoder as engine
+from .._engine.counts import CountData, library_sizes, select_genes_by_variance, select_genes_by_zero_rate
+from .._engine.models.autoencoder import AutoencoderModel
+from .._engine.zinb import LIKELIHOODS
+from .._utils import (
+    check_adata,
+    check_bool,
+    check_in_range,
+    check_int_sequence,
+    check_not_backed,
+    check_optional_bool,
+    check_positive_int,
+    copy_adata,
+    get_logger,
+    output_keys,
+    resolve_device,
+    seeded_torch,
+    shared_docs,
+)
+from .._utils._counts import batch_codes, check_expression, counts_of
+from .._utils._random import seed_int
+
+AUTOENCODER = "autoencoder"
+
+
+def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fraction, patience):
+    n_latent = check_positive_int(n_latent, "n_latent")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}, got {likelihood!r}.")
+    hidden = tuple(check_int_sequence(hidden, "hidden"))
+    noise = check_in_range(noise, "noise", low=0)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    lr = check_in_range(lr, "lr", low=0, low_inclusive=False)
+    fraction = check_in_range(fraction, "validation_fraction", low=0, high=1, high_inclusive=False)
+    patience = None if patience is None else check_positive_int(patience, "patience")
+    return n_latent, hidden, noise, batch_size, lr, fraction, patience
+
+
+def _genes(X: Any, where: str, *, counts: bool, n_top_genes: int | None) -> np.ndarray:
+    """Columns used: the ``n_top_genes`` selected (zero rate for counts, variance otherwise) that have data."""
+    genes = np.arange(X.shape[1])
+    if n_top_genes is not None:
+        genes = select_genes_by_zero_rate(X, n_top_genes) if counts else select_genes_by_variance(X, n_top_genes)
+    sub = X if len(genes) == X.shape[1] else X[:, genes]
+    genes = genes[np.asarray((sub > 0).sum(0)).ravel() > 0]  # genes without counts carry no information
+    if len(genes) == 0:
+        raise ValueError(f"{where} has no gene with {'counts' if counts else 'non-zero values'}.")
+    if counts:
+        lib = library_sizes(X[:, genes])
+        if (lib <= 0).any():
+            raise ValueError(
+                f"{where} has {int((lib <= 0).sum())} cell(s) without counts"
+                f"{' in the selected genes' if n_top_genes is not None else ''}; remove them first, e.g. with "
+                "sc.pp.filter_cells(adata, min_counts=1)."
+            )
+    return genes
+
+
+@shared_docs
+def autoencoder(
+    adata: AnnData,
+    n_latent: int = 32,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    likelihood: str = "zinb",
+    hidden: Sequence[int] = (256, 64),
+    batch_encoder: bool = False,
+    noise: float = 2.5,
+    max_epochs: int | None = None,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int | None = 20,
+    n_top_genes: int | None = None,
+    device: str = "auto",
+    random_state: int | None = 0,
+    show_progress: bool | None = None,
+    key_added: str = AUTOENCODER,
+    return_model: bool = False,
+    copy: bool = False,
+) -> AnnData | AutoencoderModel | tuple[AnnData, AutoencoderModel] | None:
+    """Embed cells with a deep count autoencoder (ZINB, NB or MSE reconstruction loss).
+
+    The denoising count autoencoder of DCA (Eraslan et al., Nature Communications 2019) and of scDeepCluster's
+    pretraining (Tian et al., Nature Machine Intelligence 2019), on the same engine as
+    :func:`scembed.tl.scdeepcluster`: the encoder reads the z-scored log1p of the counts normalised to the median
+    library size, plus Gaussian noise ``noise`` in training; its linear bottleneck is the embedding. The decoder
+    gives, for every gene, the mean (scaled by the cell's size factor), dispersion and dropout probability of a
+    zero-inflated negative binomial (``"zinb"``), the mean and dispersion of a negative binomial (``"nb"``), or,
+    for log-normalised data, the reconstruction under a squared error (``"mse"``, input z-scored per gene). With
+    ``batch_key`` the one-hot batch is given to the decoder (and, with ``batch_encoder``, to the encoder), so the
+    latent space need not encode the batch. A non-linear alternative to PCA in front of neighbours, UMAP or any
+    clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
+
+    Training reads mini-batches of rows from the (sparse) matrix, never densifying all of it. A random
+    ``validation_fraction`` of the cells is held out, as in scvi-tools: training stops when their loss (with
+    input noise as in training, one fixed draw) has not improved for ``patience`` epochs, and the weights of the
+    best epoch are kept. The embedding of every cell,
+    held-out ones included, comes from those weights.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix: raw counts (non-negative integers) in ``X`` or ``layer`` for ``"zinb"`` and
+        ``"nb"``; log-normalised expression (non-negative, finite) for ``"mse"``.
+    n_latent
+        Dimension of the embedding.
+    layer
+        Layer to read instead of ``X``.
+    batch_key
+        Column of ``adata.obs`` with the batch of every cell (at least two batches); ``None`` for one batch.
+    likelihood
+        ``"zinb"`` (default), ``"nb"`` or ``"mse"``.
+    hidden
+        Widths of the encoder's hidden layers; the decoder mirrors them.
+    batch_encoder
+        Also give the batch one-hot to the encoder (scDeepCluster's batch model does).
+    noise
+        Standard deviation of the Gaussian noise on the z-scored encoder input in training (scDeepCluster: 2.5).
+    max_epochs
+        Maximum training epochs. ``None``: about 20,000 gradient steps, clip(round(20,000 · ``batch_size`` /
+        N_train), 5, 400) epochs. What a network learns depends on the number of parameter updates rather than
+        of passes over the data: a fixed epoch count under-trains small data sets and spends hours on large
+        ones (one epoch of a million cells is ~3,900 steps). 400 epochs bound small sets (early stopping ends
+        them sooner), 5 make every cell of a large set seen several times.
+    batch_size
+        Cells per mini-batch (fewer cells than this: one batch of all).
+    lr
+        Learning rate of Adam (amsgrad).
+    validation_fraction
+        Share of cells held out for early stopping, in [0, 1); 0 trains on every cell for ``max_epochs``
+        (``patience`` then watches the training loss).
+    patience
+        Epochs without improvement of the validation loss before training stops; ``None``: never early.
+    n_top_genes
+        Use only about this many genes: for counts those with more zeros than their mean expression explains
+        (Kobak & Berens 2019, as scDeepCluster's gene selection), for ``"mse"`` those of largest variance.
+        ``None`` (default): every gene with data.
+    {doc_device}
+    {doc_random_state}
+    {doc_show_progress}
+    {doc_key_added}
+    {doc_return_model}
+    {doc_copy}
+
+    Returns
+    -------
+    With ``copy=False`` and ``return_model=False``, `None`; with ``copy=True`` the new `AnnData`; with
+    ``return_model=True`` the model (or ``(adata, model)`` when ``copy=True`` too). Sets the following fields:
+
+    `adata.obsm['X_autoencoder' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
+        The embedding, cells × ``n_latent``.
+    `adata.uns['autoencoder' | key_added]` : `dict`
+        `params` (the call's settings; `max_epochs` resolved, `patience` and `n_top_genes` 0 for `None`);
+        `history` with `loss` (training) and `validation_loss` per epoch (empty without held-out cells);
+        `n_epochs` run, `best_epoch` (0-based; whose weights were kept) and `n_genes_used`.
+
+    Examples
+    --------
+    >>> import scanpy as sc, scembed as se
+    >>> adata = se.datasets.simulate(1000, 500, n_celltypes=4)
+    >>> se.tl.autoencoder(adata, n_latent=2, max_epochs=20)
+    >>> sc.pl.embedding(adata, basis="autoencoder", color="celltype")  # doctest: +SKIP
+    """
+    check_adata(adata, min_obs=2)
+    check_not_backed(adata, "tl.autoencoder", layer=layer)
+    check_bool(copy, "copy")
+    check_bool(return_model, "return_model")
+    check_bool(batch_encoder, "batch_encoder")
+    check_optional_bool(show_progress, "show_progress")
+    keys = output_keys(key_added)
+    n_latent, hidden, noise, batch_size, lr, validation_fraction, patience = _check_settings(
+        n_latent, likelihood, hidden, noise, batch_size, lr, validation_fraction, patience
+    )
+    counts = likelihood != "mse"
+    X, where = counts_of(adata, layer)
+    check_expression(X, where, counts=counts)
+    if n_top_genes is not None:
+        if check_positive_int(n_top_genes, "n_top_genes") > adata.n_vars:
+            raise ValueError(f"`n_top_genes={n_top_genes}` is larger than the number of genes ({adata.n_vars}).")
+    if max_epochs is not None:
+        max_epochs = check_positive_int(max_epochs, "max_epochs", minimum=0)
+    codes, categories = None, []
+    if batch_key is not None:
+        codes, categories = batch_codes(adata, batch_key)
+        if len(categories) < 2:
+            raise ValueError(f"adata.obs[{batch_key!r}] has one batch ({categories[0]!r}); pass `batch_key=None`.")
+    dev, seed = resolve_device(device), seed_int(random_state)
+    if sparse.issparse(X) and X.format != "csr":
+        X = sparse.csr_matrix(X)
+    genes = _genes(X, where, counts=counts, n_top_genes=n_top_genes)
+
+    train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
+    if max_epochs is None:
+        max_epochs = engine.default_max_epochs(len(train_rows), batch_size)
+    data = CountData.fit(X, genes, codes, len(categories), normalize=counts)
+    get_logger().info(f"autoencoder ({likelihood}): {adata.n_obs} cells × {len(genes)} genes, {dev.type}")
+    with seeded_torch(seed, dev) as noise_gen:
+        net = engine.Autoencoder(
+            len(genes), n_latent, hidden, len(categories), likelihood=likelihood, batch_encoder=batch_encoder
+        ).to(dev)
+        history, n_run = engine.train_autoencoder(
+            net, data, max_epochs=max_epochs, batch_size=batch_size, noise=noise, lr=lr, device=dev,
+            generator=torch.Generator().manual_seed(seed), noise_generator=noise_gen, train_rows=train_rows,
+            validation_rows=val_rows, patience=patience, validation_seed=seed, show_progress=show_progress,
+        )  # fmt: skip
+        z = engine.encode_all(net.eval(), data, dev).cpu().numpy()
+    record = _record(locals_=dict(
+        n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, hidden=hidden,
+        batch_encoder=batch_encoder, noise=noise, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+        validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes, random_state=seed,
+    ), history=history, n_run=n_run, has_validation=bool(val_rows.size), n_genes=len(genes))  # fmt: skip
+    adata = copy_adata(adata) if copy else adata
+    adata.obsm[keys.obsm] = z
+    adata.uns[keys.uns] = record
+    if not return_model:
+        return adata if copy else None
+    model = AutoencoderModel(net, _model_metadata(record["params"], adata, layer, batch_key, categories, data, genes))
+    return (adata, model) if copy else model
+
+
+def _record(locals_: dict, history: dict, n_run: int, has_validation: bool, n_genes: int) -> dict:
+    """``uns[key_added]``: the call's settings (h5ad-writable: None → 0/""), the declared history, epochs."""
+    params = dict(locals_)
+    params.update(
+        layer=params["layer"] or "", batch_key=params["batch_key"] or "", hidden=list(params["hidden"]),
+        batch_encoder=bool(params["batch_encoder"]), patience=params["patience"] or 0,
+        n_top_genes=params["n_top_genes"] or 0,
+    )  # fmt: skip
+    watched = history.get("validation_loss") or history.get("loss") or [np.nan]
+    return {
+        "params": params,
+        "history": {"loss": history.get("loss", []), "validation_loss": history.get("validation_loss", [])},
+        "n_epochs": int(n_run),
+        "best_epoch": int(np.argmin(watched)) if has_validation and n_run else int(n_run) - 1,
+        "n_genes_used": n_genes,
+    }
+
+
+def _model_metadata(params: dict, adata: AnnData, layer, batch_key, categories, data: CountData, genes) -> dict:
+    """What :class:`AutoencoderModel` needs to embed new cells (JSON-serialisable)."""
+    return {
+        **{k: params[k] for k in ("n_latent", "likelihood", "hidden", "batch_encoder")},
+        "layer": layer, "batch_key": batch_key, "batch_categories": categories,
+        "normalize": params["likelihood"] != "mse", "var_names": list(map(str, adata.var_names)),
+        "genes": genes.tolist(), "target_sum": data.target_sum, "gene_mean": data.gene_mean.tolist(),
+        "gene_std": data.gene_std.tolist(),
+    }  # fmt: skip

@@ -1,0 +1,209 @@
+"""Run by ``tests/test_distributed.py`` under ``torchrun`` (2 processes, gloo): writes each rank's results to a folder.
+
+Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distributed_worker.py MODE OUT``.
+
+MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities, deliberate mismatches, the
+trainers' helpers, and pp.affinity, tl.scdeepcluster and tl.autoencoder on tiny data (many checks in one launch:
+the start-up of the processes dominates).
+MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
+MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: shared with the test: the data and training parameters
+N, D, BATCH, EPOCHS, SEED, PERPLEXITY, K = 96, 5, 16, 3, 7, 5.0, 15
+
+
+def data() -> np.ndarray:
+    """Three separated Gaussian blobs."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=4.0, size=(3, D))
+    return (centres[np.arange(N) % 3] + rng.normal(size=(N, D))).astype(np.float32)
+
+
+def graph(X: np.ndarray):
+    """The global affinities, computed with the rows split across ranks (one process: all rows)."""
+    from scembed._engine.distributed import knn_affinities
+
+    P, beta, n_bad, method = knn_affinities(X, K, PERPLEXITY, method="exact", device="cpu")
+    return P, beta, n_bad, method
+
+
+def fit(X: np.ndarray, P, *, batch_affinity: str = "graph", epochs: int = EPOCHS):
+    """NeuralEE in mini-batch mode for a few epochs, every epoch's loss recorded (no patience)."""
+    from scembed._engine.neuralee import fit_neuralee
+
+    torch.manual_seed(SEED)
+    return fit_neuralee(
+        X,
+        P=P,
+        batch_size=BATCH,
+        batch_affinity=batch_affinity,
+        max_epochs=epochs,
+        patience=None,
+        min_delta=0.0,
+        random_state=SEED,
+        show_progress=False,
+    )
+
+
+def dec_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent coordinates of N cells and 3 centroids for the DEC target check."""
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(N, 4, generator=g), torch.randn(3, 4, generator=g)
+
+
+def _fail_on_main(rank: int) -> None:
+    raise ValueError(f"raised on rank {rank}")
+
+
+def tools() -> dict[str, np.ndarray]:
+    """The public API under torchrun on tiny data: pp.affinity, tl.scdeepcluster, tl.autoencoder (early stopping)."""
+    import anndata as ad
+
+    import scembed as se
+
+    out: dict[str, np.ndarray] = {}
+    # pp.affinity: the kNN + calibration of compute_affinities, rows split across ranks
+    b = ad.AnnData(data())
+    se.pp.affinity(b, PERPLEXITY, use_rep="X", n_neighbors=K, knn_method="exact")
+    P = b.obsp["affinity"].tocsr()
+    out.update(pp_data=P.data, pp_indices=P.indices, pp_indptr=P.indptr)
+    a = se.datasets.simulate(120, 60, n_celltypes=3, n_batches=2, random_state=0)
+    se.tl.scdeepcluster(
+        a, n_clusters=3, batch_size=32, max_epochs=(2, 2), n_latent=4, hidden=(16,), random_state=0, show_progress=False
+    )
+    history = a.uns["scdeepcluster"].get("history", {})
+    out.update({f"history_{k}": np.asarray(v, dtype=np.float64) for k, v in history.items() if isinstance(v, list)})
+    out["sdc_latent"] = np.asarray(a.obsm["X_scdeepcluster"])
+    out["sdc_labels"] = a.obs["scdeepcluster"].astype(int).to_numpy()
+    # tl.autoencoder: held-out cells, patience 1 (lr large enough that the validation loss may stop improving)
+    se.tl.autoencoder(
+        a,
+        4,
+        hidden=(16,),
+        max_epochs=6,
+        batch_size=16,
+        lr=3e-2,
+        validation_fraction=0.25,
+        patience=1,
+        random_state=0,
+        show_progress=False,
+    )
+    rec = a.uns["autoencoder"]
+    out["ae_latent"] = np.asarray(a.obsm["X_autoencoder"])
+    out["ae_loss"] = np.asarray(rec["history"]["loss"], dtype=np.float64)
+    out["ae_validation_loss"] = np.asarray(rec["history"]["validation_loss"], dtype=np.float64)
+    out["ae_epochs"] = np.asarray([rec["n_epochs"], rec["best_epoch"]])
+    return out
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    from scembed._engine import distributed
+
+    w = distributed.init_from_env()
+    rank = w.rank
+    if mode == "train":
+        X = data()
+        P, beta, n_bad, method = graph(X)
+        np.savez(
+            out / f"affinity_rank{rank}.npz",
+            data=P.data,
+            indices=P.indices,
+            indptr=P.indptr,
+            beta=beta,
+            n_bad=n_bad,
+        )
+        net, info = fit(X, P)
+        Y = net(torch.as_tensor(X)).detach().numpy()
+        state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+        np.savez(out / f"neuralee_rank{rank}.npz", Y=Y, loss=np.asarray(info["history"]["loss"]), **state)
+        # in-batch affinities ("batch" mode): the same block split, no graph
+        net_b, _ = fit(X, None, batch_affinity="batch", epochs=1)
+        np.save(out / f"neuralee_batch_rank{rank}.npy", net_b(torch.as_tensor(X)).detach().numpy())
+        # a deliberate mismatch: rank 1 holds other genes
+        genes = [f"g{i}" for i in range(20)]
+        if rank == 1:
+            genes[7] = "other"
+        try:
+            distributed.check_same_across_ranks("var_names", genes)
+            message = ""
+        except ValueError as err:
+            message = str(err)
+        (out / f"mismatch_rank{rank}.txt").write_text(message)
+        # different data on one rank: the affinities refuse before any work, on every rank
+        X_other = X.copy()
+        if rank == 1:
+            X_other[5, 2] += 1.0
+        try:
+            distributed.knn_affinities(X_other, K, PERPLEXITY, method="exact")
+            message = ""
+        except ValueError as err:
+            message = str(err)
+        (out / f"mismatch_data_rank{rank}.txt").write_text(message)
+        # the trainers' helpers: DEC targets from sharded latents, rank-0-only work, lock-step mini-batches
+        z, centroids = dec_inputs()
+        q, p = distributed.dec_assignments(z[distributed.shard(len(z))], centroids)
+        gen = torch.Generator().manual_seed(3)
+        batches = distributed.rank_minibatches(23, 5, generator=gen)
+        shared = torch.Generator().manual_seed(5)
+        noise = distributed.rank_generator(shared)
+        on_main_value = distributed.on_main(lambda: 10 * rank + 7)
+        bn = torch.nn.BatchNorm1d(3)
+        bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(rank)))  # statistics of this rank's batch
+        distributed.average_buffers_(bn)
+        try:
+            distributed.on_main(_fail_on_main, rank)
+            on_main_error = ""
+        except ValueError as err:
+            on_main_error = str(err)
+        np.savez(
+            out / f"helpers_rank{rank}.npz",
+            q=q.numpy(),
+            p=p.numpy(),
+            batches=torch.stack(batches).numpy(),
+            noise=torch.rand(4, generator=noise).numpy(),
+            shared_after=torch.rand(4, generator=shared).numpy(),
+            bn_mean=bn.running_mean.numpy(),
+            bn_var=bn.running_var.numpy(),
+        )
+        info_out = {
+            "on_main": on_main_value,
+            "on_main_error": on_main_error,
+            "world": [w.rank, w.size, w.backend],
+            "is_main": distributed.is_main(),
+            "method": method,
+        }
+        (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
+        np.savez(out / f"tools_rank{rank}.npz", **tools())
+    elif mode in ("early_exit", "hang"):
+        if rank == 1:
+            if mode == "hang":
+                time.sleep(120)  # alive but never joins the collective; torchrun ends it once rank 0 has failed
+            return  # leaves without a word; rank 0 must not wait forever
+        start = time.monotonic()
+        try:
+            distributed.all_reduce_sum(torch.ones(3))
+            outcome = "no error"
+        except Exception as err:  # gloo reports the lost peer or the timeout as a RuntimeError subclass
+            outcome = f"{type(err).__name__}: {err}"
+        (out / f"{mode}_rank0.json").write_text(json.dumps({"seconds": time.monotonic() - start, "outcome": outcome}))
+        sys.exit(3 if outcome != "no error" else 0)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

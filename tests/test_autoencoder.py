@@ -1,0 +1,390 @@
+"""Tests of tl.autoencoder and the count-autoencoder engine it shares with scDeepCluster's pretraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from anndata import AnnData, read_h5ad
+from scipy import sparse, stats
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+import scembed as se
+from scembed._engine import autoencoder as ae
+from scembed._engine import scdeepcluster as sdc
+from scembed._engine import zinb
+from scembed._engine.counts import CountData
+from scembed._utils import seeded_torch
+
+FAST = dict(max_epochs=6, batch_size=64, show_progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def sim() -> AnnData:
+    return se.datasets.simulate(300, 100, n_celltypes=4, de_fraction=0.2, de_scale=1.0, random_state=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(sim):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    adata = sim.copy()
+    model = se.tl.autoencoder(adata, n_latent=8, random_state=0, return_model=True, **FAST)
+    torch.set_num_threads(threads)
+    return adata, model
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def _random_counts(seed: int = 0, n: int = 30, g: int = 20, heads: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n, g, generator=gen, dtype=torch.float64) * 5)
+    x[0, :4] = torch.tensor([0.0, 1.0, 80.0, 400.0], dtype=torch.float64)
+    logits = torch.randn(n, heads * g, generator=gen, dtype=torch.float64) * 1.5
+    sf = torch.rand(n, generator=gen, dtype=torch.float64) + 0.3
+    return x, logits, sf
+
+
+def test_nb_matches_scipy():
+    x, logits, sf = _random_counts(heads=2)
+    mean, disp = zinb.nb_heads(logits, x.shape[1])
+    m = (mean * sf[:, None]).numpy()
+    ref = -stats.nbinom.logpmf(x.numpy(), disp.numpy(), disp.numpy() / (disp.numpy() + m))
+    np.testing.assert_allclose(zinb.nb_nll(x, mean, disp, sf).numpy(), ref, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(zinb.nb_nll_logits(logits, x, sf).item(), ref.mean(), rtol=1e-10)
+    np.testing.assert_allclose(zinb.nb_nll_logits(logits.float(), x.float(), sf.float()).item(), ref.mean(), rtol=1e-4)
+
+
+def test_zinb_matches_scipy_mixture():
+    # ZINB = π·δ₀ + (1 − π)·NB: log-likelihood from scipy's NB log-pmf and the point mass at zero
+    x, logits, sf = _random_counts(1)
+    mean, disp, pi = zinb.zinb_heads(logits, x.shape[1])
+    m, th, p, xx = (mean * sf[:, None]).numpy(), disp.numpy(), pi.numpy(), x.numpy()
+    log_nb = stats.nbinom.logpmf(xx, th, th / (th + m))
+    ref = -np.where(xx == 0, np.logaddexp(np.log(p), np.log1p(-p) + log_nb), np.log1p(-p) + log_nb)
+    np.testing.assert_allclose(zinb.zinb_nll(x, mean, disp, pi, sf).numpy(), ref, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(zinb.zinb_nll_logits(logits, x, sf).item(), ref.mean(), rtol=1e-10)
+    # NB is the ZINB with π → 0
+    a, b, _ = logits.view(x.shape[0], 3, -1).unbind(1)
+    no_dropout = torch.cat([a, b, torch.full_like(a, -60.0)], 1)
+    np.testing.assert_allclose(
+        zinb.zinb_nll_logits(no_dropout, x, sf).item(), zinb.nb_nll_logits(torch.cat([a, b], 1), x, sf).item()
+    )
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_fused_gradient_matches_autograd(likelihood):
+    heads = zinb.N_HEADS[likelihood]
+    x, logits, sf = _random_counts(2, heads=heads)
+    fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
+    # against autograd through the plain expression
+    lg = logits.clone().requires_grad_()
+    fused(lg, x, sf).mul(2.0).backward()
+    got = lg.grad.clone()
+    lg.grad = None
+    if likelihood == "zinb":
+        zinb.zinb_nll(x, *zinb.zinb_heads(lg, x.shape[1]), sf).mean().mul(2.0).backward()
+    else:
+        zinb.nb_nll(x, *zinb.nb_heads(lg, x.shape[1]), sf).mean().mul(2.0).backward()
+    np.testing.assert_allclose(got.numpy(), lg.grad.numpy(), rtol=1e-7, atol=1e-12)
+    # and finite differences (float64, tiny)
+    small = logits.view(x.shape[0], heads, -1)[:4, :, :3].reshape(4, heads * 3).clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fused(t, x[:4, :3], sf[:4]), (small,))
+
+
+def test_mse_and_dispatch():
+    gen = torch.Generator().manual_seed(0)
+    out, x = torch.randn(5, 7, generator=gen), torch.rand(5, 7, generator=gen)
+    ref = float(((out - x) ** 2).mean())
+    assert zinb.reconstruction_loss("mse", out, x, torch.ones(5)).item() == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match="likelihood"):
+        zinb.reconstruction_loss("poisson", out, x, torch.ones(5))
+
+
+# ------------------------------------------------------------------------------------------------ shared engine
+def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim):
+    # scDeepCluster's pretraining, called as tl.scdeepcluster calls it, and tl.autoencoder with the same seed and
+    # settings (every cell, no early stopping) end with identical weights and latent coordinates
+    seed, epochs, batch_size, noise, z_dim, hidden = 5, 3, 64, 2.5, 6, (32, 16)
+    X = sim.X.tocsr()
+    genes = np.arange(sim.n_vars)
+    dev = torch.device("cpu")
+    data = sdc.CountData.fit(X, genes, None, 0)
+    with seeded_torch(seed, dev) as noise_gen:
+        batch_gen = torch.Generator().manual_seed(seed)
+        net = sdc.ZINBAutoencoder(len(genes), z_dim, hidden, 0).to(dev)
+        hist = sdc.pretrain(
+            net, data, epochs=epochs, batch_size=batch_size, sigma=noise, device=dev, generator=batch_gen,
+            noise_generator=noise_gen,
+        )  # fmt: skip
+        z_sdc = sdc.encode_all(net.eval(), data, dev).numpy()
+    adata = sim.copy()
+    model = se.tl.autoencoder(
+        adata, z_dim, hidden=hidden, noise=noise, max_epochs=epochs, batch_size=batch_size, lr=1e-3,
+        validation_fraction=0.0, patience=None, random_state=seed, show_progress=False, return_model=True,
+    )  # fmt: skip
+    ours, theirs = model.net.state_dict(), net.state_dict()
+    assert set(theirs) - set(ours) == {"centroids"}
+    for name, value in ours.items():
+        torch.testing.assert_close(value, theirs[name], rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(adata.obsm["X_autoencoder"], z_sdc)
+    assert adata.uns["autoencoder"]["history"]["loss"] == hist["zinb"]
+
+
+def _old_fuzzy_connectivities(indices, distances, n_neighbors):
+    # the hand-written UMAP fuzzy graph that scembed used before scanpy's (reference for the Leiden labels)
+    n, k = indices.shape
+    rho = distances[:, 0].astype(np.float64)
+    d = np.maximum(distances.astype(np.float64) - rho[:, None], 0.0)
+    target = np.log2(n_neighbors)
+    lo, hi, sigma = np.zeros(n), np.full(n, np.inf), np.ones(n)
+    for _ in range(64):
+        too_big = np.exp(-d / sigma[:, None]).sum(1) > target
+        hi = np.where(too_big, sigma, hi)
+        lo = np.where(too_big, lo, sigma)
+        sigma = np.where(np.isinf(hi), sigma * 2, (lo + hi) / 2)
+    sigma = np.maximum(sigma, 1e-3 * np.where(rho > 0, distances.mean(1), distances.mean()))
+    W = sparse.csr_matrix((np.exp(-d / sigma[:, None]).ravel(), indices.ravel(), np.arange(0, n * k + 1, k)), (n, n))
+    return sparse.csr_matrix(W + W.T - W.multiply(W.T))
+
+
+def test_leiden_on_scanpy_graph_equals_former_graph(monkeypatch):
+    # Leiden's graph is now scanpy's UMAP connectivities; on blobs the graph agrees with the former hand-written
+    # one to float32 precision, and the labels (hence K) are the same
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(c, 1.0, size=(80, 6)) for c in (0.0, 2.5, 5.0, 8.0)]).astype(np.float32)
+    idx, dist, _ = se._engine.knn.nearest_neighbors(z, 14, method="exact")
+    new = sdc.fuzzy_connectivities(idx, dist, 15)
+    old = _old_fuzzy_connectivities(idx, dist, 15)
+    assert abs(new - old).max() < 1e-5 and new.nnz == old.nnz
+    labels = sdc.leiden_labels(z, knn=15, resolution=0.5, random_state=0)
+    monkeypatch.setattr(sdc, "fuzzy_connectivities", _old_fuzzy_connectivities)
+    before = sdc.leiden_labels(z, knn=15, resolution=0.5, random_state=0)
+    np.testing.assert_array_equal(labels, before)
+    assert labels.max() + 1 >= 2
+
+
+# ------------------------------------------------------------------------------------------------------ public API
+def test_writes_fields_and_h5ad(fitted, tmp_path):
+    adata, _ = fitted
+    z = adata.obsm["X_autoencoder"]
+    assert z.shape == (adata.n_obs, 8) and z.dtype == np.float32 and np.isfinite(z).all()
+    u = adata.uns["autoencoder"]
+    assert u["params"]["likelihood"] == "zinb" and u["params"]["max_epochs"] == 6
+    assert len(u["history"]["loss"]) == len(u["history"]["validation_loss"]) == u["n_epochs"] <= 6
+    assert u["history"]["validation_loss"][u["best_epoch"]] == min(u["history"]["validation_loss"])
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_array_equal(back.obsm["X_autoencoder"], z)
+    assert list(back.uns["autoencoder"]["history"]["loss"]) == u["history"]["loss"]
+
+
+def test_transform_save_load_and_gene_check(fitted, tmp_path):
+    adata, model = fitted
+    assert "AutoencoderModel" in repr(model) and model.var_names == list(adata.var_names)
+    np.testing.assert_array_equal(model.transform(adata), adata.obsm["X_autoencoder"])
+    model.save(tmp_path / "m.pt")
+    loaded = se.tl.AutoencoderModel.load(tmp_path / "m.pt", device="cpu")
+    np.testing.assert_array_equal(loaded.transform(adata), adata.obsm["X_autoencoder"])
+    # a subset of cells embeds as in the full call
+    np.testing.assert_allclose(loaded.transform(adata[:37]), adata.obsm["X_autoencoder"][:37], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="var_names"):
+        model.transform(adata[:, ::-1])
+    with pytest.raises(ValueError, match="var_names"):
+        model.transform(adata[:, :50])
+    torch.save({"format": "other"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a model saved by scembed"):
+        se.tl.AutoencoderModel.load(tmp_path / "x.pt")
+
+
+def test_early_stopping_and_best_weights(sim):
+    # converged fixture: with a vanishing learning rate the validation loss cannot improve, so training stops
+    # after `patience` epochs without improvement
+    adata = sim.copy()
+    se.tl.autoencoder(adata, n_latent=4, lr=1e-12, patience=3, max_epochs=50, batch_size=64, show_progress=False)
+    u = adata.uns["autoencoder"]
+    assert u["n_epochs"] == 4 and u["best_epoch"] == 0
+    # with a large learning rate, the weights kept are those of the best validation epoch
+    X = sim.X.tocsr()
+    data = CountData.fit(X, np.arange(sim.n_vars))
+    train_rows, val_rows = ae.split_validation(sim.n_obs, 0.2, 0)
+    assert len(val_rows) == 60 and np.intersect1d(train_rows, val_rows).size == 0
+    dev = torch.device("cpu")
+    with seeded_torch(0, dev) as noise_gen:
+        net = ae.Autoencoder(sim.n_vars, 4, (16,))
+        hist, n_run = ae.train_autoencoder(
+            net, data, max_epochs=12, batch_size=32, noise=2.5, lr=0.1, device=dev,
+            generator=torch.Generator().manual_seed(0), noise_generator=noise_gen, train_rows=train_rows,
+            validation_rows=val_rows, patience=None,
+        )  # fmt: skip
+    assert n_run == 12 and np.argmin(hist["validation_loss"]) < 11  # the last epoch is not the best one here
+    final = ae.evaluate(net, data, val_rows, dev, 32, noise=2.5, seed=0)
+    assert final == pytest.approx(min(hist["validation_loss"]), rel=1e-6)
+
+
+def test_default_epochs_rule():
+    assert ae.default_max_epochs(2_000, 256) == 400
+    assert ae.default_max_epochs(51_200, 256) == 100
+    assert ae.default_max_epochs(1_000_000, 256) == 5
+    adata = se.datasets.simulate(40, 30, random_state=0)
+    se.tl.autoencoder(adata, n_latent=2, hidden=(8,), patience=1, show_progress=False)  # N below the batch size
+    assert adata.uns["autoencoder"]["params"]["max_epochs"] == 400
+    assert adata.obsm["X_autoencoder"].shape == (40, 2)
+
+
+def _knn_accuracy(Y, labels):
+    return cross_val_score(KNeighborsClassifier(n_neighbors=10), Y, labels, cv=5).mean()
+
+
+def test_latent_separates_cell_types_as_well_as_pca(sim):
+    # 10-NN accuracy of the simulated cell types (5-fold CV) in the latent space, against PCA-10 of the
+    # log-normalised counts; enough steps for the denoising autoencoder to learn (a larger lr, a smaller net)
+    adata = sim.copy()
+    labels = adata.obs["celltype"].to_numpy()
+    se.tl.autoencoder(adata, n_latent=10, hidden=(128, 32), lr=5e-3, max_epochs=60, batch_size=32, show_progress=False)
+    ref = adata.copy()
+    sc.pp.normalize_total(ref)
+    sc.pp.log1p(ref)
+    sc.pp.pca(ref, n_comps=10, random_state=0)
+    acc_ae, acc_pca = _knn_accuracy(adata.obsm["X_autoencoder"], labels), _knn_accuracy(ref.obsm["X_pca"], labels)
+    assert acc_pca > 0.9  # the reference separates the types
+    assert acc_ae >= acc_pca - 0.01, (acc_ae, acc_pca)  # as well as PCA, up to one cell in a hundred
+
+
+def test_sparse_and_dense_input_agree(sim):
+    a, b = sim.copy(), sim.copy()
+    b.X = b.X.toarray()
+    se.tl.autoencoder(a, n_latent=4, hidden=(32,), **FAST)
+    se.tl.autoencoder(b, n_latent=4, hidden=(32,), **FAST)
+    np.testing.assert_allclose(a.obsm["X_autoencoder"], b.obsm["X_autoencoder"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(a.uns["autoencoder"]["history"]["loss"], b.uns["autoencoder"]["history"]["loss"], 1e-4)
+
+
+@pytest.mark.parametrize("batch_encoder", [False, True])
+def test_batch_one_hot(batch_encoder):
+    adata = se.datasets.simulate(200, 60, n_batches=2, batch_scale=1.0, random_state=2)
+    model = se.tl.autoencoder(
+        adata, n_latent=4, hidden=(16,), batch_key="batch", batch_encoder=batch_encoder, return_model=True, **FAST
+    )
+    net = model.net
+    assert net.n_batches == 2 and net.encoder[0].in_features == 60 + (2 if batch_encoder else 0)
+    assert net.decoder[0].in_features == 4 + 2
+    np.testing.assert_array_equal(model.transform(adata), adata.obsm["X_autoencoder"])
+    # the batch changes the decoder's output; the latent only when the encoder sees it
+    data = CountData.fit(adata.X, np.arange(60), np.zeros(200, dtype=np.int64), 2)
+    other = CountData.fit(adata.X, np.arange(60), np.ones(200, dtype=np.int64), 2)
+    with torch.no_grad():
+        a, b = data.batch(np.arange(10), "cpu"), other.batch(np.arange(10), "cpu")
+        assert torch.equal(net.encode(a.xin, a.onehot), net.encode(b.xin, b.onehot)) != batch_encoder
+        assert not torch.equal(net(a.xin, a.onehot), net(b.xin, b.onehot))
+    bad = adata.copy()
+    bad.obs["batch"] = bad.obs["batch"].astype(str).replace({bad.obs["batch"].astype(str).iloc[0]: "new"})
+    with pytest.raises(ValueError, match="not trained on"):
+        model.transform(bad)
+
+
+def test_nb_and_mse_likelihoods_and_gene_selection(sim):
+    a = sim.copy()
+    model = se.tl.autoencoder(a, n_latent=3, hidden=(16,), likelihood="nb", n_top_genes=40, return_model=True, **FAST)
+    assert model.net.heads.out_features == 2 * a.uns["autoencoder"]["n_genes_used"]
+    assert 25 <= a.uns["autoencoder"]["n_genes_used"] <= 55
+    b = sim.copy()
+    b.layers["counts"] = b.X.copy()
+    sc.pp.normalize_total(b)
+    sc.pp.log1p(b)
+    model = se.tl.autoencoder(b, n_latent=3, hidden=(16,), likelihood="mse", n_top_genes=30, return_model=True, **FAST)
+    assert model.net.heads.out_features == 30 and np.isfinite(b.obsm["X_autoencoder"]).all()
+    np.testing.assert_array_equal(model.transform(b), b.obsm["X_autoencoder"])
+
+
+def _snapshot(adata):
+    return (
+        adata.X.copy(), list(adata.obs.columns), list(adata.obsm.keys()), list(adata.uns.keys()),
+        list(adata.layers.keys()),
+    )  # fmt: skip
+
+
+def _neg(a):
+    a.X = a.X.astype(np.float32)
+    a.X.data[0] = -1.0
+
+
+def _frac(a):
+    a.layers["counts"] = a.X.astype(np.float32)
+    a.layers["counts"].data[3] = 0.5
+
+
+def _nan(a):
+    a.X = a.X.astype(np.float32)
+    a.X.data[1] = np.nan
+
+
+def _one_batch(a):
+    a.obs["batch"] = "b0"
+
+
+def _empty_genes(a):
+    a.X = a.X.astype(np.float32) * 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "err", "match"),
+    [
+        (_neg, {}, ValueError, r"adata\.X must hold raw counts.*negative"),
+        (_frac, {"layer": "counts"}, ValueError, r"adata\.layers\['counts'\] must hold raw \(integer\) counts"),
+        (_nan, {}, ValueError, r"adata\.X contains 1 NaN"),
+        (_one_batch, {"batch_key": "batch"}, ValueError, "one batch"),
+        (_empty_genes, {}, ValueError, "no gene with counts"),
+        (_neg, {"likelihood": "mse"}, ValueError, "non-negative"),
+        (None, {"layer": "missing"}, KeyError, "layer"),
+        (None, {"likelihood": "poisson"}, ValueError, "likelihood"),
+        (None, {"n_latent": 0}, ValueError, "n_latent"),
+        (None, {"validation_fraction": 1.0}, ValueError, "validation_fraction"),
+        (None, {"n_top_genes": 1000}, ValueError, "n_top_genes"),
+        (None, {"hidden": "64"}, TypeError, "hidden"),
+        (None, {"hidden": ()}, TypeError, "hidden"),
+    ],
+)
+def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):
+    adata = sim.copy()
+    if mutate is not None:
+        mutate(adata)
+    before = _snapshot(adata)
+    with pytest.raises(err, match=match):
+        se.tl.autoencoder(adata, **{**FAST, **kwargs})
+    after = _snapshot(adata)
+    assert (abs(before[0] - after[0]).sum() == 0 or np.isnan(before[0].data).any()) and before[1:] == after[1:]
+
+
+def test_no_genes_is_refused():
+    adata = AnnData(np.zeros((10, 0), dtype=np.float32))
+    with pytest.raises(ValueError, match="no variables"):
+        se.tl.autoencoder(adata)
+
+
+def test_copy_and_seed(sim):
+    a = se.tl.autoencoder(sim, n_latent=3, hidden=(16,), copy=True, **FAST)
+    assert "X_autoencoder" not in sim.obsm and a is not sim
+    b = se.tl.autoencoder(sim, n_latent=3, hidden=(16,), copy=True, **FAST)
+    np.testing.assert_array_equal(a.obsm["X_autoencoder"], b.obsm["X_autoencoder"])
+    c = se.tl.autoencoder(sim, n_latent=3, hidden=(16,), copy=True, random_state=1, **FAST)
+    assert not np.array_equal(a.obsm["X_autoencoder"], c.obsm["X_autoencoder"])
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(sim):
+    # the fused NB/ZINB loss on CUDA (clamp masks always built there) equals the CPU's; training runs there
+    for likelihood in ("zinb", "nb"):
+        x, logits, sf = _random_counts(4, heads=zinb.N_HEADS[likelihood])
+        fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
+        cpu = fused(logits, x, sf).item()
+        np.testing.assert_allclose(fused(logits.cuda(), x.cuda(), sf.cuda()).item(), cpu, rtol=1e-10)
+    adata = sim.copy()
+    model = se.tl.autoencoder(adata, n_latent=4, hidden=(32,), device="cuda", return_model=True, **FAST)
+    np.testing.assert_array_equal(model.transform(adata, device="cuda"), adata.obsm["X_autoencoder"])

@@ -1,0 +1,344 @@
+"""Data-parallel NeuralEE and sharded affinities on torch.distributed (gloo, 2 processes launched by torchrun)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+from scembed._engine import distributed
+from scembed._engine.affinity import entropic_affinities
+from scembed._engine.knn import nearest_neighbors
+from scembed._engine.neuralee import GraphSampler, batch_repulsion, build_network, recalibrate_batchnorm
+from scembed._engine.scdeepcluster import assignments
+from scembed._engine.training import adam
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+_spec = importlib.util.spec_from_file_location("_distributed_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
+
+
+def launch(mode: str, out: Path, *, timeout_s: float = 10.0, limit_s: float = 240.0) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2`` on the worker script, with this checkout's scembed."""
+    src = str(Path(distributed.__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        distributed.ENV_TIMEOUT: str(timeout_s),
+    }
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", distributed.ENV_ENABLE):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run([*cmd, str(WORKER), mode, str(out)], env=env, capture_output=True, text=True, timeout=limit_s)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """One 2-process run of the worker's ``train`` mode; its folder of per-rank results."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("two_ranks")
+    proc = launch("train", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def reference_fit(X: np.ndarray, P: sparse.csr_matrix, n_ranks: int) -> tuple[torch.nn.Module, list[float]]:
+    """One process doing what ``n_ranks`` ranks do together: each step accumulates the gradients of the W blocks
+    ``s·W … s·W + W − 1`` of the shared permutation, divided by W, then one Adam step (the worker's settings)."""
+    n, b, ns = worker.N, worker.BATCH, 4
+    torch.manual_seed(worker.SEED)
+    net = build_network(worker.D, 2, (50, 50))
+    opt = adam(net.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(worker.SEED)
+    sampler = GraphSampler(P, torch.device("cpu"))
+    Xt = torch.as_tensor(X)
+    n_blocks = n // b
+    n_steps = max(1, n_blocks // n_ranks)
+    losses, states = [], []
+    for _ in range(worker.EPOCHS):
+        net.train()
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for s in range(n_steps):
+            u_all = torch.rand(n_ranks * b * ns, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            for r in range(n_ranks):
+                blk = (s * n_ranks + r) % n_blocks
+                pos = order[blk * b : (blk + 1) * b]
+                _, cols, w = sampler.sample(pos, ns, gen, u=u_all[r * b * ns : (r + 1) * b * ns])
+                Yall = net(torch.cat([Xt[pos], Xt[cols]]))
+                Yb = Yall[:b]
+                diff = Yb.repeat_interleave(ns, 0) - Yall[b:]
+                att = (w * (diff * diff).sum(1)).sum() * (n / (b * ns))
+                er, gr = batch_repulsion(Yb.detach())
+                torch.autograd.backward([att / n_ranks, Yb], [None, gr / n_ranks])
+                total += (float(att.detach()) + float(er)) / n_ranks
+            opt.step()
+        losses.append(total / n_steps)
+        states.append(copy.deepcopy(net.state_dict()))
+    net.load_state_dict(states[int(np.argmin(losses))])  # keep_best: the first epoch with the lowest loss
+    recalibrate_batchnorm(net, Xt)
+    return net.eval(), losses
+
+
+def load_P(path: Path) -> tuple[sparse.csr_matrix, np.ndarray]:
+    z = np.load(path)
+    n = worker.N
+    return sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n, n)), z["beta"]
+
+
+# ------------------------------------------------------------------------------------------- one process
+def test_one_process_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    w = distributed.world()
+    assert (w.rank, w.size, w.is_main, w.distributed) == (0, 1, True, False)
+    x = np.arange(6.0).reshape(3, 2)
+    assert distributed.all_gather_rows(x) is x
+    assert distributed.mean_across_ranks({"loss": 1.5}) == {"loss": 1.5}
+    t = torch.ones(2)
+    assert torch.equal(distributed.all_reduce_sum(t), torch.ones(2))
+    distributed.check_same_across_ranks("anything", x)  # nothing to compare with
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert distributed.sync_gradients(opt) is None
+
+
+def test_shards_and_blocks_cover_everything_once():
+    for n, size in [(10, 3), (2, 4), (97, 8)]:
+        parts = [distributed.shard(n, distributed.World(rank=r, size=size)) for r in range(size)]
+        assert np.array_equal(np.concatenate([np.arange(n)[p] for p in parts]), np.arange(n))
+        assert max(distributed.shard_sizes(n, size)) - min(distributed.shard_sizes(n, size)) <= 1
+    # 2 ranks, 6 blocks, 3 steps: rank 0 takes 0, 2, 4 and rank 1 takes 1, 3, 5
+    assert distributed.rank_blocks(6, 3, distributed.World(rank=0, size=2)) == [0, 2, 4]
+    assert distributed.rank_blocks(6, 3, distributed.World(rank=1, size=2)) == [1, 3, 5]
+    # fewer blocks than ranks: the blocks are shared round
+    assert distributed.rank_blocks(1, 1, distributed.World(rank=1, size=2)) == [0]
+
+
+def test_other_ranks_are_quiet(monkeypatch):
+    from scembed._utils._logging import get_logger, progress
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.is_main()
+    assert progress(range(3), show=True).disable
+    assert get_logger().level == 40  # errors only
+    monkeypatch.setenv("RANK", "0")
+    assert not progress(range(3), show=True).disable
+
+
+def test_plain_cuda_is_the_rank_gpu_under_torchrun(monkeypatch):
+    """torchrun's LOCAL_RANK picks the GPU for a plain "cuda" (no process group is started to decide it)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(distributed.ENV_ENABLE, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.local_device(cuda) == cuda  # one process: unchanged
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.local_device(cuda) == torch.device("cuda", 1)
+    assert distributed.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit GPU is kept
+    assert distributed.local_device(cpu) == cpu
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv(distributed.ENV_ENABLE, "0")
+    assert distributed.local_device(cuda) == cuda
+
+
+def test_timeout_setting(monkeypatch):
+    monkeypatch.delenv(distributed.ENV_TIMEOUT, raising=False)
+    assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(distributed.ENV_TIMEOUT, "2.5")
+    assert distributed.timeout_seconds() == 2.5
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv(distributed.ENV_TIMEOUT, bad)
+        with pytest.raises(ValueError, match=distributed.ENV_TIMEOUT):
+            distributed.timeout_seconds()
+
+
+def test_reference_with_one_rank_is_the_trainer(one_torch_thread):
+    """The accumulating reference below, with W = 1, is fit_neuralee itself: it reproduces the trainer's stream."""
+    X = worker.data()
+    P, _, _, _ = worker.graph(X)
+    net, info = worker.fit(X, P)
+    ref, losses = reference_fit(X, P, 1)
+    np.testing.assert_allclose(info["history"]["loss"], losses, rtol=1e-6)
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- two processes
+@needs_gloo
+@pytest.mark.slow
+def test_neuralee_two_ranks_equal_one_process_with_accumulation(two_ranks, one_torch_thread):
+    X = worker.data()
+    P, _ = load_P(two_ranks / "affinity_rank0.npz")
+    ref, losses = reference_fit(X, P, 2)
+    got = np.load(two_ranks / "neuralee_rank0.npz")
+    np.testing.assert_allclose(got["loss"], losses, rtol=1e-5)
+    for name, value in ref.state_dict().items():
+        np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    Y_ref = ref(torch.as_tensor(X)).detach().numpy()
+    np.testing.assert_allclose(got["Y"], Y_ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_neuralee_ranks_end_identical(two_ranks):
+    a, b = np.load(two_ranks / "neuralee_rank0.npz"), np.load(two_ranks / "neuralee_rank1.npz")
+    assert set(a.files) == set(b.files)
+    for name in a.files:  # weights, BatchNorm statistics (recalibrated on all cells), losses, embedding
+        assert np.array_equal(a[name], b[name]), name
+    Yb = [np.load(two_ranks / f"neuralee_batch_rank{r}.npy") for r in (0, 1)]
+    assert np.array_equal(Yb[0], Yb[1]) and np.isfinite(Yb[0]).all()  # "batch" mode too
+    info = [json.loads((two_ranks / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world"] for i in info] == [[0, 2, "gloo"], [1, 2, "gloo"]]
+    assert [i["is_main"] for i in info] == [True, False]
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_sharded_affinities_equal_one_process(two_ranks):
+    X = worker.data()
+    idx, dist, _ = nearest_neighbors(X, worker.K, method="exact")
+    P_ref, beta_ref, _ = entropic_affinities(idx, dist, worker.PERPLEXITY)
+    for r in (0, 1):
+        P, beta = load_P(two_ranks / f"affinity_rank{r}.npz")
+        assert np.array_equal(P.indptr, P_ref.indptr) and np.array_equal(P.indices, P_ref.indices)
+        np.testing.assert_allclose(P.data, P_ref.data, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(beta, beta_ref, rtol=1e-10)
+        assert abs(P.sum() - 1) < 1e-5 and abs(P - P.T).max() == 0
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_mismatch_raises_the_same_clear_error_on_every_rank(two_ranks):
+    messages = [(two_ranks / f"mismatch_rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "`var_names` differs across the 2 ranks" in messages[0]
+    assert "position 7: 'g7' on rank 0, 'other' on rank 1" in messages[0]
+    messages = [(two_ranks / f"mismatch_data_rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "`affinity input (X)` differs across the 2 ranks" in messages[0] and "array (96, 5) float32" in messages[0]
+
+
+@needs_gloo
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["early_exit", "hang"])
+def test_a_rank_that_leaves_or_hangs_makes_the_others_fail_not_wait(tmp_path, mode):
+    """Rank 1 exits, or stays alive without joining: rank 0's collective raises (lost peer, or the timeout).
+
+    The bound on the seconds is not a speed check: it says that rank 0 gave up because of the timeout it was given
+    (5 s), not because something else ended the job.
+    """
+    timeout_s = 5.0
+    proc = launch(mode, tmp_path, timeout_s=timeout_s, limit_s=150)
+    assert proc.returncode != 0
+    result = json.loads((tmp_path / f"{mode}_rank0.json").read_text())
+    assert result["outcome"] != "no error"
+    assert result["seconds"] < timeout_s + 30
+    if mode == "hang":
+        assert result["seconds"] >= timeout_s * 0.9
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_trainer_helpers_across_ranks(two_ranks):
+    """DEC targets from sharded latents, rank-0-only work, lock-step mini-batches, per-rank noise streams."""
+    h = [np.load(two_ranks / f"helpers_rank{r}.npz") for r in (0, 1)]
+    info = [json.loads((two_ranks / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    # DEC: the all-reduced cluster sums give every rank the one-process Q and P of all cells
+    z, centroids = worker.dec_inputs()
+    q_ref, p_ref = assignments(z, centroids)
+    for r in (0, 1):
+        np.testing.assert_allclose(h[r]["q"], q_ref.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(h[r]["p"], p_ref.numpy(), rtol=1e-5, atol=1e-7)
+    # on_main: rank 0's result everywhere, rank 0's exception everywhere
+    assert [i["on_main"] for i in info] == [7, 7]
+    assert [i["on_main_error"] for i in info] == ["raised on rank 0"] * 2
+    # mini-batches: one shared permutation, rank 0 takes batches 0, 2 and rank 1 batches 1, 3 (batch 4, short, waits)
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(3)).numpy()
+    blocks = [perm[i * 5 : (i + 1) * 5] for i in range(4)]
+    assert np.array_equal(h[0]["batches"], np.stack([blocks[0], blocks[2]]))
+    assert np.array_equal(h[1]["batches"], np.stack([blocks[1], blocks[3]]))
+    # BatchNorm statistics: the mean over ranks of each rank's running averages, the same on every rank
+    bns = []
+    for r in (0, 1):
+        bn = torch.nn.BatchNorm1d(3)
+        bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(r)))
+        bns.append(bn)
+    for name in ("running_mean", "running_var"):
+        expected = (getattr(bns[0], name) + getattr(bns[1], name)).numpy() / 2
+        key = "bn_mean" if name == "running_mean" else "bn_var"
+        for r in (0, 1):
+            np.testing.assert_allclose(h[r][key], expected, rtol=1e-6)
+    # per-rank streams differ, and the shared stream they were split from still agrees across ranks afterwards
+    assert not np.array_equal(h[0]["noise"], h[1]["noise"])
+    assert np.array_equal(h[0]["shared_after"], h[1]["shared_after"])
+
+
+def test_rank_minibatches_one_process_is_minibatches():
+    from scembed._engine.training import minibatches
+
+    a = distributed.rank_minibatches(23, 5, generator=torch.Generator().manual_seed(1))
+    b = list(minibatches(23, 5, generator=torch.Generator().manual_seed(1)))
+    assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))
+    g = torch.Generator().manual_seed(2)
+    assert distributed.rank_generator(g) is g
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_tools_two_ranks_agree(two_ranks):
+    """pp.affinity, tl.scdeepcluster, tl.autoencoder under torchrun: the same result on every rank."""
+    a, b = np.load(two_ranks / "tools_rank0.npz"), np.load(two_ranks / "tools_rank1.npz")
+    assert set(a.files) == set(b.files)
+    for name in a.files:
+        assert np.array_equal(a[name], b[name]), name
+    assert len(np.unique(a["sdc_labels"])) == 3
+    assert any(name.startswith("history_") and a[name].size for name in a.files)  # losses averaged over ranks
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_pp_affinity_sharded_equals_one_process(two_ranks):
+    """pp.affinity goes through compute_affinities, whose kNN + calibration is split by rows under torchrun."""
+    import anndata as ad
+
+    import scembed as se
+
+    got = np.load(two_ranks / "tools_rank0.npz")
+    ref = ad.AnnData(worker.data())
+    se.pp.affinity(ref, worker.PERPLEXITY, use_rep="X", n_neighbors=worker.K, knn_method="exact")
+    P_ref = ref.obsp["affinity"].tocsr()
+    assert np.array_equal(got["pp_indptr"], P_ref.indptr) and np.array_equal(got["pp_indices"], P_ref.indices)
+    np.testing.assert_allclose(got["pp_data"], P_ref.data, rtol=0, atol=1e-6)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_autoencoder_two_ranks_early_stopping_agrees(two_ranks):
+    """tl.autoencoder: rank mini-batches and noise, every rank the same held-out loss, so the same stop and weights."""
+    a = np.load(two_ranks / "tools_rank0.npz")
+    n_epochs, best = (int(v) for v in a["ae_epochs"])
+    val = a["ae_validation_loss"]
+    assert 1 <= n_epochs <= 6 and len(val) == len(a["ae_loss"]) == n_epochs
+    assert np.isfinite(val).all() and best == int(np.argmin(val))
+    if n_epochs < 6:  # stopped by patience 1: the last epoch did not improve on the best
+        assert best == n_epochs - 2
+    assert np.isfinite(a["ae_latent"]).all() and a["ae_latent"].shape == (120, 4)
