@@ -3,10 +3,13 @@
 Every method runs in a fresh subprocess (wall time and peak RSS of that process); scib-metrics scores are computed
 afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony-corrected PCs, or the PCs.
 
-    python benchmarks/imap.py --epochs1 150 --epochs2 150          # full
+    python benchmarks/imap.py --epochs1 150 --epochs2 150          # full, the original's fixed budget
+    python benchmarks/imap.py --default-budget                     # scembed's budget that follows the data
     python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs
     python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only
     python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
+    python benchmarks/imap.py --profile --threads 1                # the parts of one stage-I and stage-II step
+    python benchmarks/imap.py --gather-compare --threads 1         # sparse rows: scipy indexing vs the GPU scatter
     python benchmarks/imap.py --epochs1 10 --epochs2 10 --repeats 2 --methods scembed imap_original
                                                                    # the two iMAPs twice, alternating: fastest times
 The original (method ``imap_original``) runs under ``--original-python`` (or ``$IMAP_PYTHON``): an interpreter that
@@ -91,8 +94,12 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
 
         for fn in ("train_stage1", "run_stage2"):  # time the two stages (the benchmark's wrapper, not the package's)
             setattr(engine, fn, timed(getattr(engine, fn), stages, fn))
-        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=(e1, e2), device="cpu")
+        max_epochs = None if e1 < 0 else (e1, e2)  # negative: the default budget (default_budget, early stopping)
+        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=max_epochs, device="cpu")
         emb = pca(a.layers["imap"])
+        u = a.uns["imap"]
+        stages["epochs_stage1"] = float(len(u["stage1"]["loss"]))
+        stages["epochs_stage2"] = float(u["stage2"]["critic"].shape[1])
     elif method == "imap_original":
         import anndata as ad2
 
@@ -117,7 +124,7 @@ def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> 
 def run_method(method: str, path: Path, tmp: Path, args) -> dict:
     out = str(tmp / f"{path.stem}_{method}.npy")
     python = args.original_python if method == "imap_original" else None
-    epochs = (args.epochs1, args.epochs2)
+    epochs = (-1, -1) if args.default_budget and method == "scembed" else (args.epochs1, args.epochs2)
     cmd = script_command(__file__, "--worker", method, path, out, *epochs, args.threads, python=python)
     r = run_child(cmd, args.threads)
     if not r["ok"]:
@@ -190,6 +197,118 @@ def step_compare(threads: int, n_genes: int = 2000, batch_size: int = 512, n_ste
         print(f"round {r}: translate every cell {a:.3f} s/step, only the moved cells {b:.3f} s/step ({b / a:.2f}x)")
 
 
+def profile_steps(threads: int, n_genes: int = 2000, n_cells: int = 2000, rounds: int = 6) -> None:
+    """Milliseconds of the parts of one stage-I step and of one stage-II critic and generator step (2 batches)."""
+    import torch
+
+    from scembed._engine import imap as eng
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    X = np.log1p(rng.poisson(0.5, size=(n_cells, n_genes))).astype(np.float32)
+    source, half, bs = eng.RowSource(X), n_cells // 2, 512
+    encoder, decoder = eng.make_encoder(n_genes), eng.BatchDecoder(256, 2, n_genes)
+    opt = eng._adam([*encoder.parameters(), *decoder.parameters()], 5e-4)
+    batch = torch.arange(2).repeat_interleave(bs)
+    parts: dict[str, float] = {}
+
+    def lap(name: str, t: float) -> float:
+        now = time.perf_counter()
+        parts[name] = parts.get(name, 0.0) + now - t
+        return now
+
+    def show(title: str) -> None:
+        total = sum(parts.values())
+        print(f"{title}: {1000 * total / rounds:.0f} ms")
+        for k, v in parts.items():
+            print(f"  {k:34s} {1000 * v / rounds:7.1f} ms {100 * v / total:5.1f} %")
+        parts.clear()
+
+    for r in range(rounds + 1):  # the first round warms up
+        if r == 1:
+            parts.clear()
+        t = time.perf_counter()
+        rows = torch.randint(half, (2, 2, bs)) + torch.tensor([0, half])[None, :, None]
+        alpha, other = torch.rand(2 * bs, 1), torch.randint(2, (2 * bs,))
+        t = lap("sample indices", t)
+        x1, x2 = source(rows.reshape(-1)).chunk(2)
+        x = alpha * x1 + (1 - alpha) * x2
+        t = lap("gather + mixup", t)
+        code = encoder(x)
+        decoded = decoder(code, batch)
+        moved = torch.nonzero(other != batch).squeeze(1)
+        translated = decoded.index_copy(0, moved, decoder(code[moved], other[moved]))
+        content = encoder(translated)
+        t = lap("forward (encoder twice, decoder)", t)
+        loss = torch.nn.functional.mse_loss(decoded, x) + 3 * torch.nn.functional.mse_loss(code, content)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t = lap("backward", t)
+        opt.step()
+        t = lap("fused Adam", t)
+    show(f"stage-I step, {2 * bs} mixup cells x {n_genes} genes")
+    gen, critic = eng.ResidualGenerator(n_genes), eng.make_critic(n_genes)
+    opt_g, opt_d = eng._adam(gen.parameters(), 2e-4), eng._adam(critic.parameters(), 2e-4)
+    pool_q, pool_a = torch.from_numpy(X[:half]), torch.from_numpy(X[half:])
+    for r in range(rounds + 1):
+        if r == 1:
+            parts.clear()
+        t = time.perf_counter()
+        iq, ia = torch.randint(half, (1024,)), torch.randint(half, (1024,))
+        with torch.no_grad():
+            fake = gen.from_first(pool_q[iq], gen.first(pool_q)[iq])
+        t = lap("generator forward (no grad)", t)
+        w, gp = eng.critic_losses(critic, pool_a[ia], fake, torch.rand(1024, 1))
+        t = lap("critic forward + gradient graph", t)
+        opt_d.zero_grad(set_to_none=True)
+        (-w + 10 * gp).backward()
+        t = lap("double backward", t)
+        opt_d.step()
+        t = lap("fused Adam", t)
+    show("stage-II critic step, 1024 + 1024 cells")
+    for r in range(rounds + 1):
+        if r == 1:
+            parts.clear()
+        t = time.perf_counter()
+        g_loss = -critic(gen(pool_q[:1024])).mean()
+        t = lap("generator + critic forward", t)
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        t = lap("backward", t)
+        opt_g.step()
+        t = lap("fused Adam", t)
+    show("stage-II generator step, 1024 cells")
+
+
+def gather_compare(threads: int, n_genes: int = 2000, n_cells: int = 4000, rounds: int = 11) -> None:
+    """Milliseconds to densify 2,048 random rows of a CSR matrix: scipy row indexing vs the scatter used on GPUs."""
+    import torch
+    from scipy import sparse
+
+    from scembed._engine import imap as eng
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    for lam in (0.3, 0.05):
+        X = sparse.csr_matrix(np.log1p(rng.poisson(lam, size=(n_cells, n_genes))).astype(np.float32))
+        scipy_rows, scatter = eng.RowSource(X), eng.RowSource(X)
+        scatter.csr = None  # the GPU path, run on the CPU
+        scatter.indptr = torch.from_numpy(X.indptr.astype(np.int64))
+        scatter.indices = torch.from_numpy(X.indices.astype(np.int64))
+        rows = torch.from_numpy(rng.integers(n_cells, size=2048))
+        a, b = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            scatter(rows)
+            a.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            scipy_rows(rows)
+            b.append(time.perf_counter() - t)
+        ma, mb = 1000 * np.median(a), 1000 * np.median(b)
+        print(f"density {X.nnz / np.prod(X.shape):.2f}: scatter {ma:.1f} ms, scipy rows {mb:.1f} ms ({mb / ma:.2f}x)")
+
+
 def stage2_compare(threads: int, n_genes: int = 2000, pool: int = 3000, epochs: int = 2, rounds: int = 3) -> None:
     """Seconds per stage-II critic step, alternating in one process: the generator's first layer applied to every
     critic batch vs once to the whole query pool per generator update (``train_generator(project_pool=...)``)."""
@@ -228,8 +347,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs")
+    p.add_argument(
+        "--default-budget", action="store_true", help="scembed with max_epochs=None (the original keeps 150 + 150)"
+    )
     p.add_argument("--step-compare", action="store_true", help="time one stage-I step, both translations")
     p.add_argument("--stage2-compare", action="store_true", help="time one stage-II step, with/without the projection")
+    p.add_argument("--profile", action="store_true", help="time the parts of one stage-I and stage-II step")
+    p.add_argument("--gather-compare", action="store_true", help="densify sparse rows: scipy vs the GPU scatter")
     p.add_argument(
         "--repeats", type=int, default=1, help="run the two iMAPs this many times, alternating; report the fastest"
     )
@@ -246,6 +370,12 @@ def main() -> None:
         return
     if args.stage2_compare:
         stage2_compare(args.threads)
+        return
+    if args.profile:
+        profile_steps(args.threads)
+        return
+    if args.gather_compare:
+        gather_compare(args.threads)
         return
     if args.quick:
         args.datasets, args.epochs1, args.epochs2 = ["cellbench_3cl_2batches"], 1, 1
@@ -290,7 +420,11 @@ def main() -> None:
     )  # fmt: skip
     keys = ["seconds", "time_ratio", "peak_mb", "iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn"]
     keys += ["bio", "batch", "total"]
-    print(f"\nepochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
+    budget = "scembed: the default budget (epochs run below); " if args.default_budget else ""
+    print(f"\n{budget}epochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
+    for name, m, r in rows:
+        if "epochs_stage1" in r:
+            print(f"  {name} {m}: stage I ran {r['epochs_stage1']:.0f} epochs, stage II {r['epochs_stage2']:.0f}")
     print("| data | method | " + " | ".join(keys) + " |")
     print("|" + " --- |" * (len(keys) + 2))
     for name, m, r in rows:

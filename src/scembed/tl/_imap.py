@@ -54,7 +54,7 @@ def imap_integrate(
     use_hvg: bool = True,
     n_top_genes: int = 2000,
     n_latent: int = 256,
-    max_epochs: int | tuple[int, int] = (150, 150),
+    max_epochs: int | tuple[int, int] | None = None,
     lambda_content: float = 3.0,
     lambda_recon: float = 1.0,
     n_sample: int = 3000,
@@ -118,9 +118,12 @@ def imap_integrate(
         Size of the stage-I content representation and of the generator's bottleneck.
     max_epochs
         ``(stage I, stage II)`` epochs; an int sets both. Stage I: 20 steps per epoch; stage II, per query batch:
-        ``n_critic`` critic steps and one generator step per epoch. ``max_epochs[1] == 0`` skips stage II: no
-        generator is trained, ``layers[key_added]`` and ``var[key_added + "_used"]`` are not written, and a
-        returned model has no generators (only ``encode`` is meaningful).
+        ``n_critic`` critic steps and one generator step per epoch. ``None`` (default): a budget that follows the
+        data, counted in passes over the cells (:func:`scembed._engine.imap.default_budget`; the original's 150 +
+        150 for large data, fewer for small), and stage I holds out 10 % of every batch and stops early once their
+        loss stops falling. Epochs given explicitly run as given, as in the original. ``max_epochs[1] == 0``
+        skips stage II: no generator is trained, ``layers[key_added]`` and ``var[key_added + "_used"]`` are not
+        written, and a returned model has no generators (only ``encode`` is meaningful).
     lambda_content
         Weight of the content loss.
     lambda_recon
@@ -209,6 +212,8 @@ def imap_integrate(
     order_idx = _resolve_order(order, batches)
     genes, gene_source = _genes(adata, X, batch_idx, use_hvg, o["n_top_genes"])
     k_w, k_m = _neighbour_counts(int(min(o["n_sample"], sizes.min())), k_within, k_mnn)
+    if o["max_epochs"] is None:
+        o["max_epochs"] = engine.default_budget(int(sizes.sum()), len(sizes), o["batch_size"], n_sample=o["n_sample"])
     dev = resolve_device(device)
     seed = seed_int(random_state)
     log = get_logger()
@@ -280,6 +285,7 @@ def _train(
     information, stage-II histories)``.
     """
     epochs1, epochs2 = o["max_epochs"]
+    validation = 0.1 if o["budget"] == "default" else 0.0
     with seeded_torch(seed, dev):
         gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
         encoder, decoder, hist1 = engine.train_stage1(
@@ -290,6 +296,7 @@ def _train(
             batch_size=o["batch_size"][0],
             lambda_recon=o["lambda_recon"],
             lambda_content=o["lambda_content"],
+            validation=validation,
             generator=gen,
             show_progress=show_progress,
         )
@@ -379,7 +386,10 @@ def _check_options(**o: Any) -> dict[str, Any]:
         "use_hvg": bool(o["use_hvg"]),
         "n_top_genes": check_positive_int(o["n_top_genes"], "n_top_genes"),
         "n_latent": check_positive_int(o["n_latent"], "n_latent"),
-        "max_epochs": check_int_pair(o["max_epochs"], "max_epochs", stages=("stage I", "stage II"), minimum=0),
+        "max_epochs": None
+        if o["max_epochs"] is None
+        else check_int_pair(o["max_epochs"], "max_epochs", stages=("stage I", "stage II"), minimum=0),
+        "budget": "default" if o["max_epochs"] is None else "explicit",
         "lambda_content": check_in_range(o["lambda_content"], "lambda_content", low=0),
         "lambda_recon": check_in_range(o["lambda_recon"], "lambda_recon", low=0),
         "n_sample": check_positive_int(o["n_sample"], "n_sample", minimum=2),

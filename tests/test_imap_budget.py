@@ -1,0 +1,194 @@
+"""Tests of iMAP's training budget, early stopping and divergence errors (engine level, tiny data, one thread)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scembed._engine import imap as engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _groups(sizes):
+    bounds = np.cumsum([0, *sizes])
+    return [np.arange(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+# ---------------------------------------------------------------- the budget rule
+def test_budget_small_data_is_bounded_by_the_floor():
+    # 499 cells in two batches: the original's 150 epochs × 20 steps × 2 × 512 cells are ~6,200 passes over the data
+    e1, e2 = engine.default_budget(499, 2)
+    assert (e1, e2) == (engine.STAGE1_MIN_EPOCHS, engine.STAGE2_MIN_EPOCHS)
+    passes = e1 * engine.STAGE1_STEPS * 2 * 512 / 499
+    assert passes < 150 * 20 * 2 * 512 / 499 / 5
+    assert e1 * engine.STAGE1_STEPS == 500  # instead of 3,000 steps
+
+
+def test_budget_follows_the_passes_between_the_bounds():
+    n, n_b, bs = 20_000, 2, 512
+    e1, _ = engine.default_budget(n, n_b, (bs, 1024))
+    assert e1 == math.ceil(engine.STAGE1_PASSES * n / (n_b * bs * engine.STAGE1_STEPS))
+    assert engine.STAGE1_MIN_EPOCHS < e1 < engine.STAGE1_MAX_EPOCHS
+    # the passes it makes are the stated ones, up to the rounding of one epoch
+    passes = e1 * engine.STAGE1_STEPS * n_b * bs / n
+    assert engine.STAGE1_PASSES <= passes < engine.STAGE1_PASSES + engine.STAGE1_STEPS * n_b * bs / n
+    # more cells, more epochs; more batches per step (cells seen per step grow), fewer
+    assert engine.default_budget(2 * n, n_b)[0] > e1
+    assert engine.default_budget(n, 4)[0] < e1
+
+
+def test_budget_large_data_is_the_original():
+    assert engine.default_budget(1_000_000, 2) == (150, engine.default_budget(1_000_000, 2)[1])
+    assert engine.default_budget(1_000_000, 2)[0] == engine.STAGE1_MAX_EPOCHS == 150
+    _, e2 = engine.default_budget(1_000_000, 2, n_sample=3000)
+    assert engine.STAGE2_MIN_EPOCHS <= e2 <= engine.STAGE2_MAX_EPOCHS
+
+
+def _stage1(X, groups, **kw):
+    kw = {"latent_dim": 4, "batch_size": 16, "show_progress": False, **kw}
+    kw.setdefault("generator", torch.Generator().manual_seed(0))
+    return engine.train_stage1(engine.RowSource(X), groups, **kw)
+
+
+def _steps(encoder) -> int:
+    # the encoder runs twice per training step (the mixup cells and their translations) in training mode, and its
+    # first BatchNorm counts the batches it normalised
+    return int(encoder[1].num_batches_tracked) // 2
+
+
+def _counts(n, n_genes=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.log1p(rng.poisson(1.0, size=(n, n_genes))).astype(np.float32)
+
+
+def test_explicit_epochs_run_exactly():
+    encoder, _, hist = _stage1(_counts(60), _groups([30, 30]), n_epochs=3)
+    assert len(hist["loss"]) == 3 and "val_loss" not in hist
+    assert _steps(encoder) == 3 * engine.STAGE1_STEPS
+
+
+# ---------------------------------------------------------------- early stopping
+def test_validation_split_per_batch():
+    groups = _groups([100, 40, 10])
+    train_rows, val_rows = engine.split_validation(groups, 0.1, torch.Generator().manual_seed(0))
+    assert [len(v) for v in val_rows] == [10, 4, 0]  # a batch under 20 cells keeps all its cells
+    for g, t, v in zip(groups, train_rows, val_rows, strict=True):
+        assert np.intersect1d(t, v).size == 0
+        np.testing.assert_array_equal(np.sort(np.concatenate([t, v])), g)
+    _, capped = engine.split_validation([np.arange(50_000)], 0.1, torch.Generator().manual_seed(0))
+    assert len(capped[0]) == 1024
+
+
+def test_early_stopping_on_a_converged_fixture():
+    # with a zero learning rate only the BatchNorm statistics move, which settle within a few epochs: training stops
+    # `patience` epochs after the best held-out loss instead of running all 50, and the best networks are kept
+    encoder, _, hist = _stage1(
+        _counts(200), _groups([100, 100]), n_epochs=50, lr=0.0, validation=0.2, patience=3, min_epochs=1
+    )
+    best = int(np.argmin(hist["val_loss"]))
+    assert len(hist["val_loss"]) == best + 3 + 1 < 50
+    assert _steps(encoder) == (best + 1) * engine.STAGE1_STEPS  # the best epoch's state, counters included
+
+
+def test_early_stopping_waits_for_min_epochs():
+    kw = {"n_epochs": 50, "lr": 0.0, "validation": 0.2, "patience": 1}
+    _, _, hist = _stage1(_counts(200), _groups([100, 100]), min_epochs=6, **kw)
+    assert len(hist["val_loss"]) == max(6, int(np.argmin(hist["val_loss"])) + 2)
+
+
+# ---------------------------------------------------------------- errors
+def test_non_finite_input_is_refused_before_training():
+    X = _counts(40)
+    X[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _stage1(X, _groups([20, 20]), n_epochs=1)
+
+
+def test_stage1_divergence_names_the_stage_the_epoch_and_the_input():
+    X = _counts(40) * 1e30  # finite, but its squares overflow float32: the reconstruction loss is infinite
+    with pytest.raises(FloatingPointError, match=r"stage I diverged at epoch 1 .*raw counts") as err:
+        _stage1(X, _groups([20, 20]), n_epochs=2)
+    assert "learning rate" not in str(err.value).split("(")[0]
+
+
+def test_stage2_divergence_names_the_stage_and_the_batch():
+    query = torch.rand(30, 8)
+    anchor = torch.full((30, 8), 3e38)  # the critic's output on these cells overflows
+    weights = torch.ones(30, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"stage II \(batch b\) diverged at epoch 1"):
+        engine.train_generator(
+            query, anchor, weights, weights, n_epochs=2, steps_per_epoch=2, batch_size=8, n_critic=2,
+            latent_dim=4, generator=torch.Generator().manual_seed(0), stage="stage II (batch b)", show_progress=False,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the public function
+def _adata(n_cells=240, n_genes=30, n_batches=2, seed=0):
+    import scanpy as sc
+
+    import scembed as se
+
+    a = se.datasets.simulate(
+        n_cells, n_genes, n_batches=n_batches, n_celltypes=3, batch_scale=0.5, de_scale=1.5, random_state=seed
+    )
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    return a
+
+
+def test_default_max_epochs_follow_the_budget(monkeypatch):
+    import scembed as se
+
+    asked = []
+
+    def budget(n_cells, n_batches, batch_size, **kw):
+        asked.append((n_cells, n_batches, tuple(batch_size), kw))
+        return 2, 1
+
+    monkeypatch.setattr(engine, "default_budget", budget)
+    a = _adata()
+    kw = {"use_hvg": False, "n_latent": 8, "batch_size": (16, 32), "n_sample": 100, "show_progress": False}
+    b = se.tl.imap_integrate(a, copy=True, **kw)
+    assert asked == [(240, 2, (16, 32), {"n_sample": 100})]
+    u = b.uns["imap"]
+    assert u["params"]["max_epochs"] == [2, 1] and u["params"]["budget"] == "default"
+    assert 1 <= len(u["stage1"]["loss"]) <= 2 and "val_loss" in u["stage1"]  # held-out cells watched
+    assert u["stage2"]["critic"].shape == (1, 1)
+
+    c = se.tl.imap_integrate(a, copy=True, max_epochs=(2, 1), **kw)  # explicit: no held-out cells, as given
+    assert c.uns["imap"]["params"]["budget"] == "explicit" and "val_loss" not in c.uns["imap"]["stage1"]
+    assert len(c.uns["imap"]["stage1"]["loss"]) == 2
+
+
+def _lisi(Z, labels, k=30):
+    from sklearn.neighbors import NearestNeighbors
+
+    idx = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors(return_distance=False)
+    lab = np.asarray(labels)[idx]
+    p = np.stack([(lab == c).mean(1) for c in np.unique(labels)], 1)
+    return float(np.mean(1 / (p**2).sum(1)))
+
+
+def test_corrected_expression_mixes_three_batches():
+    # three small simulated batches (iLISI of the uncorrected PCA ≈ 1.6 of 3). With 15 stage-II epochs (75 generator
+    # steps) the corrected expression mixed the batches LESS than the input (iLISI 1.57 < 1.62, cLISI 1.62 → 1.84):
+    # after 6 short stage-I epochs only ~60 % of the MNN pairs join cells of one type, and too few generator steps
+    # leave the query batches moved part-way, between types. With enough generator steps the correction wins.
+    from sklearn.decomposition import PCA
+
+    import scembed as se
+
+    a = _adata(n_cells=180, n_genes=40, n_batches=3, seed=1)
+    kw = {"use_hvg": False, "n_latent": 16, "n_sample": 60, "n_critic": 2, "show_progress": False}
+    b = se.tl.imap_integrate(a, copy=True, max_epochs=(6, 60), batch_size=(32, 64), **kw)
+    pcs0 = PCA(10, random_state=0).fit_transform(a.X.toarray())
+    pcs1 = PCA(10, random_state=0).fit_transform(b.layers["imap"].toarray())
+    ilisi0, ilisi1 = _lisi(pcs0, a.obs["batch"]), _lisi(pcs1, a.obs["batch"])
+    clisi0, clisi1 = _lisi(pcs0, a.obs["celltype"]), _lisi(pcs1, a.obs["celltype"])
+    assert ilisi1 > ilisi0 + 0.3
+    assert clisi1 < clisi0 + 0.15
