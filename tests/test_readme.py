@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -55,6 +56,7 @@ def check_clustering_and_integration(ns: dict) -> None:
 CHECKS = [check_embedding, check_autoencoder, check_clustering_and_integration]
 
 
+@pytest.mark.slow  # trains five small models; iMAP's stage II dominates on a CPU
 def test_readme_python_blocks_run_and_say_true(tmp_path, monkeypatch, one_torch_thread):
     """Every ```python block runs in one namespace in a scratch folder; after each, its claims are checked."""
     blocks = python_blocks()
