@@ -50,6 +50,11 @@ return_model
         Also return the trained model, which embeds (or assigns) new cells and can be saved and loaded: the model
         alone, or ``(adata, model)`` with ``copy=True``."""
 
+#: the trailing keywords every trainer shares, in their order (device … copy)
+doc_trainer_tail = "\n    ".join(
+    [doc_device, doc_random_state, doc_show_progress, doc_key_added, doc_return_model, doc_copy]
+)
+
 FRAGMENTS = {
     "doc_device": doc_device,
     "doc_random_state": doc_random_state,
@@ -58,6 +63,7 @@ FRAGMENTS = {
     "doc_show_progress": doc_show_progress,
     "doc_key_added": doc_key_added,
     "doc_return_model": doc_return_model,
+    "doc_trainer_tail": doc_trainer_tail,
 }
 
 

@@ -162,12 +162,7 @@ def autoencoder(
         Use only about this many genes: for counts those with more zeros than their mean expression explains
         (Kobak & Berens 2019, as scDeepCluster's gene selection), for ``"mse"`` those of largest variance.
         ``None`` (default): every gene with data.
-    {doc_device}
-    {doc_random_state}
-    {doc_show_progress}
-    {doc_key_added}
-    {doc_return_model}
-    {doc_copy}
+    {doc_trainer_tail}
 
     Returns
     -------

@@ -152,12 +152,7 @@ def imap_integrate(
     batch_size
         ``(stage I, stage II)``; an int sets both. Stage I: mixup cells drawn per batch in every step; stage II:
         query and anchor cells drawn in every step.
-    {doc_device}
-    {doc_random_state}
-    {doc_show_progress}
-    {doc_key_added}
-    {doc_return_model}
-    {doc_copy}
+    {doc_trainer_tail}
 
     Returns
     -------

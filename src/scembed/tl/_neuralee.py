@@ -189,12 +189,7 @@ def neuralee(
         it is stored when computed here.
     n_jobs
         Threads of the neighbour search (``None``: all cores).
-    {doc_device}
-    {doc_random_state}
-    {doc_show_progress}
-    {doc_key_added}
-    {doc_return_model}
-    {doc_copy}
+    {doc_trainer_tail}
 
     Returns
     -------

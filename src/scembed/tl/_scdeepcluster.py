@@ -139,12 +139,7 @@ def scdeepcluster(
         Louvain used 0.8) gave the best mean ARI on the project's benchmark sets (``benchmarks/README.md``), but K
         can still be off on single sets and it grows with the number of cells: pass ``n_clusters`` when the
         number of types is known, and lower the resolution for large data.
-    {doc_device}
-    {doc_random_state}
-    {doc_show_progress}
-    {doc_key_added}
-    {doc_return_model}
-    {doc_copy}
+    {doc_trainer_tail}
 
     Returns
     -------
