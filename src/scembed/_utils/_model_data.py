@@ -17,7 +17,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from ._io import check_features
-from ._validation import check_finite, check_key, is_backed_matrix
+from ._validation import check_counts, check_finite, check_key, is_backed_matrix
 
 
 def is_anndata(data: object) -> bool:
@@ -191,4 +191,18 @@ def check_batch_labels(values: pd.Series, batch_key: str) -> None:
             f"adata.obs[{batch_key!r}] mixes label types ({sorted(kinds)}) or holds labels that read the same as "
             f"text (e.g. 1 and '1'); batches are identified by their text, so make the column one type, e.g. "
             f"adata.obs[{batch_key!r}] = adata.obs[{batch_key!r}].astype(str) if equal texts are one batch."
+        )
+
+
+def check_expression(X: Any, where: str, *, counts: bool) -> None:
+    """Raw counts (non-negative integers) when ``counts``, else non-negative finite values (log-normalised data)."""
+    if counts:
+        check_counts(X, where)
+        return
+    check_finite(X, where)
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if values.size and values.min() < 0:
+        raise ValueError(
+            f"{where} must hold non-negative (log-normalised) expression, but it has negative values "
+            f"(min {values.min():g}); scaled data is not accepted."
         )

@@ -27,7 +27,7 @@ from .._utils import (
     seeded_torch,
     shared_docs,
 )
-from .._utils._counts import batch_codes, check_expression, counts_of
+from .._utils._model_data import batch_codes, check_expression, counts_of
 from .._utils._random import seed_int
 
 AUTOENCODER = "autoencoder"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._utils._counts import batch_codes, check_expression, counts_of
+from ..._utils._model_data import batch_codes, check_expression, counts_of
 from ..autoencoder import Autoencoder, encode_all
 from ..counts import INFER_BATCH, CountData
 from .base import Model, check_batch_size
