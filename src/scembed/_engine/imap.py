@@ -48,8 +48,8 @@ class RowSource:
     """Rows of a dense or CSR matrix as dense float32 tensors on ``device``, densified a mini-batch at a time.
 
     On a GPU a CSR matrix is kept as its three arrays on the device and rows are scattered into a dense block; on
-    the CPU scipy's row indexing densifies the rows (3-5x faster than the scatter for 2,048 rows of 2,000 genes at
-    5-26 % density); a dense matrix stays where it is and only the requested rows are copied.
+    the CPU scipy's row indexing densifies the rows (faster there than the scatter: ``benchmarks/imap.py
+    --gather-compare``); a dense matrix stays where it is and only the requested rows are copied.
     """
 
     def __init__(self, X: np.ndarray | sparse.spmatrix | sparse.sparray, device: torch.device | str = "cpu"):
@@ -142,11 +142,11 @@ def default_budget(
       ``s = min(n_sample, n_cells / n_batches)`` cells, 10 steps per epoch:
       ``clip(ceil(STAGE2_PASSES · s / (batch_size[1] · 10)), STAGE2_MIN_EPOCHS, 150)``. The floor, 40
       epochs (400 critic steps, 40 generator steps at the default ``n_critic``), is what the adversarial fit
-      needs whatever the sample size: on three simulated batches the
-      corrected batches' cell-type centroids moved 37-40 % of the way to the anchor's after 10 generator steps
-      and 71-74 % after 40 (80 did not mix them better); too short a fit is worse than none: on 180 cells in
-      three batches, 150 critic steps left the corrected expression less mixed than the input (iLISI 1.57 vs 1.62),
-      600 mixed it (2.07). With the default ``n_sample`` (3,000) and ``batch_size[1]`` (1,024) the rule sits on the
+      needs whatever the sample size: the critic's Wasserstein estimate first peaks and only settles after a
+      few hundred critic steps, and a fit stopped inside that transient moves query cells part-way, between
+      cell types, which mixes the batches worse than no correction (``tests/test_imap_budget.py`` checks that a
+      long enough stage II mixes three simulated batches). With the default ``n_sample`` (3,000) and
+      ``batch_size[1]`` (1,024) the rule sits on the
       floor for every data set, as stage II's cost does not grow with the number of cells; the pass count only
       matters for larger samples. The cap is the original's.
 
