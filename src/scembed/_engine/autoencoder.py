@@ -52,7 +52,7 @@ class Autoencoder(nn.Module):
         n_batches: int = 0,
         *,
         likelihood: str = "zinb",
-        batch_encoder: bool = True,
+        batch_encoder: bool = False,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
