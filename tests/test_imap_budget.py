@@ -154,15 +154,35 @@ def test_default_max_epochs_follow_the_budget(monkeypatch):
     a = _adata()
     kw = {"use_hvg": False, "n_latent": 8, "batch_size": (16, 32), "n_sample": 100, "show_progress": False}
     b = se.tl.imap_integrate(a, copy=True, **kw)
-    assert asked == [(240, 2, (16, 32), {"n_sample": 100})]
+    assert asked == [(240, 2, (16, 32), {"n_sample": 100, "smallest_batch": 120})]
     u = b.uns["imap"]
     assert u["params"]["max_epochs"] == [2, 1] and u["params"]["budget"] == "default"
     assert 1 <= len(u["stage1"]["loss"]) <= 2 and "val_loss" in u["stage1"]  # held-out cells watched
     assert u["stage2"]["critic"].shape == (1, 1)
+    assert set(u["seconds"]) == {"genes", "stage1", "encode", "stage2", "total"}
+    assert u["seconds"]["total"] >= u["seconds"]["stage1"] + u["seconds"]["stage2"] > 0
 
     c = se.tl.imap_integrate(a, copy=True, max_epochs=(2, 1), **kw)  # explicit: no held-out cells, as given
     assert c.uns["imap"]["params"]["budget"] == "explicit" and "val_loss" not in c.uns["imap"]["stage1"]
     assert len(c.uns["imap"]["stage1"]["loss"]) == 2
+
+
+def test_default_budget_draws_no_more_cells_than_a_batch_holds():
+    import scembed as se
+
+    a = _adata()  # two batches of 120 cells; 12 of each held out under the default budget
+    kw = {"use_hvg": False, "n_latent": 8, "batch_size": (512, 1024), "n_sample": 100, "show_progress": False}
+    b = se.tl.imap_integrate(a, copy=True, max_epochs=None, **kw)
+    u = b.uns["imap"]
+    assert u["stage1_batch_size"] == 108  # the training cells of the smallest batch, not 512
+    pools = max(int(u["stage2"]["n_query_pool"][0]), int(u["stage2"]["n_anchor_pool"][0]))
+    assert u["stage2"]["batch_size"].tolist() == [pools] and pools <= 100  # not 1,024 draws from ≤ 100 cells
+    assert engine.default_budget(240, 2, smallest_batch=120)[0] == engine.default_budget(240, 2)[0]  # floor
+    # the same passes over the data with fewer cells per step: more epochs
+    assert engine.default_budget(40_000, 2, smallest_batch=256)[0] > engine.default_budget(40_000, 2)[0]
+    # epochs given explicitly keep the original's sizes
+    c = se.tl.imap_integrate(a, copy=True, max_epochs=(1, 1), **kw)
+    assert c.uns["imap"]["stage1_batch_size"] == 512 and c.uns["imap"]["stage2"]["batch_size"].tolist() == [1024]
 
 
 def _lisi(Z, labels, k=30):

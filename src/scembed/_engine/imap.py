@@ -123,6 +123,7 @@ def default_budget(
     batch_size: tuple[int, int] = (512, 1024),
     *,
     n_sample: int = 3000,
+    smallest_batch: int | None = None,
 ) -> tuple[int, int]:
     """Epochs of stage I and of stage II (per query batch) that follow the size of the data.
 
@@ -150,10 +151,15 @@ def default_budget(
       floor for every data set, as stage II's cost does not grow with the number of cells; the pass count only
       matters for larger samples. The cap is the original's.
 
+    With ``smallest_batch`` (the cells of the smallest batch), stage I's passes are counted with the batch size
+    the default budget really draws, :func:`capped_batch_size`.
+
     Passing epochs explicitly (``max_epochs`` of :func:`scembed.tl.imap_integrate`) restores the original's
     fixed budget.
     """
     bs1, bs2 = batch_size
+    if smallest_batch is not None:  # a step draws at most the cells of the smallest batch (see capped_batch_size)
+        bs1 = capped_batch_size(bs1, smallest_batch)
     e1 = math.ceil(STAGE1_PASSES * n_cells / (n_batches * bs1 * STAGE1_STEPS))
     s = min(n_sample, n_cells / n_batches)
     e2 = math.ceil(STAGE2_PASSES * s / (bs2 * STAGE2_STEPS))
@@ -161,6 +167,18 @@ def default_budget(
         int(np.clip(e1, STAGE1_MIN_EPOCHS, STAGE1_MAX_EPOCHS)),
         int(np.clip(e2, STAGE2_MIN_EPOCHS, STAGE2_MAX_EPOCHS)),
     )
+
+
+def capped_batch_size(batch_size: int, available: int) -> int:
+    """The cells one step draws under the default budget: ``batch_size``, but never more than ``available``.
+
+    A stage-I step draws ``batch_size`` mixup cells from every batch and a stage-II step ``batch_size`` cells from
+    pools of distinct cells; beyond the number of cells there are, a larger draw repeats the same cells within
+    one step, which costs time in proportion but adds little information (stage I: pairs of the same cells
+    mixed again; stage II: the same cells again). The original's fixed sizes (512, 1024) are 2–4 times the cells
+    of a batch of a few hundred cells. The floor of 2 keeps BatchNorm defined.
+    """
+    return max(2, min(int(batch_size), int(available)))
 
 
 def check_expression(source: RowSource) -> float:
@@ -337,6 +355,7 @@ def train_stage1(
     patience: int = 10,
     min_delta: float = 0.001,
     min_epochs: int = STAGE1_MIN_EPOCHS,
+    cap_batch: bool = False,
     generator: torch.Generator,
     show_progress: bool | None = None,
 ) -> tuple[nn.Module, BatchDecoder, dict[str, list[float]]]:
@@ -349,8 +368,10 @@ def train_stage1(
     same loss is evaluated on these cells (as they are, eval mode, a fixed b̃) after every epoch (history entry
     ``val_loss``), training stops once it has not improved by a relative ``min_delta`` for ``patience`` epochs
     (never before ``min_epochs``), and the networks of the best epoch are kept. Without held-out cells
-    (``validation=0``, or no batch large enough) exactly ``n_epochs`` epochs run. Raises FloatingPointError naming
-    the epoch when the loss becomes non-finite.
+    (``validation=0``, or no batch large enough) exactly ``n_epochs`` epochs run. ``cap_batch`` draws at most the
+    training cells of the smallest batch per batch and step (:func:`capped_batch_size`; the history's
+    ``batch_size`` entry, one value per epoch, says what was drawn). Raises FloatingPointError naming the epoch
+    when the loss becomes non-finite.
     """
     device = source.device
     vmax = check_expression(source)
@@ -363,6 +384,8 @@ def train_stage1(
     val_rows: list[np.ndarray] = [np.zeros(0, np.int64)] * n_b
     if validation > 0:
         groups, val_rows = split_validation(groups, validation, generator)
+    if cap_batch:
+        batch_size = capped_batch_size(batch_size, min(len(g) for g in groups))
     sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
     offsets = torch.from_numpy(np.cumsum([0] + [len(g) for g in groups])[:-1])
     all_rows = torch.from_numpy(np.concatenate(groups).astype(np.int64))
@@ -427,6 +450,7 @@ def train_stage1(
     average_buffers_(encoder, decoder)  # under torchrun: one set of BatchNorm statistics on every rank
     encoder.eval()
     decoder.eval()
+    history["batch_size"] = [float(batch_size)] * len(history["loss"])
     return encoder, decoder, history
 
 
@@ -532,6 +556,7 @@ def train_generator(
     stage: str = "stage II",
     show_progress: bool | None = None,
     project_pool: bool | None = None,
+    cap_batch: bool = False,
 ) -> tuple[ResidualGenerator, dict[str, list[float]]]:
     """WGAN-GP: a residual generator maps query cells onto the anchor cells of the pool.
 
@@ -539,11 +564,14 @@ def train_generator(
     visited; training batches are drawn with these weights, as the original draws uniformly from the visits. The
     critic is updated every step; the generator after every ``n_critic``-th critic step (the original: once per
     epoch of 10 steps). ``project_pool`` (default: when the pool is smaller than ``n_critic`` batches) applies the
-    generator's first layer to the whole query pool once per generator update; same maths either way. ``stage``
+    generator's first layer to the whole query pool once per generator update; same maths either way.
+    ``cap_batch`` draws at most as many cells per step as the larger pool holds (:func:`capped_batch_size`). ``stage``
     names the run in the progress bar and in the FloatingPointError raised when the critic's loss becomes
     non-finite.
     """
     desc = f"iMAP {stage}"
+    if cap_batch:
+        batch_size = capped_batch_size(batch_size, max(len(query_pool), len(anchor_pool)))
     device = query_pool.device
     generator = rank_generator(generator)  # under torchrun: each rank its own pool draws (distributed.py)
     n_genes = query_pool.shape[1]
@@ -606,6 +634,7 @@ def train_generator(
         raise _diverged(stage, epoch_now[0], err, None) from err
     average_buffers_(gen, critic)  # under torchrun: one set of BatchNorm statistics on every rank
     gen.eval()
+    history["batch_size"] = [float(batch_size)] * len(history["critic"])
     return gen, history
 
 
@@ -630,12 +659,14 @@ def run_stage2(
     random_state: int = 0,
     labels: Sequence[str] | None = None,
     show_progress: bool | None = None,
+    cap_batch: bool = False,
 ) -> tuple[np.ndarray, dict[int, ResidualGenerator], list[dict], list[dict[str, list[float]]]]:
     """Correct every batch but the anchor ``order[0]`` onto it (or onto everything corrected so far).
 
     ``groups[b]`` are the rows of batch b, ``codes`` the stage-I representation of every row. Returns the corrected
     expression of every row (the anchor's rows unchanged), the generator of every query batch, per-query
-    information (sample sizes, number of MNN pairs, pool sizes) and per-query training histories.
+    information (sample sizes, number of MNN pairs, pool sizes, cells drawn per critic step) and per-query training
+    histories. ``cap_batch``: see :func:`train_generator`.
     """
     n, n_genes = source.shape
     labels = [str(b) for b in range(len(groups))] if labels is None else list(labels)
@@ -675,8 +706,10 @@ def run_stage2(
             generator=generator,
             stage=f"stage II (batch {labels[q]})",
             show_progress=show_progress,
+            cap_batch=cap_batch,
         )
         corrected[query] = apply_in_chunks(gen, source, query)
+        drawn = history.pop("batch_size", [])  # cells per critic step (capped_batch_size), recorded once below
         generators[q] = gen
         histories.append(history)
         infos.append(
@@ -687,6 +720,7 @@ def run_stage2(
                 "n_mnn_pairs": 0 if fallback else int(len(pa)),
                 "n_anchor_pool": int(len(ua)),
                 "n_query_pool": int(len(uq)),
+                "batch_size": int(drawn[0]) if drawn else int(batch_size),
             }
         )
         if incremental:

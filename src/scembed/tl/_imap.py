@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -172,8 +173,11 @@ def imap_integrate(
         `params`, `batches`, `order` (anchor first), `anchor`, `total_std` per batch, `n_genes_used`,
         `history` (per-epoch losses: `stage1_loss`, `stage1_recon`, `stage1_content`, and stage II's
         `stage2_critic`, `stage2_wasserstein`, `stage2_penalty`, `stage2_generator` as ``(n_query, epochs)``
-        arrays), `stage1` (the stage-I losses by their own names), `stage2` (per query batch in order: `batches`,
-        `n_mnn_pairs`, sample and pool sizes, and the per-epoch losses).
+        arrays), `stage1` (the stage-I losses by their own names), `stage1_batch_size` (mixup cells drawn per batch
+        and step), `stage2` (per query batch in order: `batches`, `n_mnn_pairs`, sample and pool sizes, cells drawn
+        per critic step `batch_size`, and the per-epoch losses), `seconds` (wall time of the gene
+        selection `genes`, `stage1`, encoding every cell `encode`, `stage2` and the `total`; also logged at
+        scanpy's info verbosity).
 
     Examples
     --------
@@ -205,10 +209,14 @@ def imap_integrate(
     )
     keys = output_keys(key_added)
     order_idx = _resolve_order(order, batches)
+    started = time.perf_counter()
     genes, gene_source = _genes(adata, X, batch_idx, use_hvg, o["n_top_genes"])
+    seconds = {"genes": time.perf_counter() - started}
     k_w, k_m = _neighbour_counts(int(min(o["n_sample"], sizes.min())), k_within, k_mnn)
     if o["max_epochs"] is None:
-        o["max_epochs"] = engine.default_budget(int(sizes.sum()), len(sizes), o["batch_size"], n_sample=o["n_sample"])
+        o["max_epochs"] = engine.default_budget(
+            int(sizes.sum()), len(sizes), o["batch_size"], n_sample=o["n_sample"], smallest_batch=int(sizes.min())
+        )
     dev = resolve_device(device)
     seed = seed_int(random_state)
     log = get_logger()
@@ -223,8 +231,11 @@ def imap_integrate(
     if order_idx is None:
         order_idx = [int(i) for i in np.argsort(-total_std, kind="stable")]
     log.info(f"iMAP: {len(genes)} genes, anchor {labels[order_idx[0]]!r}, order {[labels[i] for i in order_idx]}")
-    encoder, decoder, codes, stages = _train(source, groups, order_idx, o, (k_w, k_m), labels, dev, seed, show_progress)
+    encoder, decoder, codes, stages = _train(
+        source, groups, order_idx, o, (k_w, k_m), labels, dev, seed, show_progress, seconds
+    )
     hist1, corrected, generators, infos, hist2 = stages
+    drawn = hist1.pop("batch_size", None)  # mixup cells per batch and step (capped under the default budget)
     for info in infos:
         if info["n_mnn_pairs"] == 0:
             log.warning(
@@ -245,8 +256,12 @@ def imap_integrate(
         "total_std": [float(v) for v in total_std],
         "n_genes_used": int(len(genes)),
         "stage1": {k: np.asarray(v, dtype=np.float64) for k, v in hist1.items()},
+        "stage1_batch_size": int(drawn[0]) if drawn else int(o["batch_size"][0]),
         "stage2": _stage2_summary(infos, hist2, o["max_epochs"][1]),
     }
+    seconds["total"] = time.perf_counter() - started
+    record["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    log.info("iMAP: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     _write(adata, keys, layer_out, genes, record)
     if return_model:
         model = IMAPModel(
@@ -273,16 +288,19 @@ def _train(
     dev: torch.device,
     seed: int,
     show_progress: bool | None,
+    seconds: dict[str, float],
 ) -> tuple[Any, Any, np.ndarray, tuple]:
     """Stage I, the codes of every cell, and stage II unless ``max_epochs[1] == 0`` (then no generator at all).
 
     Returns the encoder, decoder, codes and ``(stage-I history, corrected rows or None, generators, stage-II
-    information, stage-II histories)``.
+    information, stage-II histories)``; adds the seconds of stage I, of encoding every cell and of stage II to
+    ``seconds``.
     """
     epochs1, epochs2 = o["max_epochs"]
     validation = 0.1 if o["budget"] == "default" else 0.0
     with seeded_torch(seed, dev):
         gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
+        t = time.perf_counter()
         encoder, decoder, hist1 = engine.train_stage1(
             source,
             groups,
@@ -292,12 +310,17 @@ def _train(
             lambda_recon=o["lambda_recon"],
             lambda_content=o["lambda_content"],
             validation=validation,
+            cap_batch=o["budget"] == "default",
             generator=gen,
             show_progress=show_progress,
         )
+        seconds["stage1"] = time.perf_counter() - t
+        t = time.perf_counter()
         codes = engine.apply_in_chunks(encoder, source, np.arange(source.shape[0]))
+        seconds["encode"] = time.perf_counter() - t
         corrected, generators, infos, hist2 = None, {}, [], []
         if epochs2 > 0:
+            t = time.perf_counter()
             corrected, generators, infos, hist2 = engine.run_stage2(
                 source,
                 groups,
@@ -318,7 +341,9 @@ def _train(
                 random_state=seed,
                 labels=labels,
                 show_progress=show_progress,
+                cap_batch=o["budget"] == "default",
             )
+            seconds["stage2"] = time.perf_counter() - t
     return encoder, decoder, codes, (hist1, corrected, generators, infos, hist2)
 
 
@@ -492,7 +517,7 @@ def _assemble(X, corrected: np.ndarray, genes: np.ndarray) -> np.ndarray | spars
 
 def _stage2_summary(infos: list[dict], histories: list[dict], n_epochs: int) -> dict:
     out: dict = {"batches": [i["batch"] for i in infos]}
-    for key in ("n_anchor_sample", "n_query_sample", "n_mnn_pairs", "n_anchor_pool", "n_query_pool"):
+    for key in ("n_anchor_sample", "n_query_sample", "n_mnn_pairs", "n_anchor_pool", "n_query_pool", "batch_size"):
         out[key] = np.asarray([i[key] for i in infos], dtype=np.int64)
     for key in ("critic", "wasserstein", "penalty", "generator"):
         rows = [np.asarray(h.get(key, []), dtype=np.float64) for h in histories]
