@@ -225,7 +225,7 @@ def autoencoder(
     )
     counts = likelihood != "mse"
     X, where = counts_of(adata, layer, backed=True)  # a backed X stays on disk: read in row slices
-    check_real_dtype(X.dtype, where)
+    check_real_dtype(getattr(X, "dtype", np.dtype(object)), where)  # X may be None
     if n_top_genes is not None:
         if check_positive_int(n_top_genes, "n_top_genes") > adata.n_vars:
             raise ValueError(f"`n_top_genes={n_top_genes}` is larger than the number of genes ({adata.n_vars}).")
