@@ -10,7 +10,7 @@ and at the resolution that gives the true number of types (found by bisection).
     python benchmarks/autoencoder.py --max-epochs 2 --datasets pbmc_10x_2100   # a quick check that it runs
     python benchmarks/autoencoder.py --scale 1000000 --max-epochs 3  # simulated 1M cells × 2,000 genes (sparse):
                                                                       # time per epoch and peak RSS
-    python benchmarks/autoencoder.py --scale 1000000 --max-epochs 3 --backed /scratch/sim_1m.h5ad
+    python benchmarks/autoencoder.py --scale 1000000 --max-epochs 3 --backed sim_1m.h5ad
                                       # the same cells written to an .h5ad first, trained from it backed (X on disk)
     python benchmarks/autoencoder.py --seeds 0 1 --variant noise0.5:noise=0.5 --variant hvg:n_top_genes=1000
                                       # the defaults and candidate settings side by side (one table, every seed)
