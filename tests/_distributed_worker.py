@@ -3,8 +3,8 @@
 Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distributed_worker.py MODE OUT``.
 
 MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities, deliberate mismatches, the
-trainers' helpers, and pp.affinity, tl.scdeepcluster and tl.autoencoder on tiny data (many checks in one launch:
-the start-up of the processes dominates).
+trainers' helpers, and pp.affinity, tl.scdeepcluster and tl.autoencoder on tiny data, in memory and from a backed
+.h5ad (many checks in one launch: the start-up of the processes dominates).
 MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
 MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
 """
@@ -21,6 +21,8 @@ import torch
 
 #: shared with the test: the data and training parameters
 N, D, BATCH, EPOCHS, SEED, PERPLEXITY, K = 96, 5, 16, 3, 7, 5.0, 15
+#: tl.autoencoder from a backed .h5ad: cells, rows per block, blocks per read, rows per pass (small, so many blocks)
+OOC_N, OOC_BLOCK, OOC_PER_READ, OOC_PASS = 120, 8, 2, 16
 
 
 def data() -> np.ndarray:
@@ -66,6 +68,59 @@ def dec_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fail_on_main(rank: int) -> None:
     raise ValueError(f"raised on rank {rank}")
+
+
+def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
+    """tl.autoencoder from a backed .h5ad with small blocks, and from the same data in memory.
+
+    Every slice read from the file is logged as ``(epoch, start, stop)``, ``epoch`` −1 outside training (checks,
+    statistics, held-out cells, the final embedding), to ``ooc_reads_rank{rank}.npy``.
+    """
+    import anndata as ad
+    from anndata._core.sparse_dataset import _CSRDataset
+    from scipy import sparse
+
+    import scembed as se
+    from scembed._engine import counts
+
+    sizes = (counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH)
+    counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH = OOC_BLOCK, OOC_PER_READ, OOC_PASS
+    reads, state = [], {"phase": -1, "epochs": 0}
+    read, epoch = _CSRDataset.__getitem__, counts.RowBlocks.epoch
+
+    def spy(self, key):
+        reads.append((state["phase"], key.start, key.stop) if isinstance(key, slice) else (-2, -1, -1))
+        return read(self, key)
+
+    def logged_epoch(self, *args, **kwargs):
+        state["phase"], state["epochs"] = state["epochs"], state["epochs"] + 1
+        yield from epoch(self, *args, **kwargs)
+        state["phase"] = -1
+
+    adata = se.datasets.simulate(OOC_N, 40, n_celltypes=3, random_state=2)
+    adata.X = sparse.csr_matrix(adata.X)
+    adata.write_h5ad(out / f"backed_rank{rank}.h5ad")
+    kw = dict(hidden=(16,), max_epochs=2, batch_size=8, validation_fraction=0.25, patience=None, show_progress=False)
+    _CSRDataset.__getitem__, counts.RowBlocks.epoch = spy, logged_epoch
+    try:
+        backed = ad.read_h5ad(out / f"backed_rank{rank}.h5ad", backed="r")
+        se.tl.autoencoder(backed, 3, **kw)
+        backed.file.close()
+    finally:
+        _CSRDataset.__getitem__, counts.RowBlocks.epoch = read, epoch
+    np.save(out / f"ooc_reads_rank{rank}.npy", np.asarray(reads, dtype=np.int64))
+    other = adata.copy()  # each rank reads other rows: different cells on one rank are refused by their names
+    if rank == 1:
+        other.obs_names = [*other.obs_names[:-1], "other"]
+    try:
+        se.tl.autoencoder(other, 3, **kw)
+        message = ""
+    except ValueError as err:
+        message = str(err)
+    (out / f"ooc_mismatch_rank{rank}.txt").write_text(message)
+    se.tl.autoencoder(adata, 3, **kw)
+    counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH = sizes
+    return {"ooc_latent": np.asarray(backed.obsm["X_autoencoder"]), "ooc_memory_latent": adata.obsm["X_autoencoder"]}
 
 
 def tools() -> dict[str, np.ndarray]:
@@ -188,7 +243,7 @@ def main() -> None:
             "method": method,
         }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
-        np.savez(out / f"tools_rank{rank}.npz", **tools())
+        np.savez(out / f"tools_rank{rank}.npz", **tools(), **out_of_core(out, rank))
     elif mode in ("early_exit", "hang"):
         if rank == 1:
             if mode == "hang":

@@ -342,3 +342,30 @@ def test_autoencoder_two_ranks_early_stopping_agrees(two_ranks):
     if n_epochs < 6:  # stopped by patience 1: the last epoch did not improve on the best
         assert best == n_epochs - 2
     assert np.isfinite(a["ae_latent"]).all() and a["ae_latent"].shape == (120, 4)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_autoencoder_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
+    """Backed X under two ranks: outside training each rank reads only its own contiguous rows; in every epoch the
+    ranks read disjoint blocks; every read is one short slice; the result is the in-memory one, on both ranks."""
+    n, block, per_pass = worker.OOC_N, worker.OOC_BLOCK, worker.OOC_PASS
+    a = np.load(two_ranks / "tools_rank0.npz")
+    np.testing.assert_array_equal(a["ooc_latent"], a["ooc_memory_latent"])  # one data path, from disk or memory
+    assert a["ooc_latent"].shape == (n, 3) and np.isfinite(a["ooc_latent"]).all()
+    reads = [np.load(two_ranks / f"ooc_reads_rank{r}.npy") for r in (0, 1)]
+    for r, log in enumerate(reads):
+        assert len(log) and (log[:, 0] >= -1).all()  # row slices only
+        assert (log[:, 2] - log[:, 1]).max() <= per_pass
+        own = distributed.shard(n, distributed.World(rank=r, size=2))
+        outside = log[log[:, 0] == -1]
+        assert (outside[:, 1] >= own.start).all() and (outside[:, 2] <= own.stop).all(), (r, own, outside)
+        training = log[log[:, 0] >= 0]
+        assert (training[:, 1] // block == (training[:, 2] - 1) // block).all()  # whole blocks, one at a time
+    messages = [(two_ranks / f"ooc_mismatch_rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] and "`adata.obs_names` differs across the 2 ranks" in messages[0]
+    n_epochs = int(reads[0][:, 0].max()) + 1
+    assert n_epochs == 2 == int(reads[1][:, 0].max()) + 1
+    for e in range(n_epochs):
+        mine = [{int(s) // block for _, s, _ in log[log[:, 0] == e]} for log in reads]
+        assert mine[0] and mine[1] and not mine[0] & mine[1], (e, mine)

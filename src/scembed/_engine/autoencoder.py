@@ -17,8 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .counts import INFER_BATCH, CountData
-from .distributed import broadcast_module_, check_same_across_ranks, rank_generator, rank_minibatches
+from . import counts
+from .counts import CountData, RowBlocks
+from .distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    broadcast_module_,
+    check_same_across_ranks,
+    rank_generator,
+    shard,
+    world,
+)
 from .nn import mlp
 from .training import adam, train
 from .zinb import LIKELIHOODS, N_HEADS, reconstruction_loss
@@ -26,6 +35,8 @@ from .zinb import LIKELIHOODS, N_HEADS, reconstruction_loss
 #: default training length: about this many gradient steps, within the epoch bounds below
 TARGET_STEPS = 20_000
 MIN_EPOCHS, MAX_EPOCHS = 5, 400
+#: held-out cells at most: plenty for the stopping rule, and a bounded amount of memory (they are read once)
+MAX_VALIDATION_ROWS = 8192
 
 
 def default_max_epochs(n_train: int, batch_size: int) -> int:
@@ -91,15 +102,34 @@ def _with_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> to
 
 @torch.no_grad()
 def encode_all(
-    net: Autoencoder, data: CountData, device: torch.device, batch_size: int = INFER_BATCH, *, rows: slice | None = None
+    net: Autoencoder,
+    data: CountData,
+    device: torch.device,
+    batch_size: int | None = None,
+    *,
+    rows: slice | None = None,
 ) -> torch.Tensor:
-    """Latent coordinates of every cell (or of the cells in ``rows``; no noise), in batches; float32 on ``device``."""
+    """Latent coordinates of every cell (or of the cells in ``rows``; no noise), in batches; float32 on ``device``.
+
+    The matrix is read in contiguous slices of ``batch_size`` rows (default :data:`~.counts.INFER_BATCH`).
+    """
+    batch_size = batch_size or counts.INFER_BATCH
     out = []
     first, last = (0, data.n_obs) if rows is None else (rows.start, rows.stop)
     for start in range(first, last, batch_size):
         mb = data.batch(slice(start, min(start + batch_size, last)), device)
         out.append(net.encode(mb.xin, mb.onehot))
     return torch.cat(out) if out else torch.empty(0, net.n_latent, device=device)
+
+
+def embed(net: Autoencoder, data: CountData, device: torch.device) -> np.ndarray:
+    """Latent coordinates of every cell, float32, the same on every rank.
+
+    Under ``torchrun`` each rank encodes (and reads) only its own contiguous share of the cells
+    (:func:`~.distributed.shard`), and the shares are gathered in row order. One process: :func:`encode_all`.
+    """
+    z = encode_all(net, data, device, rows=shard(data.n_obs)).cpu().numpy()
+    return all_gather_rows(z)
 
 
 @torch.no_grad()
@@ -148,12 +178,19 @@ def train_autoencoder(
 ) -> tuple[dict[str, list[float]], int]:
     """Train ``net`` on its likelihood: Gaussian noise ``noise`` on the encoder input, Adam(amsgrad).
 
-    Mini-batches are drawn from ``train_rows`` (default: every cell). With ``validation_rows``, the mean loss
-    of those cells is recorded every epoch (with input noise as in training, the same draw every epoch: the
-    denoising objective, whose clean-input counterpart stops improving long before the latent space is
-    learnt; ``validation_seed`` seeds that draw), training stops when it has not improved for
-    ``patience`` epochs and the weights of its best epoch are restored; without, ``patience`` watches the
-    training loss and the last weights are kept.
+    Mini-batches are drawn from ``train_rows`` (default: every cell), read from ``data.X`` in row blocks
+    (:class:`~.counts.RowBlocks`): every epoch the blocks of :data:`~.counts.BLOCK_ROWS` rows come in a new
+    order, are read :data:`~.counts.READ_BLOCKS` at a time (more if one mini-batch needs more rows), and the rows
+    of each read are shuffled and cut into mini-batches, so that one read is in memory at a time, whether ``X``
+    is in memory or on disk. Under ``torchrun`` every rank reads only its own share of the blocks.
+
+    With ``validation_rows``, the mean loss of those cells is recorded every epoch (with input noise as in
+    training, the same draw every epoch: the denoising objective, whose clean-input counterpart stops
+    improving long before the latent space is learnt; ``validation_seed`` seeds that draw), training stops when
+    it has not improved for ``patience`` epochs and the weights of its best epoch are restored; without,
+    ``patience`` watches the training loss and the last weights are kept. The held-out cells are read into
+    memory once (under ``torchrun`` each rank those in its :func:`~.distributed.shard`, and the losses are
+    added up across ranks).
 
     Returns
     -------
@@ -163,33 +200,49 @@ def train_autoencoder(
         Epochs run.
     """
     opt = adam(net.parameters(), lr=lr, amsgrad=True)
-    n = data.n_obs if train_rows is None else len(train_rows)
+    rows = np.arange(data.n_obs) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+    per_read = max(counts.READ_BLOCKS, -(-batch_size // counts.BLOCK_ROWS))
+    blocks = RowBlocks(rows, counts.BLOCK_ROWS, per_read)
     validate = validation_rows is not None and len(validation_rows) > 0
-    # under torchrun (distributed.py): rank 0's weights, this rank's share of the batches and its own noise; every
-    # rank evaluates all held-out cells with the same weights and noise, so early stopping decides alike everywhere
+    # under torchrun (distributed.py): rank 0's weights, this rank's share of the blocks, its own shuffles and
+    # noise; the held-out loss is summed over the ranks' cells, so early stopping decides alike everywhere
     stats = [np.ravel(a) for a in (data.size_factors, data.genes, data.gene_mean, data.gene_std)]
     check_same_across_ranks("count data (size factors, genes, gene statistics)", np.concatenate(stats, dtype=float))
     broadcast_module_(net)
     noise_generator = rank_generator(noise_generator)
+    row_generator = rank_generator(generator)  # one process: the generator itself, as before
+    if validate:
+        own = shard(data.n_obs)
+        held = np.asarray(validation_rows, dtype=np.int64)
+        held = held[(held >= own.start) & (held < own.stop)]
+        held_out = data.take(held, counts.INFER_BATCH)
+
+    def validation_loss() -> float:
+        loss = evaluate(net, held_out, np.arange(held_out.n_obs), device, batch_size, noise=noise, seed=validation_seed)
+        if not world().distributed:
+            return loss
+        total = all_reduce_sum(torch.tensor([loss * held_out.n_obs, held_out.n_obs], dtype=torch.float64))
+        return float(total[0] / total[1])
 
     def step(epoch: int) -> dict[str, float]:
         net.train()
         total = torch.zeros((), device=device)
-        batches = rank_minibatches(n, batch_size, generator=generator)
-        for idx in batches:
-            rows = idx.numpy() if train_rows is None else train_rows[idx.numpy()]
-            xin, raw, sf, onehot, nonzero = data.batch(rows, device)
-            noisy = _with_noise(xin, noise, noise_generator)
-            loss = reconstruction_loss(net.likelihood, net.decode(net.encode(noisy, onehot), onehot), raw, sf, nonzero)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(rows)
-        out = {"loss": float(total) / max(sum(len(b) for b in batches), 1)}
+        n_seen = 0
+        for read_rows, batches in blocks.epoch(batch_size, generator, row_generator):
+            chunk = data.take(read_rows, counts.BLOCK_ROWS)
+            for idx in batches:
+                xin, raw, sf, onehot, nonzero = chunk.batch(idx, device)
+                noisy = _with_noise(xin, noise, noise_generator)
+                out = net.decode(net.encode(noisy, onehot), onehot)
+                loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(idx)
+                n_seen += len(idx)
+        out = {"loss": float(total) / max(n_seen, 1)}
         if validate:
-            out["validation_loss"] = evaluate(
-                net, data, validation_rows, device, batch_size, noise=noise, seed=validation_seed
-            )
+            out["validation_loss"] = validation_loss()
         return out
 
     return train(
@@ -250,11 +303,16 @@ def _one_of(old, new, old_name: str, new_name: str):
     return new if new is not None else old
 
 
-def split_validation(n_obs: int, fraction: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+def split_validation(
+    n_obs: int, fraction: float, random_state: int, max_rows: int | None = MAX_VALIDATION_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation rows (sorted): a random ``round(fraction · n_obs)`` cells are held out.
 
-    At least one cell is always left for training; with fewer than one held-out cell there is no validation.
+    At most ``max_rows`` (``None``: no bound); at least one cell is always left for training; with fewer than
+    one held-out cell there is no validation.
     """
     n_val = min(int(math.floor(fraction * n_obs + 0.5)), n_obs - 1) if fraction > 0 else 0
+    if max_rows is not None:
+        n_val = min(n_val, max_rows)
     order = np.random.default_rng(random_state).permutation(n_obs)
     return np.sort(order[n_val:]), np.sort(order[:n_val])

@@ -1,23 +1,35 @@
 """Count data for the autoencoders: size factors, z-scored log input and mini-batches read from row blocks.
 
-:class:`CountData` keeps the counts as given (canonical CSR or dense) and turns the rows of one mini-batch at a
-time into what the network and the loss need (:class:`MiniBatch`), so the whole matrix is never densified.
-Gene selection (:func:`select_genes_by_zero_rate`, :func:`select_genes_by_variance`) and library sizes read
-the matrix in row blocks too.
+:class:`CountData` keeps the counts as given (canonical CSR or dense in memory, or a matrix on disk such as the
+``X`` of a backed ``.h5ad``) and turns the rows of one mini-batch at a time into what the network and the loss
+need (:class:`MiniBatch`), so the whole matrix is never densified, and never read at once. Every pass reads
+contiguous row slices: the checks and gene statistics (:func:`scan`), library sizes and :meth:`CountData.fit`
+read :data:`INFER_BATCH` rows at a time, training reads blocks of :data:`BLOCK_ROWS` rows, :data:`READ_BLOCKS`
+of them at a time (:class:`RowBlocks`, :meth:`CountData.take`). Under ``torchrun`` each rank makes those passes
+over its own contiguous share of the rows (:func:`~scembed._engine.distributed.shard`) and the sums are added
+up across ranks (``across_ranks``), so that every rank ends with the statistics of all cells.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import sparse
 
-#: rows handled at once outside training (statistics, encoding, target distribution)
+from .._utils._validation import ValueFacts
+from .distributed import World, all_gather_rows, all_reduce_sum, rank_share, shard, world
+
+#: rows handled at once outside training (statistics, encoding, target distribution): the largest slice read
 INFER_BATCH = 8192
+#: contiguous rows of one block: training reads the cells block by block and shuffles them within a read
+BLOCK_ROWS = 512
+#: blocks per read in training (more when one mini-batch needs more rows): 8,192 rows in memory at a time
+READ_BLOCKS = 16
 
 
 def _rows(X, rows) -> np.ndarray:
@@ -46,9 +58,119 @@ def _canonical_csr(X):
     return X
 
 
-def library_sizes(X) -> np.ndarray:
-    """Total counts per cell (float64), without densifying."""
-    return np.asarray(X.sum(1), dtype=np.float64).ravel()
+def _read(X: Any, rows: slice, genes: np.ndarray | None = None) -> np.ndarray | sparse.csr_matrix:
+    """Rows ``rows`` of ``X`` (in memory or on disk), columns ``genes`` (default: all): canonical CSR or dense.
+
+    One contiguous slice, the only read a matrix on disk is asked for; the values keep their stored dtype.
+    """
+    block = X[rows]
+    if sparse.issparse(block):
+        block = _canonical_csr(block)
+        if genes is not None and len(genes) != block.shape[1]:
+            block = _canonical_csr(block[:, genes])
+        return block
+    block = np.asarray(block)
+    return block if genes is None or len(genes) == block.shape[1] else block[:, genes]
+
+
+def _own_rows(n: int, across_ranks: bool) -> slice:
+    """The rows a pass reads here: this rank's contiguous share under ``torchrun`` (``across_ranks``), else all."""
+    return shard(n) if across_ranks else slice(0, n)
+
+
+def _slices(rows: slice, size: int) -> Iterator[slice]:
+    for start in range(rows.start, rows.stop, size):
+        yield slice(start, min(start + size, rows.stop))
+
+
+def _add_over_ranks(*arrays: np.ndarray) -> list[np.ndarray]:
+    """The element-wise sums over ranks of float64 ``arrays`` (one all-reduce); the arrays themselves for one rank."""
+    if not world().distributed:
+        return list(arrays)
+    flat = torch.from_numpy(np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64))
+    all_reduce_sum(flat)
+    out, offset = [], 0
+    for a in arrays:
+        out.append(flat[offset : offset + a.size].numpy().reshape(a.shape))
+        offset += a.size
+    return out
+
+
+def library_sizes(X, genes: np.ndarray | None = None, *, across_ranks: bool = False) -> np.ndarray:
+    """Total counts per cell (float64) over ``genes`` (default: all), read in row slices, never densifying.
+
+    With ``across_ranks``, under ``torchrun`` each rank reads its own share of the rows and every rank gets the
+    sizes of all cells (a collective: call it on every rank).
+    """
+    own = _own_rows(X.shape[0], across_ranks)
+    parts = [np.asarray(_read(X, rows, genes).sum(1), dtype=np.float64).ravel() for rows in _slices(own, INFER_BATCH)]
+    lib = np.concatenate(parts) if parts else np.zeros(0)
+    return all_gather_rows(lib) if across_ranks else lib
+
+
+@dataclass
+class CountScan:
+    """One pass over a matrix (:func:`scan`): the facts its checks need, per-gene and per-cell sums."""
+
+    n_obs: int
+    facts: ValueFacts  #: non-finite, non-integer and smallest values, for the input checks
+    detected: np.ndarray  #: cells with a positive value, per gene
+    library: np.ndarray  #: sum of the values per cell (float64): the library size over all genes
+    log2_sum: np.ndarray | None = None  #: sum of log2 of the positive values per gene (``log2``)
+    total: np.ndarray | None = None  #: sum of the values per gene (``moments``)
+    squares: np.ndarray | None = None  #: sum of the squared values per gene (``moments``)
+
+
+def scan(X, *, log2: bool = False, moments: bool = False, across_ranks: bool = True) -> CountScan:
+    """One pass over ``X`` in row slices: the facts of its values, genes detected and library sizes.
+
+    On request also the sums that gene selection needs (``log2``: :func:`select_genes_by_zero_rate`; ``moments``:
+    :func:`select_genes_by_variance`). Sums over NaN or negative values are meaningless; the caller raises on
+    ``facts`` before using them. With ``across_ranks``, under ``torchrun`` each rank reads its own share of the
+    rows and every rank gets the sums over all cells (a collective: call it on every rank).
+    """
+    n_obs, n_genes = X.shape
+    own = _own_rows(n_obs, across_ranks)
+    facts = ValueFacts()
+    detected = np.zeros(n_genes)
+    log2_sum = np.zeros(n_genes) if log2 else None
+    total = np.zeros(n_genes) if moments else None
+    squares = np.zeros(n_genes) if moments else None
+    library = np.zeros(own.stop - own.start)
+    for rows in _slices(own, INFER_BATCH):
+        block = _read(X, rows)
+        facts += ValueFacts.of(block)
+        library[rows.start - own.start : rows.stop - own.start] = np.asarray(block.sum(1), dtype=np.float64).ravel()
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            if sparse.issparse(block):
+                block = sparse.csr_matrix(block, dtype=np.float64)
+                positive = block.data > 0
+                cols = block.indices[positive]
+                detected += np.bincount(cols, minlength=n_genes)
+                if log2:
+                    log2_sum += np.bincount(cols, weights=np.log2(block.data[positive]), minlength=n_genes)
+                if moments:
+                    total += np.asarray(block.sum(0)).ravel()
+                    squares += np.asarray(block.multiply(block).sum(0)).ravel()
+            else:
+                block = np.asarray(block, dtype=np.float64)
+                pos = block > 0
+                detected += pos.sum(0)
+                if log2:
+                    log2_sum += np.where(pos, np.log2(np.where(pos, block, 1.0)), 0.0).sum(0)
+                if moments:
+                    total += block.sum(0)
+                    squares += (block * block).sum(0)
+    if across_ranks and world().distributed:
+        gene_sums = [a for a in (detected, log2_sum, total, squares) if a is not None]
+        gene_sums = iter(_add_over_ranks(*gene_sums))
+        detected = next(gene_sums)
+        log2_sum, total, squares = (None if a is None else next(gene_sums) for a in (log2_sum, total, squares))
+        library = all_gather_rows(library)
+        mine = np.array([[facts.n_nonfinite, facts.n_noninteger, facts.minimum]], dtype=np.float64)
+        every = all_gather_rows(mine)
+        facts = ValueFacts(int(every[:, 0].sum()), int(every[:, 1].sum()), float(every[:, 2].min()))
+    return CountScan(n_obs, facts, detected, library, log2_sum, total, squares)
 
 
 def select_genes_by_zero_rate(X, n: int, *, atleast: int = 10, decay: float = 1.5, yoffset: float = 0.02) -> np.ndarray:
@@ -56,23 +178,12 @@ def select_genes_by_zero_rate(X, n: int, *, atleast: int = 10, decay: float = 1.
 
     Kobak & Berens (2019), as scDeepCluster's ``geneSelection``: a gene is kept when its zero rate exceeds
     exp(−decay (mean log2 non-zero expression − x₀)) + yoffset; x₀ is found by bisection so that about ``n``
-    genes pass. Genes detected in fewer than ``atleast`` cells are never kept.
+    genes pass. Genes detected in fewer than ``atleast`` cells are never kept. ``X``: the counts (read in row
+    slices) or their :func:`scan` with ``log2``.
     """
-    n_cells, n_genes = X.shape
-    detected = np.zeros(n_genes)
-    log_sum = np.zeros(n_genes)
-    for start in range(0, n_cells, INFER_BATCH):
-        block = X[start : start + INFER_BATCH]
-        if sparse.issparse(block):
-            block = sparse.csr_matrix(block, dtype=np.float64)
-            block.eliminate_zeros()
-            detected += np.bincount(block.indices, minlength=n_genes)
-            log_sum += np.bincount(block.indices, weights=np.log2(block.data), minlength=n_genes)
-        else:
-            block = np.asarray(block, dtype=np.float64)
-            pos = block > 0
-            detected += pos.sum(0)
-            log_sum += np.where(pos, np.log2(np.where(pos, block, 1.0)), 0.0).sum(0)
+    counts = X if isinstance(X, CountScan) else scan(X, log2=True, across_ranks=False)
+    n_cells, n_genes = counts.n_obs, len(counts.detected)
+    detected, log_sum = counts.detected, counts.log2_sum
     zero_rate = 1.0 - detected / n_cells
     mean_expr = np.full(n_genes, np.nan)
     ok = detected >= max(atleast, 1)
@@ -94,20 +205,13 @@ def select_genes_by_zero_rate(X, n: int, *, atleast: int = 10, decay: float = 1.
 
 
 def select_genes_by_variance(X, n: int) -> np.ndarray:
-    """Indices (sorted) of the ``n`` genes with the largest variance of the values as given (row blocks)."""
-    n_cells, n_genes = X.shape
-    s1, s2 = np.zeros(n_genes), np.zeros(n_genes)
-    for start in range(0, n_cells, INFER_BATCH):
-        block = X[start : start + INFER_BATCH]
-        if sparse.issparse(block):
-            block = sparse.csr_matrix(block, dtype=np.float64)
-            s1 += np.asarray(block.sum(0)).ravel()
-            s2 += np.asarray(block.multiply(block).sum(0)).ravel()
-        else:
-            block = np.asarray(block, dtype=np.float64)
-            s1 += block.sum(0)
-            s2 += (block * block).sum(0)
-    var = s2 / n_cells - (s1 / n_cells) ** 2
+    """Indices (sorted) of the ``n`` genes with the largest variance of the values as given.
+
+    ``X``: the matrix (read in row slices) or its :func:`scan` with ``moments``.
+    """
+    values = X if isinstance(X, CountScan) else scan(X, moments=True, across_ranks=False)
+    n_cells = values.n_obs
+    var = values.squares / n_cells - (values.total / n_cells) ** 2
     return np.sort(np.argsort(-var, kind="stable")[:n])
 
 
@@ -125,8 +229,8 @@ class MiniBatch(NamedTuple):
 class CountData:
     """Raw counts of the genes used, with what the network needs per mini-batch.
 
-    ``X`` stays as given (CSR or dense); rows are densified one batch at a time. The input of the encoder is
-    the z-score (with the training cells' gene means and standard deviations) of log1p of the counts
+    ``X`` stays as given (CSR or dense, in memory or on disk); rows are densified one batch at a time. The input
+    of the encoder is the z-score (with the training cells' gene means and standard deviations) of log1p of the counts
     normalised to ``target_sum``; the likelihood is evaluated on the raw counts with size factors
     library size / ``target_sum``. With ``normalize=False`` (data already transformed, e.g. log-normalised,
     for a Gaussian/MSE loss) the input is the z-score of the values as given and the size factors are 1.
@@ -134,7 +238,7 @@ class CountData:
     then every cell is standardised with its own batch's statistics.
     """
 
-    X: np.ndarray | sparse.csr_matrix
+    X: Any  # CSR or dense in memory, or a matrix on disk read in row slices (a backed .h5ad's X)
     genes: np.ndarray  # column indices of X that the model uses
     size_factors: np.ndarray  # float32, per cell
     target_sum: float
@@ -164,9 +268,10 @@ class CountData:
         if mean.ndim == 2:  # statistics per batch: every row is standardised with those of its batch
             mean, std = mean.index_select(0, codes), std.index_select(0, codes)
         nonzero = None
-        if sparse.issparse(self.X):
+        block = self.X[rows]  # a matrix on disk is read in slices only (training reads through take)
+        if sparse.issparse(block):
             # canonical: the scatter below would not add up duplicate entries
-            block = _canonical_csr(self.X[rows])
+            block = _canonical_csr(block)
             if len(self.genes) != block.shape[1]:
                 block = _canonical_csr(block[:, self.genes])
             n_rows, n_genes = block.shape
@@ -192,7 +297,7 @@ class CountData:
                 z_values = (values_t - mean.index_select(0, col_t)) / std.index_select(0, col_t)
             xin.view(-1).index_copy_(0, nonzero, z_values)
         else:
-            block = _rows(self.X, rows)
+            block = np.asarray(block, dtype=np.float32)
             raw = torch.from_numpy(block if len(self.genes) == block.shape[1] else block[:, self.genes])
             raw = raw.to(device, non_blocking=True)
             xin = torch.log1p(raw * (1.0 / sf)[:, None]) if self.normalize else raw.clone()
@@ -213,6 +318,8 @@ class CountData:
         normalize: bool = True,
         scale: str = "gene",
         standardize_per_batch: bool = False,
+        library: np.ndarray | None = None,
+        across_ranks: bool = True,
     ) -> CountData:
         """Size factors (library / median library) and gene statistics of the normalised log counts.
 
@@ -223,13 +330,17 @@ class CountData:
         ``standardize_per_batch`` (and batches), the gene means and standard deviations are those of each batch
         (``n_batches`` × genes; with ``"global"`` one number per batch), and every cell's input is standardised
         with its own batch's.
+
+        ``X`` is read in row slices of :data:`INFER_BATCH` rows: the library sizes over ``genes`` (unless given
+        as ``library``), then the statistics. With ``across_ranks``, under ``torchrun`` each rank reads its own
+        share of the rows and the sums are added up across ranks (a collective: call it on every rank).
         """
         if scale not in ("gene", "global"):
             raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
         X = _canonical_csr(X)
-        sub = X if len(genes) == X.shape[1] else X[:, genes]
+        genes = np.asarray(genes, dtype=np.int64)
         if normalize:
-            lib = library_sizes(sub)
+            lib = library_sizes(X, genes, across_ranks=across_ranks) if library is None else np.asarray(library)
             target = float(np.median(lib))
         else:
             lib, target = np.ones(X.shape[0]), 1.0
@@ -237,9 +348,9 @@ class CountData:
         n_groups = n_batches if per_batch else 1
         s1 = np.zeros((n_groups, len(genes)))
         s2 = np.zeros((n_groups, len(genes)))
-        for start in range(0, X.shape[0], INFER_BATCH):
-            block = sub[start : start + INFER_BATCH]
-            factor = target / lib[start : start + INFER_BATCH]
+        for rows in _slices(_own_rows(X.shape[0], across_ranks), INFER_BATCH):
+            block = _read(X, rows, genes)
+            factor = target / lib[rows]
             if sparse.issparse(block):
                 if normalize:
                     block = sparse.csr_matrix(block.multiply(factor[:, None]), dtype=np.float64)
@@ -253,7 +364,7 @@ class CountData:
                     block = np.log1p(block * factor[:, None])
                 squares = block * block
             if per_batch:
-                codes = np.asarray(batch_codes[start : start + INFER_BATCH], dtype=np.int64)
+                codes = np.asarray(batch_codes[rows], dtype=np.int64)
                 groups = sparse.csr_matrix(
                     (np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes))
                 )
@@ -262,6 +373,8 @@ class CountData:
             else:
                 s1[0] += np.asarray(block.sum(0)).ravel()
                 s2[0] += np.asarray(squares.sum(0)).ravel()
+        if across_ranks:
+            s1, s2 = _add_over_ranks(s1, s2)
         n = np.bincount(batch_codes, minlength=n_groups)[:, None] if per_batch else np.array([[X.shape[0]]])
         mean = s1 / np.maximum(n, 1)
         var = np.maximum(s2 - n * mean**2, 0.0) / np.maximum(n - 1, 1)  # ddof = 1, as scanpy's scale
@@ -273,7 +386,7 @@ class CountData:
             mean, std = mean[0], std[0]
         return cls(
             X=X,
-            genes=np.asarray(genes, dtype=np.int64),
+            genes=genes,
             size_factors=(lib / target).astype(np.float32),
             target_sum=target,
             gene_mean=mean.astype(np.float32),
@@ -284,11 +397,10 @@ class CountData:
         )
 
     def like(self, X, batch_codes: np.ndarray | None = None) -> CountData:
-        """New cells normalised with this data's target sum and gene statistics (for prediction)."""
+        """New cells normalised with this data's target sum and gene statistics (for prediction; read in row slices)."""
         X = _canonical_csr(X)
         if self.normalize:
-            sub = X if len(self.genes) == X.shape[1] else X[:, self.genes]
-            size_factors = (library_sizes(sub) / self.target_sum).astype(np.float32)
+            size_factors = (library_sizes(X, self.genes) / self.target_sum).astype(np.float32)
         else:
             size_factors = np.ones(X.shape[0], dtype=np.float32)
         return CountData(
@@ -302,3 +414,93 @@ class CountData:
             n_batches=self.n_batches,
             normalize=self.normalize,
         )
+
+    def take(self, rows: np.ndarray, span: int) -> CountData:
+        """The cells ``rows``, in this order, read into memory: the genes used only (``genes`` becomes 0 … G − 1).
+
+        ``X`` is read in contiguous slices, one per run of ascending rows within an aligned window of ``span``
+        rows, so that no read covers more than ``span`` rows; the cells' size factors and batches come along.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        if len(rows):
+            cuts = np.flatnonzero((np.diff(rows) <= 0) | (np.diff(rows // span) != 0)) + 1
+            for run in np.split(rows, cuts):
+                first = int(run[0])
+                block = _read(self.X, slice(first, int(run[-1]) + 1), self.genes)
+                parts.append(block if len(run) == block.shape[0] else block[run - first])
+        if not parts:
+            X = _read(self.X, slice(0, 0), self.genes)
+        elif sparse.issparse(parts[0]):
+            X = sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        else:
+            X = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        return CountData(
+            X=X,
+            genes=np.arange(len(self.genes)),
+            size_factors=self.size_factors[rows],
+            target_sum=self.target_sum,
+            gene_mean=self.gene_mean,
+            gene_std=self.gene_std,
+            batch_codes=None if self.batch_codes is None else np.asarray(self.batch_codes)[rows],
+            n_batches=self.n_batches,
+            normalize=self.normalize,
+        )
+
+
+class RowBlocks:
+    """Rows a trainer draws from (ascending), grouped into the aligned blocks of ``block_rows`` rows that hold them.
+
+    Every epoch (:meth:`epoch`) the blocks are put in one order, drawn alike on every rank; each rank takes its
+    share of that order (:func:`~scembed._engine.distributed.rank_share`: positions ``r, r + W, …``, disjoint
+    between ranks) and reads its blocks ``per_read`` at a time; the rows of one read are shuffled and cut into
+    mini-batches. In memory at a time: one read, at most ``per_read · block_rows`` rows. One process with every
+    block in one read: the mini-batches of one permutation of all rows (no order of the blocks is drawn: the
+    shuffle within the read would undo it).
+    """
+
+    def __init__(self, rows: np.ndarray, block_rows: int, per_read: int) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.block_rows, self.per_read = int(block_rows), int(per_read)
+        ids = self.rows // self.block_rows
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        self.bounds = np.r_[starts, len(self.rows)]  # block b holds rows[bounds[b] : bounds[b + 1]]
+        self.n_blocks = len(starts)
+
+    def _reads(self, order: np.ndarray, w: World) -> list[np.ndarray]:
+        """The reads of rank ``w``: its share of ``order``, ``per_read`` blocks at a time."""
+        mine = order[rank_share(self.n_blocks, w)]
+        return [mine[i : i + self.per_read] for i in range(0, len(mine), self.per_read)]
+
+    def _n_batches(self, reads: list[np.ndarray], batch_size: int) -> int:
+        sizes = np.diff(self.bounds)
+        return sum(-(-int(sizes[read].sum()) // batch_size) for read in reads)
+
+    def epoch(
+        self, batch_size: int, generator: torch.Generator, row_generator: torch.Generator
+    ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """The reads of one epoch on this rank: ``(rows, batches)``, rows of ``X`` and mini-batches (positions).
+
+        ``generator`` (the same on every rank) orders the blocks; ``row_generator`` shuffles the rows of each read.
+        Every rank makes the same number of steps, the smallest over the ranks (a rank with more drops its last
+        batches for this epoch), so that the ranks step in lock-step.
+        """
+        if not self.n_blocks:
+            return
+        w = world()
+        shuffle = self.n_blocks > 1 and (w.distributed or self.n_blocks > self.per_read)
+        order = torch.randperm(self.n_blocks, generator=generator).numpy() if shuffle else np.arange(self.n_blocks)
+        reads = self._reads(order, w)
+        n_steps = self._n_batches(reads, batch_size)
+        if w.distributed:
+            n_steps = min(
+                self._n_batches(self._reads(order, World(rank=r, size=w.size)), batch_size) for r in range(w.size)
+            )
+        for read in reads:
+            if n_steps <= 0:
+                return
+            rows = np.concatenate([self.rows[self.bounds[b] : self.bounds[b + 1]] for b in read])
+            perm = torch.randperm(len(rows), generator=row_generator).numpy()
+            batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)][:n_steps]
+            n_steps -= len(batches)
+            yield rows, batches

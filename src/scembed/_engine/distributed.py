@@ -23,10 +23,14 @@ Where the collectives live
   every rank (a rank that stopped alone would leave the others waiting in a collective).
 - Data: every rank draws the same permutation from the shared seed and takes whole mini-batches ``r, r + W, …``
   of it (:func:`rank_blocks`, :func:`rank_minibatches`), all ranks the same number per epoch, so a W-rank step is
-  the one-process step on W batches with their gradients averaged. NeuralEE ("graph" and "batch" modes), the count
-  autoencoder (``train_autoencoder``: ``tl.autoencoder`` and scDeepCluster's pretraining, whose held-out loss every
-  rank computes on all held-out cells) and scDeepCluster's clustering split their batches this way; draws that
-  should differ per rank (denoising noise, iMAP's mixup and pool samples) come from :func:`rank_generator`.
+  the one-process step on W batches with their gradients averaged. NeuralEE ("graph" and "batch" modes) and
+  scDeepCluster's clustering split their batches this way. The count autoencoder (``train_autoencoder``:
+  ``tl.autoencoder`` and scDeepCluster's pretraining) splits row blocks alike: one shared order of the blocks of
+  consecutive rows, rank r reading those at positions r, r + W, … (:func:`rank_share`; ``counts.RowBlocks``), so
+  that each rank reads only its own blocks of a matrix that may be on disk; its statistics passes, held-out loss
+  and final embedding each read the rank's :func:`shard` of the rows, combined by :func:`all_reduce_sum` and
+  :func:`all_gather_rows`. Draws that should differ per rank (denoising noise, the shuffles within a read, iMAP's
+  mixup and pool samples) come from :func:`rank_generator`.
   scDeepCluster's DEC targets come from :func:`dec_assignments` (cluster sums all-reduced), its initial centres
   from :func:`on_main`; its Adadelta optimiser calls :func:`sync_gradients` itself. :func:`knn_affinities`
   splits the rows of the affinity computation (``compute_affinities``: ``pp.affinity`` and the affinities
@@ -36,10 +40,11 @@ Where the collectives live
   averages them over ranks (:func:`average_buffers_`); either way every rank ends with the same network.
 - Not split (every rank does the same work, and gets the same result): ``tl.ee``, full-batch NeuralEE, the
   affinities of a given neighbour graph (``neighbors_key``), iMAP's kNN/MNN pools, and the final embedding of all
-  cells.
+  cells (but the autoencoder's, above).
 
 Each rank holds the same inputs (the same AnnData, or the same backed ``.h5ad`` path); :func:`check_same_across_ranks`
-compares fingerprints before any work and raises one ``ValueError`` on every rank naming what differs.
+compares fingerprints before any work and raises one ``ValueError`` on every rank naming what differs (for the
+autoencoder, whose ranks read different rows, the cell and gene names).
 
 Failure: the process group gets a timeout (``SCEMBED_DIST_TIMEOUT`` seconds, default 600): a collective that
 waits longer for a dead or hung rank raises on the ranks still alive, so the job ends with an error instead of
@@ -408,6 +413,17 @@ def rank_blocks(n_blocks: int, n_steps: int, w: World | None = None) -> list[int
     return [(s * w.size + w.rank) % n_blocks for s in range(n_steps)]
 
 
+def rank_share(n_blocks: int, w: World | None = None) -> list[int]:
+    """The positions of this rank in one shared order of ``n_blocks`` items: :func:`rank_blocks` for one pass.
+
+    Every rank gets ``max(1, n_blocks // W)`` positions ``r, r + W, …``, so that the ranks take disjoint items (the
+    ``n_blocks mod W`` left over wait for the next order); with fewer items than ranks they are shared round. One
+    process: every position, in order.
+    """
+    w = world() if w is None else w
+    return rank_blocks(n_blocks, max(1, n_blocks // w.size), w)
+
+
 def knn_affinities(
     X: np.ndarray,
     k: int,
@@ -509,8 +525,7 @@ def rank_minibatches(
     batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     if not w.distributed:
         return batches
-    n_steps = max(1, len(batches) // w.size)
-    return [batches[b] for b in rank_blocks(len(batches), n_steps, w)]
+    return [batches[b] for b in rank_share(len(batches), w)]
 
 
 def rank_generator(generator: torch.Generator) -> torch.Generator:

@@ -17,7 +17,15 @@ from anndata import AnnData
 from scipy import sparse
 
 from ._io import check_features
-from ._validation import check_counts, check_finite, check_key, is_backed_matrix
+from ._rep import ROW_BLOCK
+from ._validation import (
+    ValueFacts,
+    check_finite,
+    check_key,
+    check_real_dtype,
+    is_backed_matrix,
+    raise_for_counts,
+)
 
 
 def is_anndata(data: object) -> bool:
@@ -126,10 +134,16 @@ def obsm_for_model(adata: AnnData, key: str, n_columns: int) -> np.ndarray:
     return rep.toarray() if sparse.issparse(rep) else np.ascontiguousarray(rep, dtype=np.float32)
 
 
-def counts_of(adata: AnnData, layer: str | None) -> tuple[Any, str]:
-    """``adata.X`` or ``adata.layers[layer]`` as stored (copied only when sparse and not canonical), and its name."""
+def counts_of(adata: AnnData, layer: str | None, *, backed: bool = False) -> tuple[Any, str]:
+    """``adata.X`` or ``adata.layers[layer]`` as stored (copied only when sparse and not canonical), and its name.
+
+    A backed ``X`` (``read_h5ad(..., backed='r')``) is returned as it is, on disk, when the caller reads it in row
+    slices (``backed=True``), and refused otherwise.
+    """
     if layer is None:
         if is_backed_matrix(adata.X):
+            if backed:
+                return adata.X, "adata.X"
             raise ValueError(
                 "`adata` is backed (read_h5ad(..., backed='r')): the counts are read from adata.X, which must be "
                 "in memory; call adata = adata.to_memory() first (or pass `layer`)."
@@ -194,15 +208,34 @@ def check_batch_labels(values: pd.Series, batch_key: str) -> None:
         )
 
 
-def check_expression(X: Any, where: str, *, counts: bool) -> None:
-    """Raw counts (non-negative integers) when ``counts``, else non-negative finite values (log-normalised data)."""
+def raise_for_expression(facts: ValueFacts, where: str, *, counts: bool) -> None:
+    """The errors of :func:`check_expression` from the facts of the values (e.g. gathered block by block)."""
     if counts:
-        check_counts(X, where)
+        raise_for_counts(facts, where)
         return
-    check_finite(X, where)
-    values = X.data if sparse.issparse(X) else np.asarray(X)
-    if values.size and values.min() < 0:
+    if facts.n_nonfinite:
+        raise_for_counts(ValueFacts(n_nonfinite=facts.n_nonfinite), where)
+    if facts.minimum < 0:
         raise ValueError(
             f"{where} must hold non-negative (log-normalised) expression, but it has negative values "
-            f"(min {values.min():g}); scaled data is not accepted."
+            f"(min {facts.minimum:g}); scaled data is not accepted."
         )
+
+
+def check_expression(X: Any, where: str, *, counts: bool) -> None:
+    """Raw counts (non-negative integers) when ``counts``, else non-negative finite values (log-normalised data).
+
+    A backed (on-disk) matrix is read in row blocks of :data:`~scembed._utils._rep.ROW_BLOCK` rows.
+    """
+    if is_backed_matrix(X):
+        check_real_dtype(X.dtype, where)
+        facts = ValueFacts()
+        for start in range(0, X.shape[0], ROW_BLOCK):
+            facts += ValueFacts.of(_canonical_copy(X[start : start + ROW_BLOCK]))
+    else:
+        check_finite(X, where)  # the type and NaN errors come first, as in check_counts
+        if sparse.issparse(X) and X.format in ("csr", "csc", "coo") and not X.has_canonical_format:
+            X = X.copy()  # duplicate entries are added up by every consumer: check their sums
+            X.sum_duplicates()
+        facts = ValueFacts.of(X)
+    raise_for_expression(facts, where, counts=counts)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from anndata import AnnData
@@ -58,14 +60,71 @@ def _values(X: np.ndarray | sparse.spmatrix | sparse.sparray) -> np.ndarray:
     return X.data if sparse.issparse(X) else np.asarray(X)
 
 
+def check_real_dtype(dtype: np.dtype, name: str) -> None:
+    """Raise a TypeError naming ``name`` unless ``dtype`` holds real numbers."""
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}.")
+
+
+def _nonfinite_error(name: str, n_bad: int) -> ValueError:
+    return ValueError(f"{name} contains {n_bad} NaN or infinite value(s).")
+
+
 def check_finite(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) -> None:
     """Raise a ValueError naming ``name`` if X holds NaN or infinite values, or is not numeric."""
     values = _values(X)
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise TypeError(f"{name} must hold real numbers, got dtype {values.dtype}.")
+    check_real_dtype(values.dtype, name)
     if values.size and not np.isfinite(values).all():
-        n_bad = int((~np.isfinite(values)).sum())
-        raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s).")
+        raise _nonfinite_error(name, int((~np.isfinite(values)).sum()))
+
+
+@dataclass(frozen=True)
+class ValueFacts:
+    """What the checks of a matrix's stored values need: facts of row blocks (or of ranks) add up with ``+``.
+
+    ``minimum`` and ``n_noninteger`` are over the finite values; a block without values has ``minimum`` inf.
+    """
+
+    n_nonfinite: int = 0
+    n_noninteger: int = 0
+    minimum: float = math.inf
+
+    @classmethod
+    def of(cls, X: np.ndarray | sparse.spmatrix | sparse.sparray) -> ValueFacts:
+        """The facts of the stored values of ``X`` (of a sparse matrix: its stored entries, duplicates as stored)."""
+        values = _values(X)
+        if not values.size:
+            return cls()
+        if np.issubdtype(values.dtype, np.integer) or values.dtype == bool:
+            return cls(minimum=float(values.min()))
+        finite = np.isfinite(values)
+        n_nonfinite = int(values.size - np.count_nonzero(finite))
+        if n_nonfinite:
+            values = values[finite]
+        if not values.size:
+            return cls(n_nonfinite=n_nonfinite)
+        n_noninteger = int(np.count_nonzero(values != np.round(values)))
+        return cls(n_nonfinite, n_noninteger, float(values.min()))
+
+    def __add__(self, other: ValueFacts) -> ValueFacts:
+        return ValueFacts(
+            self.n_nonfinite + other.n_nonfinite,
+            self.n_noninteger + other.n_noninteger,
+            min(self.minimum, other.minimum),
+        )
+
+
+def raise_for_counts(facts: ValueFacts, name: str) -> None:
+    """The errors of :func:`check_counts` from the facts of the values (e.g. gathered block by block)."""
+    if facts.n_nonfinite:
+        raise _nonfinite_error(name, facts.n_nonfinite)
+    if facts.minimum < 0:
+        raise ValueError(f"{name} must hold raw counts, but it has negative values (min {facts.minimum:g}).")
+    if facts.n_noninteger:
+        raise ValueError(
+            f"{name} must hold raw (integer) counts, but it has non-integer values; "
+            "pass the layer with raw counts via `layer=`."
+        )
 
 
 def check_counts(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) -> None:
@@ -77,14 +136,7 @@ def check_counts(X: np.ndarray | sparse.spmatrix | sparse.sparray, name: str) ->
     if sparse.issparse(X) and X.format in ("csr", "csc", "coo") and not X.has_canonical_format:
         X = X.copy()
         X.sum_duplicates()
-    values = _values(X)
-    if values.size and values.min() < 0:
-        raise ValueError(f"{name} must hold raw counts, but it has negative values (min {values.min():g}).")
-    if values.size and not np.array_equal(values, np.round(values)):
-        raise ValueError(
-            f"{name} must hold raw (integer) counts, but it has non-integer values; "
-            "pass the layer with raw counts via `layer=`."
-        )
+    raise_for_counts(ValueFacts.of(X), name)
 
 
 def check_int_pair(

@@ -9,7 +9,15 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._engine import autoencoder as engine
-from .._engine.counts import CountData, library_sizes, select_genes_by_variance, select_genes_by_zero_rate
+from .._engine.counts import (
+    CountData,
+    CountScan,
+    library_sizes,
+    scan,
+    select_genes_by_variance,
+    select_genes_by_zero_rate,
+)
+from .._engine.distributed import check_inputs, world
 from .._engine.models.autoencoder import AutoencoderModel
 from .._engine.zinb import LIKELIHOODS
 from .._utils import (
@@ -17,7 +25,6 @@ from .._utils import (
     check_bool,
     check_in_range,
     check_int_sequence,
-    check_not_backed,
     check_optional_bool,
     check_positive_int,
     copy_adata,
@@ -27,8 +34,9 @@ from .._utils import (
     seeded_torch,
     shared_docs,
 )
-from .._utils._model_data import batch_codes, check_expression, counts_of
+from .._utils._model_data import batch_codes, counts_of, raise_for_expression
 from .._utils._random import seed_int
+from .._utils._validation import check_real_dtype
 
 AUTOENCODER = "autoencoder"
 
@@ -46,24 +54,34 @@ def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fractio
     return n_latent, hidden, noise, batch_size, lr, fraction, patience
 
 
-def _genes(X: Any, where: str, *, counts: bool, n_top_genes: int | None) -> np.ndarray:
-    """Columns used: the ``n_top_genes`` selected (zero rate for counts, variance otherwise) that have data."""
+def _genes(X: Any, where: str, *, counts: bool, n_top_genes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check the values and pick the columns used, in one pass over ``X``; for counts, the library sizes too.
+
+    ``X`` is read in row slices (under ``torchrun`` each rank reads its own rows). The columns: the
+    ``n_top_genes`` selected (zero rate for counts, variance otherwise) that have data. Returns the genes and,
+    for counts, every cell's library size over them (another pass when genes were selected).
+    """
+    values: CountScan = scan(X, log2=counts and n_top_genes is not None, moments=not counts and n_top_genes is not None)
+    raise_for_expression(values.facts, where, counts=counts)
     genes = np.arange(X.shape[1])
     if n_top_genes is not None:
-        genes = select_genes_by_zero_rate(X, n_top_genes) if counts else select_genes_by_variance(X, n_top_genes)
-    sub = X if len(genes) == X.shape[1] else X[:, genes]
-    genes = genes[np.asarray((sub > 0).sum(0)).ravel() > 0]  # genes without counts carry no information
+        genes = (
+            select_genes_by_zero_rate(values, n_top_genes) if counts else select_genes_by_variance(values, n_top_genes)
+        )
+    genes = genes[values.detected[genes] > 0]  # genes without counts carry no information
     if len(genes) == 0:
         raise ValueError(f"{where} has no gene with {'counts' if counts else 'non-zero values'}.")
-    if counts:
-        lib = library_sizes(X[:, genes])
-        if (lib <= 0).any():
-            raise ValueError(
-                f"{where} has {int((lib <= 0).sum())} cell(s) without counts"
-                f"{' in the selected genes' if n_top_genes is not None else ''}; remove them first, e.g. with "
-                "sc.pp.filter_cells(adata, min_counts=1)."
-            )
-    return genes
+    if not counts:
+        return genes, None
+    # over every gene with counts, the library is the one of all genes; a selection needs its own pass
+    lib = values.library if n_top_genes is None else library_sizes(X, genes, across_ranks=True)
+    if (lib <= 0).any():
+        raise ValueError(
+            f"{where} has {int((lib <= 0).sum())} cell(s) without counts"
+            f"{' in the selected genes' if n_top_genes is not None else ''}; remove them first, e.g. with "
+            "sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    return genes, lib
 
 
 @shared_docs
@@ -108,17 +126,24 @@ def autoencoder(
     of cell types in the batches). A non-linear alternative to PCA in front of neighbours, UMAP or any
     clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
 
-    Training reads mini-batches of rows from the (sparse) matrix, never densifying all of it. A random
-    ``validation_fraction`` of the cells is held out, as in scvi-tools: training stops when their loss (with
-    input noise as in training, one fixed draw) has not improved for ``patience`` epochs, and the weights of the
-    best epoch are kept. The embedding of every cell,
-    held-out ones included, comes from those weights.
+    The matrix is read in contiguous row slices, never densified nor read whole: one pass checks the values and
+    counts the genes (with ``n_top_genes``, a second sums the library sizes over the genes selected), one computes
+    the input scaling, and training reads blocks of 512 rows, 16 at a time (more when ``batch_size`` needs
+    more), in a new order every epoch, shuffling the rows of each read before cutting it into mini-batches. So
+    ``X`` can stay on disk (see ``adata``), with the same result as in memory. A random ``validation_fraction``
+    of the cells (at most 8,192) is held out, as in scvi-tools: training stops when their loss (with input noise
+    as in training, one fixed draw) has not improved for ``patience`` epochs, and the weights of the best epoch
+    are kept. The embedding of every cell, held-out ones included, comes from those weights.
 
     Parameters
     ----------
     adata
         Annotated data matrix: raw counts (non-negative integers) in ``X`` or ``layer`` for ``"zinb"`` and
-        ``"nb"``; log-normalised expression (non-negative, finite) for ``"mse"``.
+        ``"nb"``; log-normalised expression (non-negative, finite) for ``"mse"``. ``X`` may be on disk
+        (``anndata.read_h5ad(path, backed="r")``, CSR or dense): it is read in row slices only, so memory is set
+        by reads of at most 8,192 rows × genes (and their dense working copies) plus the network, and grows with
+        the number of cells only by a few numbers per cell; the results go to the in-memory ``obsm`` and ``uns``
+        of ``adata``, and ``copy=True`` is refused (the copy would load ``X``).
     n_latent
         Dimension of the embedding.
     layer
@@ -154,8 +179,8 @@ def autoencoder(
     lr
         Learning rate of Adam (amsgrad).
     validation_fraction
-        Share of cells held out for early stopping, in [0, 1); 0 trains on every cell for ``max_epochs``
-        (``patience`` then watches the training loss).
+        Share of cells held out for early stopping, in [0, 1), at most 8,192 cells (read into memory once); 0
+        trains on every cell for ``max_epochs`` (``patience`` then watches the training loss).
     patience
         Epochs without improvement of the validation loss before training stops; ``None``: never early.
     n_top_genes
@@ -184,8 +209,13 @@ def autoencoder(
     >>> sc.pl.embedding(adata, basis="autoencoder", color="celltype")  # doctest: +SKIP
     """
     check_adata(adata, min_obs=2)
-    check_not_backed(adata, "tl.autoencoder", layer=layer)
     check_bool(copy, "copy")
+    if copy and adata.isbacked:
+        raise ValueError(
+            "`adata` is backed (read_h5ad(..., backed='r')) and `copy=True`: a copy would load adata.X into "
+            "memory. Pass `copy=False` (the embedding is written to adata.obsm and adata.uns, in memory), or call "
+            "adata = adata.to_memory() first."
+        )
     check_bool(return_model, "return_model")
     check_bool(batch_encoder, "batch_encoder")
     check_optional_bool(show_progress, "show_progress")
@@ -194,8 +224,8 @@ def autoencoder(
         n_latent, likelihood, hidden, noise, batch_size, lr, validation_fraction, patience
     )
     counts = likelihood != "mse"
-    X, where = counts_of(adata, layer)
-    check_expression(X, where, counts=counts)
+    X, where = counts_of(adata, layer, backed=True)  # a backed X stays on disk: read in row slices
+    check_real_dtype(getattr(X, "dtype", np.dtype(object)), where)  # X may be None
     if n_top_genes is not None:
         if check_positive_int(n_top_genes, "n_top_genes") > adata.n_vars:
             raise ValueError(f"`n_top_genes={n_top_genes}` is larger than the number of genes ({adata.n_vars}).")
@@ -211,12 +241,18 @@ def autoencoder(
     dev, seed = resolve_device(device), seed_int(random_state)
     if sparse.issparse(X) and X.format != "csr":
         X = sparse.csr_matrix(X)
-    genes = _genes(X, where, counts=counts, n_top_genes=n_top_genes)
+    # under torchrun every rank reads only its own rows below: compare what each rank was given first
+    if world().distributed:
+        names = {f"adata.{k}": np.asarray(getattr(adata, k), dtype=str) for k in ("obs_names", "var_names")}
+        check_inputs(names)  # fingerprints of the names (a pandas Index's repr would be shortened)
+    genes, lib = _genes(X, where, counts=counts, n_top_genes=n_top_genes)
 
     train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
     if max_epochs is None:
         max_epochs = engine.default_max_epochs(len(train_rows), batch_size)
-    data = CountData.fit(X, genes, codes, len(categories), normalize=counts, scale=scale, standardize_per_batch=True)
+    data = CountData.fit(
+        X, genes, codes, len(categories), normalize=counts, scale=scale, standardize_per_batch=True, library=lib
+    )
     get_logger().info(f"autoencoder ({likelihood}): {adata.n_obs} cells × {len(genes)} genes, {dev.type}")
     with seeded_torch(seed, dev) as noise_gen:
         net = engine.Autoencoder(
@@ -227,7 +263,7 @@ def autoencoder(
             generator=torch.Generator().manual_seed(seed), noise_generator=noise_gen, train_rows=train_rows,
             validation_rows=val_rows, patience=patience, validation_seed=seed, show_progress=show_progress,
         )  # fmt: skip
-        z = engine.encode_all(net.eval(), data, dev).cpu().numpy()
+        z = engine.embed(net.eval(), data, dev)  # under torchrun: each rank encodes its own rows, then gathered
     record = _record(locals_=dict(
         n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, hidden=hidden,
         batch_encoder=batch_encoder, noise=noise, scale=scale, max_epochs=max_epochs, batch_size=batch_size, lr=lr,

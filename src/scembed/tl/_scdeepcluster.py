@@ -100,7 +100,11 @@ def scdeepcluster(
     Parameters
     ----------
     adata
-        Annotated data matrix with raw counts (non-negative integers) in ``X`` or ``layer``.
+        Annotated data matrix with raw counts (non-negative integers) in ``X`` or ``layer``, in memory: a backed
+        ``X`` (``read_h5ad(..., backed="r")``) is refused. The pretraining reads row blocks as
+        :func:`scembed.tl.autoencoder` does (and could run from disk), but the clustering stage draws mini-batches
+        of cells from the whole matrix and recomputes its targets on all cells; :func:`scembed.tl.autoencoder`
+        trains out of core, and its embedding can be clustered on its own.
     n_clusters
         Number of clusters; 0 (default) estimates it by Leiden on the pretrained latent space.
     layer

@@ -72,7 +72,8 @@ class AutoencoderModel(Model):
         if not (hasattr(adata, "var_names") and hasattr(adata, "obs")):
             raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
         self.check_var_names(adata.var_names)
-        X, where = counts_of(adata, self.metadata.get("layer") if layer is None else layer)
+        # a backed X stays on disk: checked, normalised and encoded in row slices
+        X, where = counts_of(adata, self.metadata.get("layer") if layer is None else layer, backed=True)
         normalize = bool(self.metadata["normalize"])
         check_expression(X, where, counts=normalize)
         codes, n_batches = None, 0
@@ -110,6 +111,7 @@ class AutoencoderModel(Model):
             Cells with the training genes (``adata.var_names`` equal to :attr:`var_names`, same order), the data
             in the training call's ``layer`` (raw counts for the ZINB/NB likelihoods, log-normalised
             expression for MSE) and, for a batch-aware model, the batch column with batches seen in training.
+            ``X`` may be on disk (``anndata.read_h5ad(path, backed="r")``): it is read ``batch_size`` rows at a time.
         batch_size
             Cells per forward pass; the default reproduces the training call's ``obsm`` exactly.
         device

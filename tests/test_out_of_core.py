@@ -1,0 +1,169 @@
+"""tl.autoencoder from a backed .h5ad: X read in row blocks only, with the result of the same data in memory."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from anndata._core.sparse_dataset import _CSRDataset
+from scipy import sparse
+
+import scembed as se
+from scembed._engine import autoencoder as ae
+from scembed._engine import counts
+from scembed._engine.distributed import World, rank_minibatches
+
+#: small blocks, so that 300 cells make many blocks and several reads: 16-row blocks, 2 per read, 32-row passes
+BLOCK, PER_READ, PASS = 16, 2, 32
+FAST = dict(n_latent=3, hidden=(16,), max_epochs=3, batch_size=20, show_progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(counts, "BLOCK_ROWS", BLOCK)
+    monkeypatch.setattr(counts, "READ_BLOCKS", PER_READ)
+    monkeypatch.setattr(counts, "INFER_BATCH", PASS)
+
+
+@pytest.fixture(scope="module")
+def sim() -> ad.AnnData:
+    adata = se.datasets.simulate(300, 60, n_celltypes=3, n_batches=2, random_state=4)
+    adata.X = sparse.csr_matrix(adata.X)
+    return adata
+
+
+def _backed(adata: ad.AnnData, path, kind: str = "csr") -> ad.AnnData:
+    adata = adata.copy()
+    adata.X = sparse.csr_matrix(adata.X) if kind == "csr" else np.asarray(adata.X.toarray())
+    adata.write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [("csr", {}), ("dense", {}), ("csr", {"batch_key": "batch", "likelihood": "nb", "n_top_genes": 30})],
+)
+def test_backed_equals_in_memory(sim, tmp_path, small_blocks, kind, kwargs):
+    """One data path: the same blocks, reads and shuffles from disk as from memory, so the same numbers."""
+    memory = sim.copy()
+    if kind == "dense":
+        memory.X = memory.X.toarray()
+    model = se.tl.autoencoder(memory, **FAST, **kwargs, return_model=True)
+    backed = _backed(sim, tmp_path / "a.h5ad", kind)
+    try:
+        assert se.tl.autoencoder(backed, **FAST, **kwargs) is None
+        np.testing.assert_array_equal(backed.obsm["X_autoencoder"], memory.obsm["X_autoencoder"])
+        assert backed.uns["autoencoder"]["history"] == memory.uns["autoencoder"]["history"]
+        assert len(memory.uns["autoencoder"]["history"]["validation_loss"]) == 3
+        # the trained model embeds the backed cells too, reading them in row slices
+        np.testing.assert_array_equal(model.transform(backed), memory.obsm["X_autoencoder"])
+    finally:
+        backed.file.close()
+
+
+def test_backed_X_is_never_read_whole(sim, tmp_path, small_blocks, monkeypatch):
+    """Every read of the matrix on disk is one slice of at most PASS rows; training reads whole aligned blocks."""
+    reads: list = []
+    original = _CSRDataset.__getitem__
+
+    def spy(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(_CSRDataset, "__getitem__", spy)
+    backed = _backed(sim, tmp_path / "a.h5ad")
+    try:
+        se.tl.autoencoder(backed, **FAST)
+    finally:
+        backed.file.close()
+    assert reads and all(isinstance(k, slice) for k in reads), {type(k).__name__ for k in reads}
+    sizes = [k.stop - k.start for k in reads]
+    assert max(sizes) <= PASS < sim.n_obs
+    within_block = [k for k in reads if k.start // BLOCK == (k.stop - 1) // BLOCK and k.stop - k.start <= BLOCK]
+    assert len(within_block) >= 3 * (sim.n_obs // BLOCK)  # three epochs of block reads
+
+
+def test_row_blocks_one_read_is_the_one_permutation():
+    """All rows in one read: the batches of one permutation of the rows, as before blocks (same generator draws)."""
+    rows = np.sort(np.random.default_rng(0).choice(1000, 700, replace=False))
+    blocks = counts.RowBlocks(rows, 512, 16)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    (read_rows, batches), *rest = list(blocks.epoch(64, g1, g1))
+    assert not rest and np.array_equal(read_rows, rows)
+    expected = rank_minibatches(len(rows), 64, generator=g2)
+    assert len(batches) == len(expected) and all(np.array_equal(b, e.numpy()) for b, e in zip(batches, expected))
+
+
+def test_row_blocks_split_between_ranks(monkeypatch):
+    """Every epoch: one shared order of the blocks, disjoint blocks per rank, the same number of steps everywhere."""
+    rows = np.setdiff1d(np.arange(203), [5, 17, 18, 90])  # held-out rows are not read for training
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setattr(counts, "world", lambda rank=rank: World(rank=rank, size=2))
+        gen = torch.Generator().manual_seed(1)
+        epochs = [list(counts.RowBlocks(rows, 16, 2).epoch(10, gen, torch.Generator().manual_seed(rank)))]
+        epochs.append(list(counts.RowBlocks(rows, 16, 2).epoch(10, gen, torch.Generator().manual_seed(rank))))
+        per_rank.append(epochs)
+    for epoch in range(2):
+        read = [[r for r, _ in per_rank[rank][epoch]] for rank in (0, 1)]
+        steps = [sum(len(b) for _, b in per_rank[rank][epoch]) for rank in (0, 1)]
+        assert steps[0] == steps[1] > 0
+        blocks = [set(np.concatenate(read[rank]) // 16) for rank in (0, 1)]
+        assert not blocks[0] & blocks[1]  # disjoint
+        assert len(blocks[0] | blocks[1]) == 12  # 13 blocks: 6 each, one waits for the next epoch
+        for rank in (0, 1):
+            for r, batches in per_rank[rank][epoch]:
+                assert len(set(r // 16)) <= 2  # at most PER_READ blocks in memory
+                assert np.isin(r, rows).all() and all(len(b) <= 10 for b in batches)
+    first = [set(np.concatenate([r for r, _ in per_rank[0][e]]) // 16) for e in range(2)]
+    assert first[0] != first[1]  # a new order every epoch
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        ("fraction", r"adata\.X must hold raw \(integer\) counts"),
+        ("negative", r"adata\.X must hold raw counts, but it has negative values \(min -3\)"),
+        ("nan", r"adata\.X contains 2 NaN or infinite value\(s\)"),  # in two blocks: counted over all of them
+    ],
+)
+def test_backed_bad_counts_are_named_before_training(sim, tmp_path, small_blocks, mutate, match):
+    adata = sim.copy()
+    X = adata.X.astype(np.float32)
+    if mutate == "fraction":
+        X.data[-1] = 0.5
+    elif mutate == "negative":
+        X.data[len(X.data) // 2] = -3
+    else:
+        X.data[[0, -1]] = np.nan
+    adata.X = X
+    backed = _backed(adata, tmp_path / "a.h5ad")
+    try:
+        with pytest.raises(ValueError, match=match):
+            se.tl.autoencoder(backed, **FAST)
+        assert "X_autoencoder" not in backed.obsm and "autoencoder" not in backed.uns
+    finally:
+        backed.file.close()
+
+
+def test_backed_copy_is_refused(sim, tmp_path):
+    backed = _backed(sim, tmp_path / "a.h5ad")
+    try:
+        with pytest.raises(ValueError, match=r"`copy=True`.*would load adata\.X.*`copy=False`"):
+            se.tl.autoencoder(backed, copy=True, **FAST)
+        assert "X_autoencoder" not in backed.obsm
+    finally:
+        backed.file.close()
+
+
+def test_validation_cells_are_bounded():
+    train, val = ae.split_validation(100_000, 0.1, 0)
+    assert len(val) == ae.MAX_VALIDATION_ROWS and len(train) == 100_000 - ae.MAX_VALIDATION_ROWS
+    train, val = ae.split_validation(1000, 0.1, 0)  # below the bound: the share asked for
+    assert len(val) == 100 and np.intersect1d(train, val).size == 0
