@@ -5,7 +5,8 @@ Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 _distri
 MODE ``train``: NeuralEE on the global graph (a few epochs), the sharded affinities, deliberate mismatches, the
 trainers' helpers, and pp.affinity, tl.scdeepcluster and tl.autoencoder on tiny data, in memory and from a backed
 .h5ad (many checks in one launch: the start-up of the processes dominates).
-MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective failed.
+MODE ``early_exit``: rank 1 leaves before the first collective; rank 0 records how its collective (the one of
+``se.write_h5ad``) failed.
 MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records how (and when) it failed.
 """
 
@@ -120,6 +121,7 @@ def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
     (out / f"ooc_mismatch_rank{rank}.txt").write_text(message)
     se.tl.autoencoder(adata, 3, **kw)
     counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH = sizes
+    se.write_h5ad(adata, out / "written.h5ad")  # every rank calls it; rank 0 alone writes, atomically
     return {"ooc_latent": np.asarray(backed.obsm["X_autoencoder"]), "ooc_memory_latent": adata.obsm["X_autoencoder"]}
 
 
@@ -249,9 +251,13 @@ def main() -> None:
             if mode == "hang":
                 time.sleep(120)  # alive but never joins the collective; torchrun ends it once rank 0 has failed
             return  # leaves without a word; rank 0 must not wait forever
+        import anndata as ad
+
+        import scembed as se
+
         start = time.monotonic()
-        try:
-            distributed.all_reduce_sum(torch.ones(3))
+        try:  # the collective that fails is the one se.write_h5ad makes before writing: no file must appear
+            se.write_h5ad(ad.AnnData(np.ones((3, 2), dtype=np.float32)), out / f"{mode}_written.h5ad")
             outcome = "no error"
         except Exception as err:  # gloo reports the lost peer or the timeout as a RuntimeError subclass
             outcome = f"{type(err).__name__}: {err}"

@@ -245,7 +245,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        cli._write_atomic(tmp_path / "out.h5ad", fails)
+        cli.write_atomic(tmp_path / "out.h5ad", fails)
     assert os.listdir(tmp_path) == []
 
 

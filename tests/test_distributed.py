@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -252,6 +253,7 @@ def test_a_rank_that_leaves_or_hangs_makes_the_others_fail_not_wait(tmp_path, mo
     result = json.loads((tmp_path / f"{mode}_rank0.json").read_text())
     assert result["outcome"] != "no error"
     assert result["seconds"] < timeout_s + 30
+    assert not list(tmp_path.glob(f"*{mode}_written*"))  # se.write_h5ad wrote nothing, not even a temporary file
     if mode == "hang":
         assert result["seconds"] >= timeout_s * 0.9
 
@@ -364,6 +366,9 @@ def test_autoencoder_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
         assert (training[:, 1] // block == (training[:, 2] - 1) // block).all()  # whole blocks, one at a time
     messages = [(two_ranks / f"ooc_mismatch_rank{r}.txt").read_text() for r in (0, 1)]
     assert messages[0] == messages[1] and "`adata.obs_names` differs across the 2 ranks" in messages[0]
+    written = ad.read_h5ad(two_ranks / "written.h5ad")  # se.write_h5ad from both ranks: one complete file
+    np.testing.assert_array_equal(written.obsm["X_autoencoder"], a["ooc_memory_latent"])
+    assert [p.name for p in two_ranks.glob("*written*")] == ["written.h5ad"]
     n_epochs = int(reads[0][:, 0].max()) + 1
     assert n_epochs == 2 == int(reads[1][:, 0].max()) + 1
     for e in range(n_epochs):

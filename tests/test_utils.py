@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -311,3 +313,29 @@ def test_pca_on_the_fly_returns_loadings() -> None:
     adata = AnnData(X)
     X_rep, rep_name = get_representation(adata)  # the same PCA, through the representation rules
     assert rep_name == "pca(X, 50)" and X_rep.shape == (80, 50)
+
+
+def test_write_h5ad_is_atomic(tmp_path, monkeypatch):
+    import anndata as ad
+
+    import scembed as se
+
+    a = ad.AnnData(np.arange(6, dtype=np.float32).reshape(3, 2))
+    path = tmp_path / "sub" / "out.h5ad"
+    se.write_h5ad(a, path)  # creates the folder
+    np.testing.assert_array_equal(ad.read_h5ad(path).X, a.X)
+    before = path.read_bytes()
+
+    def fails_half_way(self, filename, **kwargs):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", fails_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        se.write_h5ad(ad.AnnData(np.zeros((5, 2), dtype=np.float32)), path)
+    assert path.read_bytes() == before  # the previous file, whole
+    assert [p.name for p in path.parent.iterdir()] == ["out.h5ad"]  # no temporary file left behind
+    with pytest.raises(TypeError, match="`adata`"):
+        se.write_h5ad(a.X, path)
+    with pytest.raises(TypeError, match="`filename`"):
+        se.write_h5ad(a, 3)

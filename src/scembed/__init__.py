@@ -6,7 +6,8 @@
 
 from . import datasets, pl, pp, tl
 from ._settings import settings
+from ._write import write_h5ad
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "datasets", "pl", "pp", "settings", "tl"]
+__all__ = ["__version__", "datasets", "pl", "pp", "settings", "tl", "write_h5ad"]

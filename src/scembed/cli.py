@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from ._utils._io import write_atomic
 from ._utils._rep import pca_on_the_fly
 
 #: embedding methods the command knows, best first; the first one installed is the default
@@ -156,23 +157,6 @@ def _check_output(path: Path, flag: str, overwrite: bool) -> None:
         except OSError as e:
             reason = e.strerror or _one_line(e)
             raise CLIError(f"cannot write {flag} {path}: cannot create a file in {parent} ({reason})") from None
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then move it in place (no half-written outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a new file
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def compute_pca(adata, *, n_pcs: int, random_state: int) -> str:
@@ -328,7 +312,7 @@ def embed(args: argparse.Namespace) -> Path:
     elapsed = time.perf_counter() - start
     print(f"{args.method}: embedded {adata.n_obs} cells in {elapsed:.1f} s -> obsm['X_{args.method}']")
 
-    _write_atomic(args.out, adata.write_h5ad)
+    write_atomic(args.out, adata.write_h5ad)
     print(f"wrote {args.out}")
     if args.plot is not None:
         color = args.color or _default_color(adata)
@@ -342,7 +326,7 @@ def embed(args: argparse.Namespace) -> Path:
             title=f"scembed {args.method}",
         )
         fig = (ax[0] if isinstance(ax, list) else ax).figure
-        _write_atomic(args.plot, lambda p: fig.savefig(p, dpi=150, bbox_inches="tight"))
+        write_atomic(args.plot, lambda p: fig.savefig(p, dpi=150, bbox_inches="tight"))
         plt.close(fig)
         print(f"wrote {args.plot}")
     return args.out

@@ -9,7 +9,8 @@ import pickle
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,3 +175,24 @@ def check_features(expected: Sequence[str], got: Sequence[str], *, what: str = "
         f"({len(got)} given, {len(missing)} missing, e.g. {missing[:5]}); subset the data to the training features "
         "in the same order, e.g. adata[:, model.var_names]."
     )
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then move it in place (no half-written file).
+
+    The folder is created if needed; on any error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a new file
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
