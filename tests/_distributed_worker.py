@@ -137,6 +137,10 @@ def tools() -> dict[str, np.ndarray]:
     se.pp.affinity(b, PERPLEXITY, use_rep="X", n_neighbors=K, knn_method="exact")
     P = b.obsp["affinity"].tocsr()
     out.update(pp_data=P.data, pp_indices=P.indices, pp_indptr=P.indptr)
+    from scembed._engine import counts
+
+    # the count trainers read rows in blocks (512 rows by default, one for 120 cells); 2 ranks need ≥ 2 blocks each
+    block_rows, counts.BLOCK_ROWS = counts.BLOCK_ROWS, 16
     a = se.datasets.simulate(120, 60, n_celltypes=3, n_batches=2, random_state=0)
     se.tl.scdeepcluster(
         a, n_clusters=3, batch_size=32, max_epochs=(2, 2), n_latent=4, hidden=(16,), random_state=0, show_progress=False
@@ -158,6 +162,7 @@ def tools() -> dict[str, np.ndarray]:
         random_state=0,
         show_progress=False,
     )
+    counts.BLOCK_ROWS = block_rows
     rec = a.uns["autoencoder"]
     out["ae_latent"] = np.asarray(a.obsm["X_autoencoder"])
     out["ae_loss"] = np.asarray(rec["history"]["loss"], dtype=np.float64)

@@ -129,8 +129,12 @@ def test_shards_and_blocks_cover_everything_once():
     # 2 ranks, 6 blocks, 3 steps: rank 0 takes 0, 2, 4 and rank 1 takes 1, 3, 5
     assert distributed.rank_blocks(6, 3, distributed.World(rank=0, size=2)) == [0, 2, 4]
     assert distributed.rank_blocks(6, 3, distributed.World(rank=1, size=2)) == [1, 3, 5]
-    # fewer blocks than ranks: the blocks are shared round
-    assert distributed.rank_blocks(1, 1, distributed.World(rank=1, size=2)) == [0]
+    # one pass: disjoint shares; fewer blocks than ranks is refused, naming how many processes the data allow
+    shares = [distributed.rank_share(7, distributed.World(rank=r, size=3)) for r in range(3)]
+    assert shares == [[0, 3], [1, 4], [2, 5]]
+    with pytest.raises(ValueError, match=r"4 processes were started, but the data make only 3 blocks.*at most 3"):
+        distributed.rank_share(3, distributed.World(rank=0, size=4))
+    distributed.check_enough_blocks(1, distributed.World())  # one process: always enough
 
 
 def test_other_ranks_are_quiet(monkeypatch):

@@ -416,12 +416,30 @@ def rank_blocks(n_blocks: int, n_steps: int, w: World | None = None) -> list[int
 def rank_share(n_blocks: int, w: World | None = None) -> list[int]:
     """The positions of this rank in one shared order of ``n_blocks`` items: :func:`rank_blocks` for one pass.
 
-    Every rank gets ``max(1, n_blocks // W)`` positions ``r, r + W, …``, so that the ranks take disjoint items (the
-    ``n_blocks mod W`` left over wait for the next order); with fewer items than ranks they are shared round. One
-    process: every position, in order.
+    Every rank gets ``n_blocks // W`` positions ``r, r + W, …``, so that the ranks take disjoint items (the
+    ``n_blocks mod W`` left over wait for the next order). One process: every position, in order.
+
+    Raises
+    ------
+    ValueError
+        Fewer items than processes (``W > n_blocks``): some rank would have nothing of its own to train on, and
+        sharing items round would weight them twice; the message says how many processes the data allow.
     """
     w = world() if w is None else w
-    return rank_blocks(n_blocks, max(1, n_blocks // w.size), w)
+    check_enough_blocks(n_blocks, w)
+    return rank_blocks(n_blocks, n_blocks // w.size, w)
+
+
+def check_enough_blocks(n_blocks: int, w: World | None = None) -> None:
+    """A ValueError when more processes were started than there are blocks (mini-batches or row blocks) per epoch."""
+    w = world() if w is None else w
+    if w.distributed and n_blocks < w.size:
+        raise ValueError(
+            f"{w.size} processes were started, but the data make only {n_blocks} "
+            f"{'block' if n_blocks == 1 else 'blocks'} (mini-batches or row blocks) per epoch: every process needs "
+            f"at least one of its own. Start at most {max(n_blocks, 1)} processes (torchrun --nproc-per-node), or "
+            "use a smaller batch_size."
+        )
 
 
 def knn_affinities(

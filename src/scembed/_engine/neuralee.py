@@ -26,7 +26,7 @@ from scipy import sparse
 from torch import nn
 
 from .affinity import calibrate_perplexity
-from .distributed import broadcast_module_, check_inputs, rank_blocks, world
+from .distributed import broadcast_module_, check_enough_blocks, check_inputs, rank_blocks, world
 from .ee import initial_embedding
 from .ee_objective import EEObjective, exp_neg_
 from .knn import nearest_neighbors
@@ -442,6 +442,7 @@ def fit_neuralee(
         """One epoch with in-batch affinities: every step is EE on a fresh random batch."""
         n_train = train_cells.shape[0]
         b = min(B, n_train)
+        check_enough_blocks(max(1, n_train // b), ranks)  # before training: every rank needs a batch of its own
 
         def step(epoch: int) -> float:
             net.train()
@@ -473,6 +474,7 @@ def fit_neuralee(
         note("P", (int(sampler.indices.shape[0]),))
         n_train = train_cells.shape[0]
         b = min(B, n_train)
+        check_enough_blocks(max(1, n_train // b), ranks)
         x_scale = mean_pair * b * (b - 1)
         Xtrain = Xt if n_train == N else Xt[train_cells.to(device)]
 
