@@ -1,11 +1,22 @@
-"""Benchmark: scembed's imap_integrate vs the original imap 1.0.0, Harmony and uncorrected PCA.
+"""Benchmark: scembed's imap_integrate vs the original imap 1.0.0 and the usual peers (Harmony, Scanorama, BBKNN,
+scVI, uncorrected PCA).
 
 Every method runs in a fresh subprocess (wall time and peak RSS of that process); scib-metrics scores are computed
-afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony-corrected PCs, or the PCs.
+afterwards on a 90-NN graph of each method's output: 50 PCs of the corrected expression (``scembed``,
+``imap_original``), scembed's stage-I codes ``obsm["X_imap"]`` (``scembed_codes``, same run as ``scembed``), the
+Harmony-corrected PCs, Scanorama's embedding, scVI's latent space, the PCs (``pca``), or BBKNN's own graph
+(kNN metrics only). The random methods (scembed, scanorama, scvi, imap_original) run once per ``--seeds`` entry; the
+table shows mean ± std over the seeds and every seed's aggregate. Data sets: real ones from the shared data folder,
+or simulated (``sim5k_3b``: 5,000 cells, 3 batches; ``sim200k_4b``: 200,000 cells, 4 batches, kept sparse, scored
+on 20,000 random cells, pca/harmony/scembed unless ``--methods`` names others).
 
     python benchmarks/imap.py --epochs1 150 --epochs2 150          # full, the original's fixed budget
     python benchmarks/imap.py --default-budget                     # scembed's budget that follows the data
-    python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs
+    python benchmarks/imap.py --default-budget --seeds 0 1 2 --scvi-python SCVI_PY --original-python ORIGINAL_PY
+                                                                   # every method, three seeds of the random ones
+    python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs (scVI 2 epochs)
+    python benchmarks/imap.py --datasets sim5k_3b --default-budget # simulated, 5,000 cells, 3 batches
+    python benchmarks/imap.py --datasets sim200k_4b --default-budget   # 200,000 sparse cells: pca, harmony, scembed
     python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only
     python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
     python benchmarks/imap.py --profile --threads 1                # the parts of one stage-I and stage-II step
@@ -14,12 +25,15 @@ afterwards on a 50-component PCA of the corrected expression (iMAP), the Harmony
                                                                    # the two iMAPs twice, alternating: fastest times
 The original (method ``imap_original``) runs under ``--original-python`` (or ``$IMAP_PYTHON``): an interpreter that
 can import imap 1.0.0, e.g. ``python -m venv --system-site-packages venv && venv/bin/pip install --no-deps imap==1.0.0
-scikit-misc``. Without one it is skipped.
+scikit-misc``. scVI (method ``scvi``) runs under ``--scvi-python`` (or ``$SCVI_PYTHON``): an interpreter that can
+import scvi-tools, e.g. ``python -m venv --system-site-packages venv && venv/bin/pip install scvi-tools``. Without
+them these methods are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -29,33 +43,96 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runner import DATA, drop_script_dir, emit, run_child, script_command, write_json
+from _runner import DATA, THREAD_VARIABLES, drop_script_dir, emit, run_child, script_command, write_json
 
-METHODS = ("pca", "harmony", "scembed", "imap_original")
-TIMES = ("seconds", "train_stage1", "run_stage2")  # per-method total and, for the two iMAPs, per-stage seconds
+METHODS = ("pca", "harmony", "scanorama", "bbknn", "scembed", "scvi", "imap_original")
+RANDOM = ("scembed", "scanorama", "scvi", "imap_original")  # run once per seed; the others once
+#: simulated data sets (``scembed.datasets.simulate`` arguments); PCA of the log-normalised counts does not mix
+#: the batches at batch_scale 0.2 (sim5k_3b: iLISI 0.04, kBET 0.001) while the cell types stay apart
+SIMULATED = {
+    "sim5k_3b": dict(n_cells=5000, n_genes=2000, n_batches=3, n_celltypes=8, batch_scale=0.2),
+    "sim200k_4b": dict(n_cells=200_000, n_genes=2000, n_batches=4, n_celltypes=10, batch_scale=0.2),
+}
+SPARSE = ("sim200k_4b",)  # written and integrated as CSR
+DEFAULT_METHODS = {"sim200k_4b": ("pca", "harmony", "scembed")}  # when --methods is not given
+METRICS = ("iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn", "bio", "batch", "total")
+K = 90  # neighbours of the scoring graph
 
 
 def prepare(name: str, out: Path, n_top_genes: int) -> Path:
-    """normalize_total + log1p, 2000 HVGs (seurat flavour, per batch) → dense float32 h5ad."""
+    """normalize_total + log1p, 2000 HVGs (seurat flavour, per batch) → float32 h5ad: dense ``X``, or CSR for the
+    sets in ``SPARSE``; the raw counts of the kept genes in ``layers["counts"]`` (CSR, for scVI)."""
     import anndata as ad
     import scanpy as sc
+    from scipy import sparse
 
-    a = ad.read_h5ad(DATA / f"{name}.h5ad")
+    if name in SIMULATED:
+        import scembed as se
+
+        a = se.datasets.simulate(**SIMULATED[name], random_state=0)
+    else:
+        a = ad.read_h5ad(DATA / f"{name}.h5ad")  # raw counts in X
+    a.X = sparse.csr_matrix(a.X, dtype=np.float32)
+    a.layers["counts"] = a.X.copy()
     sc.pp.normalize_total(a, target_sum=1e4)
     sc.pp.log1p(a)
-    sc.pp.highly_variable_genes(a, n_top_genes=n_top_genes, flavor="seurat", batch_key="batch")
-    a = a[:, a.var["highly_variable"]].copy()
-    a.X = np.asarray(a.X.toarray(), dtype=np.float32)
+    if a.n_vars > n_top_genes:  # the simulated sets have 2,000 genes: all kept
+        sc.pp.highly_variable_genes(a, n_top_genes=n_top_genes, flavor="seurat", batch_key="batch")
+        a = a[:, a.var["highly_variable"].to_numpy()].copy()
+    if name not in SPARSE:
+        a.X = np.asarray(a.X.toarray(), dtype=np.float32)
     a.obs = a.obs[["batch", "celltype"]].astype(str)
+    a.var = a.var[[]]
+    a.uns = {}
     path = out / f"{name}.h5ad"
     a.write_h5ad(path)
     return path
 
 
-def pca(X: np.ndarray, n: int = 50) -> np.ndarray:
-    import scanpy as sc
+def load(path: str, counts: bool = False):
+    """The prepared AnnData without ``layers["counts"]`` unless asked (the other methods do not pay for it)."""
+    import anndata as ad
+    import h5py
 
-    return np.asarray(sc.pp.pca(np.asarray(X, dtype=np.float32), n_comps=min(n, X.shape[1] - 1), random_state=0))
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    with h5py.File(path, "r") as f:
+        a = ad.AnnData(X=read_elem(f["X"]), obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+        if counts:
+            a.layers["counts"] = read_elem(f["layers/counts"])
+    return a
+
+
+def pca(X, n: int = 50) -> np.ndarray:
+    """50 PCs (scanpy; sparse input stays sparse)."""
+    import scanpy as sc
+    from scipy import sparse
+
+    X = X.astype(np.float32) if sparse.issparse(X) else np.asarray(X, dtype=np.float32)
+    return np.asarray(sc.pp.pca(X, n_comps=min(n, X.shape[1] - 1), random_state=0), dtype=np.float32)
+
+
+def bbknn_knn(pcs: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BBKNN's graph (``90 // n_batches`` neighbours per batch) as kNN arrays: self first, then each row's nearest
+    in the graph's distance matrix, cut to the count every row has (a row loses an entry per zero distance)."""
+    import bbknn.matrix
+
+    per_batch = K // len(np.unique(batch))
+    D = bbknn.matrix.bbknn(pcs, batch, neighbors_within_batch=per_batch, n_pcs=pcs.shape[1])[0].tocsr()
+    counts = np.diff(D.indptr)
+    k = int(counts.min())
+    pos = np.arange(D.nnz) - np.repeat(D.indptr[:-1], counts)  # entry's place in its row
+    dist = np.full((D.shape[0], counts.max()), np.inf)
+    idx = np.zeros(dist.shape, dtype=np.int64)
+    rows = np.repeat(np.arange(D.shape[0]), counts)
+    dist[rows, pos], idx[rows, pos] = D.data, D.indices
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    self_ = np.arange(D.shape[0])[:, None]
+    idx = np.hstack([self_, np.take_along_axis(idx, order, 1)])
+    dist = np.hstack([np.zeros_like(self_, dtype=np.float64), np.take_along_axis(dist, order, 1)])
+    return idx, dist.astype(np.float32)
 
 
 def timed(fn, into: dict, key: str):
@@ -71,90 +148,134 @@ def timed(fn, into: dict, key: str):
     return wrapper
 
 
-def worker(method: str, path: str, out: str, e1: int, e2: int, threads: int) -> None:
-    """Run one method; save the embedding and the seconds the method itself took."""
-    import anndata as ad
+def worker(o: dict) -> None:
+    """Run one method; save its outputs (``<row>``: an embedding; ``<row>__indices`` / ``__distances`` / ``__pcs``:
+    a graph) and report the seconds the method itself took."""
+    drop_script_dir()  # benchmarks/imap.py, distributed.py... must not shadow packages
     import torch
 
+    method, seed, threads = o["method"], o["seed"], o["threads"]
     torch.set_num_threads(threads)
-    a = ad.read_h5ad(path)
-    stages: dict[str, float] = {}  # seconds of stage I (train_stage1) and stage II (run_stage2) for the iMAPs
+    a = load(o["path"], counts=method == "scvi")
+    batch = a.obs["batch"].to_numpy()
+    stages: dict[str, float] = {}  # per-stage seconds of the two iMAPs, epochs run
+    outs: dict[str, np.ndarray] = {}
     t = time.perf_counter()
     if method == "pca":
-        emb = pca(a.X)
+        outs["pca"] = pca(a.X)
     elif method == "harmony":
         import harmonypy
 
+        emb = np.asarray(harmonypy.run_harmony(pca(a.X), a.obs, "batch", random_state=0).Z_corr)
+        outs["harmony"] = emb if emb.shape[0] == a.n_obs else emb.T  # (d, n) in older harmonypy
+    elif method == "scanorama":
+        import scanorama
+
+        # its default: 100 dimensions, on the log-normalised HVGs of every batch; back to the input cell order
+        groups = [np.flatnonzero(batch == b) for b in np.unique(batch)]
+        genes = [a.var_names.to_numpy()] * len(groups)
+        dimred, _ = scanorama.integrate([a.X[g] for g in groups], genes, seed=seed, verbose=0)
+        emb = np.empty((a.n_obs, dimred[0].shape[1]), dtype=np.float32)
+        for g, e in zip(groups, dimred, strict=True):
+            emb[g] = e
+        outs["scanorama"] = emb
+    elif method == "bbknn":
         pcs = pca(a.X)
-        emb = np.asarray(harmonypy.run_harmony(pcs, a.obs, "batch", random_state=0).Z_corr)
-        emb = emb if emb.shape[0] == a.n_obs else emb.T  # (d, n) in older harmonypy
+        outs["bbknn__indices"], outs["bbknn__distances"] = bbknn_knn(pcs, batch)
+        outs["bbknn__pcs"] = pcs  # to rebuild the graph on a scoring subsample
     elif method == "scembed":
         import scembed as se
-        from scembed._engine import imap as engine
 
-        for fn in ("train_stage1", "run_stage2"):  # time the two stages (the benchmark's wrapper, not the package's)
-            setattr(engine, fn, timed(getattr(engine, fn), stages, fn))
-        max_epochs = None if e1 < 0 else (e1, e2)  # negative: the default budget (default_budget, early stopping)
-        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=max_epochs, device="cpu")
-        emb = pca(a.layers["imap"])
+        max_epochs = None if o["e1"] < 0 else (o["e1"], o["e2"])  # negative: the default budget
+        se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=max_epochs, device="cpu", random_state=seed)
         u = a.uns["imap"]
+        stages.update({k: float(v) for k, v in u["seconds"].items() if k != "total"})  # genes, stage1, encode, stage2
+        outs["scembed"], outs["scembed_codes"] = pca(a.layers["imap"]), np.asarray(a.obsm["X_imap"])
         stages["epochs_stage1"] = float(len(u["stage1"]["loss"]))
         stages["epochs_stage2"] = float(u["stage2"]["critic"].shape[1])
+    elif method == "scvi":
+        import scvi
+
+        scvi.settings.seed = seed
+        scvi.settings.num_threads = threads
+        scvi.model.SCVI.setup_anndata(a, layer="counts", batch_key="batch")
+        model = scvi.model.SCVI(a)
+        model.train(max_epochs=o["scvi_epochs"], accelerator="cpu", enable_progress_bar=False)  # None: its default
+        outs["scvi"] = np.asarray(model.get_latent_representation(), dtype=np.float32)
+        stages["epochs"] = float(len(model.history["elbo_train"]))
     elif method == "imap_original":
         import anndata as ad2
-
-        drop_script_dir()  # this script is also named imap.py: keep it off the import path
         import imap  # the original, from its own venv
+        from scipy import sparse
 
         np.bool8 = np.bool_  # removed in NumPy 2; the original still uses it
         # its input: dense X, string batch labels, a copy (it filters in place); its stage-II output comes back in
         # input order, its stage-I AnnData in batch order (only used internally here)
-        b = ad2.AnnData(X=np.array(a.X), obs=a.obs[["batch"]].astype(str).copy())
+        X = a.X.toarray() if sparse.issparse(a.X) else np.array(a.X)
+        b = ad2.AnnData(X=X, obs=a.obs[["batch"]].astype(str).copy())
         b.var_names = a.var_names.copy()
-        _, ec_data = timed(imap.stage1.iMAP_fast, stages, "train_stage1")(b.copy(), key="batch", n_epochs=e1)
-        corrected = timed(imap.stage2.integrate_data, stages, "run_stage2")(b, ec_data, key="batch", n_epochs=e2)
-        emb = pca(corrected)
+        stage1 = timed(imap.stage1.iMAP_fast, stages, "stage1")
+        _, ec_data = stage1(b.copy(), key="batch", n_epochs=o["e1"], seed=seed)
+        stage2 = timed(imap.stage2.integrate_data, stages, "stage2")
+        outs["imap_original"] = pca(stage2(b, ec_data, key="batch", n_epochs=o["e2"], seed=seed))
     else:
         raise ValueError(method)
     seconds = time.perf_counter() - t
-    np.save(out, emb.astype(np.float32))
+    np.savez(o["out"], **outs)
     emit({"seconds": seconds, **stages})
 
 
-def run_method(method: str, path: Path, tmp: Path, args) -> dict:
-    out = str(tmp / f"{path.stem}_{method}.npy")
-    python = args.original_python if method == "imap_original" else None
+def run_method(method: str, path: Path, tmp: Path, args, seed: int) -> dict:
+    """One method in a fresh process: ``{"outputs": {name: array}, "seconds": ..., "wall": ..., "peak_mb": ...}``."""
+    out = tmp / f"{path.stem}_{method}_{seed}.npz"
+    python = {"imap_original": args.original_python, "scvi": args.scvi_python}.get(method)
     epochs = (-1, -1) if args.default_budget and method == "scembed" else (args.epochs1, args.epochs2)
-    cmd = script_command(__file__, "--worker", method, path, out, *epochs, args.threads, python=python)
-    r = run_child(cmd, args.threads)
+    opts = dict(method=method, path=str(path), out=str(out), e1=epochs[0], e2=epochs[1], threads=args.threads)
+    opts.update(seed=seed, scvi_epochs=args.scvi_epochs)
+    r = run_child(script_command(__file__, "--worker", json.dumps(opts), python=python), args.threads)
     if not r["ok"]:
         return {"error": r["error"]}
-    return {"emb": np.load(out), **r["result"], "wall": r["wall_s"], "peak_mb": r["peak_rss_mib"]}
+    with np.load(out) as f:
+        outputs = {k: f[k] for k in f.files}
+    out.unlink()
+    return {"outputs": outputs, **r["result"], "wall": r["wall_s"], "peak_mb": r["peak_rss_mib"]}
 
 
-def scores(emb: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> dict:
+def scores(batch: np.ndarray, labels: np.ndarray, emb: np.ndarray | None = None, knn=None) -> dict:
+    """scib-metrics on the 90-NN graph of ``emb``, or on a given kNN ``(indices, distances)`` (then no ASW: NaN).
+
+    bio = mean(cLISI, label ASW), batch = mean(iLISI, batch ASW, graph connectivity, kBET), each over the metrics
+    that exist; total = 0.6 · bio + 0.4 · batch.
+    """
     import scib_metrics as sm
     from scib_metrics.nearest_neighbors import NeighborsResults
     from sklearn.neighbors import NearestNeighbors
 
-    dist, idx = NearestNeighbors(n_neighbors=90).fit(emb).kneighbors(emb)
+    if knn is None:
+        dist, idx = NearestNeighbors(n_neighbors=K).fit(emb).kneighbors(emb)
+    else:
+        idx, dist = knn
     nn = NeighborsResults(indices=idx, distances=dist)
+    nan = float("nan")
     s = {
         "iLISI": float(sm.ilisi_knn(nn, batch)),
         "cLISI": float(sm.clisi_knn(nn, labels)),
-        "batch_ASW": float(sm.silhouette_batch(emb, labels, batch)),
-        "label_ASW": float(sm.silhouette_label(emb, labels)),
+        "batch_ASW": nan if emb is None else float(sm.silhouette_batch(emb, labels, batch)),
+        "label_ASW": nan if emb is None else float(sm.silhouette_label(emb, labels)),
         "graph_conn": float(sm.graph_connectivity(nn, labels)),
     }
     try:
         s["kBET"] = float(sm.kbet_per_label(nn, batch, labels))
     except Exception as e:  # report which metric failed rather than abort
         print(f"kBET failed: {e}", file=sys.stderr)
-        s["kBET"] = float("nan")
-    bio = np.mean([s["cLISI"], s["label_ASW"]])
-    batch_scores = [s[k] for k in ("iLISI", "batch_ASW", "graph_conn", "kBET") if np.isfinite(s[k])]
-    s["bio"], s["batch"] = float(bio), float(np.mean(batch_scores))
+        s["kBET"] = nan
+
+    def mean(keys):
+        return float(np.mean([s[k] for k in keys if np.isfinite(s[k])]))
+
+    s["bio"], s["batch"] = mean(("cLISI", "label_ASW")), mean(("iLISI", "batch_ASW", "graph_conn", "kBET"))
     s["total"] = 0.6 * s["bio"] + 0.4 * s["batch"]
+    s["k"] = float(idx.shape[1])
     return s
 
 
@@ -334,19 +455,143 @@ def stage2_compare(threads: int, n_genes: int = 2000, pool: int = 3000, epochs: 
         print(f"round {r}: first layer per batch {a:.3f} s/step, from the projected pool {b:.3f} s/step ({b / a:.2f}x)")
 
 
+TIMES = ("seconds", "genes", "stage1", "encode", "stage2")  # total and the iMAPs' per-stage seconds
+COLUMNS = (
+    ("seconds", "seconds"), ("stage1", "stage I (s)"), ("stage2", "stage II (s)"), ("time_ratio", "× original"),
+    ("peak_mb", "peak RSS (MiB)"), ("iLISI", "iLISI"), ("cLISI", "cLISI"), ("batch_ASW", "batch ASW"),
+    ("label_ASW", "label ASW"), ("kBET", "kBET"), ("graph_conn", "graph conn."), ("bio", "bio"), ("batch", "batch"),
+    ("total", "total"),
+)  # fmt: skip
+
+
+def output_rows(outputs: dict) -> list[str]:
+    """Table rows a method's outputs give, in order (``bbknn__indices`` → ``bbknn``)."""
+    return list(dict.fromkeys(k.split("__")[0] for k in outputs))
+
+
+def score_output(row: str, outputs: dict, batch: np.ndarray, labels: np.ndarray, sub: np.ndarray | None) -> dict:
+    """Scores of one output on all cells, or on the cells ``sub`` (BBKNN's graph then rebuilt on them)."""
+    cells = slice(None) if sub is None else sub
+    if f"{row}__indices" not in outputs:
+        return scores(batch[cells], labels[cells], emb=outputs[row][cells])
+    if sub is None:
+        knn = outputs[f"{row}__indices"], outputs[f"{row}__distances"]
+    else:
+        knn = bbknn_knn(outputs[f"{row}__pcs"][sub], batch[sub])
+    return scores(batch[cells], labels[cells], knn=knn)
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean and sample std over the seeds of every number; peak RSS: the largest; ``total_runs``: each seed's."""
+    keys = [k for k in runs[0] if isinstance(runs[0][k], float)]
+    out: dict = {"seeds": [r["seed"] for r in runs], "n_seeds": len(runs)}
+    for k in keys:
+        values = np.array([r.get(k, np.nan) for r in runs], dtype=np.float64)
+        out[k] = float(values.mean())
+        out[f"{k}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    out["peak_mb"] = float(max(r["peak_mb"] for r in runs))
+    out.pop("peak_mb_std")
+    out["total_runs"] = [r["total"] for r in runs]
+    out["runs"] = runs
+    return out
+
+
+def cell(r: dict, key: str) -> str:
+    """``mean ± std`` (one seed: the value); metrics to 3 decimals, seconds to 3 digits, MiB whole."""
+
+    def fmt(v: float) -> str:
+        if key in METRICS:
+            return f"{v:.3f}"
+        return f"{v:.0f}" if key == "peak_mb" or abs(v) >= 100 else f"{v:.3g}"
+
+    m, s = r.get(key, float("nan")), r.get(f"{key}_std", float("nan"))
+    if not np.isfinite(m):
+        return "–"
+    return f"{fmt(m)} ± {fmt(s)}" if r["n_seeds"] > 1 and key != "peak_mb" and np.isfinite(s) else fmt(m)
+
+
+def print_tables(rows: list[tuple[str, str, dict]], args, subsampled: dict[str, int]) -> None:
+    budget = "scembed: the default budget (epochs run below); " if args.default_budget else ""
+    scvi = f"scVI epochs {args.scvi_epochs or 'default'}; " if any(m == "scvi" for _, m, _ in rows) else ""
+    print(f"\n{budget}epochs: stage I {args.epochs1}, stage II {args.epochs2}; {scvi}torch threads {args.threads}")
+    for name, m, r in rows:
+        if "epochs_stage1" in r and m == "scembed":
+            print(f"  {name} {m}: stage I ran {r['epochs_stage1']:.0f} epochs, stage II {r['epochs_stage2']:.0f}")
+        if "epochs" in r:
+            print(f"  {name} {m}: {r['epochs']:.0f} epochs")
+    print("\n| data | method | seeds | " + " | ".join(c for _, c in COLUMNS) + " | total per seed |")
+    print("|" + " --- |" * (len(COLUMNS) + 4))
+    for name, m, r in rows:
+        per_seed = ", ".join(f"{v:.3f}" for v in r["total_runs"])
+        print(f"| {name} | {m} | {r['n_seeds']} | " + " | ".join(cell(r, k) for k, _ in COLUMNS) + f" | {per_seed} |")
+    methods = {m for _, m, _ in rows}
+    print(
+        f"\n- Scores: scib-metrics on the {K}-NN graph of 50 PCs of the corrected expression (scembed, imap_original), "
+        "of scembed's stage-I codes obsm['X_imap'] (scembed_codes: the same runs as scembed, same times), of the "
+        "Harmony PCs, Scanorama's embedding (100 dimensions), scVI's latent space or the PCs (pca). bio = mean(cLISI, "
+        "label ASW), batch = mean(iLISI, batch ASW, graph conn., kBET), total = 0.6 · bio + 0.4 · batch."
+    )
+    if len(args.seeds) > 1:
+        print(
+            f"- Seeds {' '.join(map(str, args.seeds))}: mean ± sample std for the random methods (scembed, scanorama, "
+            "scvi, imap_original); pca, harmony (random_state 0) and bbknn run once. Peak RSS: the largest."
+        )
+    if "bbknn" in methods:
+        ks = sorted({int(r["k"]) for _, m, r in rows if m == "bbknn"})
+        print(
+            f"- bbknn gives a graph, not an embedding (neighbors_within_batch = {K} // batches, on 50 PCs): iLISI, "
+            f"cLISI, kBET and graph conn. on its k = {'/'.join(map(str, ks))} nearest per cell (self included; the "
+            "count every row has) at their uncorrected PCA distances, by which LISI weighs them; no ASW (–), so its "
+            "bio is cLISI alone and its batch the mean of the other three."
+        )
+    for name, n in subsampled.items():
+        print(
+            f"- {name}: every method runs on all {n} cells; scores on {args.score_cells} random cells (the same for "
+            "every method; bbknn's graph rebuilt on them from the PCs of all cells)."
+        )
+    by = {(name, m): r for name, m, r in rows}
+    names = list(dict.fromkeys(name for name, _, _ in rows))
+    lines = []
+    for name in names:
+        for m in ("scembed", "imap_original"):
+            r = by.get((name, m))
+            if r:
+                parts = [f"{k} {r[k]:.3g}" for k in TIMES[1:] if k in r and np.isfinite(r[k])]
+                runs = ", ".join("/".join(f"{v:.0f}" for v in x["seconds_runs"]) for x in r["runs"])
+                lines.append(f"  {name} {m}: " + ", ".join(parts) + f" s; total per seed (every repeat) [{runs}] s")
+        mine, orig = by.get((name, "scembed")), by.get((name, "imap_original"))
+        if mine and orig:
+            ratios = [
+                f"{k} {mine[k] / orig[k]:.2f}x" for k in ("stage1", "stage2", "seconds") if k in mine and k in orig
+            ]
+            lines.append(f"  {name} scembed / original: " + ", ".join(ratios))
+    if lines:
+        print("\nstage times (mean over seeds; each seed the fastest of its repeats):", *lines, sep="\n")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        m, path, out, e1, e2, threads = sys.argv[2:8]
-        worker(m, path, out, int(e1), int(e2), int(threads))
+        worker(json.loads(sys.argv[2]))
         return
     p = argparse.ArgumentParser()
-    p.add_argument("--datasets", nargs="+", default=["cellbench_3cl_2batches", "kang_ifnb_2batches"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument(
+        "--datasets", nargs="+", default=["cellbench_3cl_2batches", "kang_ifnb_2batches"],
+        help=f"shared data set names, or simulated: {', '.join(SIMULATED)}",
+    )  # fmt: skip
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"default: {' '.join(METHODS)}; " + "; ".join(f"{k}: {' '.join(v)}" for k, v in DEFAULT_METHODS.items()),
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the random methods")
     p.add_argument("--epochs1", type=int, default=150)
     p.add_argument("--epochs2", type=int, default=150)
+    p.add_argument("--scvi-epochs", type=int, default=None, help="scVI's max_epochs (default: its own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-top-genes", type=int, default=2000)
-    p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs")
+    p.add_argument("--score-cells", type=int, default=20_000, help="score a random subsample of larger sets")
+    p.add_argument("--quick", action="store_true", help="cellbench only, 1 + 1 epochs, scVI 2 epochs")
     p.add_argument(
         "--default-budget", action="store_true", help="scembed with max_epochs=None (the original keeps 150 + 150)"
     )
@@ -360,11 +605,11 @@ def main() -> None:
     p.add_argument(
         "--original-python", default=os.environ.get("IMAP_PYTHON"), help="an interpreter that can import imap 1.0.0"
     )
+    p.add_argument(
+        "--scvi-python", default=os.environ.get("SCVI_PYTHON"), help="an interpreter that can import scvi-tools"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     args = p.parse_args()
-    if not args.original_python and "imap_original" in args.methods:
-        print("no --original-python (or $IMAP_PYTHON): imap_original skipped", file=sys.stderr)
-        args.methods = [m for m in args.methods if m != "imap_original"]
     if args.step_compare:
         step_compare(args.threads)
         return
@@ -379,71 +624,74 @@ def main() -> None:
         return
     if args.quick:
         args.datasets, args.epochs1, args.epochs2 = ["cellbench_3cl_2batches"], 1, 1
+        args.scvi_epochs = args.scvi_epochs or 2
+    # the scoring in this process: as many threads as the methods get
+    os.environ.update({v: str(args.threads) for v in THREAD_VARIABLES})
+    os.environ.setdefault(
+        "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}"
+    )
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    missing = {"imap_original": (args.original_python, "--original-python (or $IMAP_PYTHON)")}
+    missing["scvi"] = (args.scvi_python, "--scvi-python (or $SCVI_PYTHON)")
+    wanted = {m for name in args.datasets for m in (args.methods or DEFAULT_METHODS.get(name, METHODS))}
+    for m, (python, flag) in missing.items():
+        if m in wanted and not python:
+            print(f"no {flag}: {m} skipped", file=sys.stderr)
     rows = []
+    subsampled: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name in args.datasets:
             import anndata as ad
 
             path = prepare(name, tmp, args.n_top_genes)
-            a = ad.read_h5ad(path, backed="r")
-            batch, labels = a.obs["batch"].to_numpy(), a.obs["celltype"].to_numpy()
-            res = {}
-            for rep in range(args.repeats):
-                for m in args.methods:
-                    if rep and m not in ("scembed", "imap_original"):
-                        continue
-                    r = run_method(m, path, tmp, args)
-                    if "error" in r:
-                        print(f"{name} {m}: {r['error']}", file=sys.stderr)
-                        continue
-                    emb = r.pop("emb")
-                    print(name, m, f"run {rep}", {k: round(v, 3) for k, v in r.items()}, flush=True)
-                    if m in res:  # a repeat: same seed, same result; keep the fastest time (the VM is noisy)
-                        for key in TIMES:
-                            res[m][f"{key}_runs"].append(r.get(key, float("nan")))
-                            res[m][key] = min(res[m][f"{key}_runs"])
-                        continue
-                    r.update({f"{key}_runs": [r.get(key, float("nan"))] for key in TIMES})
-                    r.update(scores(emb, batch, labels))
-                    res[m] = r
-                    # a long run (the defaults take hours) keeps what it has measured if it is stopped
-                    shown = ("iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn", "total")
-                    print(name, m, "scores", {k: round(r[k], 4) for k in shown}, flush=True)
+            obs = ad.read_h5ad(path, backed="r").obs
+            batch, labels = obs["batch"].to_numpy(), obs["celltype"].to_numpy()
+            sub = None
+            if len(obs) > args.score_cells:
+                sub = np.sort(np.random.default_rng(0).choice(len(obs), args.score_cells, replace=False))
+                subsampled[name] = len(obs)
+            methods = [m for m in (args.methods or DEFAULT_METHODS.get(name, METHODS)) if missing.get(m, (m,))[0]]
+            runs: dict[str, list[dict]] = {}  # output row → one entry per seed
+            for si, seed in enumerate(args.seeds):
+                for rep in range(args.repeats):
+                    for m in methods:
+                        if (si and m not in RANDOM) or (rep and m not in ("scembed", "imap_original")):
+                            continue
+                        r = run_method(m, path, tmp, args, seed)
+                        if "error" in r:
+                            print(f"{name} {m} seed {seed}: {r['error']}", file=sys.stderr)
+                            continue
+                        outputs = r.pop("outputs")
+                        print(name, m, f"seed {seed} run {rep}", {k: round(v, 3) for k, v in r.items()}, flush=True)
+                        for row in output_rows(outputs):
+                            if rep:  # a repeat: same seed, same result; keep the fastest time (the VM is noisy)
+                                entry = runs.get(row, [{}])[-1]
+                                for key in TIMES:
+                                    if entry.get("seed") == seed and key in r:
+                                        entry[f"{key}_runs"].append(r[key])
+                                        entry[key] = min(entry[f"{key}_runs"])
+                                continue
+                            entry = {"seed": seed if m in RANDOM else None, **r}
+                            entry.update({f"{key}_runs": [r[key]] for key in TIMES if key in r})
+                            entry.update(score_output(row, outputs, batch, labels, sub))
+                            runs.setdefault(row, []).append(entry)
+                            # a long run (the defaults take hours) keeps what it has measured if it is stopped
+                            shown = {k: round(entry[k], 4) for k in METRICS}
+                            print(name, row, f"seed {seed} scores", shown, flush=True)
+            res = {row: aggregate(v) for row, v in runs.items()}
             ref = res.get("imap_original", {}).get("seconds")
-            for m, r in res.items():
+            for row, r in res.items():
                 r["time_ratio"] = r["seconds"] / ref if ref else float("nan")
-                rows.append((name, m, r))
+                rows.append((name, row, r))
     write_json(
         args.json, [{"data": name, "method": m, **r} for name, m, r in rows], script="imap", threads=args.threads,
-        epochs=[args.epochs1, args.epochs2],
+        epochs=[args.epochs1, args.epochs2], seeds=args.seeds, scvi_epochs=args.scvi_epochs,
+        score_cells=args.score_cells,
     )  # fmt: skip
-    keys = ["seconds", "time_ratio", "peak_mb", "iLISI", "cLISI", "batch_ASW", "label_ASW", "kBET", "graph_conn"]
-    keys += ["bio", "batch", "total"]
-    budget = "scembed: the default budget (epochs run below); " if args.default_budget else ""
-    print(f"\n{budget}epochs: stage I {args.epochs1}, stage II {args.epochs2}; torch threads {args.threads}")
-    for name, m, r in rows:
-        if "epochs_stage1" in r:
-            print(f"  {name} {m}: stage I ran {r['epochs_stage1']:.0f} epochs, stage II {r['epochs_stage2']:.0f}")
-    print("| data | method | " + " | ".join(keys) + " |")
-    print("|" + " --- |" * (len(keys) + 2))
-    for name, m, r in rows:
-        print(f"| {name} | {m} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
-    by = {(name, m): r for name, m, r in rows}
-    both = [name for name in args.datasets if (name, "scembed") in by and (name, "imap_original") in by]
-    if both:
-        print("\nstage times (fastest of the runs; all runs in brackets), scembed / original:")
-    for name in both:
-        mine, orig = by[(name, "scembed")], by[(name, "imap_original")]
-        parts = []
-        for key, label in (("train_stage1", "stage I"), ("run_stage2", "stage II"), ("seconds", "total")):
-            runs = (
-                "/".join(f"{v:.0f}" for v in mine[f"{key}_runs"])
-                + " vs "
-                + "/".join(f"{v:.0f}" for v in orig[f"{key}_runs"])
-            )
-            parts.append(f"{label} {mine[key]:.0f} / {orig[key]:.0f} s = {mine[key] / orig[key]:.2f}x [{runs}]")
-        print(f"  {name}: " + "; ".join(parts))
+    print_tables(rows, args, subsampled)
 
 
 if __name__ == "__main__":
