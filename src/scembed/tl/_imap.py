@@ -81,7 +81,7 @@ def imap_integrate(
     Dec(c, b) = ReLU(G2([c; b]) + G1(b)) on batch-balanced *mixup* cells (random convex combinations of two cells
     of the same batch, ``batch_size[0]`` per batch and step, 20 steps per epoch), minimising
     ``lambda_recon`` · MSE(Dec(E(x), b), x) + ``lambda_content`` · MSE(E(x), E(Dec(E(x), b̃))) with b̃ a random
-    batch. E(x) is a batch-free content representation of every cell.
+    batch. E(x) is the content representation of every cell that stage II uses to match cells across batches.
 
     **Stage II** takes the batch with the largest summed per-gene standard deviation as the anchor (or the first of
     ``order``). For every other batch, on ≤ ``n_sample`` sampled cells of the anchor and of the query, in the
@@ -90,9 +90,19 @@ def imap_integrate(
     G(x) = ReLU(x + F(x)) is then trained with WGAN-GP (penalty 10) to map the query cells of this pool onto its
     anchor cells, and G corrects every cell of the query batch. Anchor cells are left unchanged.
 
-    Cost is set by the epochs, not by the number of cells (every epoch sees a fixed number of samples), apart from
-    encoding and correcting every cell once. Sparse input is densified one mini-batch at a time; the caller's
-    ``X``, ``var`` and cell order are never modified.
+    **Which output to use.** For neighbours, UMAP and clustering, the PCA of the corrected expression
+    (``sc.pp.pca(adata, layer="imap")``, then ``sc.pp.neighbors(adata)``): that is the output integrated
+    by stage II and scored in the benchmarks. The stage-I codes ``obsm["X_imap"]`` are not trained to be free of
+    the batch (only to survive translation into another batch): on data with a strong batch effect they keep the
+    batches apart (``benchmarks/imap.py`` scores both, rows ``scembed`` and ``scembed_codes``). The corrected
+    expression is also what to plot genes from and to test for differential expression (``layer="imap"``).
+
+    Cost is set by the number of training steps and the cells each draws, apart from encoding and correcting every
+    cell once: with ``max_epochs=None`` both follow the data (see ``max_epochs``; a step draws no more cells than a
+    batch, or the stage-II pool, holds); epochs given explicitly run the original's fixed 20 steps of
+    ``batch_size[0]`` cells per batch (stage I) and ``n_critic`` steps of ``batch_size[1]`` cells (stage II) per
+    epoch whatever the data. ``uns[key_added]["seconds"]`` records each stage's time. Sparse input is densified
+    one mini-batch at a time; the caller's ``X``, ``var`` and cell order are never modified.
 
     Names follow scembed's vocabulary, shared by all tools: ``max_epochs`` is ``(stage I epochs, stage II
     epochs)`` (formerly ``stage1_epochs``, ``stage2_epochs``), ``batch_size`` the two stages' batch sizes (formerly
@@ -121,8 +131,10 @@ def imap_integrate(
         ``(stage I, stage II)`` epochs; an int sets both. Stage I: 20 steps per epoch; stage II, per query batch:
         ``n_critic`` critic steps and one generator step per epoch. ``None`` (default): a budget that follows the
         data, counted in passes over the cells (:func:`scembed._engine.imap.default_budget`; the original's 150 +
-        150 for large data, fewer for small), and stage I holds out 10 % of every batch and stops early once their
-        loss stops falling. Epochs given explicitly run as given, as in the original. ``max_epochs[1] == 0``
+        150 for large data, fewer for small), stage I holds out 10 % of every batch and stops early once their
+        loss stops falling, and a step draws at most the cells a batch (stage I) or the stage-II pool holds
+        (:func:`scembed._engine.imap.capped_batch_size`). Epochs given explicitly run as given, with the given
+        ``batch_size``, as in the original. ``max_epochs[1] == 0``
         skips stage II: no generator is trained, ``layers[key_added]`` and ``var[key_added + "_used"]`` are not
         written, and a returned model has no generators (only ``encode`` is meaningful).
     lambda_content
@@ -163,7 +175,8 @@ def imap_integrate(
     following fields:
 
     `adata.obsm['X_imap' | 'X_' + key_added]` : :class:`numpy.ndarray` (dtype `float32`)
-        Stage-I content representation, ``(n_obs, n_latent)``, in the input cell order.
+        Stage-I content representation, ``(n_obs, n_latent)``, in the input cell order (what stage II matches
+        cells on; for neighbours use the PCA of ``layers[key_added]``, see above).
     `adata.layers['imap' | key_added]` : :class:`numpy.ndarray` or :class:`scipy.sparse.csr_matrix` (`float32`)
         Corrected expression of every gene (sparse when the input is): integrated genes corrected, the others
         copied from the input. Not written when ``max_epochs[1] == 0``.
@@ -185,8 +198,9 @@ def imap_integrate(
     >>> adata = se.datasets.simulate(2000, 1000, n_batches=2, batch_scale=0.8)
     >>> sc.pp.normalize_total(adata)
     >>> sc.pp.log1p(adata)
-    >>> se.tl.imap_integrate(adata, batch_key="batch", max_epochs=20)
-    >>> sc.pp.pca(adata, layer="imap")
+    >>> se.tl.imap_integrate(adata, batch_key="batch")
+    >>> sc.pp.pca(adata, layer="imap")  # the corrected expression: neighbours, UMAP, clustering
+    >>> sc.pp.neighbors(adata)
     """
     X, where, batch_idx, batches, sizes = _check_data(adata, batch_key, layer)
     o = _check_options(
