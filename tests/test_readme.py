@@ -50,7 +50,8 @@ def check_clustering_and_integration(ns: dict) -> None:
     assert counts.obsm["X_scdeepcluster"].shape[0] == counts.n_obs
     assert counts.obsm["X_imap"].shape[0] == counts.n_obs
     assert counts.layers["imap"].shape == counts.shape
-    assert "neighbors" in counts.uns and counts.uns["neighbors"]["params"]["use_rep"] == "X_imap"
+    assert "neighbors" in counts.uns and counts.uns["neighbors"]["params"]["use_rep"] == "X_pca_imap"
+    assert counts.obsm["X_pca_imap"].shape[0] == counts.n_obs
 
 
 CHECKS = [check_embedding, check_autoencoder, check_clustering_and_integration]
