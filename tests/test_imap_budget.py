@@ -179,7 +179,7 @@ def test_default_budget_draws_no_more_cells_than_a_batch_holds():
     assert u["stage2"]["batch_size"].tolist() == [pools] and pools <= 100  # not 1,024 draws from ≤ 100 cells
     assert engine.default_budget(240, 2, smallest_batch=120)[0] == engine.default_budget(240, 2)[0]  # floor
     # the same passes over the data with fewer cells per step: more epochs
-    assert engine.default_budget(40_000, 2, smallest_batch=256)[0] > engine.default_budget(40_000, 2)[0]
+    assert engine.default_budget(10_000, 2, smallest_batch=256)[0] > engine.default_budget(10_000, 2)[0]
     # epochs given explicitly keep the original's sizes
     c = se.tl.imap_integrate(a, copy=True, max_epochs=(1, 1), **kw)
     assert c.uns["imap"]["stage1_batch_size"] == 512 and c.uns["imap"]["stage2"]["batch_size"].tolist() == [1024]

@@ -450,7 +450,7 @@ def train_stage1(
     average_buffers_(encoder, decoder)  # under torchrun: one set of BatchNorm statistics on every rank
     encoder.eval()
     decoder.eval()
-    history["batch_size"] = [float(batch_size)] * len(history["loss"])
+    history["batch_size"] = [float(batch_size)] * len(history.get("loss", []))
     return encoder, decoder, history
 
 
@@ -634,7 +634,7 @@ def train_generator(
         raise _diverged(stage, epoch_now[0], err, None) from err
     average_buffers_(gen, critic)  # under torchrun: one set of BatchNorm statistics on every rank
     gen.eval()
-    history["batch_size"] = [float(batch_size)] * len(history["critic"])
+    history["batch_size"] = [float(batch_size)] * len(history.get("critic", []))
     return gen, history
 
 
