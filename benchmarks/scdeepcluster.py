@@ -17,6 +17,8 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
         --methods scembed_k original_k scembed_auto original_auto   # side by side with the original (README)
     python benchmarks/scdeepcluster.py --batch --pretrain-epochs 50 --maxiter 100
                                                         # batch mixing vs uncorrected PCA and Harmony (README)
+    python benchmarks/scdeepcluster.py --batch --datasets kang_ifnb_2batches --n-top-genes 2000
+                                                        # the same on 14k cells, scembed on 2,000 genes
 
 ORIGINAL_DIR is a folder with the original's code (benchmarks/README.md says how to assemble it) and, in
 ORIGINAL_DIR/venv, an interpreter with its dependencies (``--original-python`` or ``$SCDC_ORIGINAL_PYTHON`` to use
@@ -328,9 +330,14 @@ def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int 
 
 
 #: data sets of the batch benchmark: simulated (``sim_<batch_scale>``, 2,000 cells × 500 genes, 5 types, 2 batches,
-#: simulated with the run's seed) and shared real sets with ``obs["batch"]``
-BATCH_DATASETS = ["sim_0.5", "sim_1.0", "cellbench_3cl_2batches"]
-BATCH_METHODS = ["scembed_batch", "scembed_nobatch", "pca", "harmony"]
+#: simulated with the run's seed; ``sim_<batch_scale>_unshared``: the same without the first type's cells of the
+#: second batch, a type present in one batch only, which a correction must leave apart) and shared real sets with
+#: ``obs["batch"]``
+BATCH_DATASETS = ["sim_0.5", "sim_1.0", "sim_1.0_unshared", "cellbench_3cl_2batches", "kang_ifnb_2batches"]
+#: scembed with ``batch_key`` (default penalty, or none: ``_nopenalty``) and without; tl.autoencoder (+ Leiden)
+#: likewise; Leiden on uncorrected and Harmony-corrected PCs
+BATCH_METHODS = ["scembed_batch", "scembed_batch_nopenalty", "scembed_nobatch", "pca", "harmony"]
+EXTRA_BATCH_METHODS = ["autoencoder_batch", "autoencoder_batch_nopenalty"]
 
 
 def batch_data(dataset: str, seed: int):
@@ -340,27 +347,51 @@ def batch_data(dataset: str, seed: int):
     import scembed as se
 
     if dataset.startswith("sim_"):
-        return se.datasets.simulate(
-            n_cells=2000, n_genes=500, n_celltypes=5, n_batches=2, batch_scale=float(dataset[4:]), random_state=seed
+        scale, _, unshared = dataset[4:].partition("_")
+        adata = se.datasets.simulate(
+            n_cells=2000, n_genes=500, n_celltypes=5, n_batches=2, batch_scale=float(scale), random_state=seed
         )
+        if unshared:
+            first = adata.obs["celltype"].cat.categories[0]
+            drop = (adata.obs["celltype"] == first) & (adata.obs["batch"] == adata.obs["batch"].cat.categories[1])
+            adata = adata[~drop.to_numpy()].copy()
+        return adata
     adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
     sc.pp.filter_genes(adata, min_cells=3)
     return adata
 
 
-def batch_run(method: str, dataset: str, seed: int, pretrain: int, maxiter: int) -> dict:
-    """Embedding and clusters of one method: scDeepCluster (batch-aware, or without the batch), or Leiden (the same
+def batch_run(
+    method: str, dataset: str, seed: int, pretrain: int, maxiter: int, n_top_genes: int | None = None
+) -> dict:
+    """Embedding and clusters of one method: scDeepCluster with ``n_clusters=0`` (batch-aware with its default
+    penalty or none, or without the batch), tl.autoencoder (the same) followed by Leiden, or Leiden (the same
     resolution, 0.2) on 50 PCs of the log-normalised, scaled data, uncorrected or corrected by Harmony."""
     import scanpy as sc
 
     import scembed as se
 
     adata = batch_data(dataset, seed)
+    key = None if method.endswith("_nobatch") else "batch"
+    penalty = {"batch_penalty": 0.0} if method.endswith("_nopenalty") else {}
+    out: dict = {}
     if method.startswith("scembed"):
-        key = "batch" if method == "scembed_batch" else None
-        se.tl.scdeepcluster(adata, 0, batch_key=key, max_epochs=(pretrain, maxiter), random_state=seed)
+        se.tl.scdeepcluster(
+            adata, 0, batch_key=key, max_epochs=(pretrain, maxiter), n_top_genes=n_top_genes, random_state=seed,
+            **penalty,
+        )  # fmt: skip
         emb, clusters = adata.obsm["X_scdeepcluster"], adata.obs["scdeepcluster"].to_numpy()
+        out["time"] = sum(adata.uns["scdeepcluster"]["time"].values())
+    elif method.startswith("autoencoder"):
+        from scembed._engine.scdeepcluster import leiden_labels
+
+        t0 = time.perf_counter()
+        se.tl.autoencoder(adata, batch_key=key, n_top_genes=n_top_genes, random_state=seed, **penalty)
+        out["time"] = time.perf_counter() - t0
+        emb = adata.obsm["X_autoencoder"]
+        clusters = leiden_labels(emb, knn=20, resolution=0.2, random_state=seed)  # as scDeepCluster's K estimate
     else:
+        t0 = time.perf_counter()
         b = adata.copy()
         sc.pp.normalize_total(b)
         sc.pp.log1p(b)
@@ -378,10 +409,20 @@ def batch_run(method: str, dataset: str, seed: int, pretrain: int, maxiter: int)
         sc.pp.neighbors(b, use_rep="X_emb", random_state=seed)
         sc.tl.leiden(b, resolution=0.2, random_state=seed, flavor="igraph", n_iterations=-1, directed=False)
         clusters = b.obs["leiden"].to_numpy()
-    return {"emb": emb, "clusters": clusters, "batch": adata.obs["batch"].to_numpy(), "types": adata.obs["celltype"]}
+        out["time"] = time.perf_counter() - t0
+    batch = adata.obs["batch"].to_numpy()
+    return {**out, "emb": emb, "clusters": clusters, "batch": batch, "types": adata.obs["celltype"]}
 
 
-def batch_table(datasets: list[str], methods: list[str], seeds: list[int], pretrain: int, maxiter: int) -> None:
+def batch_table(
+    datasets: list[str],
+    methods: list[str],
+    seeds: list[int],
+    pretrain: int,
+    maxiter: int,
+    n_top_genes: int | None = None,
+    json_path: Path | None = None,
+) -> None:
     """Batch mixing and conservation of the types: iLISI, kBET, other-batch share among 30-NN, ARI, K, batch
     entropy within the clusters; one row per (data set, method), the seeds' values side by side."""
     import torch
@@ -392,14 +433,14 @@ def batch_table(datasets: list[str], methods: list[str], seeds: list[int], pretr
 
     torch.set_num_threads(1)
     se.settings.progress = False
-    print(f"budget: max_epochs=({pretrain}, {maxiter}); seeds {seeds}")
-    print("| data set | method | iLISI | kBET | other batch in 30-NN | ARI | K (true) | cluster batch entropy |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    genes = "every gene with counts" if n_top_genes is None else f"n_top_genes={n_top_genes}"
+    print(f"budget: max_epochs=({pretrain}, {maxiter}), {genes} (scembed); seeds {seeds}")
+    lines, rows = [], []
     for dataset in datasets:
         for method in methods:
             cols: dict[str, list] = {}
             for seed in seeds:
-                r = batch_run(method, dataset, seed, pretrain, maxiter)
+                r = batch_run(method, dataset, seed, pretrain, maxiter, n_top_genes)
                 batch, types = np.asarray(r["batch"]).astype(str), np.asarray(r["types"]).astype(str)
                 values = {
                     "ilisi": ilisi(r["emb"], batch),
@@ -408,14 +449,22 @@ def batch_table(datasets: list[str], methods: list[str], seeds: list[int], pretr
                     "ari": adjusted_rand_score(types, r["clusters"]),
                     "k": len(np.unique(r["clusters"])),
                     "entropy": cluster_batch_entropy(r["clusters"], batch),
+                    "time": r["time"],
                 }
+                rounded = {k: round(float(v), 3) for k, v in values.items()}
+                print(f"  {dataset} {method} seed {seed}: {json.dumps(rounded)}", flush=True)
                 for key, v in values.items():
-                    cols.setdefault(key, []).append(v)
+                    cols.setdefault(key, []).append(float(v))
                 k_true = len(np.unique(types))
+            rows.append({"dataset": dataset, "method": method, "k_true": k_true, "seeds": seeds, **cols})
+            write_json(json_path, rows, script="scdeepcluster --batch", max_epochs=[pretrain, maxiter], seeds=seeds)
             cells = [" / ".join(f"{v:.2f}" for v in cols[key]) for key in ("ilisi", "kbet", "other", "ari")]
-            ks = "/".join(str(k) for k in cols["k"])
+            ks = "/".join(str(int(k)) for k in cols["k"])
             entropy = " / ".join(f"{v:.2f}" for v in cols["entropy"])
-            print(f"| {dataset} | {method} | {' | '.join(cells)} | {ks} ({k_true}) | {entropy} |", flush=True)
+            lines.append(f"| {dataset} | {method} | {' | '.join(cells)} | {ks} ({k_true}) | {entropy} |")
+    print("| data set | method | iLISI | kBET | other batch in 30-NN | ARI | K (true) | cluster batch entropy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -426,8 +475,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
     parser.add_argument(
-        "--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS + ORIGINAL_METHODS + BATCH_METHODS
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        choices=METHODS + EXTRA_METHODS + ORIGINAL_METHODS + BATCH_METHODS + EXTRA_BATCH_METHODS,
     )
+    parser.add_argument("--n-top-genes", type=int, default=None, help="--batch: genes scembed uses (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="threads for every method (torch, BLAS, numba)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument(
@@ -488,7 +541,7 @@ def main() -> None:
     if args.batch:
         datasets = BATCH_DATASETS if args.datasets == DATASETS else args.datasets
         methods = BATCH_METHODS if args.methods == METHODS else args.methods
-        batch_table(datasets, methods, seeds, pretrain, maxiter)
+        batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json)
         return
     if args.resolutions:
         print(f"Leiden on the latent space after {pretrain} pretraining epochs: K (ARI); seeds {seeds}")

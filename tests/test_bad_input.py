@@ -457,6 +457,11 @@ def case_return_model_string(a, f):
     return a, {"return_model": "no"}, ("raises", TypeError, r"`return_model`")
 
 
+@case("tl.scdeepcluster", "tl.autoencoder")
+def case_negative_batch_penalty(a, f):
+    return a, {"batch_penalty": -1.0}, ("raises", ValueError, r"`batch_penalty`")
+
+
 @case("pp.affinity", "tl.neuralee")
 def case_n_jobs_string(a, f):
     return a, {"n_jobs": "a"}, ("raises", TypeError, r"`n_jobs`")

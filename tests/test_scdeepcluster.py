@@ -318,6 +318,9 @@ def test_batch_aware(tmp_path):
     assert model.net.encoder[0].in_features == 150  # the batch one-hot enters the decoder only
     assert model.net.decoder[0].in_features == 32 + 2
     assert model.batch_categories == ["batch0", "batch1"]
+    history = adata.uns["scdeepcluster"]["history"]  # the batch penalty ran in both stages, one value per epoch
+    assert len(history["pretrain_batch_mmd"]) == 10
+    assert len(history["cluster_batch_mmd"]) == adata.uns["scdeepcluster"]["n_epochs_cluster"]
     assert model.gene_mean.shape == model.gene_std.shape == (2, 150)  # the input is standardised per batch
     _, _, z = model.predict(adata)
     np.testing.assert_allclose(z, adata.obsm["X_scdeepcluster"], rtol=1e-5, atol=1e-5)

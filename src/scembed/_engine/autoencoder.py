@@ -28,6 +28,7 @@ from .distributed import (
     shard,
     world,
 )
+from .mmd import BatchPenalty
 from .nn import mlp
 from .training import adam, train
 from .zinb import LIKELIHOODS, N_HEADS, reconstruction_loss
@@ -175,6 +176,7 @@ def train_autoencoder(
     validation_seed: int = 0,
     desc: str = "autoencoder",
     show_progress: bool | None = None,
+    batch_penalty: float = 0.0,
 ) -> tuple[dict[str, list[float]], int]:
     """Train ``net`` on its likelihood: Gaussian noise ``noise`` on the encoder input, Adam(amsgrad).
 
@@ -204,6 +206,7 @@ def train_autoencoder(
     per_read = max(counts.READ_BLOCKS, -(-batch_size // counts.BLOCK_ROWS))
     blocks = RowBlocks(rows, counts.BLOCK_ROWS, per_read)
     validate = validation_rows is not None and len(validation_rows) > 0
+    penalty = BatchPenalty(batch_penalty, data.n_batches, net.n_latent, device, _penalty_generator(noise_generator))
     # under torchrun (distributed.py): rank 0's weights, this rank's share of the blocks, its own shuffles and
     # noise; the held-out loss is summed over the ranks' cells, so early stopping decides alike everywhere
     stats = [np.ravel(a) for a in (data.size_factors, data.genes, data.gene_mean, data.gene_std)]
@@ -233,14 +236,23 @@ def train_autoencoder(
             for idx in batches:
                 xin, raw, sf, onehot, nonzero = chunk.batch(idx, device)
                 noisy = _with_noise(xin, noise, noise_generator)
-                out = net.decode(net.encode(noisy, onehot), onehot)
-                loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
+                if penalty.active:  # the penalty reads the codes of the clean input: one pass over both
+                    z_noisy, z_clean = net.encode(torch.cat([noisy, xin]), _twice(onehot)).chunk(2)
+                    out = net.decode(z_noisy, onehot)
+                    loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
+                    rows_now = torch.as_tensor(np.asarray(read_rows)[idx], device=device)
+                    objective = loss + penalty(z_clean, onehot, rows_now, loss)
+                else:
+                    out = net.decode(net.encode(noisy, onehot), onehot)
+                    objective = loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 opt.step()
                 total += loss.detach() * len(idx)
                 n_seen += len(idx)
         out = {"loss": float(total) / max(n_seen, 1)}
+        if penalty.active:
+            out["batch_mmd"] = penalty.mean()
         if validate:
             out["validation_loss"] = validation_loss()
         return out
@@ -257,6 +269,15 @@ def train_autoencoder(
     )
 
 
+def _twice(onehot: torch.Tensor | None) -> torch.Tensor | None:
+    return None if onehot is None else torch.cat([onehot, onehot])
+
+
+def _penalty_generator(noise_generator: torch.Generator) -> torch.Generator:
+    """The batch labels' shuffles get their own stream, so that the noise is the same with or without them."""
+    return torch.Generator().manual_seed(noise_generator.initial_seed() + 1)
+
+
 def pretrain(
     net: Autoencoder,
     data: CountData,
@@ -271,6 +292,7 @@ def pretrain(
     show_progress: bool | None = None,
     max_epochs: int | None = None,
     noise: float | None = None,
+    batch_penalty: float = 0.0,
 ) -> dict[str, list[float]]:
     """Pretrain scDeepCluster's network: :func:`train_autoencoder` on every cell for a fixed number of epochs.
 
@@ -291,8 +313,12 @@ def pretrain(
         noise_generator=noise_generator,
         desc="scDeepCluster pretraining",
         show_progress=show_progress,
+        batch_penalty=batch_penalty,
     )
-    return {net.likelihood: history.get("loss", [])}
+    out = {net.likelihood: history.get("loss", [])}
+    if "batch_mmd" in history:
+        out["batch_mmd"] = history["batch_mmd"]
+    return out
 
 
 def _one_of(old, new, old_name: str, new_name: str):

@@ -17,9 +17,19 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from .autoencoder import Autoencoder, _one_of, _with_noise, encode_all, pretrain, train_autoencoder
+from .autoencoder import (
+    Autoencoder,
+    _one_of,
+    _penalty_generator,
+    _twice,
+    _with_noise,
+    encode_all,
+    pretrain,
+    train_autoencoder,
+)
 from .counts import INFER_BATCH, CountData, MiniBatch, _canonical_csr, _rows, library_sizes, select_genes_by_zero_rate
 from .distributed import dec_assignments, rank_generator, rank_minibatches, shard, sync_gradients
+from .mmd import BatchPenalty
 from .training import train
 from .zinb import (
     DISP_MAX,
@@ -208,6 +218,7 @@ def cluster(
     show_progress: bool | None = None,
     max_epochs: int | None = None,
     noise: float | None = None,
+    batch_penalty: float = 0.0,
 ) -> tuple[dict[str, list[float]], bool]:
     """Joint stage: ZINB(noisy input) + γ·KL(P‖Q(clean input)), Adadelta(lr, ρ=0.95) on network and centroids.
 
@@ -222,6 +233,7 @@ def cluster(
     sync_gradients(opt)  # under torchrun (distributed.py): gradients averaged over ranks before each step
     noise_generator = rank_generator(noise_generator)
     n = data.n_obs
+    penalty = BatchPenalty(batch_penalty, data.n_batches, net.n_latent, device, _penalty_generator(noise_generator))
     net.eval()
     # targets from this rank's cells and all-reduced cluster sums, gathered (one process: assignments on all cells)
     _, p = dec_assignments(encode_all(net, data, device, rows=shard(n)), net.centroids.detach())
@@ -237,11 +249,13 @@ def cluster(
             xin, raw, sf, onehot, nonzero = data.batch(rows, device)
             noisy = _with_noise(xin, sigma, noise_generator)
             # one encoder pass over the noisy and the clean input together
-            z = net.encode(torch.cat([noisy, xin]), None if onehot is None else torch.cat([onehot, onehot]))
+            z = net.encode(torch.cat([noisy, xin]), _twice(onehot))
             z_noisy, z_clean = z.chunk(2)
             recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf, nonzero)
             kl = kl_divergence(state["p"][idx.to(device)], soft_assign(z_clean, net.centroids))
             loss = recon + gamma * kl
+            if penalty.active:
+                loss = loss + penalty(z_clean, onehot, idx.to(device), recon)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -254,8 +268,12 @@ def cluster(
             state["labels"] = labels
             deltas.append(delta)
             state["converged"] = delta < tol
-        total, recon, kl = (sums / sum(len(b) for b in batches)).tolist()
-        return {"loss": total, "zinb": recon, "kl": kl}
+        n_seen = sum(len(b) for b in batches)
+        total, recon, kl = (sums / n_seen).tolist()
+        out = {"loss": total, "zinb": recon, "kl": kl}
+        if penalty.active:
+            out["batch_mmd"] = penalty.mean()
+        return out
 
     def stop(epoch: int, losses) -> bool:
         return state["converged"]

@@ -102,6 +102,7 @@ def autoencoder(
     validation_fraction: float = 0.1,
     patience: int | None = 20,
     n_top_genes: int | None = None,
+    batch_penalty: float = 1.0,
     device: str = "auto",
     random_state: int | None = 0,
     show_progress: bool | None = None,
@@ -122,8 +123,11 @@ def autoencoder(
     gene centred and scaled with the statistics of the cell's batch) and the one-hot batch is given to the decoder
     only (and, with ``batch_encoder``, to the encoder too): a batch's shift and scale of each gene never reaches
     the encoder, so the embedding mixes the batches within a cell type, while the decoder, given the batch,
-    reconstructs each batch's values (as :func:`scembed.tl.scdeepcluster`; it assumes broadly similar mixtures
-    of cell types in the batches). A non-linear alternative to PCA in front of neighbours, UMAP or any
+    reconstructs each batch's values (as :func:`scembed.tl.scdeepcluster`). What standardisation cannot remove (a
+    protocol that changes the relations between genes) is aligned by ``batch_penalty``, a maximum mean
+    discrepancy penalty between the batches' codes that acts only where a permutation test finds the batches
+    more different than shuffled labels would be. Both assume broadly similar mixtures of cell types in the
+    batches. A non-linear alternative to PCA in front of neighbours, UMAP or any
     clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
 
     The matrix is read in contiguous row slices, never densified nor read whole: one pass checks the values and
@@ -157,6 +161,11 @@ def autoencoder(
     batch_encoder
         Also give the batch one-hot to the encoder (the original scDeepCluster's batch model did); it lets the
         encoder put the batch back into the embedding, so it is off by default.
+    batch_penalty
+        With ``batch_key``: weight of the batch-alignment penalty relative to the reconstruction loss, as in
+        :func:`scembed.tl.scdeepcluster` (the squared MMD between the batches' codes, beyond the mean plus two
+        standard deviations of its value under shuffled batch labels, times the step's loss). 0 turns it off;
+        the default 1 lets the two terms count alike.
     noise
         Standard deviation of the Gaussian noise on the scaled encoder input in training (scDeepCluster: 2.5).
     scale
@@ -198,7 +207,8 @@ def autoencoder(
         The embedding, cells × ``n_latent``.
     `adata.uns['autoencoder' | key_added]` : `dict`
         `params` (the call's settings; `max_epochs` resolved, `patience` and `n_top_genes` 0 for `None`);
-        `history` with `loss` (training) and `validation_loss` per epoch (empty without held-out cells);
+        `history` with `loss` (training) and `validation_loss` per epoch (empty without held-out cells), and
+        with ``batch_key`` and the penalty on, `batch_mmd` (the batch discrepancy statistic per epoch);
         `n_epochs` run, `best_epoch` (0-based; whose weights were kept) and `n_genes_used`.
 
     Examples
@@ -233,6 +243,7 @@ def autoencoder(
         raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
     if max_epochs is not None:
         max_epochs = check_positive_int(max_epochs, "max_epochs", minimum=0)
+    batch_penalty = check_in_range(batch_penalty, "batch_penalty", low=0)
     codes, categories = None, []
     if batch_key is not None:
         codes, categories = batch_codes(adata, batch_key)
@@ -262,12 +273,14 @@ def autoencoder(
             net, data, max_epochs=max_epochs, batch_size=batch_size, noise=noise, lr=lr, device=dev,
             generator=torch.Generator().manual_seed(seed), noise_generator=noise_gen, train_rows=train_rows,
             validation_rows=val_rows, patience=patience, validation_seed=seed, show_progress=show_progress,
+            batch_penalty=batch_penalty,
         )  # fmt: skip
         z = engine.embed(net.eval(), data, dev)  # under torchrun: each rank encodes its own rows, then gathered
     record = _record(locals_=dict(
         n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, hidden=hidden,
         batch_encoder=batch_encoder, noise=noise, scale=scale, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
-        validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes, random_state=seed,
+        validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes,
+        batch_penalty=batch_penalty, random_state=seed,
     ), history=history, n_run=n_run, has_validation=bool(val_rows.size), n_genes=len(genes))  # fmt: skip
     adata = copy_adata(adata) if copy else adata
     adata.obsm[keys.obsm] = z
@@ -289,7 +302,11 @@ def _record(locals_: dict, history: dict, n_run: int, has_validation: bool, n_ge
     watched = history.get("validation_loss") or history.get("loss") or [np.nan]
     return {
         "params": params,
-        "history": {"loss": history.get("loss", []), "validation_loss": history.get("validation_loss", [])},
+        "history": {
+            "loss": history.get("loss", []),
+            "validation_loss": history.get("validation_loss", []),
+            **({"batch_mmd": history["batch_mmd"]} if "batch_mmd" in history else {}),  # only when the penalty ran
+        },
         "n_epochs": int(n_run),
         "best_epoch": int(np.argmin(watched)) if has_validation and n_run else int(n_run) - 1,
         "n_genes_used": n_genes,

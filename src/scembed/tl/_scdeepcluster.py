@@ -66,6 +66,7 @@ def scdeepcluster(
     batch_size: int = 256,
     n_neighbors: int = 20,
     resolution: float = 0.2,
+    batch_penalty: float = 1.0,
     device: str = "auto",
     random_state: int | None = 0,
     show_progress: bool | None = None,
@@ -88,10 +89,14 @@ def scdeepcluster(
     each batch (every gene's log expression centred and scaled with the mean and standard deviation of the cell's
     batch), and the batch one-hot enters the decoder only, which reconstructs each batch's counts. A batch's
     shift and scale of each gene (the location/scale batch effect that ComBat models) thus never reaches the
-    latent space, so the clusters are cell types rather than type × batch; like any such correction it assumes
-    that the batches hold broadly similar mixtures of cell types. (The original's batch model gives the one-hot
-    to the encoder as well and standardises over all cells: nothing keeps the batch out of its latent space,
-    and its clusters split every type by batch.)
+    latent space, so the clusters are cell types rather than type × batch. What standardisation cannot remove
+    (a protocol that changes the relations between genes) is aligned by a penalty on the latent space in both
+    stages (``batch_penalty``): the maximum mean discrepancy (MMD) between the batches' codes, counted only where
+    a permutation test finds the batches more different than shuffled batch labels would be, so that batches that
+    are already mixed are left alone. Like any such correction it assumes that the batches hold broadly similar
+    mixtures of cell types. (The original's batch model gives the one-hot to the encoder as well and
+    standardises over all cells: nothing keeps the batch out of its latent space, and its clusters split every
+    type by batch.)
 
     Names differ from the original's where scembed's vocabulary is shared by all tools: ``max_epochs`` is
     ``(pretrain_epochs, maxiter)``, ``noise`` is ``sigma``, ``n_latent`` is ``z_dim``, ``hidden`` is the
@@ -111,8 +116,8 @@ def scdeepcluster(
         Layer with the raw counts (default ``X``).
     batch_key
         Column of ``adata.obs`` with the batch of every cell (batch-aware model: input standardised per batch,
-        batch one-hot in the decoder); ``None`` for one batch. Its labels must be of one type (a column mixing
-        ``1`` and ``"1"`` is refused rather than merged).
+        batch one-hot in the decoder, ``batch_penalty`` on the latent space); ``None`` for one batch. Its labels
+        must be of one type (a column mixing ``1`` and ``"1"`` is refused rather than merged).
     n_top_genes
         Use only this many genes, chosen for their excess of zeros given their mean expression (Kobak & Berens
         2019, as the original's ``geneSelection``); ``None`` (default) uses every gene with counts.
@@ -143,6 +148,14 @@ def scdeepcluster(
         Louvain used 0.8) gave the best mean ARI on the project's benchmark sets (``benchmarks/README.md``), but K
         can still be off on single sets and it grows with the number of cells: pass ``n_clusters`` when the
         number of types is known, and lower the resolution for large data.
+    batch_penalty
+        With ``batch_key``: weight of the batch-alignment penalty, relative to the reconstruction loss. Each step
+        adds ``batch_penalty`` × (the step's ZINB loss) × max(0, S − μ₀ − 2σ₀), where S is the squared MMD
+        (Gaussian kernel, five bandwidths around the median distance) between the batches' latent codes, the
+        current cells against the 2,048 cells seen before them, and μ₀, σ₀ are the mean and standard deviation
+        of S over 8 shuffles of the current cells' batch labels. Scaling by the loss makes the weight mean the
+        same on every data set; the default 1 lets the two terms count alike. 0 turns the penalty off; with
+        batches of different cell-type mixtures, a lower value keeps a type found in one batch only apart.
     {doc_trainer_tail}
 
     Returns
@@ -159,7 +172,9 @@ def scdeepcluster(
     `adata.uns['scdeepcluster' | key_added]` : `dict`
         `params`; `n_clusters` (the number used) and `n_clusters_method` ("given" or "leiden");
         `n_clusters_init` labels' sizes; `n_genes_used`; `converged`; `n_epochs_pretrain`, `n_epochs_cluster`;
-        `history` (per-epoch losses: `pretrain_zinb`, `cluster_loss`, `cluster_zinb`, `cluster_kl`);
+        `history` (per-epoch losses: `pretrain_zinb`, `cluster_loss`, `cluster_zinb`, `cluster_kl`; with
+        ``batch_key`` and the penalty on, `pretrain_batch_mmd` and `cluster_batch_mmd`, the mean MMD² statistic
+        per epoch, near 0 once the batches mix);
         `delta_label` (share of changed labels at every update); `time` (seconds of each stage) and `device`.
 
     Examples
@@ -184,6 +199,7 @@ def scdeepcluster(
         batch_size=batch_size,
         n_neighbors=n_neighbors,
         resolution=resolution,
+        batch_penalty=batch_penalty,
         show_progress=show_progress,
         return_model=return_model,
         copy=copy,
@@ -241,6 +257,7 @@ def _fit(
             generator=batch_gen,
             noise_generator=noise_gen,
             show_progress=show_progress,
+            batch_penalty=o["batch_penalty"],
         )
         times["pretrain"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -277,6 +294,7 @@ def _fit(
                 generator=batch_gen,
                 noise_generator=noise_gen,
                 show_progress=show_progress,
+                batch_penalty=o["batch_penalty"],
             )
         times["cluster"] = time.perf_counter() - t0
         z, q = engine.infer(net, data, dev)
@@ -316,6 +334,7 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     if n_clusters == 0 and out["n_neighbors"] > n:
         raise ValueError(f"`n_neighbors={out['n_neighbors']}` must be at most the number of cells ({n}).")
     out["resolution"] = check_in_range(o["resolution"], "resolution", low=0, low_inclusive=False)
+    out["batch_penalty"] = check_in_range(o["batch_penalty"], "batch_penalty", low=0)
     return out
 
 
@@ -364,6 +383,12 @@ def _write(adata: AnnData, keys: OutputKeys, n_genes: int, fit: dict, record: di
             "cluster_loss": cl_hist.get("loss", []),
             "cluster_zinb": cl_hist.get("zinb", []),
             "cluster_kl": cl_hist.get("kl", []),
+            # the batch penalty's statistic, recorded only when the penalty ran
+            **{
+                f"{stage}_batch_mmd": h["batch_mmd"]
+                for stage, h in (("pretrain", pre_hist), ("cluster", cl_hist))
+                if "batch_mmd" in h
+            },
         },
         "delta_label": cl_hist.get("delta_label", []),
         "time": record["time"],
