@@ -164,8 +164,9 @@ def autoencoder(
     batch_penalty
         With ``batch_key``: weight of the batch-alignment penalty relative to the reconstruction loss, as in
         :func:`scembed.tl.scdeepcluster` (the squared MMD between the batches' codes, beyond the mean plus two
-        standard deviations of its value under shuffled batch labels, times the step's loss). 0 turns it off;
-        the default 1 lets the two terms count alike.
+        standard deviations of its value under shuffled batch labels, times the step's loss). 0 turns it off,
+        as it should be when a cell type is present in one batch only; the default 1 lets the two terms count
+        alike.
     noise
         Standard deviation of the Gaussian noise on the scaled encoder input in training (scDeepCluster: 2.5).
     scale

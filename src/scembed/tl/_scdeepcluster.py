@@ -154,8 +154,9 @@ def scdeepcluster(
         (Gaussian kernel, five bandwidths around the median distance) between the batches' latent codes, the
         current cells against the 2,048 cells seen before them, and μ₀, σ₀ are the mean and standard deviation
         of S over 8 shuffles of the current cells' batch labels. Scaling by the loss makes the weight mean the
-        same on every data set; the default 1 lets the two terms count alike. 0 turns the penalty off; with
-        batches of different cell-type mixtures, a lower value keeps a type found in one batch only apart.
+        same on every data set; the default 1 lets the two terms count alike. 0 turns the penalty off: do so
+        when a cell type is present in one batch only, which the penalty would pull onto the other batch's
+        types (on such simulated data it merged that type into another; see ``benchmarks/README.md``).
     {doc_trainer_tail}
 
     Returns
