@@ -46,6 +46,23 @@ from _runner import thread_env, write_json  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def time_epochs(engine) -> dict:
+    """Wrap ``engine.train`` (the shared training loop as that engine module calls it) so that its calls add their
+    seconds and epochs run to the returned dict (``s``, ``epochs``)."""
+    loop = {"s": 0.0, "epochs": 0}
+    train = engine.train
+
+    def timed_train(step, n_epochs, **kwargs):
+        t = time.perf_counter()
+        history, n_run = train(step, n_epochs, **kwargs)
+        loop["s"] += time.perf_counter() - t
+        loop["epochs"] += int(n_run)
+        return history, n_run
+
+    engine.train = timed_train
+    return loop
+
+
 def worker(folder: Path, out: Path, opts: dict) -> None:
     """One rank (or the single process): affinities, training, its own numbers written to ``out``."""
     if opts.get("method") == "autoencoder":
@@ -66,17 +83,7 @@ def worker(folder: Path, out: Path, opts: dict) -> None:
     t_aff = time.perf_counter() - t0
     from scembed._engine import neuralee as engine
 
-    loop = {"s": 0.0, "epochs": 0}  # the epochs themselves, without the set-up (spectral pre-fit, layout)
-    train = engine.train
-
-    def timed_train(step, n_epochs, **kwargs):
-        t = time.perf_counter()
-        history, n_run = train(step, n_epochs, **kwargs)
-        loop["s"] += time.perf_counter() - t
-        loop["epochs"] += int(n_run)
-        return history, n_run
-
-    engine.train = timed_train
+    loop = time_epochs(engine)  # the epochs themselves, without the set-up (spectral pre-fit, layout)
     torch.manual_seed(0)
     t1 = time.perf_counter()
     net, info = fit_neuralee(
@@ -125,17 +132,7 @@ def autoencoder_worker(folder: Path, out: Path, opts: dict) -> None:
     w = distributed.init_from_env()
     from scembed._engine import autoencoder as engine
 
-    loop = {"s": 0.0, "epochs": 0}  # the epochs themselves, without the passes that check and scale the counts
-    train = engine.train
-
-    def timed_train(step, n_epochs, **kwargs):
-        t = time.perf_counter()
-        history, n_run = train(step, n_epochs, **kwargs)
-        loop["s"] += time.perf_counter() - t
-        loop["epochs"] += int(n_run)
-        return history, n_run
-
-    engine.train = timed_train
+    loop = time_epochs(engine)  # the epochs themselves, without the passes that check and scale the counts
     a = ad.read_h5ad(folder / "counts.h5ad", backed="r")
     t0 = time.perf_counter()
     se.tl.autoencoder(a, max_epochs=int(opts["epochs"]), random_state=0, show_progress=False, device="cpu")

@@ -207,7 +207,7 @@ class BatchPenalty:
         """The penalty for the current cells (codes ``z``, batches ``onehot``, row numbers ``rows``)."""
         value, null = self.bank.statistic(z, onehot, rows, PERMUTATIONS, self.generator)
         self.bank.push(z, onehot, rows)
-        self._sum += float(value.detach()) * len(z)
+        self._sum = self._sum + value.detach() * len(z)  # a tensor: no device sync per step
         self._n += len(z)
         if len(null) < 2:
             return value * 0.0
@@ -216,6 +216,6 @@ class BatchPenalty:
 
     def mean(self) -> float:
         """Mean statistic per cell since the previous call."""
-        out = self._sum / max(self._n, 1)
+        out = float(self._sum) / max(self._n, 1)
         self._sum, self._n = 0.0, 0
         return out
