@@ -192,6 +192,8 @@ def worker(o: dict) -> None:
         stages.update({k: float(v) for k, v in u["seconds"].items() if k != "total"})  # genes, stage1, encode, stage2
         outs["scembed"], outs["scembed_codes"] = pca(a.layers["imap"]), np.asarray(a.obsm["X_imap"])
         stages["epochs_stage1"] = float(len(u["stage1"]["loss"]))
+        stages["cells_stage1"] = float(u["stage1_batch_size"])  # mixup cells per batch and step
+        stages["cells_stage2"] = float(np.mean(u["stage2"]["batch_size"]))  # cells per critic step
         stages["epochs_stage2"] = float(u["stage2"]["critic"].shape[1])
     elif method == "scvi":
         import scvi
@@ -516,7 +518,10 @@ def print_tables(rows: list[tuple[str, str, dict]], args, subsampled: dict[str, 
     print(f"\n{budget}epochs: stage I {args.epochs1}, stage II {args.epochs2}; {scvi}torch threads {args.threads}")
     for name, m, r in rows:
         if "epochs_stage1" in r and m == "scembed":
-            print(f"  {name} {m}: stage I ran {r['epochs_stage1']:.0f} epochs, stage II {r['epochs_stage2']:.0f}")
+            print(
+                f"  {name} {m}: stage I ran {r['epochs_stage1']:.0f} epochs of {r.get('cells_stage1', 0):.0f} cells "
+                f"per batch and step, stage II {r['epochs_stage2']:.0f} of {r.get('cells_stage2', 0):.0f} per step"
+            )
         if "epochs" in r:
             print(f"  {name} {m}: {r['epochs']:.0f} epochs")
     print("\n| data | method | seeds | " + " | ".join(c for _, c in COLUMNS) + " | total per seed |")

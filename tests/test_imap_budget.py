@@ -20,33 +20,49 @@ def _groups(sizes):
 
 
 # ---------------------------------------------------------------- the budget rule
-def test_budget_small_data_is_bounded_by_the_floor():
-    # 499 cells in two batches: the original's 150 epochs × 20 steps × 2 × 512 cells are ~6,200 passes over the data
-    e1, e2 = engine.default_budget(499, 2)
-    assert (e1, e2) == (engine.STAGE1_MIN_EPOCHS, engine.STAGE2_MIN_EPOCHS)
-    passes = e1 * engine.STAGE1_STEPS * 2 * 512 / 499
-    assert passes < 150 * 20 * 2 * 512 / 499 / 5
-    assert e1 * engine.STAGE1_STEPS == 500  # instead of 3,000 steps
+def test_budget_small_data_draws_few_cells_per_step():
+    # 499 cells in two batches: the original's 3,000 steps of 2 × 512 mixup cells are ~6,200 passes over the data;
+    # the default keeps the steps and draws the floor of 64 cells per batch: 8 times less work
+    epochs, bs1 = engine.default_budget(499, 2, smallest_batch=225)
+    assert epochs == engine.DEFAULT_EPOCHS == (150, 150)
+    assert bs1 == engine.MIN_BUDGET_BATCH == 64
+    work, original = epochs[0] * engine.STAGE1_STEPS * 2 * bs1, 150 * 20 * 2 * 512
+    assert work * 8 == original
+    # a batch smaller than the floor: never more cells per step than it holds
+    assert engine.default_budget(100, 2, smallest_batch=40)[1] == 40
 
 
 def test_budget_follows_the_passes_between_the_bounds():
-    n, n_b, bs = 20_000, 2, 512
-    e1, _ = engine.default_budget(n, n_b, (bs, 1024))
-    assert e1 == math.ceil(engine.STAGE1_PASSES * n / (n_b * bs * engine.STAGE1_STEPS))
-    assert engine.STAGE1_MIN_EPOCHS < e1 < engine.STAGE1_MAX_EPOCHS
-    # the passes it makes are the stated ones, up to the rounding of one epoch
-    passes = e1 * engine.STAGE1_STEPS * n_b * bs / n
-    assert engine.STAGE1_PASSES <= passes < engine.STAGE1_PASSES + engine.STAGE1_STEPS * n_b * bs / n
-    # more cells, more epochs; more batches per step (cells seen per step grow), fewer
-    assert engine.default_budget(2 * n, n_b)[0] > e1
-    assert engine.default_budget(n, 4)[0] < e1
+    n, n_b = 20_000, 2
+    steps = engine.DEFAULT_EPOCHS[0] * engine.STAGE1_STEPS
+    _, bs1 = engine.default_budget(n, n_b, (512, 1024))
+    assert bs1 == math.ceil(engine.STAGE1_PASSES * n / (n_b * steps))
+    assert engine.MIN_BUDGET_BATCH < bs1 < 512
+    # the passes it makes are the stated ones, up to the rounding of one cell per step
+    passes = steps * n_b * bs1 / n
+    assert engine.STAGE1_PASSES <= passes < engine.STAGE1_PASSES + steps * n_b / n
+    # more cells, more cells per step; the same cells in more batches, fewer per batch
+    assert engine.default_budget(2 * n, n_b)[1] > bs1
+    assert engine.default_budget(n, 4)[1] < bs1
+    # a smaller batch_size given is the most a step draws
+    assert engine.default_budget(n, n_b, (100, 1024))[1] == 100
 
 
 def test_budget_large_data_is_the_original():
-    assert engine.default_budget(1_000_000, 2) == (150, engine.default_budget(1_000_000, 2)[1])
-    assert engine.default_budget(1_000_000, 2)[0] == engine.STAGE1_MAX_EPOCHS == 150
-    _, e2 = engine.default_budget(1_000_000, 2, n_sample=3000)
-    assert engine.STAGE2_MIN_EPOCHS <= e2 <= engine.STAGE2_MAX_EPOCHS
+    assert engine.default_budget(1_000_000, 2) == ((150, 150), 512)
+    # the original's size is reached from ~30,700 cells per batch on
+    assert engine.default_budget(2 * 30_720, 2)[1] == 512 > engine.default_budget(2 * 30_000, 2)[1]
+
+
+def test_stage2_batch_follows_the_pool():
+    # 1,500 critic steps, 100 passes over the pool's distinct cells: 3,000 cells → 200 per step; small pools the
+    # floor, never more than the pool; large pools the batch_size given
+    steps, passes = 150 * engine.STAGE2_STEPS, engine.STAGE2_PASSES
+    assert engine.budget_batch_size(3000, steps, passes, 1024, 3000) == 200
+    assert engine.budget_batch_size(300, steps, passes, 1024, 300) == engine.MIN_BUDGET_BATCH
+    assert engine.budget_batch_size(40, steps, passes, 1024, 40) == 40
+    assert engine.budget_batch_size(50_000, steps, passes, 1024, 50_000) == 1024
+    assert engine.budget_batch_size(1, steps, passes, 1024, 1) == 2  # BatchNorm needs two cells
 
 
 def _stage1(X, groups, **kw):
@@ -148,38 +164,38 @@ def test_default_max_epochs_follow_the_budget(monkeypatch):
 
     def budget(n_cells, n_batches, batch_size, **kw):
         asked.append((n_cells, n_batches, tuple(batch_size), kw))
-        return 2, 1
+        return (2, 1), 8
 
     monkeypatch.setattr(engine, "default_budget", budget)
     a = _adata()
     kw = {"use_hvg": False, "n_latent": 8, "batch_size": (16, 32), "n_sample": 100, "show_progress": False}
     b = se.tl.imap_integrate(a, copy=True, **kw)
-    assert asked == [(240, 2, (16, 32), {"n_sample": 100, "smallest_batch": 120})]
+    assert asked == [(240, 2, (16, 32), {"smallest_batch": 120})]
     u = b.uns["imap"]
     assert u["params"]["max_epochs"] == [2, 1] and u["params"]["budget"] == "default"
-    assert 1 <= len(u["stage1"]["loss"]) <= 2 and "val_loss" in u["stage1"]  # held-out cells watched
+    assert len(u["stage1"]["loss"]) == 2 and u["stage1_batch_size"] == 8  # the budget's epochs and cells
     assert u["stage2"]["critic"].shape == (1, 1)
     assert set(u["seconds"]) == {"genes", "stage1", "encode", "stage2", "total"}
     assert u["seconds"]["total"] >= u["seconds"]["stage1"] + u["seconds"]["stage2"] > 0
 
-    c = se.tl.imap_integrate(a, copy=True, max_epochs=(2, 1), **kw)  # explicit: no held-out cells, as given
-    assert c.uns["imap"]["params"]["budget"] == "explicit" and "val_loss" not in c.uns["imap"]["stage1"]
+    c = se.tl.imap_integrate(a, copy=True, max_epochs=(2, 1), **kw)  # explicit: as given
+    assert c.uns["imap"]["params"]["budget"] == "explicit" and c.uns["imap"]["stage1_batch_size"] == 16
     assert len(c.uns["imap"]["stage1"]["loss"]) == 2
 
 
-def test_default_budget_draws_no_more_cells_than_a_batch_holds():
+def test_default_budget_draws_the_budget_sizes(monkeypatch):
     import scembed as se
 
-    a = _adata()  # two batches of 120 cells; 12 of each held out under the default budget
+    monkeypatch.setattr(engine, "DEFAULT_EPOCHS", (1, 1))  # the rule's sizes, on a budget a test can afford
+    a = _adata()  # two batches of 120 cells
     kw = {"use_hvg": False, "n_latent": 8, "batch_size": (512, 1024), "n_sample": 100, "show_progress": False}
     b = se.tl.imap_integrate(a, copy=True, max_epochs=None, **kw)
     u = b.uns["imap"]
-    assert u["stage1_batch_size"] == 108  # the training cells of the smallest batch, not 512
-    pools = max(int(u["stage2"]["n_query_pool"][0]), int(u["stage2"]["n_anchor_pool"][0]))
-    assert u["stage2"]["batch_size"].tolist() == [pools] and pools <= 100  # not 1,024 draws from ≤ 100 cells
-    assert engine.default_budget(240, 2, smallest_batch=120)[0] == engine.default_budget(240, 2)[0]  # floor
-    # the same passes over the data with fewer cells per step: more epochs
-    assert engine.default_budget(10_000, 2, smallest_batch=256)[0] > engine.default_budget(10_000, 2)[0]
+    # 20 steps would need 300 cells per batch for 50 passes: all 120 of a batch, not 512
+    assert u["stage1_batch_size"] == engine.default_budget(240, 2, (512, 1024), smallest_batch=120)[1] == 120
+    pool = max(int(u["stage2"]["n_query_pool"][0]), int(u["stage2"]["n_anchor_pool"][0]))
+    expected = engine.budget_batch_size(pool, engine.STAGE2_STEPS, engine.STAGE2_PASSES, 1024, pool)
+    assert u["stage2"]["batch_size"].tolist() == [expected] and expected <= pool <= 100  # not 1,024 of ≤ 100 cells
     # epochs given explicitly keep the original's sizes
     c = se.tl.imap_integrate(a, copy=True, max_epochs=(1, 1), **kw)
     assert c.uns["imap"]["stage1_batch_size"] == 512 and c.uns["imap"]["stage2"]["batch_size"].tolist() == [1024]

@@ -111,10 +111,12 @@ def batch_total_std(source: RowSource, groups: Sequence[np.ndarray]) -> np.ndarr
 
 
 # ------------------------------------------------------------------------------------------------ budget
-#: passes over the data that stage I makes by default (cells seen / cells), and its bounds in epochs
-STAGE1_PASSES, STAGE1_MIN_EPOCHS, STAGE1_MAX_EPOCHS = 100, 25, 150
-#: passes over the stage-II sample that the critic makes by default, and the bounds in epochs (generator steps)
-STAGE2_PASSES, STAGE2_MIN_EPOCHS, STAGE2_MAX_EPOCHS = 100, 40, 150
+#: epochs of the default budget: the original's optimisation length in both stages (stage I: 150 epochs of 20 Adam
+#: steps; stage II, per query batch: 150 generator steps of ``n_critic`` critic steps each)
+DEFAULT_EPOCHS = (150, 150)
+#: passes over the cells that the default budget's batch sizes aim at (stage I: the cells of the data; stage II: the
+#: distinct cells of a query batch's pool), and the smallest batch it draws
+STAGE1_PASSES, STAGE2_PASSES, MIN_BUDGET_BATCH = 50, 100, 64
 
 
 def default_budget(
@@ -122,63 +124,46 @@ def default_budget(
     n_batches: int,
     batch_size: tuple[int, int] = (512, 1024),
     *,
-    n_sample: int = 3000,
     smallest_batch: int | None = None,
-) -> tuple[int, int]:
-    """Epochs of stage I and of stage II (per query batch) that follow the size of the data.
+) -> tuple[tuple[int, int], int]:
+    """The default budget: the original's epochs, with stage I's mixup cells per batch and step following the data.
 
-    The original runs 150 + 150 epochs whatever the data: every stage-I step draws ``batch_size[0]`` mixup cells
-    per batch, so its 3,000 steps pass over 499 cells in two batches about 6,000 times, and over a million cells
-    less than 3 times. The budget is counted here in passes over the data (cells seen / cells), with a floor in
-    optimiser steps:
+    What the two stages need is a number of optimiser steps, not a number of passes over the data; what the data
+    set decides is how many cells each step draws. The original runs 150 + 150 epochs of fixed-size steps whatever
+    the data: its 3,000 stage-I steps of ``batch_size[0] = 512`` mixup cells per batch pass over 499 cells in two
+    batches about 6,000 times, and over a million cells less than 3 times. Here:
 
-    * stage I: ``clip(ceil(STAGE1_PASSES · n_cells / (n_batches · batch_size[0] · 20)), 25, 150)`` epochs of 20
-      steps. 100 passes: mixup makes every pass new samples, and an autoencoder of this size fits in tens of passes.
-      The floor, 25 epochs (500 Adam steps), is set by the optimisation, not by the data: from the original's
-      initialisation (weights N(0, 0.02)) and learning rate the loss falls in steps with plateaus of a few epochs
-      between them (the ReLU output switches genes on in groups), still falling after 500 steps on a few hundred
-      cells. The cap is the original's 150, reached from about ``n_batches · 15,400`` cells on, so large data train
-      exactly as the original does and small data no longer make thousands of passes.
-    * stage II, per query batch: the critic draws ``batch_size[1]`` cells from a sample of
-      ``s = min(n_sample, n_cells / n_batches)`` cells, 10 steps per epoch:
-      ``clip(ceil(STAGE2_PASSES · s / (batch_size[1] · 10)), STAGE2_MIN_EPOCHS, 150)``. The floor, 40
-      epochs (400 critic steps, 40 generator steps at the default ``n_critic``), is what the adversarial fit
-      needs whatever the sample size: the critic's Wasserstein estimate first peaks and only settles after a
-      few hundred critic steps, and a fit stopped inside that transient moves query cells part-way, between
-      cell types, which mixes the batches worse than no correction (``tests/test_imap_budget.py`` checks that a
-      long enough stage II mixes three simulated batches). With the default ``n_sample`` (3,000) and
-      ``batch_size[1]`` (1,024) the rule sits on the
-      floor for every data set, as stage II's cost does not grow with the number of cells; the pass count only
-      matters for larger samples. The cap is the original's.
+    * the epochs stay the original's, :data:`DEFAULT_EPOCHS`. Cutting the steps instead (the same passes in fewer
+      steps of the original's size) leaves the stage-I codes, on which stage II matches cells across batches, less
+      trained, and stage II's generator moves the query cells only part of the way in fewer generator steps; both
+      lower the mixing of the corrected expression (``benchmarks/README.md``, "tl.imap_integrate", measures both).
+    * stage I draws ``clip(ceil(STAGE1_PASSES · n_cells / (n_batches · 3000)), 64, batch_size[0])`` cells per batch
+      and step, so that its 3,000 steps make about 50 passes over the cells (mixup makes every pass new samples),
+      never more than the smallest batch holds. Large data (from about ``n_batches · 30,700`` cells) draw the
+      original's 512; the floor of 64 keeps each step's BatchNorm statistics from at least 64 cells of every batch.
+    * stage II's cells per critic step follow its pool in the same way (:func:`budget_batch_size`, 100 passes of
+      the 1,500 critic steps over the pool's distinct cells), applied where the pool is known.
 
-    With ``smallest_batch`` (the cells of the smallest batch), stage I's passes are counted with the batch size
-    the default budget really draws, :func:`capped_batch_size`.
-
-    Passing epochs explicitly (``max_epochs`` of :func:`scembed.tl.imap_integrate`) restores the original's
-    fixed budget.
+    The cost of a step is proportional to the cells it draws, so the time grows with the data up to the original's
+    (reached for large data) and is a fraction of it for small data. Returns ``((stage I epochs, stage II epochs),
+    stage I cells per batch and step)``. Passing epochs explicitly (``max_epochs`` of
+    :func:`scembed.tl.imap_integrate`) runs the original's fixed sizes instead.
     """
-    bs1, bs2 = batch_size
-    if smallest_batch is not None:  # a step draws at most the cells of the smallest batch (see capped_batch_size)
-        bs1 = capped_batch_size(bs1, smallest_batch)
-    e1 = math.ceil(STAGE1_PASSES * n_cells / (n_batches * bs1 * STAGE1_STEPS))
-    s = min(n_sample, n_cells / n_batches)
-    e2 = math.ceil(STAGE2_PASSES * s / (bs2 * STAGE2_STEPS))
-    return (
-        int(np.clip(e1, STAGE1_MIN_EPOCHS, STAGE1_MAX_EPOCHS)),
-        int(np.clip(e2, STAGE2_MIN_EPOCHS, STAGE2_MAX_EPOCHS)),
-    )
+    steps = DEFAULT_EPOCHS[0] * STAGE1_STEPS
+    available = smallest_batch if smallest_batch is not None else math.ceil(n_cells / n_batches)
+    return DEFAULT_EPOCHS, budget_batch_size(n_cells / n_batches, steps, STAGE1_PASSES, batch_size[0], available)
 
 
-def capped_batch_size(batch_size: int, available: int) -> int:
-    """The cells one step draws under the default budget: ``batch_size``, but never more than ``available``.
+def budget_batch_size(cells: float, steps: int, passes: float, largest: int, available: int) -> int:
+    """Cells per step for ``steps`` steps to pass about ``passes`` times over ``cells`` cells.
 
-    A stage-I step draws ``batch_size`` mixup cells from every batch and a stage-II step ``batch_size`` cells from
-    pools of distinct cells; beyond the number of cells there are, a larger draw repeats the same cells within
-    one step, which costs time in proportion but adds little information (stage I: pairs of the same cells
-    mixed again; stage II: the same cells again). The original's fixed sizes (512, 1024) are 2–4 times the cells
-    of a batch of a few hundred cells. The floor of 2 keeps BatchNorm defined.
+    ``ceil(passes · cells / steps)``, at least :data:`MIN_BUDGET_BATCH`, at most ``largest`` (the ``batch_size``
+    given, by default the original's) and never more than the ``available`` cells: beyond them a draw repeats the
+    same cells within one step, which costs time in proportion but adds little information. At least 2, which keeps
+    BatchNorm defined.
     """
-    return max(2, min(int(batch_size), int(available)))
+    size = max(MIN_BUDGET_BATCH, math.ceil(passes * cells / steps))
+    return max(2, min(size, int(largest), int(available)))
 
 
 def check_expression(source: RowSource) -> float:
@@ -354,8 +339,7 @@ def train_stage1(
     validation: float = 0.0,
     patience: int = 10,
     min_delta: float = 0.001,
-    min_epochs: int = STAGE1_MIN_EPOCHS,
-    cap_batch: bool = False,
+    min_epochs: int = 1,
     generator: torch.Generator,
     show_progress: bool | None = None,
 ) -> tuple[nn.Module, BatchDecoder, dict[str, list[float]]]:
@@ -368,10 +352,9 @@ def train_stage1(
     same loss is evaluated on these cells (as they are, eval mode, a fixed b̃) after every epoch (history entry
     ``val_loss``), training stops once it has not improved by a relative ``min_delta`` for ``patience`` epochs
     (never before ``min_epochs``), and the networks of the best epoch are kept. Without held-out cells
-    (``validation=0``, or no batch large enough) exactly ``n_epochs`` epochs run. ``cap_batch`` draws at most the
-    training cells of the smallest batch per batch and step (:func:`capped_batch_size`; the history's
-    ``batch_size`` entry, one value per epoch, says what was drawn). Raises FloatingPointError naming the epoch
-    when the loss becomes non-finite.
+    (``validation=0``, or no batch large enough) exactly ``n_epochs`` epochs run. The history's ``batch_size``
+    entry (one value per epoch) records the cells drawn per batch and step. Raises FloatingPointError naming the
+    epoch when the loss becomes non-finite.
     """
     device = source.device
     vmax = check_expression(source)
@@ -384,8 +367,6 @@ def train_stage1(
     val_rows: list[np.ndarray] = [np.zeros(0, np.int64)] * n_b
     if validation > 0:
         groups, val_rows = split_validation(groups, validation, generator)
-    if cap_batch:
-        batch_size = capped_batch_size(batch_size, min(len(g) for g in groups))
     sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
     offsets = torch.from_numpy(np.cumsum([0] + [len(g) for g in groups])[:-1])
     all_rows = torch.from_numpy(np.concatenate(groups).astype(np.int64))
@@ -556,7 +537,7 @@ def train_generator(
     stage: str = "stage II",
     show_progress: bool | None = None,
     project_pool: bool | None = None,
-    cap_batch: bool = False,
+    budget_batch: bool = False,
 ) -> tuple[ResidualGenerator, dict[str, list[float]]]:
     """WGAN-GP: a residual generator maps query cells onto the anchor cells of the pool.
 
@@ -565,13 +546,16 @@ def train_generator(
     critic is updated every step; the generator after every ``n_critic``-th critic step (the original: once per
     epoch of 10 steps). ``project_pool`` (default: when the pool is smaller than ``n_critic`` batches) applies the
     generator's first layer to the whole query pool once per generator update; same maths either way.
-    ``cap_batch`` draws at most as many cells per step as the larger pool holds (:func:`capped_batch_size`). ``stage``
+    ``budget_batch`` draws the default budget's cells per critic step instead of ``batch_size``: about
+    ``STAGE2_PASSES`` passes of all critic steps over the larger pool's distinct cells, within
+    [``MIN_BUDGET_BATCH``, ``batch_size``] and never more than that pool holds (:func:`budget_batch_size`). ``stage``
     names the run in the progress bar and in the FloatingPointError raised when the critic's loss becomes
     non-finite.
     """
     desc = f"iMAP {stage}"
-    if cap_batch:
-        batch_size = capped_batch_size(batch_size, max(len(query_pool), len(anchor_pool)))
+    if budget_batch:
+        pool = max(len(query_pool), len(anchor_pool))
+        batch_size = budget_batch_size(pool, n_epochs * steps_per_epoch, STAGE2_PASSES, batch_size, pool)
     device = query_pool.device
     generator = rank_generator(generator)  # under torchrun: each rank its own pool draws (distributed.py)
     n_genes = query_pool.shape[1]
@@ -659,14 +643,14 @@ def run_stage2(
     random_state: int = 0,
     labels: Sequence[str] | None = None,
     show_progress: bool | None = None,
-    cap_batch: bool = False,
+    budget_batch: bool = False,
 ) -> tuple[np.ndarray, dict[int, ResidualGenerator], list[dict], list[dict[str, list[float]]]]:
     """Correct every batch but the anchor ``order[0]`` onto it (or onto everything corrected so far).
 
     ``groups[b]`` are the rows of batch b, ``codes`` the stage-I representation of every row. Returns the corrected
     expression of every row (the anchor's rows unchanged), the generator of every query batch, per-query
     information (sample sizes, number of MNN pairs, pool sizes, cells drawn per critic step) and per-query training
-    histories. ``cap_batch``: see :func:`train_generator`.
+    histories. ``budget_batch``: see :func:`train_generator`.
     """
     n, n_genes = source.shape
     labels = [str(b) for b in range(len(groups))] if labels is None else list(labels)
@@ -706,10 +690,10 @@ def run_stage2(
             generator=generator,
             stage=f"stage II (batch {labels[q]})",
             show_progress=show_progress,
-            cap_batch=cap_batch,
+            budget_batch=budget_batch,
         )
         corrected[query] = apply_in_chunks(gen, source, query)
-        drawn = history.pop("batch_size", [])  # cells per critic step (capped_batch_size), recorded once below
+        drawn = history.pop("batch_size", [])  # cells per critic step (budget_batch_size), recorded once below
         generators[q] = gen
         histories.append(history)
         infos.append(

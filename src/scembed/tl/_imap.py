@@ -98,8 +98,8 @@ def imap_integrate(
     expression is also what to plot genes from and to test for differential expression (``layer="imap"``).
 
     Cost is set by the number of training steps and the cells each draws, apart from encoding and correcting every
-    cell once: with ``max_epochs=None`` both follow the data (see ``max_epochs``; a step draws no more cells than a
-    batch, or the stage-II pool, holds); epochs given explicitly run the original's fixed 20 steps of
+    cell once: with ``max_epochs=None`` the steps are the original's and the cells per step follow the data (see
+    ``max_epochs``); epochs given explicitly run the original's fixed 20 steps of
     ``batch_size[0]`` cells per batch (stage I) and ``n_critic`` steps of ``batch_size[1]`` cells (stage II) per
     epoch whatever the data. ``uns[key_added]["seconds"]`` records each stage's time. Sparse input is densified
     one mini-batch at a time; the caller's ``X``, ``var`` and cell order are never modified.
@@ -129,11 +129,14 @@ def imap_integrate(
         Size of the stage-I content representation and of the generator's bottleneck.
     max_epochs
         ``(stage I, stage II)`` epochs; an int sets both. Stage I: 20 steps per epoch; stage II, per query batch:
-        ``n_critic`` critic steps and one generator step per epoch. ``None`` (default): a budget that follows the
-        data, counted in passes over the cells (:func:`scembed._engine.imap.default_budget`; the original's 150 +
-        150 for large data, fewer for small), stage I holds out 10 % of every batch and stops early once their
-        loss stops falling, and a step draws at most the cells a batch (stage I) or the stage-II pool holds
-        (:func:`scembed._engine.imap.capped_batch_size`). Epochs given explicitly run as given, with the given
+        ``n_critic`` critic steps and one generator step per epoch. ``None`` (default): the original's 150 + 150
+        epochs with the cells drawn per step following the data (:func:`scembed._engine.imap.default_budget`):
+        stage I draws about 50 passes' worth of mixup cells per batch over its 3,000 steps (at least 64, at most
+        ``batch_size[0]`` and the cells of the smallest batch), stage II about 100 passes over each pool (at least
+        64, at most ``batch_size[1]`` and the pool). The number of optimiser steps is what both stages need
+        (fewer steps leave the codes less trained and the generator short of its target); the cells per step,
+        and so the time, is what the data decide: a fraction of the original's for small data, the original's
+        for large data (from about 30,700 cells per batch). Epochs given explicitly run as given, with the given
         ``batch_size``, as in the original. ``max_epochs[1] == 0``
         skips stage II: no generator is trained, ``layers[key_added]`` and ``var[key_added + "_used"]`` are not
         written, and a returned model has no generators (only ``encode`` is meaningful).
@@ -164,7 +167,8 @@ def imap_integrate(
         Critic steps per generator step (the original: 10, one generator step per epoch).
     batch_size
         ``(stage I, stage II)``; an int sets both. Stage I: mixup cells drawn per batch in every step; stage II:
-        query and anchor cells drawn in every step.
+        query and anchor cells drawn in every step. With ``max_epochs=None`` the most cells a step draws (the
+        budget chooses fewer for smaller data).
     {doc_trainer_tail}
 
     Returns
@@ -227,9 +231,10 @@ def imap_integrate(
     genes, gene_source = _genes(adata, X, batch_idx, use_hvg, o["n_top_genes"])
     seconds = {"genes": time.perf_counter() - started}
     k_w, k_m = _neighbour_counts(int(min(o["n_sample"], sizes.min())), k_within, k_mnn)
+    stage1_batch = int(o["batch_size"][0])  # epochs given explicitly: the given sizes, as the original
     if o["max_epochs"] is None:
-        o["max_epochs"] = engine.default_budget(
-            int(sizes.sum()), len(sizes), o["batch_size"], n_sample=o["n_sample"], smallest_batch=int(sizes.min())
+        o["max_epochs"], stage1_batch = engine.default_budget(
+            int(sizes.sum()), len(sizes), o["batch_size"], smallest_batch=int(sizes.min())
         )
     dev = resolve_device(device)
     seed = seed_int(random_state)
@@ -246,10 +251,10 @@ def imap_integrate(
         order_idx = [int(i) for i in np.argsort(-total_std, kind="stable")]
     log.info(f"iMAP: {len(genes)} genes, anchor {labels[order_idx[0]]!r}, order {[labels[i] for i in order_idx]}")
     encoder, decoder, codes, stages = _train(
-        source, groups, order_idx, o, (k_w, k_m), labels, dev, seed, show_progress, seconds
+        source, groups, order_idx, o, stage1_batch, (k_w, k_m), labels, dev, seed, show_progress, seconds
     )
     hist1, corrected, generators, infos, hist2 = stages
-    drawn = hist1.pop("batch_size", None)  # mixup cells per batch and step (capped under the default budget)
+    drawn = hist1.pop("batch_size", None)  # mixup cells per batch and step (the default budget's or the given)
     for info in infos:
         if info["n_mnn_pairs"] == 0:
             log.warning(
@@ -297,6 +302,7 @@ def _train(
     groups: list[np.ndarray],
     order_idx: list[int],
     o: dict[str, Any],
+    stage1_batch: int,
     ks: tuple[int, int],
     labels: list[str],
     dev: torch.device,
@@ -306,12 +312,13 @@ def _train(
 ) -> tuple[Any, Any, np.ndarray, tuple]:
     """Stage I, the codes of every cell, and stage II unless ``max_epochs[1] == 0`` (then no generator at all).
 
+    Stage I draws ``stage1_batch`` mixup cells per batch and step.
+
     Returns the encoder, decoder, codes and ``(stage-I history, corrected rows or None, generators, stage-II
     information, stage-II histories)``; adds the seconds of stage I, of encoding every cell and of stage II to
     ``seconds``.
     """
     epochs1, epochs2 = o["max_epochs"]
-    validation = 0.1 if o["budget"] == "default" else 0.0
     with seeded_torch(seed, dev):
         gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
         t = time.perf_counter()
@@ -320,11 +327,9 @@ def _train(
             groups,
             latent_dim=o["n_latent"],
             n_epochs=epochs1,
-            batch_size=o["batch_size"][0],
+            batch_size=stage1_batch,
             lambda_recon=o["lambda_recon"],
             lambda_content=o["lambda_content"],
-            validation=validation,
-            cap_batch=o["budget"] == "default",
             generator=gen,
             show_progress=show_progress,
         )
@@ -355,7 +360,7 @@ def _train(
                 random_state=seed,
                 labels=labels,
                 show_progress=show_progress,
-                cap_batch=o["budget"] == "default",
+                budget_batch=o["budget"] == "default",
             )
             seconds["stage2"] = time.perf_counter() - t
     return encoder, decoder, codes, (hist1, corrected, generators, infos, hist2)
