@@ -188,6 +188,8 @@ def worker(o: dict) -> None:
 
         max_epochs = None if o["e1"] < 0 else (o["e1"], o["e2"])  # negative: the default budget
         sizes = {"batch_size": tuple(o["batch_size"])} if o.get("batch_size") else {}  # else the function's default
+        if o.get("reach") is not None:
+            sizes["reach"] = o["reach"]
         se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=max_epochs, device="cpu", random_state=seed, **sizes)
         u = a.uns["imap"]
         stages.update({k: float(v) for k, v in u["seconds"].items() if k != "total"})  # genes, stage1, encode, stage2
@@ -196,6 +198,7 @@ def worker(o: dict) -> None:
         stages["cells_stage1"] = float(u["stage1_batch_size"])  # mixup cells per batch and step
         stages["cells_stage2"] = float(np.mean(u["stage2"]["batch_size"]))  # cells per critic step
         stages["epochs_stage2"] = float(u["stage2"]["critic"].shape[1])
+        stages["batch_shift"] = float(np.mean(u["stage2"]["shift"]))  # estimated before training, per query batch
     elif method == "scvi":
         import scvi
 
@@ -234,7 +237,7 @@ def run_method(method: str, path: Path, tmp: Path, args, seed: int) -> dict:
     python = {"imap_original": args.original_python, "scvi": args.scvi_python}.get(method)
     epochs = (-1, -1) if args.default_budget and method == "scembed" else (args.epochs1, args.epochs2)
     opts = dict(method=method, path=str(path), out=str(out), e1=epochs[0], e2=epochs[1], threads=args.threads)
-    opts.update(seed=seed, scvi_epochs=args.scvi_epochs, batch_size=args.batch_size)
+    opts.update(seed=seed, scvi_epochs=args.scvi_epochs, batch_size=args.batch_size, reach=args.reach)
     r = run_child(script_command(__file__, "--worker", json.dumps(opts), python=python), args.threads)
     if not r["ok"]:
         return {"error": r["error"]}
@@ -596,6 +599,7 @@ def main() -> None:
     p.add_argument(
         "--batch-size", type=int, nargs=2, default=None, metavar=("STAGE1", "STAGE2"), help="scembed's batch_size"
     )
+    p.add_argument("--reach", type=float, default=None, help="scembed's reach (default: the function's; 0: none)")
     p.add_argument("--scvi-epochs", type=int, default=None, help="scVI's max_epochs (default: its own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-top-genes", type=int, default=2000)
@@ -698,7 +702,7 @@ def main() -> None:
     write_json(
         args.json, [{"data": name, "method": m, **r} for name, m, r in rows], script="imap", threads=args.threads,
         epochs=[args.epochs1, args.epochs2], seeds=args.seeds, scvi_epochs=args.scvi_epochs,
-        score_cells=args.score_cells, batch_size=args.batch_size,
+        score_cells=args.score_cells, batch_size=args.batch_size, reach=args.reach,
     )  # fmt: skip
     print_tables(rows, args, subsampled)
 

@@ -434,6 +434,11 @@ def case_one_batch(a, f):
     return a, {}, ("raises", ValueError, r"adata\.obs\['batch'\] holds a single batch")
 
 
+@case("tl.imap_integrate")
+def case_negative_reach(a, f):
+    return a, {"reach": -1.0}, ("raises", ValueError, r"`reach`")
+
+
 @case(*BATCHED)
 def case_nan_batch(a, f):
     a = a.copy()

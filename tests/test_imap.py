@@ -192,6 +192,66 @@ def test_generator_from_projected_pool_equals_direct():
         np.testing.assert_allclose(results[0][1][key], results[1][1][key], rtol=1e-4, atol=1e-6)
 
 
+def _shifted_types(n=400, d=60, seed=0):
+    """Anchor and query cells of 4 types; the query carries a constant shift on half of the genes."""
+    rng = np.random.default_rng(seed)
+    centers = rng.gamma(2, 0.5, size=(4, d))
+    types = rng.integers(0, 4, size=2 * n)
+    X = np.clip(centers[types] + rng.normal(0, 0.3, size=(2 * n, d)), 0, None).astype(np.float32)
+    X[n:, : d // 2] += 0.8
+    return torch.from_numpy(X[:n]), torch.from_numpy(X[n:]), types[n:]
+
+
+@pytest.mark.parametrize("size", [0.0, 0.9])
+def test_batch_shift_estimate(size):
+    # shift² ≈ d_MNN² − d_within²: cells of 5 types with their own variation; the query's expression moved by a
+    # known vector. Pairs and graphs are built as stage II does, on ideal codes (the shift removed).
+    rng = np.random.default_rng(0)
+    n, d = 600, 100
+    centers = rng.gamma(2, 1.0, size=(5, d))
+    shift = np.zeros(d, dtype=np.float32)
+    shift[:20] = size
+    A = (centers[rng.integers(0, 5, n)] + rng.normal(0, 0.5, (n, d))).astype(np.float32)
+    Q = (centers[rng.integers(0, 5, n)] + shift + rng.normal(0, 0.5, (n, d))).astype(np.float32)
+    kw = {"method": "exact", "metric": "euclidean"}
+    pairs = engine.mutual_pairs(A, Q - shift, 10, **kw)
+    graphs = engine.mutual_knn_graph(A, 20, **kw), engine.mutual_knn_graph(Q, 20, **kw)
+    est = engine.batch_shift(
+        lambda i: torch.from_numpy(A[i]), lambda i: torch.from_numpy(Q[i]), pairs, *graphs, torch.Generator()
+    )
+    truth = float(np.linalg.norm(shift))
+    assert est["pair_distance"] > est["within_distance"] * (1.1 if size else 0.9)
+    if size:
+        assert est["shift"] == pytest.approx(truth, rel=0.15)
+    else:
+        assert est["shift"] < 0.3 * est["within_distance"]
+
+
+def test_transport_cost_moves_cells_least():
+    # The adversarial loss is met by any map onto the anchor; the transport cost ‖G(x) − x‖² / (2 reach) picks the
+    # one that moves cells least: a displacement shared by the cells of a type (the batch effect here), not one
+    # that scatters them. A vanishing reach pins G to the identity.
+    anchor, query, types = _shifted_types()
+    weights = torch.ones(len(query), dtype=torch.float64)
+    pair_distance = float(torch.cdist(query, anchor).min(1).values.median())
+    gap0 = float(torch.linalg.vector_norm(query.mean(0) - anchor.mean(0)))
+    out = {}
+    for reach in (None, pair_distance, 1e-3):
+        gen, _ = engine.train_generator(
+            query, anchor, weights, weights, n_epochs=30, batch_size=64, n_critic=5,
+            generator=torch.Generator().manual_seed(0), show_progress=False, reach=reach,
+        )  # fmt: skip
+        with torch.no_grad():
+            disp = (gen(query) - query).numpy()
+        scatter = np.mean([np.linalg.norm(disp[types == t] - disp[types == t].mean(0), axis=1).mean() for t in range(4)])
+        gap = float(np.linalg.norm(query.numpy().mean(0) + disp.mean(0) - anchor.numpy().mean(0)))
+        out[reach] = scatter, gap, float(np.linalg.norm(disp, axis=1).mean())
+    (s_free, g_free, _), (s_cost, g_cost, _), (_, g_pinned, moved_pinned) = out.values()
+    assert s_cost < 0.6 * s_free  # the cells of a type move together
+    assert g_cost < min(g_free, 0.3 * gap0)  # and the batch shift is still removed
+    assert moved_pinned < 0.1 * gap0 and g_pinned > 0.9 * gap0
+
+
 def test_row_source_sparse_equals_dense():
     rng = np.random.default_rng(3)
     X = sparse.random(30, 12, density=0.3, format="csr", random_state=3, dtype=np.float32)

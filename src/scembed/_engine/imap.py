@@ -117,6 +117,7 @@ DEFAULT_EPOCHS = (150, 150)
 #: passes over the cells that the default budget's batch sizes aim at (stage I: the cells of the data; stage II: the
 #: distinct cells of a query batch's pool), and the smallest batch it draws
 STAGE1_PASSES, STAGE2_PASSES, MIN_BUDGET_BATCH = 50, 100, 64
+SHIFT_PAIRS = 4096  # pairs whose median distance estimates the batch shift (run_stage2)
 
 
 def default_budget(
@@ -512,6 +513,46 @@ def random_walk_pairs(
     return np.concatenate(out_a), np.concatenate(out_q)
 
 
+def _median_distance(x_left, x_right, left: np.ndarray, right: np.ndarray, generator: torch.Generator) -> float:
+    """Median expression distance over (at most ``SHIFT_PAIRS`` randomly chosen of) the row pairs (left, right)."""
+    if len(left) == 0:
+        return 0.0
+    if len(left) > SHIFT_PAIRS:
+        keep = torch.randperm(len(left), generator=generator)[:SHIFT_PAIRS].numpy()
+        left, right = left[keep], right[keep]
+    return float(torch.linalg.vector_norm(x_left(left) - x_right(right), dim=1).median())
+
+
+def _graph_edges(graph: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    indptr, indices = graph
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    other = rows != indices  # not the self-loops
+    return rows[other], indices[other]
+
+
+def batch_shift(
+    x_anchor,
+    x_query,
+    pairs: tuple[np.ndarray, np.ndarray],
+    graph_a: tuple[np.ndarray, np.ndarray],
+    graph_q: tuple[np.ndarray, np.ndarray],
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """How far the batch effect moves a cell, from the expression distances of neighbours across and within batches.
+
+    ``x_anchor(i)`` / ``x_query(i)`` give the expression of sample rows ``i``. Two mutual nearest neighbours across
+    the batches differ by the batch effect and by both cells' own variation within their type; two mutual
+    neighbours within a batch only by the latter. So shift² ≈ d_MNN² − (d_anchor² + d_query²) / 2 with the median
+    distances of the MNN pairs and of the within-batch graph edges. Returns ``shift``, ``pair_distance`` (d_MNN),
+    ``within_distance`` (the mean of d_anchor and d_query in quadrature).
+    """
+    d_pair = _median_distance(x_anchor, x_query, *pairs, generator)
+    d_a = _median_distance(x_anchor, x_anchor, *_graph_edges(graph_a), generator)
+    d_q = _median_distance(x_query, x_query, *_graph_edges(graph_q), generator)
+    within = math.sqrt((d_a**2 + d_q**2) / 2)
+    return {"shift": math.sqrt(max(d_pair**2 - within**2, 0.0)), "pair_distance": d_pair, "within_distance": within}
+
+
 def _walk(cur: np.ndarray, graph: tuple[np.ndarray, np.ndarray], generator: torch.Generator) -> np.ndarray:
     indptr, indices = graph
     deg = indptr[cur + 1] - indptr[cur]
@@ -538,6 +579,7 @@ def train_generator(
     show_progress: bool | None = None,
     project_pool: bool | None = None,
     budget_batch: bool = False,
+    reach: float | None = None,
 ) -> tuple[ResidualGenerator, dict[str, list[float]]]:
     """WGAN-GP: a residual generator maps query cells onto the anchor cells of the pool.
 
@@ -550,7 +592,9 @@ def train_generator(
     ``STAGE2_PASSES`` passes of all critic steps over the larger pool's distinct cells, within
     [``MIN_BUDGET_BATCH``, ``batch_size``] and never more than that pool holds (:func:`budget_batch_size`). ``stage``
     names the run in the progress bar and in the FloatingPointError raised when the critic's loss becomes
-    non-finite.
+    non-finite. ``reach`` (an expression distance; ``None``: none) adds the transport cost
+    ‖G(x) − x‖² / (2 · reach) to the generator's loss: its pull back to x balances a 1-Lipschitz critic's largest
+    push at distance ``reach``, so among the maps that match the anchor the one that moves cells least wins.
     """
     desc = f"iMAP {stage}"
     if budget_batch:
@@ -601,7 +645,10 @@ def train_generator(
             opt_d.step()
             tot += torch.stack([d_loss.detach(), w_dist.detach(), gp.detach()])
             if counter[0] % n_critic == 0:
-                g_loss = -critic(gen(z)).mean()
+                moved = gen(z)
+                g_loss = -critic(moved).mean()
+                if reach:
+                    g_loss = g_loss + ((moved - z) ** 2).sum(1).mean() / (2 * reach)
                 opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 opt_g.step()
@@ -644,13 +691,16 @@ def run_stage2(
     labels: Sequence[str] | None = None,
     show_progress: bool | None = None,
     budget_batch: bool = False,
+    reach: float = 0.0,
 ) -> tuple[np.ndarray, dict[int, ResidualGenerator], list[dict], list[dict[str, list[float]]]]:
     """Correct every batch but the anchor ``order[0]`` onto it (or onto everything corrected so far).
 
     ``groups[b]`` are the rows of batch b, ``codes`` the stage-I representation of every row. Returns the corrected
     expression of every row (the anchor's rows unchanged), the generator of every query batch, per-query
     information (sample sizes, number of MNN pairs, pool sizes, cells drawn per critic step) and per-query training
-    histories. ``budget_batch``: see :func:`train_generator`.
+    histories. ``budget_batch``: see :func:`train_generator`. ``reach`` (> 0) sets the generator's transport cost
+    in units of the batch shift estimated by :func:`batch_shift` (recorded per query with its parts); ``0``: none,
+    as the original.
     """
     n, n_genes = source.shape
     labels = [str(b) for b in range(len(groups))] if labels is None else list(labels)
@@ -678,6 +728,16 @@ def run_stage2(
         ua, uq = np.flatnonzero(wa), np.flatnonzero(wq)
         anchor_pool = torch.from_numpy(corrected[sa[ua]]).to(source.device)
         query_pool = source(sq[uq])
+        shift = batch_shift(
+            lambda i: torch.from_numpy(corrected[sa[i]]).to(source.device),
+            lambda i: source(sq[i]),
+            (pa, pq),
+            graph_a,
+            graph_q,
+            generator,
+        )
+        # no batch shift at all: a vanishing reach, which keeps the generator at the identity
+        distance = max(reach * shift["shift"], 1e-3 * shift["pair_distance"]) if reach else 0.0
         gen, history = train_generator(
             query_pool,
             anchor_pool,
@@ -691,6 +751,7 @@ def run_stage2(
             stage=f"stage II (batch {labels[q]})",
             show_progress=show_progress,
             budget_batch=budget_batch,
+            reach=distance or None,
         )
         corrected[query] = apply_in_chunks(gen, source, query)
         drawn = history.pop("batch_size", [])  # cells per critic step (budget_batch_size), recorded once below
@@ -705,6 +766,8 @@ def run_stage2(
                 "n_anchor_pool": int(len(ua)),
                 "n_query_pool": int(len(uq)),
                 "batch_size": int(drawn[0]) if drawn else int(batch_size),
+                **shift,
+                "reach": distance,
             }
         )
         if incremental:

@@ -67,6 +67,7 @@ def imap_integrate(
     order: Sequence | None = None,
     incremental: bool = False,
     n_critic: int = 10,
+    reach: float = 4.0,
     batch_size: int | tuple[int, int] = (512, 1024),
     device: str = "auto",
     random_state: int | None = 0,
@@ -165,6 +166,22 @@ def imap_integrate(
         Grow the anchor with every corrected batch, so later batches are corrected onto all earlier ones.
     n_critic
         Critic steps per generator step (the original: 10, one generator step per epoch).
+    reach
+        How far the generator may move a cell, in units of the batch shift: the distance by which the batch
+        effect moves a cell's expression, estimated from the stage-II pairs before training as
+        √(d_MNN² − d_within²) (median expression distances of the mutual nearest neighbours across the batches and
+        of the mutual neighbours within each; the first contain the batch effect and both cells' own variation,
+        the second only the latter). The generator's loss gains the transport cost ‖G(x) − x‖² / (2 · r) with
+        r = ``reach`` · shift, whose pull back to the cell's own expression equals the largest push of a
+        1-Lipschitz critic (the gradient penalty keeps it near 1) at distance r; with the default 4, moving a cell
+        by the batch shift costs a quarter of what the critic can push, which leaves room to match the anchor's
+        own spread where the batches' technologies differ (at 1 the cost holds cells at their own spread). The adversarial loss alone is met by *any*
+        map onto the anchor's cells, including ones that scatter each query cell to a random place within its
+        type; the transport cost picks the map that moves cells least, so corrected query cells keep their own
+        variation instead of gaining the generator's (without it, corrected query batches can spread wider than
+        the anchor, and their cells' nearest neighbours then come from the anchor rather than from each other).
+        ``uns[key_added]["stage2"]`` records the estimates and r per query batch. ``0``: no transport cost (the
+        original).
     batch_size
         ``(stage I, stage II)``; an int sets both. Stage I: mixup cells drawn per batch in every step; stage II:
         query and anchor cells drawn in every step. With ``max_epochs=None`` the most cells a step draws (the
@@ -221,6 +238,7 @@ def imap_integrate(
         n_sample=n_sample,
         walk_steps=walk_steps,
         n_critic=n_critic,
+        reach=reach,
         batch_size=batch_size,
         metric=metric,
         knn_method=knn_method,
@@ -361,6 +379,7 @@ def _train(
                 labels=labels,
                 show_progress=show_progress,
                 budget_batch=o["budget"] == "default",
+                reach=o["reach"],
             )
             seconds["stage2"] = time.perf_counter() - t
     return encoder, decoder, codes, (hist1, corrected, generators, infos, hist2)
@@ -437,6 +456,7 @@ def _check_options(**o: Any) -> dict[str, Any]:
         "knn_method": o["knn_method"],
         "incremental": bool(o["incremental"]),
         "n_critic": check_positive_int(o["n_critic"], "n_critic"),
+        "reach": check_in_range(o["reach"], "reach", low=0),
         "batch_size": check_int_pair(o["batch_size"], "batch_size", stages=("stage I", "stage II"), minimum=2),
     }
 
@@ -538,6 +558,8 @@ def _stage2_summary(infos: list[dict], histories: list[dict], n_epochs: int) -> 
     out: dict = {"batches": [i["batch"] for i in infos]}
     for key in ("n_anchor_sample", "n_query_sample", "n_mnn_pairs", "n_anchor_pool", "n_query_pool", "batch_size"):
         out[key] = np.asarray([i[key] for i in infos], dtype=np.int64)
+    for key in ("shift", "pair_distance", "within_distance", "reach"):
+        out[key] = np.asarray([i[key] for i in infos], dtype=np.float64)
     for key in ("critic", "wasserstein", "penalty", "generator"):
         rows = [np.asarray(h.get(key, []), dtype=np.float64) for h in histories]
         out[key] = np.stack(rows) if rows and n_epochs else np.zeros((len(infos), 0))
