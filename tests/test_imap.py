@@ -243,7 +243,8 @@ def test_transport_cost_moves_cells_least():
         )  # fmt: skip
         with torch.no_grad():
             disp = (gen(query) - query).numpy()
-        scatter = np.mean([np.linalg.norm(disp[types == t] - disp[types == t].mean(0), axis=1).mean() for t in range(4)])
+        per_type = [disp[types == t] - disp[types == t].mean(0) for t in range(4)]
+        scatter = np.mean([np.linalg.norm(d, axis=1).mean() for d in per_type])
         gap = float(np.linalg.norm(query.numpy().mean(0) + disp.mean(0) - anchor.numpy().mean(0)))
         out[reach] = scatter, gap, float(np.linalg.norm(disp, axis=1).mean())
     (s_free, g_free, _), (s_cost, g_cost, _), (_, g_pinned, moved_pinned) = out.values()

@@ -729,8 +729,8 @@ def run_stage2(
         anchor_pool = torch.from_numpy(corrected[sa[ua]]).to(source.device)
         query_pool = source(sq[uq])
         shift = batch_shift(
-            lambda i: torch.from_numpy(corrected[sa[i]]).to(source.device),
-            lambda i: source(sq[i]),
+            lambda i, sa=sa: torch.from_numpy(corrected[sa[i]]).to(source.device),
+            lambda i, sq=sq: source(sq[i]),
             (pa, pq),
             graph_a,
             graph_q,

@@ -173,11 +173,11 @@ def imap_integrate(
         of the mutual neighbours within each; the first contain the batch effect and both cells' own variation,
         the second only the latter). The generator's loss gains the transport cost ‖G(x) − x‖² / (2 · r) with
         r = ``reach`` · shift, whose pull back to the cell's own expression equals the largest push of a
-        1-Lipschitz critic (the gradient penalty keeps it near 1) at distance r; with the default 4, moving a cell
-        by the batch shift costs a quarter of what the critic can push, which leaves room to match the anchor's
-        own spread where the batches' technologies differ (at 1 the cost holds cells at their own spread). The adversarial loss alone is met by *any*
-        map onto the anchor's cells, including ones that scatter each query cell to a random place within its
-        type; the transport cost picks the map that moves cells least, so corrected query cells keep their own
+        1-Lipschitz critic (the gradient penalty keeps it near 1) at distance r. With the default 4, moving a cell
+        by the batch shift costs a quarter of what the critic can push, which leaves room to also match the
+        anchor's spread where the batches' technologies differ. The adversarial loss alone is met by *any* map
+        onto the anchor's cells, including ones that scatter each query cell to a random place within its type;
+        the transport cost picks the map that moves cells least, so corrected query cells keep their own
         variation instead of gaining the generator's (without it, corrected query batches can spread wider than
         the anchor, and their cells' nearest neighbours then come from the anchor rather than from each other).
         ``uns[key_added]["stage2"]`` records the estimates and r per query batch. ``0``: no transport cost (the
