@@ -209,9 +209,10 @@ def imap_integrate(
         `stage2_critic`, `stage2_wasserstein`, `stage2_penalty`, `stage2_generator` as ``(n_query, epochs)``
         arrays), `stage1` (the stage-I losses by their own names), `stage1_batch_size` (mixup cells drawn per batch
         and step), `stage2` (per query batch in order: `batches`, `n_mnn_pairs`, sample and pool sizes, cells drawn
-        per critic step `batch_size`, and the per-epoch losses), `seconds` (wall time of the gene
-        selection `genes`, `stage1`, encoding every cell `encode`, `stage2` and the `total`; also logged at
-        scanpy's info verbosity).
+        per critic step `batch_size`, the batch-shift estimate `shift` with its parts `pair_distance` and
+        `within_distance`, the transport cost's distance `reach`, and the per-epoch losses), `seconds` (wall time
+        of the gene selection `genes`, `stage1`, encoding every cell `encode`, `stage2` and the `total`; also
+        logged at scanpy's info verbosity).
 
     Examples
     --------
