@@ -181,15 +181,32 @@ def patch_neuralee_for_today() -> None:
     sys.modules.setdefault("loompy", types.ModuleType("loompy"))
 
 
+def machine_description() -> str:
+    """CPU model, widest vector extension and core count, e.g. "Intel(R) Xeon(R) Processor (AVX-512), 2 cores"."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux: the platform's own name
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{model}{f' ({vector})' if vector else ''}, {os.cpu_count()} cores"
+
+
 def write_json(path: str | Path | None, rows: list[dict], **meta: Any) -> None:
     """Write raw results as ``{"meta": {...}, "rows": [...]}`` (``meta`` gets the command line and machine)."""
     if path is None:
         return
-    import platform
-
     info = {
         "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         **meta,
     }

@@ -7,6 +7,7 @@ log-normalised counts, with the same number of threads. Then a scale run on simu
     python benchmarks/neuralee.py --quick         # pbmc_10x_4k only, scale 100k
     python benchmarks/neuralee.py --scale 1300000 --scale-max-epochs 20 --skip-real
     python benchmarks/neuralee.py --vs-ee --seeds 0 1 2   # tl.neuralee at its defaults against tl.ee, same cells
+    python benchmarks/neuralee.py --profile 100000        # where the time goes at 100,000 cells
 
 ``--vs-ee`` runs in this process (``--threads`` torch threads) on every real set of ``VS_EE_REAL`` and on simulated
 sets (``se.datasets.simulate`` counts → log → 50 PCs, and ``simulate_embedding``), each with one affinity graph
@@ -65,7 +66,11 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
         a.obsm["X_pca"] = X
         se.tl.neuralee(a, n_jobs=threads, **opts)
         Y = a.obsm["X_neuralee"]
-        info = {"epochs": a.uns["neuralee"]["n_epochs"], "mode": a.uns["neuralee"]["mode"]}
+        info = {
+            "epochs": a.uns["neuralee"]["n_epochs"],
+            "mode": a.uns["neuralee"]["mode"],
+            "seconds": a.uns["neuralee"]["seconds"],
+        }
     elif method == "original":
         Y = run_original(X, **opts)
     elif method == "opentsne":
@@ -128,6 +133,60 @@ def run(method: str, folder: Path, threads: int, opts: dict, timeout: int, origi
     if not r["ok"]:
         return {"error": r["error"].splitlines()[-1]}
     return {**r["result"], "rss_gb": r["peak_rss_mib"] / 1024}
+
+
+# ------------------------------------------------------------------------------------------------ --profile
+def profile(n: int, threads: int) -> None:
+    """Where tl.neuralee's time goes at its defaults on ``simulate_embedding(n, 50)``, in this process.
+
+    The neighbour search and the calibration are timed on their own (the package's two engine calls, as
+    ``pp.affinity`` makes them), then ``tl.neuralee`` runs on the stored graph under cProfile: its recorded parts
+    (``uns["neuralee"]["seconds"]``) and, within training, the time of the step's parts on the main thread.
+    """
+    import cProfile
+    import pstats
+
+    import anndata as ad
+    import torch
+
+    import scembed as se
+    from scembed._engine.affinity import entropic_affinities
+    from scembed._engine.knn import nearest_neighbors
+
+    torch.set_num_threads(threads)
+    X = se.datasets.simulate_embedding(n, 50, random_state=0).X.astype(np.float32)
+    t0 = time.perf_counter()
+    idx, dist, method = nearest_neighbors(X, 90, n_jobs=threads, random_state=0)
+    t1 = time.perf_counter()
+    P, _, _ = entropic_affinities(idx, dist, 30.0)
+    t2 = time.perf_counter()
+    a = ad.AnnData(X)
+    a.obsp["affinity"] = P
+    prof = cProfile.Profile()
+    prof.enable()
+    se.tl.neuralee(a, use_rep="X", n_jobs=threads, show_progress=False)
+    prof.disable()
+    seconds = a.uns["neuralee"]["seconds"]
+    print(f"\n{n} cells × 50, {threads} threads, tl.neuralee at its defaults ({a.uns['neuralee']['n_epochs']} epochs)")
+    print("\n| part | seconds | share |\n| --- | --- | --- |")
+    parts = {f"neighbour search ({method}, k = 90)": t1 - t0, "calibration + symmetrisation": t2 - t1}
+    parts.update({k: v for k, v in seconds.items() if k != "total"})
+    total = sum(parts.values())
+    for name, sec in parts.items():
+        print(f"| {name} | {sec:.1f} | {sec / total:.0%} |")
+    stats = pstats.Stats(prof).stats
+    inside = {
+        "in-batch repulsion (batch_repulsion)": ("neuralee.py", "batch_repulsion"),
+        "neighbour sampling (GraphSampler.sample)": ("neuralee.py", "sample"),
+        "network forward (Sequential.forward)": ("container.py", "forward"),
+        "backward (autograd)": ("graph.py", "_engine_run_backward"),
+        "optimiser step (Adam)": ("optimizer.py", "wrapper"),
+    }
+    train = seconds.get("train", 0.0) + seconds.get("refine", 0.0)
+    print("\n| within training | seconds (cumulative) | share of training |\n| --- | --- | --- |")
+    for label, (file, func) in inside.items():
+        cum = sum(v[3] for k, v in stats.items() if k[0].endswith(file) and k[2] == func)
+        print(f"| {label} | {cum:.1f} | {cum / train:.0%} |")
 
 
 # ------------------------------------------------------------------------------------------------ --vs-ee
@@ -215,14 +274,29 @@ def main() -> None:
     )
     p.add_argument("--original-maxit", type=int, default=500, help="the original's maxit (epochs, full batch)")
     p.add_argument("--scale", type=int, nargs="*", default=None)
-    p.add_argument("--scale-max-epochs", "--scale-maxit", type=int, default=50, dest="scale_max_epochs")
-    p.add_argument("--scale-refine", type=int, default=10, help="refine_max_epochs on all cells in the scale runs")
+    p.add_argument(
+        "--scale-max-epochs", "--scale-maxit", type=int, default=None, dest="scale_max_epochs",
+        help="max_epochs of the scale runs (default: tl.neuralee's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scale-batch-size", type=int, default=None, help="batch_size of the scale runs (default: tl.neuralee's)"
+    )
+    p.add_argument(
+        "--scale-refine", type=int, default=None, help="refine_max_epochs on all cells (default: tl.neuralee's)"
+    )
+    p.add_argument(
+        "--opentsne-max", type=int, default=300_000, help="run openTSNE beside scembed up to this many cells"
+    )
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     p.add_argument("--vs-ee", action="store_true", help="tl.neuralee at its defaults against tl.ee (only this)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="--vs-ee: seeds of tl.neuralee")
     p.add_argument("--no-simulated", action="store_true", help="--vs-ee: real sets only")
+    p.add_argument("--profile", type=int, default=None, metavar="N", help="where the time goes at N cells (only this)")
     args = p.parse_args()
+    if args.profile:
+        profile(args.profile, args.threads)
+        return
     if args.vs_ee:
         names = args.datasets or (VS_EE_REAL + ([] if args.no_simulated else VS_EE_SIMULATED))
         vs_ee(names, args.seeds, args.threads, args.json)
@@ -274,8 +348,9 @@ def main() -> None:
     if scale:
         import scembed as se
 
-        print("\n| cells | method | time (s) | peak RSS (GB) | 10-NN acc. (20k cells) | centroid ρ |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("\n| cells | method | epochs | time (s) | × openTSNE | peak RSS (GB) | 10-NN acc. (20k) | centroid ρ |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        phases = []
         for n in scale:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
@@ -283,25 +358,41 @@ def main() -> None:
                 np.save(folder / "X.npy", a.X)
                 labels = a.obs["celltype"].astype(str).to_numpy()
                 del a
-                opts = {"batch_size": 5000, "max_epochs": args.scale_max_epochs, "refine_max_epochs": args.scale_refine}
+                given = {
+                    "batch_size": args.scale_batch_size,
+                    "max_epochs": args.scale_max_epochs,
+                    "refine_max_epochs": args.scale_refine,
+                }
+                opts = {k: v for k, v in given.items() if v is not None}
                 methods = [("scembed", opts)]
-                if n <= 100_000:
+                if n <= args.opentsne_max:
                     methods.append(("opentsne", {}))
-                for m, opts in methods:
-                    r = run(m, folder, args.threads, opts, args.timeout, args.original_python)
+                rows = {}
+                for m, o in methods:
+                    r = run(m, folder, args.threads, o, args.timeout, args.original_python)
+                    if "error" not in r:
+                        X, Y = np.load(folder / "X.npy"), np.load(folder / f"Y_{m}.npy")
+                        sub = np.random.default_rng(0).choice(n, min(n, 20_000), replace=False)
+                        r.update(embedding_metrics(X[sub], Y[sub], labels[sub]))
+                    rows[m] = r
+                    results.append({"data": f"simulated {n}", "method": m, "options": o, **r})
+                t_ref = rows.get("opentsne", {}).get("time")
+                for m, r in rows.items():
                     if "error" in r:
-                        print(f"| {n} | {m} | {r['error']} | | | |")
-                        results.append({"data": f"simulated {n}", "method": m, **r})
+                        print(f"| {n} | {m} | | {r['error']} | | | | |")
                         continue
-                    X, Y = np.load(folder / "X.npy"), np.load(folder / f"Y_{m}.npy")
-                    sub = np.random.default_rng(0).choice(n, min(n, 20_000), replace=False)
-                    met = embedding_metrics(X[sub], Y[sub], labels[sub])
-                    results.append({"data": f"simulated {n}", "method": m, "options": opts, **r, **met})
+                    ratio = f"{r['time'] / t_ref:.2f}×" if t_ref else "–"
                     print(
-                        f"| {n} | {m} | {r['time']:.1f} | {r['rss_gb']:.2f} | {met['knn_acc']:.3f} | "
-                        f"{met['centroid_rho']:.3f} |",
+                        f"| {n} | {m} | {r.get('epochs', '–')} | {r['time']:.1f} | {ratio} | {r['rss_gb']:.2f} | "
+                        f"{r['knn_acc']:.3f} | {r['centroid_rho']:.3f} |",
                         flush=True,
                     )
+                    if "seconds" in r:
+                        parts = ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items())
+                        phases.append(f"  {n} {m}: {parts} s")
+        if phases:
+            print("\nscembed's parts (uns['neuralee']['seconds']; the time column adds the process start and loading):")
+            print("\n".join(phases))
     print(f"\nload average at end {os.getloadavg()}")
     write_json(args.json, results, script="neuralee", threads=args.threads, load_average_end=os.getloadavg())
 

@@ -102,11 +102,12 @@ def recall(approx: np.ndarray, exact: np.ndarray) -> float:
     return hits / exact.size
 
 
-def test_annoy_recall_against_exact() -> None:
+@pytest.mark.parametrize("method", ["annoy", "faiss"])
+def test_approximate_recall_against_exact(method: str) -> None:
     X = clustered(3000)
     exact, _, _ = nearest_neighbors(X, 30, method="exact")
-    approx, dist, used = nearest_neighbors(X, 30, method="annoy", random_state=0)
-    assert used == "annoy"
+    approx, dist, used = nearest_neighbors(X, 30, method=method, random_state=0)
+    assert used == method
     assert recall(approx, exact) >= 0.95
     assert (approx != np.arange(len(X))[:, None]).all()
     np.testing.assert_allclose(dist, np.linalg.norm(X[:, None] - X[approx], axis=-1), rtol=1e-4, atol=1e-4)
@@ -133,9 +134,10 @@ def test_cosine_metric(small: AnnData) -> None:
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     idx, dist, _ = nearest_neighbors(X, 10, method="exact", metric="cosine")
     np.testing.assert_allclose(dist, 1 - (unit[:, None] * unit[idx]).sum(-1), atol=1e-5)
-    annoy_idx, annoy_dist, _ = nearest_neighbors(X, 10, method="annoy", metric="cosine")
-    assert recall(annoy_idx, idx) > 0.95
-    np.testing.assert_allclose(annoy_dist, 1 - (unit[:, None] * unit[annoy_idx]).sum(-1), atol=1e-4)
+    for method in ("annoy", "faiss"):
+        approx_idx, approx_dist, _ = nearest_neighbors(X, 10, method=method, metric="cosine")
+        assert recall(approx_idx, idx) > 0.95
+        np.testing.assert_allclose(approx_dist, 1 - (unit[:, None] * unit[approx_idx]).sum(-1), atol=1e-4)
 
 
 def test_reuse_scanpy_graph(small: AnnData) -> None:
@@ -199,11 +201,36 @@ def test_h5ad_round_trip(small: AnnData, tmp_path) -> None:
     assert back.uns["affinity"]["params"]["perplexity"] == 10
 
 
-def test_same_seed_same_result() -> None:
+@pytest.mark.parametrize("method", ["annoy", "faiss"])
+def test_same_seed_same_result(method: str) -> None:
     adata = AnnData(obsm={"X_pca": clustered(1500)})
-    a = se.pp.affinity(adata, perplexity=10, knn_method="annoy", random_state=3, copy=True).obsp["affinity"]
-    b = se.pp.affinity(adata, perplexity=10, knn_method="annoy", random_state=3, copy=True).obsp["affinity"]
+    kw = dict(perplexity=10, knn_method=method, random_state=3, n_jobs=2, copy=True)
+    a = se.pp.affinity(adata, **kw).obsp["affinity"]
+    b = se.pp.affinity(adata, **kw).obsp["affinity"]
     assert (a != b).nnz == 0
+
+
+def test_auto_search_beyond_exact_is_faiss() -> None:
+    import torch
+
+    from scembed._engine.knn import EXACT_MAX_CPU, resolve_knn_method
+
+    cpu = torch.device("cpu")
+    assert resolve_knn_method("auto", EXACT_MAX_CPU, cpu) == "exact"
+    assert resolve_knn_method("auto", EXACT_MAX_CPU + 1, cpu) == "faiss"
+    assert resolve_knn_method("annoy", EXACT_MAX_CPU + 1, cpu) == "annoy"
+
+
+def test_faiss_tiny_graph_and_threads_restored() -> None:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    X = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    idx, dist, _ = nearest_neighbors(X, 5, method="faiss", n_jobs=1)
+    exact, exact_d, _ = nearest_neighbors(X, 5, method="exact")
+    np.testing.assert_array_equal(np.sort(idx, 1), np.sort(exact, 1))  # all other cells: every row complete
+    np.testing.assert_allclose(dist, exact_d, rtol=1e-5, atol=1e-5)
+    assert faiss.omp_get_max_threads() == before
 
 
 def snapshot(adata: AnnData) -> tuple:
@@ -219,7 +246,7 @@ def snapshot(adata: AnnData) -> tuple:
         ({"perplexity": 30, "n_neighbors": 20}, ValueError, "perplexity"),
         ({"n_neighbors": 400}, ValueError, "n_neighbors"),
         ({"use_rep": "X_missing"}, KeyError, "use_rep"),
-        ({"knn_method": "faiss"}, ValueError, "knn_method"),
+        ({"knn_method": "hnsw"}, ValueError, "knn_method"),
         ({"metric": "hamming"}, ValueError, "metric"),
         ({"n_pcs": 0}, ValueError, "n_pcs"),
         ({"n_pcs": 11}, ValueError, "n_pcs"),
@@ -255,7 +282,7 @@ def test_cuda_matches_cpu(small: AnnData) -> None:
     assert abs(cpu - gpu).max() / cpu.max() < 1e-4
 
 
-@pytest.mark.parametrize("method", ["exact", "annoy"])
+@pytest.mark.parametrize("method", ["exact", "annoy", "faiss"])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_query_search_against_brute_force(method: str, metric: str) -> None:
     data = clustered(1500, seed=1)
@@ -441,7 +468,7 @@ def test_drop_self_wherever_it_stands() -> None:
     np.testing.assert_array_equal(kept_d, [[1, 2, 3], [0, 0, 1], [1, 2, 3]])
 
 
-@pytest.mark.parametrize("method", ["exact", "annoy"])
+@pytest.mark.parametrize("method", ["exact", "annoy", "faiss"])
 def test_knn_with_duplicated_cells(method: str) -> None:
     rng = np.random.default_rng(4)
     X = rng.normal(size=(300, 5)).astype(np.float32)

@@ -184,6 +184,11 @@ def test_subsample_recipe(emb):
     info = emb.uns["neuralee"]
     assert info["phase"].count(0) == 10 and info["phase"].count(1) == 3
     assert knn_acc(emb.obsm["X_neuralee"], emb.obs["celltype"].to_numpy()) > 0.85
+    # every phase of the recipe is timed, and the parts add up to no more than the whole
+    seconds = info["seconds"]
+    parts = ("affinity", "subsample_affinity", "init_layout", "prefit", "train", "refine", "batchnorm", "embed")
+    assert set(seconds) == {*parts, "total"}
+    assert all(seconds[k] >= 0 for k in parts) and sum(seconds[k] for k in parts) <= seconds["total"]
 
 
 def test_fraction_N_small_and_exaggeration(emb):
@@ -416,3 +421,29 @@ def test_show_progress(emb, capfd):
     assert "NeuralEE" in capfd.readouterr().err
     se.tl.neuralee(emb, batch_size=1.0, max_epochs=2, perplexity=10.0, copy=True, show_progress=False)
     assert "NeuralEE" not in capfd.readouterr().err
+
+
+def test_default_epochs_count_optimiser_steps():
+    from scembed.tl._neuralee import _check_options, default_max_epochs
+
+    # the original's 500 epochs while they make at most 5,000 steps, i.e. up to 10 batches per epoch
+    assert default_max_epochs(400, 400) == 500
+    assert default_max_epochs(10_240, 1024) == 500
+    # beyond, the steps stay 5,000 however many cells there are
+    assert default_max_epochs(100_000, 1024) == 52
+    assert default_max_epochs(20_480, 1024) == 250
+    for n in (20_480, 100_000, 1_000_000):
+        epochs = default_max_epochs(n, 1024)
+        steps = epochs * (n // 1024)
+        assert 5000 - n // 1024 <= steps <= 5000 + n // 1024
+    # through the function: the main phase's cells decide (n_subsample), and an explicit value is kept
+    adata = ad.AnnData(np.zeros((3000, 5), dtype=np.float32))
+    common = dict(
+        n_components=2, lam=1.0, perplexity=30.0, lr=0.01, hidden=(50, 50), repulsion="distance", init=None,
+        batch_affinity="graph", refine_max_epochs=10, early_exaggeration=1.0, exaggeration_epochs=0, patience=50,
+        affinity_key="affinity", return_model=False, copy=False, show_progress=None, n_jobs=None,
+    )  # fmt: skip
+    assert _check_options(adata, batch_size=100, max_epochs=None, n_subsample=None, **common)["max_epochs"] == 167
+    assert _check_options(adata, batch_size=100, max_epochs=None, n_subsample=1000, **common)["max_epochs"] == 500
+    assert _check_options(adata, batch_size=100, max_epochs=7, n_subsample=None, **common)["max_epochs"] == 7
+    assert _check_options(adata, batch_size=None, max_epochs=None, n_subsample=None, **common)["max_epochs"] == 500

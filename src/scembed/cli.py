@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs",
         type=_positive_int(1),
         help="neuralee only: maximum training epochs; training stops earlier once the loss stops improving "
-        "(default: tl.neuralee's, 500)",
+        "(default: tl.neuralee's, 500 but at most 5,000 optimiser steps)",
     )
     p.add_argument(
         "--batch-size",

@@ -132,7 +132,9 @@ def _calibrate_block(
     lo = torch.full_like(log_beta, -np.inf)
     hi = torch.full_like(log_beta, np.inf)
 
-    def entropy(log_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def entropy(
+        log_b: torch.Tensor, s: torch.Tensor, finite: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = log_b.exp()[:, None]
         w = torch.where(finite, torch.exp(-b * s), torch.zeros_like(s))
         z = w.sum(1, keepdim=True)
@@ -142,7 +144,7 @@ def _calibrate_block(
         h = torch.log(z[:, 0]) + b[:, 0] * mean_s
         return p, h, var_s
 
-    p, h, var_s = entropy(log_beta)
+    p, h, var_s = entropy(log_beta, s, finite)
     for _ in range(max_iter):
         err = h - target
         active = (err.abs() > tol) & ~tied
@@ -163,7 +165,11 @@ def _calibrate_block(
         step = torch.where(inside, newton, bisect)
         step = step.clamp(-_LOG_BETA_BOUND, _LOG_BETA_BOUND)
         log_beta = torch.where(active, step, log_beta)
-        p, h, var_s = entropy(log_beta)
+        # only the rows still searching are evaluated again: most converge in a few steps, and a handful of slow
+        # rows must not cost a pass over every row per step (the others' values do not change)
+        rows = torch.nonzero(active).squeeze(1)
+        p_rows, h_rows, var_rows = entropy(log_beta[rows], s[rows], finite[rows])
+        p[rows], h[rows], var_s[rows] = p_rows, h_rows, var_rows
 
     beta = torch.ldexp(log_beta.exp(), -beta_exponent.to(log_beta.dtype))
     if bool(tied.any()):
@@ -182,15 +188,23 @@ def symmetrize(indices: np.ndarray, P_cond: np.ndarray, n: int | None = None) ->
     """
     n_rows, k = indices.shape
     n = n_rows if n is None else n
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), k)
-    cols = indices.ravel()
-    vals = P_cond.ravel()
-    keep = (cols >= 0) & (vals > 0)
-    cond = sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(n, n), dtype=np.float64)
+    # built in float32 and 32-bit indices straight as CSR (the rows are the rows of `indices`): at 1.3 M cells × 90
+    # neighbours every float64 or int64 copy of the edges is ~1 GB, and this step set the peak memory of the
+    # whole affinity computation. The float32 sum differs from a float64 one by at most one rounding.
+    vals = P_cond.astype(np.float32).ravel()
+    keep = (indices.ravel() >= 0) & (vals > 0)
+    small = max(n, int(keep.sum())) < 2**31
+    index_dtype = np.int32 if small else np.int64
+    indptr = np.zeros(n + 1, dtype=index_dtype)
+    np.cumsum(keep.reshape(n_rows, k).sum(1), out=indptr[1 : n_rows + 1])
+    indptr[n_rows + 1 :] = indptr[n_rows]
+    cond = sparse.csr_matrix((vals[keep], indices.astype(index_dtype).ravel()[keep], indptr), shape=(n, n))
+    del vals, keep
+    cond.sum_duplicates()  # a neighbour listed twice (padding of tiny searches) counts twice, as a COO build would
     P = (cond + cond.T).tocsr()
-    P.data /= 2.0 * n_rows
-    P = P.astype(np.float32)
-    P.eliminate_zeros()  # after the cast: values below float32's range must not stay as stored zeros
+    del cond
+    P.data /= np.float32(2.0 * n_rows)
+    P.eliminate_zeros()  # values below float32's range must not stay as stored zeros
     P.sort_indices()
     return P
 

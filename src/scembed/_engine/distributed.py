@@ -458,8 +458,8 @@ def knn_affinities(
 
     One process: :func:`~scembed._engine.knn.nearest_neighbors` then
     :func:`~scembed._engine.affinity.entropic_affinities`, unchanged. Under ``torchrun``: every rank builds the
-    same search structure over all of ``X`` (the exact search needs none; annoy and pynndescent build their index
-    from the same data and seed on every rank), searches only its own contiguous block of rows (:func:`shard`),
+    same search structure over all of ``X`` (the exact search needs none; faiss, annoy and pynndescent build their
+    index from the same data and seed on every rank), searches only its own contiguous block of rows (:func:`shard`),
     calibrates those rows, and the blocks' neighbours, conditional affinities and precisions are all-gathered and
     symmetrised on every rank. Calibration is row by row, so with the exact search the result equals the
     one-process one (ties between equally distant neighbours at the k-th place aside); an approximate index

@@ -17,6 +17,7 @@ N·B or N² is ever built.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -333,7 +334,9 @@ def fit_neuralee(
         The trained network, in eval mode, BatchNorm statistics recomputed on all cells.
     info
         ``history`` (``loss`` per epoch, and ``phase``), ``n_epochs``, ``mode``, ``batch_size``, ``n_subsample``,
-        ``init`` and ``prefit_residual`` (1 − R² of the pre-fit; NaN without one).
+        ``init``, ``prefit_residual`` (1 − R² of the pre-fit; NaN without one) and ``seconds`` (wall time per part:
+        ``affinity`` of all cells and ``subsample_affinity`` where computed here, ``init_layout``, ``prefit``,
+        ``train``, ``refine``, ``batchnorm``).
     """
     device = torch.device(device)
     N, D = X.shape
@@ -348,10 +351,19 @@ def fit_neuralee(
     mean_pair = float((2 * N * (xd * xd).sum() - 2 * (xd.sum(0) ** 2).sum()) / max(N * (N - 1), 1))
     del xd
 
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
     def get_affinities(rows: np.ndarray | None = None) -> sparse.spmatrix:
         if affinities is None:
             raise ValueError("fit_neuralee needs `P` or an `affinities` function in this mode.")
-        return affinities(X if rows is None else X[rows])
+        return timed("affinity" if rows is None else "subsample_affinity", affinities, X if rows is None else X[rows])
 
     net = build_network(D, n_components, hidden).to(device)
     # under torchrun (distributed.py): same inputs on every rank, rank 0's initial weights, whole blocks per rank
@@ -362,6 +374,9 @@ def fit_neuralee(
     history: dict[str, list[float]] = {"loss": [], "phase": []}
 
     def run_phase(step: Callable[[int], float], n_epochs: int, phase: int) -> int:
+        return timed("train" if phase == 0 else "refine", run_phase_untimed, step, n_epochs, phase)
+
+    def run_phase_untimed(step: Callable[[int], float], n_epochs: int, phase: int) -> int:
         if n_epochs <= 0:
             return 0
         n_ex = min(exaggeration_epochs, n_epochs) if phase == 0 else 0
@@ -399,11 +414,15 @@ def fit_neuralee(
         choice = init if init is not None else ("pca" if train_P is None else "spectral")
         if not isinstance(choice, str):
             choice = np.asarray(choice)[rows.numpy()] if rows is not None and len(choice) == N else choice
-        target = init_layout(choice, X if rows is None else X[rows.numpy()], train_P, n_components, random_state)
+        target = timed(
+            "init_layout", init_layout, choice, X if rows is None else X[rows.numpy()], train_P, n_components,
+            random_state,
+        )  # fmt: skip
         if target is None:
             return
         inputs = Xt if rows is None else Xt[rows.to(device)]
-        fit = prefit_network(net, inputs, torch.as_tensor(target, device=device), lr=lr, generator=gen)
+        layout = torch.as_tensor(target, device=device)
+        fit = timed("prefit", lambda: prefit_network(net, inputs, layout, lr=lr, generator=gen))
         start.update(init=choice if isinstance(choice, str) else "array", prefit_residual=fit["residual"])
 
     def alpha(epoch: int, phase: int) -> float:
@@ -429,10 +448,10 @@ def fit_neuralee(
             return float(ea + lam * er)
 
         n_epochs = run_phase(full_step, max_epochs, 0)
-        recalibrate_batchnorm(net, Xt)
+        timed("batchnorm", recalibrate_batchnorm, net, Xt)
         net.eval()
         info = {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
-        return net, {**info, **start}
+        return net, {**info, **start, "seconds": seconds}
 
     # ---- mini-batches
     n_sub = N if n_subsample is None else min(int(n_subsample), N)
@@ -536,9 +555,10 @@ def fit_neuralee(
             n_epochs += run_phase(make_step(cells_all, 0), max_epochs, 0)
     else:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
-    recalibrate_batchnorm(net, Xt)
+    timed("batchnorm", recalibrate_batchnorm, net, Xt)
     net.eval()
     info = {
+        "seconds": seconds,
         "history": history,
         "n_epochs": n_epochs,
         "mode": batch_affinity,

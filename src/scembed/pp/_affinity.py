@@ -178,7 +178,9 @@ def affinity(
         Neighbours per cell, *k*. Default ``min(3 · perplexity, n_obs − 1)`` as in t-SNE/openTSNE.
     knn_method
         Nearest-neighbour search: ``"exact"`` (chunked brute force in torch, on the GPU when present),
-        ``"annoy"``, ``"pynndescent"``, or ``"auto"`` (exact on a GPU or up to 20,000 cells, annoy beyond).
+        ``"faiss"`` (faiss's HNSW graph), ``"annoy"``, ``"pynndescent"``, or ``"auto"`` (exact on a GPU or up to
+        20,000 cells, faiss beyond: the fastest of the three approximate searches at 300,000 cells, with a recall
+        of the exact neighbours above annoy's).
         Formerly ``method``.
     metric
         ``"euclidean"`` or ``"cosine"``; with ``knn_method="pynndescent"`` any of its metrics.

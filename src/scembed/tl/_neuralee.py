@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import math
 import numbers
+import time
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,18 @@ from ..pp._affinity import stored_affinities, tool_affinities
 AUTO_BATCH = 1024
 #: ``n_subsample=None``: above this many cells, train on this many first (openTSNE's large-data recipe)
 AUTO_SUBSAMPLE = 100_000
+#: ``max_epochs=None``: at most 500 epochs and at most this many optimiser steps in the main phase
+AUTO_STEPS, AUTO_EPOCHS = 5000, 500
+
+
+def default_max_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs of the main phase for ``max_epochs=None``: ``min(500, ceil(5000 · batch_size / n_train))``.
+
+    Up to 10,240 cells (in batches of 1,024) that is the original's 500 epochs. Beyond, the budget is counted in
+    optimiser steps: every step draws fresh cells and fresh neighbours, so a larger data set does not need more
+    steps to converge from the pre-fitted start, and 500 passes over it would only cost time in proportion.
+    """
+    return max(1, min(AUTO_EPOCHS, math.ceil(AUTO_STEPS * batch_size / max(n_train, 1))))
 
 
 def _resolve_batch_size(batch_size: int | float | None, n: int) -> int:
@@ -68,7 +82,7 @@ def neuralee(
     use_rep: str | None = None,
     n_pcs: int | None = None,
     batch_size: int | float | None = None,
-    max_epochs: int = 500,
+    max_epochs: int | None = None,
     lr: float = 0.01,
     hidden: tuple[int, ...] | list[int] = (50, 50),
     repulsion: str = "distance",
@@ -147,7 +161,11 @@ def neuralee(
         ``n_obs`` trains full batch. ``None``: full batch up to 1,024 cells, mini-batches of 1,024 beyond.
     max_epochs
         Maximum number of epochs (passes over the training cells; the original's ``maxit``) of the main phase.
-        Training stops earlier at a loss plateau (see ``patience``).
+        Training stops earlier at a loss plateau (see ``patience``). ``None``: the original's 500 epochs, but at
+        most 5,000 optimiser steps, ``min(500, ceil(5000 · batch_size / n_train))`` with ``n_train`` the cells
+        of the main phase (``n_subsample``): 500 up to 10,240 cells in batches of 1,024, 52 for 100,000. Every
+        mini-batch step draws fresh cells and neighbours, so more cells do not need more steps from the
+        pre-fitted start; the benchmarks (``benchmarks/README.md``) measure the quality at 100,000 cells.
     lr
         Adam learning rate (the original's 0.01).
     hidden
@@ -203,7 +221,9 @@ def neuralee(
         squared error relative to the layout's variance; NaN without a pre-fit), `history` (`loss`: the EE
         objective per epoch; mini-batch epochs report the mean of their batch estimates), `phase` (per epoch,
         0: main/subsample phase, 1: refinement), `n_epochs`, `mode` (``"full"``, ``"graph"`` or ``"batch"``),
-        `input` (the representation the network reads).
+        `input` (the representation the network reads), `seconds` (wall time of each part: `affinity` of all
+        cells and `subsample_affinity` where computed here, `init_layout`, `prefit`, `train`, `refine`,
+        `batchnorm`, mapping every cell `embed`, and the `total`; parts that did not run are absent).
     `adata.obsp['affinity' | affinity_key]`, `adata.uns['affinity' | affinity_key]`
         Only when the global affinities were needed and absent (as :func:`scembed.pp.affinity` writes them).
 
@@ -215,6 +235,7 @@ def neuralee(
     >>> sc.pl.embedding(adata, basis="neuralee", color="bulk_labels")  # doctest: +SKIP
     >>> new_coords = model.transform(other_adata)  # doctest: +SKIP
     """
+    t_start = time.perf_counter()
     opts = _check_options(
         adata,
         n_components=n_components,
@@ -262,7 +283,9 @@ def neuralee(
     params.update(use_rep="" if use_rep is None else use_rep, n_pcs=-1 if n_pcs is None else int(n_pcs))
     params.update(affinity_key=affinity_key, random_state=seed, device=str(dev))
     model = _model(net, X, source, W, offset, adata, params)
+    t_embed = time.perf_counter()
     Y = model.transform(X, device=dev)
+    seconds = {**info["seconds"], "embed": time.perf_counter() - t_embed, "total": time.perf_counter() - t_start}
 
     adata = copy_adata(adata) if copy else adata
     adata.obsm[keys.obsm] = Y.astype(np.float32)
@@ -274,6 +297,7 @@ def neuralee(
         "mode": info["mode"],
         "input": source["rep_name"],
         "prefit_residual": float(info["prefit_residual"]),
+        "seconds": {k: float(v) for k, v in seconds.items()},
     }
     if new_affinity:
         adata.obsp[affinity_key] = new_affinity["P"]
@@ -361,7 +385,12 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     if out["perplexity"] >= n - 1:
         raise ValueError(f"`perplexity={out['perplexity']:g}` must be smaller than n_obs - 1 = {n - 1}.")
     out["batch_size"] = _resolve_batch_size(o["batch_size"], n)
-    out["max_epochs"] = check_positive_int(o["max_epochs"], "max_epochs")
+    n_sub = min(n, AUTO_SUBSAMPLE) if o["n_subsample"] is None else check_positive_int(o["n_subsample"], "n_subsample")
+    out["n_subsample"] = min(n_sub, n)
+    if o["max_epochs"] is None:
+        out["max_epochs"] = default_max_epochs(out["n_subsample"], out["batch_size"])
+    else:
+        out["max_epochs"] = check_positive_int(o["max_epochs"], "max_epochs")
     out["lr"] = check_in_range(o["lr"], "lr", low=0, low_inclusive=False)
     out["hidden"] = check_int_sequence(o["hidden"], "hidden", allow_empty=True)  # () is a linear map
     for flag in ("return_model", "copy"):
@@ -374,8 +403,6 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {o['batch_affinity']!r}.")
     out["repulsion"], out["batch_affinity"] = o["repulsion"], o["batch_affinity"]
     out["init"] = _check_init(o["init"], n, out["n_components"], out["batch_affinity"], out["batch_size"] >= n)
-    n_sub = min(n, AUTO_SUBSAMPLE) if o["n_subsample"] is None else check_positive_int(o["n_subsample"], "n_subsample")
-    out["n_subsample"] = min(n_sub, n)
     if out["n_subsample"] < out["batch_size"]:
         raise ValueError(f"`n_subsample={out['n_subsample']}` must be at least `batch_size={out['batch_size']}`.")
     out["refine_max_epochs"] = check_positive_int(o["refine_max_epochs"], "refine_max_epochs", minimum=0)
