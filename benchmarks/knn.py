@@ -70,8 +70,9 @@ def exact_neighbours(X: np.ndarray, sample: np.ndarray, threads: int) -> np.ndar
     q = Xt[torch.from_numpy(sample)]
     best_d = torch.full((len(sample), K + 1), float("inf"))
     best_i = torch.zeros((len(sample), K + 1), dtype=torch.int64)
-    for s in range(0, len(X), 200_000):
-        d = torch.cdist(q.double(), Xt[s : s + 200_000].double())
+    # small blocks: this process forks the next size's children, whose peak RSS starts from its size
+    for s in range(0, len(X), 20_000):
+        d = torch.cdist(q.double(), Xt[s : s + 20_000].double())
         d_all = torch.cat([best_d, d.float()], 1)
         i_all = torch.cat([best_i, torch.arange(s, s + d.shape[1]).expand(len(sample), -1)], 1)
         best_d, pos = d_all.topk(K + 1, largest=False)
