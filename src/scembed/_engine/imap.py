@@ -207,8 +207,11 @@ class BatchDecoder(nn.Module):
     def forward(self, code: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Decode ``code`` as if measured in ``batch`` (integer batch index per row)."""
         eye = torch.eye(self.n_batches, device=code.device, dtype=code.dtype)
-        # G1 depends on the one-hot batch only: evaluate it on the n_batches distinct inputs, then index
-        return torch.relu(self.content(torch.cat([code, eye[batch]], 1)) + self.batch(eye)[batch])
+        one_hot = eye[batch]
+        # G1 depends on the one-hot batch only: evaluate it on the n_batches distinct inputs, then pick each row's by a
+        # product with the one-hot rows. Indexing would give the same values, but its backward accumulates the rows'
+        # gradients with parallel atomic adds on the CPU, in an order that changes from run to run
+        return torch.relu(self.content(torch.cat([code, one_hot], 1)) + one_hot @ self.batch(eye))
 
 
 class ResidualGenerator(nn.Module):
