@@ -34,7 +34,7 @@ def child(spec: dict) -> None:
     """Search all rows of ``spec['X']`` with one method; save the neighbours of the sample rows."""
     import torch
 
-    from scembed._engine.knn import nearest_neighbors
+    from scembed._engine.knn import _drop_self, nearest_neighbors
 
     torch.set_num_threads(spec["threads"])
     X = np.load(spec["X"])
@@ -49,11 +49,8 @@ def child(spec: dict) -> None:
         index.add(X)
         built = time.perf_counter()
         index.hnsw.efSearch = spec["ef"]
-        _, idx = index.search(X, K + 1)
-        # drop each row's own entry (or the farthest when the row itself was not returned)
-        own = idx == np.arange(len(X))[:, None]
-        own[~own.any(1), -1] = True
-        idx = idx[~own].reshape(len(X), K)
+        d2, idx = index.search(X, K + 1)
+        idx, _ = _drop_self(idx, d2, K)  # the package's rule: each row's own entry, or its farthest
     else:
         built = start
         idx, _, _ = nearest_neighbors(X, K, method=spec["method"], n_jobs=spec["threads"], random_state=0)
@@ -77,9 +74,9 @@ def exact_neighbours(X: np.ndarray, sample: np.ndarray, threads: int) -> np.ndar
         i_all = torch.cat([best_i, torch.arange(s, s + d.shape[1]).expand(len(sample), -1)], 1)
         best_d, pos = d_all.topk(K + 1, largest=False)
         best_i = i_all.gather(1, pos)
-    own = best_i == torch.from_numpy(sample)[:, None]
-    own[~own.any(1), -1] = True
-    return best_i[~own].reshape(len(sample), K).numpy()
+    from scembed._engine.knn import _drop_self
+
+    return _drop_self(best_i.numpy(), best_d.numpy(), K, row_ids=sample)[0]
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -353,17 +354,19 @@ def fit_neuralee(
 
     seconds: dict[str, float] = {}
 
-    def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    @contextmanager
+    def timed(name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
-            return fn(*args)
+            yield
         finally:
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def get_affinities(rows: np.ndarray | None = None) -> sparse.spmatrix:
         if affinities is None:
             raise ValueError("fit_neuralee needs `P` or an `affinities` function in this mode.")
-        return timed("affinity" if rows is None else "subsample_affinity", affinities, X if rows is None else X[rows])
+        with timed("affinity" if rows is None else "subsample_affinity"):
+            return affinities(X if rows is None else X[rows])
 
     net = build_network(D, n_components, hidden).to(device)
     # under torchrun (distributed.py): same inputs on every rank, rank 0's initial weights, whole blocks per rank
@@ -374,9 +377,10 @@ def fit_neuralee(
     history: dict[str, list[float]] = {"loss": [], "phase": []}
 
     def run_phase(step: Callable[[int], float], n_epochs: int, phase: int) -> int:
-        return timed("train" if phase == 0 else "refine", run_phase_untimed, step, n_epochs, phase)
+        with timed("train" if phase == 0 else "refine"):
+            return train_phase(step, n_epochs, phase)
 
-    def run_phase_untimed(step: Callable[[int], float], n_epochs: int, phase: int) -> int:
+    def train_phase(step: Callable[[int], float], n_epochs: int, phase: int) -> int:
         if n_epochs <= 0:
             return 0
         n_ex = min(exaggeration_epochs, n_epochs) if phase == 0 else 0
@@ -414,15 +418,13 @@ def fit_neuralee(
         choice = init if init is not None else ("pca" if train_P is None else "spectral")
         if not isinstance(choice, str):
             choice = np.asarray(choice)[rows.numpy()] if rows is not None and len(choice) == N else choice
-        target = timed(
-            "init_layout", init_layout, choice, X if rows is None else X[rows.numpy()], train_P, n_components,
-            random_state,
-        )  # fmt: skip
+        with timed("init_layout"):
+            target = init_layout(choice, X if rows is None else X[rows.numpy()], train_P, n_components, random_state)
         if target is None:
             return
         inputs = Xt if rows is None else Xt[rows.to(device)]
-        layout = torch.as_tensor(target, device=device)
-        fit = timed("prefit", lambda: prefit_network(net, inputs, layout, lr=lr, generator=gen))
+        with timed("prefit"):
+            fit = prefit_network(net, inputs, torch.as_tensor(target, device=device), lr=lr, generator=gen)
         start.update(init=choice if isinstance(choice, str) else "array", prefit_residual=fit["residual"])
 
     def alpha(epoch: int, phase: int) -> float:
@@ -448,7 +450,8 @@ def fit_neuralee(
             return float(ea + lam * er)
 
         n_epochs = run_phase(full_step, max_epochs, 0)
-        timed("batchnorm", recalibrate_batchnorm, net, Xt)
+        with timed("batchnorm"):
+            recalibrate_batchnorm(net, Xt)
         net.eval()
         info = {"history": history, "n_epochs": n_epochs, "mode": "full", "batch_size": N, "n_subsample": N}
         return net, {**info, **start, "seconds": seconds}
@@ -555,7 +558,8 @@ def fit_neuralee(
             n_epochs += run_phase(make_step(cells_all, 0), max_epochs, 0)
     else:
         raise ValueError(f"`batch_affinity` must be one of {BATCH_AFFINITIES}, got {batch_affinity!r}.")
-    timed("batchnorm", recalibrate_batchnorm, net, Xt)
+    with timed("batchnorm"):
+        recalibrate_batchnorm(net, Xt)
     net.eval()
     info = {
         "seconds": seconds,
