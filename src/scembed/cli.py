@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=_positive_int(2),
-        help="neuralee only: cells per mini-batch (default: all cells up to 1,024, batches of 1,024 beyond)",
+        help="neuralee only: cells per mini-batch (default: all cells up to 10,000, batches of 1,024 beyond)",
     )
     p.add_argument(
         "--maxiter", type=_positive_int(1), help="ee only: maximum optimiser iterations (default: tl.ee's, 200)"
