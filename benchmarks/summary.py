@@ -262,9 +262,11 @@ def neuralee() -> Table:
         "scembed_full": "scembed, full batch",
         "original": "original",
         "opentsne": "openTSNE",
+        "opentsne_recipe": "openTSNE's large-data recipe",
         "umap": "UMAP",
     }
-    for name in ("neuralee_pbmc4k.json", "neuralee_scale_100k.json", "neuralee_scale_1m3.json"):
+    scale_runs = ("neuralee_scale_100k.json", "neuralee_scale_300k.json", "neuralee_scale_1m3.json")
+    for name in ("neuralee_pbmc4k.json", *scale_runs):
         src, rows = t.rows_of(name)
         for r in rows:
             if "error" in r:
@@ -272,7 +274,7 @@ def neuralee() -> Table:
             # the real sets compare with the original, the scale runs (no original) with openTSNE on the same cells
             same = [x for x in rows if x["data"] == r["data"] and "error" not in x]
             ref = next((x["time"] for x in same if x["method"] == "original"), None)
-            ref = ref or next((x["time"] for x in same if x["method"] == "opentsne"), None)
+            ref = ref or next((x["time"] for x in same if x["method"] in ("opentsne", "opentsne_recipe")), None)
             epochs = r.get("epochs", r.get("options", {}).get("max_epochs", ""))
             method = labels.get(r["method"], r["method"])
             if r["method"] == "scembed" and r.get("options", {}).get("batch_size"):
