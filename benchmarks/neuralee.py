@@ -8,6 +8,7 @@ log-normalised counts, with the same number of threads. Then a scale run on simu
     python benchmarks/neuralee.py --scale 1300000 --scale-max-epochs 20 --skip-real
     python benchmarks/neuralee.py --vs-ee --seeds 0 1 2   # tl.neuralee at its defaults against tl.ee, same cells
     python benchmarks/neuralee.py --profile 100000        # where the time goes at 100,000 cells
+    python benchmarks/neuralee.py --epoch-cost 4096 8192 10000 16384   # full-batch vs mini-batch epoch
     python benchmarks/neuralee.py --skip-real --scale 300000 --opentsne-max 0 --opentsne-recipe  # vs openTSNE's recipe
 
 ``--vs-ee`` runs in this process (``--threads`` torch threads) on every real set of ``VS_EE_REAL`` and on simulated
@@ -171,6 +172,33 @@ def run(method: str, folder: Path, threads: int, opts: dict, timeout: int, origi
     return {**r["result"], "rss_gb": r["peak_rss_mib"] / 1024}
 
 
+# ------------------------------------------------------------------------------------------------ --epoch-cost
+def epoch_cost(sizes: list[int], threads: int, epochs: int = 10) -> None:
+    """Seconds per training epoch, full batch vs mini-batches of 1,024, at each size, in this process.
+
+    The cost behind ``tl.neuralee``'s default batch size (full batch up to 10,000 cells): an exact epoch is O(N²),
+    a mini-batch epoch O(N · 1,024).
+    """
+    import anndata as ad
+    import torch
+
+    import scembed as se
+
+    torch.set_num_threads(threads)
+    print("\n| cells | full batch (s / epoch) | batches of 1,024 (s / epoch) | ratio |\n| --- | --- | --- | --- |")
+    for n in sizes:
+        a = se.datasets.simulate_embedding(n, 50, random_state=0)
+        a = ad.AnnData(X=np.asarray(a.X, dtype=np.float32))
+        a.obsm["X_pca"] = a.X
+        se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+        cost = {}
+        for batch_size in (1.0, 1024):
+            kw = dict(batch_size=batch_size, max_epochs=epochs, patience=None, show_progress=False)
+            se.tl.neuralee(a, n_jobs=threads, **kw)
+            cost[batch_size] = a.uns["neuralee"]["seconds"]["train"] / epochs
+        print(f"| {n} | {cost[1.0]:.3f} | {cost[1024]:.3f} | {cost[1.0] / cost[1024]:.2f} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ --profile
 def profile(n: int, threads: int) -> None:
     """Where tl.neuralee's time goes at its defaults on ``simulate_embedding(n, 50)``, in this process.
@@ -242,7 +270,9 @@ def vs_ee_data(name: str) -> tuple[np.ndarray, np.ndarray]:
     return lognorm_pca(a), a.obs["celltype"].astype(str).to_numpy()
 
 
-def vs_ee(names: list[str], seeds: list[int], threads: int, json_path: Path | None) -> None:
+def vs_ee(
+    names: list[str], seeds: list[int], threads: int, json_path: Path | None, options: dict | None = None
+) -> None:
     """tl.neuralee at its defaults against tl.ee on the same cells and affinities (see the module docstring)."""
     import anndata as ad
     import torch
@@ -253,6 +283,7 @@ def vs_ee(names: list[str], seeds: list[int], threads: int, json_path: Path | No
 
     torch.set_num_threads(threads)
     rows = []
+    print(f"\ntl.neuralee options beside the defaults: {options or 'none'}")
     print("\n| data | seed | 10-NN acc. NeuralEE / EE (diff) | centroid ρ NeuralEE / EE (diff) | "
           "EE objective NeuralEE / EE (diff) | time NeuralEE / EE (s) | epochs |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -270,7 +301,7 @@ def vs_ee(names: list[str], seeds: list[int], threads: int, json_path: Path | No
         acc_ee, rho_ee = knn_accuracy(Y_ee, labels), centroid_spearman(X, Y_ee, labels)
         for seed in seeds:
             t0 = time.perf_counter()
-            se.tl.neuralee(a, n_jobs=threads, random_state=seed, show_progress=False)
+            se.tl.neuralee(a, n_jobs=threads, random_state=seed, show_progress=False, **(options or {}))
             t_nee = time.perf_counter() - t0
             Y = a.obsm["X_neuralee"]
             e = obj.value(torch.as_tensor(Y))
@@ -286,6 +317,7 @@ def vs_ee(names: list[str], seeds: list[int], threads: int, json_path: Path | No
                 "time": t_nee,
                 "time_ee": t_ee,
                 "epochs": a.uns["neuralee"]["n_epochs"],
+                "options": options or {},
             }
             rows.append(r)
             print(
@@ -330,6 +362,14 @@ def main() -> None:
         action="store_true",
         help="also run openTSNE's large-data recipe (sample, place, optimise all) at every --scale size",
     )
+    p.add_argument(
+        "--epoch-cost", type=int, nargs="*", help="seconds per epoch, full batch vs batches of 1,024, at these sizes"
+    )
+    p.add_argument(
+        "--neuralee-options",
+        default="{}",
+        help="--vs-ee: tl.neuralee options other than the defaults, as JSON (e.g. '{\"batch_size\": 1024}')",
+    )
     p.add_argument("--vs-ee", action="store_true", help="tl.neuralee at its defaults against tl.ee (only this)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="--vs-ee: seeds of tl.neuralee")
     p.add_argument("--no-simulated", action="store_true", help="--vs-ee: real sets only")
@@ -338,9 +378,12 @@ def main() -> None:
     if args.profile:
         profile(args.profile, args.threads)
         return
+    if args.epoch_cost:
+        epoch_cost(args.epoch_cost, args.threads)
+        return
     if args.vs_ee:
         names = args.datasets or (VS_EE_REAL + ([] if args.no_simulated else VS_EE_SIMULATED))
-        vs_ee(names, args.seeds, args.threads, args.json)
+        vs_ee(names, args.seeds, args.threads, args.json, json.loads(args.neuralee_options))
         return
     results: list[dict] = []
     sys.path.insert(0, str(HERE))

@@ -182,7 +182,7 @@ def neuralee(
         units for any one cell, so a layer needs more than twice the input's 50 dimensions to pass every input
         direction on; with 50 units the network's 10-NN accuracy stayed below :func:`scembed.tl.ee`'s on the
         same cells, with 128 it matches it (``benchmarks/README.md``). In full batch the width costs little
-        beside the O(N²) repulsion; in mini-batches an epoch takes about 1.25 times longer than with 50 units.
+        beside the O(N²) repulsion; in mini-batches it adds to every step (the benchmarks time it at 100,000 cells).
     repulsion
         W⁻: ``"distance"`` (squared input distances, normalised to sum 1: the original's, and the default of
         :func:`scembed.tl.ee`, so that both tools minimise one objective and can be compared by its value) or
