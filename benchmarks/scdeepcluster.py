@@ -10,6 +10,8 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
                                                         # one table from runs saved with --json (seeds pooled)
     python benchmarks/scdeepcluster.py --resolutions 0.1 0.2 0.3 0.5 0.8 --pretrain-epochs 300
                                                         # K and ARI of Leiden on the pretrained latent space
+    python benchmarks/scdeepcluster.py --k-rules --pretrain-epochs 300 --seeds 0 1 2
+                                                        # label-free rules for K on the same latent spaces
     python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
@@ -117,7 +119,9 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
     return out
 
 
-def resolution_sweep(dataset: str, seed: int, pretrain: int, resolutions: list[float], threads: int) -> dict:
+def resolution_sweep(
+    dataset: str, seed: int, pretrain: int, resolutions: list[float], threads: int, rules: bool = False
+) -> dict:
     """Pretrain once, then K and ARI of Leiden at every resolution on that latent space (what n_clusters=0 sees)."""
     import anndata as ad
     import torch
@@ -140,6 +144,72 @@ def resolution_sweep(dataset: str, seed: int, pretrain: int, resolutions: list[f
     for r in resolutions:
         labels = leiden_labels(z, knn=knn, resolution=r, random_state=seed)
         out[str(r)] = (len(set(labels.tolist())), float(adjusted_rand_score(truth, labels)))
+    if rules:
+        out.update(k_rules(z, truth, knn, seed))
+    return out
+
+
+#: label-free rules for K compared by ``--k-rules`` on the pretrained latent space
+K_RULES = ("leiden_0.2", "leiden_0.8", "stability", "plateau", "silhouette")
+
+
+def k_rules(z: np.ndarray, truth: np.ndarray, knn: int, seed: int) -> dict:
+    """K chosen by label-free rules on a latent space, and the ARI of the labels each rule gives.
+
+    - ``leiden_0.2`` / ``leiden_0.8``: Leiden at a fixed resolution (scembed's default; the original's Louvain's);
+    - ``stability``: the resolution of a grid whose Leiden partitions of five random 80 % subsamples agree best (mean
+      pairwise ARI on the cells they share), then Leiden on all cells at it;
+    - ``plateau``: the K that Leiden gives over the widest range of a log-spaced resolution grid (0.05–2);
+    - ``silhouette``: KMeans for K = 2–30, the K of the largest silhouette (a 3,000-cell sample).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    from scembed._engine.scdeepcluster import leiden_labels
+
+    def result(labels: np.ndarray) -> tuple[int, float]:
+        return len(set(labels.tolist())), float(adjusted_rand_score(truth, labels))
+
+    out = {}
+    for r in (0.2, 0.8):
+        out[f"leiden_{r:g}"] = result(leiden_labels(z, knn=knn, resolution=r, random_state=seed))
+    rng = np.random.default_rng(seed)
+    n = z.shape[0]
+    subsets = [np.sort(rng.choice(n, int(0.8 * n), replace=False)) for _ in range(5)]
+    grid = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
+    stability = {}
+    for r in grid:
+        parts = []
+        for i, rows in enumerate(subsets):
+            full = np.full(n, -1)
+            full[rows] = leiden_labels(z[rows], knn=knn, resolution=r, random_state=seed + i)
+            parts.append(full)
+        scores = []
+        for i in range(len(parts)):
+            for j in range(i + 1, len(parts)):
+                both = (parts[i] >= 0) & (parts[j] >= 0)
+                scores.append(adjusted_rand_score(parts[i][both], parts[j][both]))
+        stability[r] = float(np.mean(scores))
+    best = max(grid, key=lambda r: (stability[r], -r))
+    out["stability"] = result(leiden_labels(z, knn=knn, resolution=best, random_state=seed))
+    ks = {}
+    fine = np.geomspace(0.05, 2.0, 24)
+    labels_at = {}
+    for r in fine:
+        labels = leiden_labels(z, knn=knn, resolution=float(r), random_state=seed)
+        k = len(set(labels.tolist()))
+        ks[k] = ks.get(k, 0) + 1
+        labels_at.setdefault(k, labels)
+    k_plateau = max(ks, key=lambda k: (ks[k], -k))
+    out["plateau"] = result(labels_at[k_plateau])
+    sample = rng.choice(n, min(n, 3000), replace=False)
+    best_s, best_labels = -1.0, None
+    for k in range(2, 31):
+        labels = KMeans(k, n_init=10, random_state=seed).fit_predict(z)
+        score = silhouette_score(z[sample], labels[sample])
+        if score > best_s:
+            best_s, best_labels = score, labels
+    out["silhouette"] = result(best_labels)
     return out
 
 
@@ -507,6 +577,9 @@ def main() -> None:
         "--resolutions", type=float, nargs="+", default=None, help="Leiden K/ARI on the pretrained latent space"
     )
     parser.add_argument(
+        "--k-rules", action="store_true", help="label-free rules for K on the pretrained latent space (K_RULES)"
+    )
+    parser.add_argument(
         "--batch",
         action="store_true",
         help="batch mixing: scDeepCluster with batch_key vs without, uncorrected PCA and Harmony (iLISI, kBET, ARI, K)",
@@ -543,15 +616,27 @@ def main() -> None:
         methods = BATCH_METHODS if args.methods == METHODS else args.methods
         batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json)
         return
-    if args.resolutions:
-        print(f"Leiden on the latent space after {pretrain} pretraining epochs: K (ARI); seeds {seeds}")
-        print("| data set (true K) | seed | " + " | ".join(f"res {r:g}" for r in args.resolutions) + " |")
-        print("| --- | --- |" + " --- |" * len(args.resolutions))
+    if args.resolutions or args.k_rules:
+        resolutions = args.resolutions or []
+        columns = [f"res {r:g}" for r in resolutions] + (list(K_RULES) if args.k_rules else [])
+        keys = [str(r) for r in resolutions] + (list(K_RULES) if args.k_rules else [])
+        print(f"On the latent space after {pretrain} pretraining epochs: K (ARI); seeds {seeds}")
+        print("| data set (true K) | seed | " + " | ".join(columns) + " |")
+        print("| --- | --- |" + " --- |" * len(columns))
+        rows = []
         for dataset in args.datasets:
             for seed in seeds:
-                res = resolution_sweep(dataset, seed, pretrain, args.resolutions, args.threads)
-                cells = " | ".join("{} ({:.2f})".format(*res[str(r)]) for r in args.resolutions)
+                res = resolution_sweep(dataset, seed, pretrain, resolutions, args.threads, rules=args.k_rules)
+                rows.append({"dataset": dataset, "seed": seed, **res})
+                cells = " | ".join("{} ({:.2f})".format(*res[key]) for key in keys)
                 print(f"| {dataset} ({res['k_true']}) | {seed} | {cells} |", flush=True)
+        if args.k_rules:
+            print("\n| rule | Σ |K − true K| | runs within ±2 | mean ARI |\n| --- | --- | --- | --- |")
+            for rule in K_RULES:
+                err = [abs(r[rule][0] - r["k_true"]) for r in rows]
+                ari = np.mean([r[rule][1] for r in rows])
+                print(f"| {rule} | {sum(err)} | {sum(e <= 2 for e in err)} / {len(err)} | {ari:.3f} |")
+        write_json(args.json, rows, script="scdeepcluster --k-rules", threads=args.threads)
         return
     print(f"budget: max_epochs=({pretrain}, {maxiter}); seeds {seeds}; {args.threads} thread(s)")
     rows = []
