@@ -163,11 +163,11 @@ def neuralee(
     batch_size
         Cells per mini-batch, as an int or a fraction of the cells (the original's ``N_small``); ``1.0`` or ≥
         ``n_obs`` trains full batch. ``None``: full batch up to 10,000 cells, mini-batches of 1,024 beyond. Full
-        batch is the default wherever it is affordable because its gradient is exact: mini-batch noise sends
-        training from the same start to different minima with different seeds, where the exact gradient reaches
-        the same one (``benchmarks/README.md``). An exact epoch costs O(N²) pair terms (in tiles, O(N) memory);
-        up to about 10,000 cells that is about what a mini-batch epoch costs, beyond it grows N/1,024 times
-        faster than the mini-batch epoch.
+        batch is the default wherever it is affordable because its gradient is exact: mini-batch noise sent
+        training from the same start to different minima with different seeds, which the exact gradient avoided
+        on the benchmark data (``benchmarks/README.md``). An exact epoch costs O(N²) pair terms (in tiles, O(N)
+        memory), a mini-batch epoch O(N · 1,024): up to about 10,000 cells the two cost about the same, and
+        beyond, the exact epoch's share grows in proportion to N (twice the mini-batch epoch at 16,384 cells).
     max_epochs
         Maximum number of epochs (passes over the training cells; the original's ``maxit``) of the main phase.
         Training stops earlier at a loss plateau (see ``patience``). ``None``: the original's 500 epochs, but at
