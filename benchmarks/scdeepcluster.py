@@ -192,16 +192,12 @@ def k_rules(z: np.ndarray, truth: np.ndarray, knn: int, seed: int) -> dict:
         stability[r] = float(np.mean(scores))
     best = max(grid, key=lambda r: (stability[r], -r))
     out["stability"] = result(leiden_labels(z, knn=knn, resolution=best, random_state=seed))
-    ks = {}
-    fine = np.geomspace(0.05, 2.0, 24)
-    labels_at = {}
-    for r in fine:
+    labels_at: dict[int, list[np.ndarray]] = {}  # K → the partitions of the fine grid that have it
+    for r in np.geomspace(0.05, 2.0, 24):
         labels = leiden_labels(z, knn=knn, resolution=float(r), random_state=seed)
-        k = len(set(labels.tolist()))
-        ks[k] = ks.get(k, 0) + 1
-        labels_at.setdefault(k, labels)
-    k_plateau = max(ks, key=lambda k: (ks[k], -k))
-    out["plateau"] = result(labels_at[k_plateau])
+        labels_at.setdefault(len(set(labels.tolist())), []).append(labels)
+    k_plateau = max(labels_at, key=lambda k: (len(labels_at[k]), -k))
+    out["plateau"] = result(labels_at[k_plateau][0])
     sample = rng.choice(n, min(n, 3000), replace=False)
     best_s, best_labels = -1.0, None
     for k in range(2, 31):

@@ -39,6 +39,15 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def two_torch_threads():
+    """Run with two torch threads (restored afterwards): where a parallel kernel could make results vary."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_data():
     """The loader of the shared real data sets (see :func:`load_shared`)."""
     return load_shared

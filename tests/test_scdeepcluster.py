@@ -302,17 +302,12 @@ def test_same_seed_same_labels_and_no_global_side_effects(sim):
     assert a.uns["scdeepcluster"]["n_clusters"] >= 2
 
 
-def test_same_seed_same_result_with_two_threads():
+def test_same_seed_same_result_with_two_threads(two_torch_threads):
     """Bit-identical with several threads, batch one-hot and clustering stage included (no gradient accumulated by
     parallel atomic adds, whose order varies)."""
     adata = se.datasets.simulate(n_cells=1200, n_genes=300, n_celltypes=4, n_batches=2, random_state=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        kw = dict(n_clusters=4, batch_key="batch", max_epochs=(3, 6), batch_size=256, random_state=0, copy=True)
-        first, second = se.tl.scdeepcluster(adata, **kw), se.tl.scdeepcluster(adata, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    kw = dict(n_clusters=4, batch_key="batch", max_epochs=(3, 6), batch_size=256, random_state=0, copy=True)
+    first, second = se.tl.scdeepcluster(adata, **kw), se.tl.scdeepcluster(adata, **kw)
     np.testing.assert_array_equal(first.obsm["X_scdeepcluster"], second.obsm["X_scdeepcluster"])
     np.testing.assert_array_equal(first.obs["scdeepcluster"], second.obs["scdeepcluster"])
 

@@ -35,7 +35,7 @@ from .._utils._random import seed_int
 from ..pp._affinity import stored_affinities, tool_affinities
 
 #: ``batch_size=None`` trains full batch up to this many cells: there an exact epoch (O(N²) pair terms, in tiles)
-#: costs about what a mini-batch epoch costs, and the exact gradient reaches the same minimum from every seed
+#: costs about what a mini-batch epoch costs, and the exact gradient avoids the seed-dependent minima of mini-batches
 AUTO_FULL_BATCH = 10_000
 #: ``batch_size=None``: cells per mini-batch beyond :data:`AUTO_FULL_BATCH`
 AUTO_BATCH = 1024
