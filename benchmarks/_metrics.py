@@ -24,7 +24,7 @@ def knn_accuracy(Y: np.ndarray, labels: np.ndarray, k: int = 10, folds: int = 5)
 def centroid_spearman(X: np.ndarray, Y: np.ndarray, labels: np.ndarray) -> float:
     """Spearman correlation between pairwise distances of label centroids in X and in Y (global structure)."""
     groups = np.unique(labels)
-    cx = np.stack([X[labels == g].mean(0) for g in groups])
+    cx = np.stack([np.asarray(X[labels == g].mean(0)).ravel() for g in groups])  # X dense or sparse
     cy = np.stack([Y[labels == g].mean(0) for g in groups])
     iu = np.triu_indices(len(groups), 1)
     dx = np.linalg.norm(cx[:, None] - cx[None], axis=-1)[iu]

@@ -4,7 +4,13 @@ For every real data set (``obs["celltype"]`` as truth; ``obs["batch"]`` given to
 several batches), each method runs in a fresh subprocess, so that its wall time and peak memory (max RSS of that
 process, read right after the embedding) are its own. Quality of each latent space: 10-NN classification accuracy
 of the cell types (5-fold cross-validation), and ARI / NMI of Leiden clusters on its 15-NN graph at resolution 0.8
-and at the resolution that gives the true number of types (found by bisection).
+and at the resolution that gives the true number of types (found by bisection). On top of each latent space, openTSNE
+and ``tl.neuralee`` (defaults) make 2-D maps, scored by 10-NN accuracy and by the Spearman correlation of cell-type
+centroid distances with those in the log-normalised expression (one reference for all); ``--no-embed`` skips them.
+
+scVI (``pip install scvi-tools``, in the ``bench`` extra) trains, on each set and seed, for as many epochs as
+``tl.autoencoder`` ran there (its early stopping decides), unless ``--max-epochs`` sets one count for all or
+``--scvi-epochs default`` gives scVI its own rule; the table prints each method's time per epoch.
 
     python benchmarks/autoencoder.py                                  # every set in --data-dir, defaults
     python benchmarks/autoencoder.py --max-epochs 2 --datasets pbmc_10x_2100   # a quick check that it runs
@@ -32,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
@@ -60,7 +67,9 @@ def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int) -> dict:
         return float(adjusted_rand_score(truth, labels)), float(normalized_mutual_info_score(truth, labels))
 
     out = {}
-    out["ari_08"], out["nmi_08"] = scores(leiden(0.8))
+    labels_08 = leiden(0.8)
+    out["ari_08"], out["nmi_08"] = scores(labels_08)
+    out["k_08"] = len(set(labels_08))
     k_true = len(set(truth))
     lo, hi, best = 0.01, 5.0, None
     for _ in range(25):
@@ -89,6 +98,7 @@ def worker(spec: dict) -> dict:
     batch_key = "batch" if "batch" in adata.obs and adata.obs["batch"].nunique() > 1 else None
     seed, method, max_epochs = spec["seed"], spec["method"], spec["max_epochs"]
     out: dict = {"n_obs": adata.n_obs, "n_vars": adata.n_vars}
+    reference = _log_normalised(adata.X) if spec.get("embed") else None  # before any method changes adata.X
     t0 = time.perf_counter()
     if method == "autoencoder":
         import scembed as se
@@ -127,6 +137,45 @@ def worker(spec: dict) -> dict:
     out["knn_acc"] = knn_accuracy(latent, truth, k=10, folds=5)
     out.update(_leiden_scores(latent, truth, seed))
     out["k_true"] = len(set(truth))
+    if spec.get("embed"):
+        out.update(_embedding_scores(latent, truth, reference, seed, spec["threads"]))
+    if spec.get("save_latents"):
+        np.save(Path(spec["save_latents"]) / f"{Path(spec['path']).stem}_{spec['label']}_seed{seed}.npy", latent)
+    return out
+
+
+def _log_normalised(X) -> sparse.csr_matrix:
+    """log1p of counts per 10,000 (scanpy's normalize_total + log1p), sparse."""
+    X = sparse.csr_matrix(X, dtype=np.float64)
+    lib = np.asarray(X.sum(1)).ravel()
+    return (sparse.diags(1e4 / np.maximum(lib, 1)) @ X).log1p()
+
+
+def _embedding_scores(latent: np.ndarray, truth: np.ndarray, reference, seed: int, threads: int) -> dict:
+    """openTSNE and tl.neuralee (defaults) on the latent space: 10-NN accuracy and centroid ρ of each 2-D map.
+
+    The centroid ρ compares the cell-type centroid distances of the map with those in the log-normalised
+    expression (``reference``, the same for every latent space), so that the maps of all methods are scored
+    against one layout.
+    """
+    import anndata as ad
+    import openTSNE
+    from _metrics import centroid_spearman, knn_accuracy
+
+    import scembed as se
+
+    out = {}
+    t0 = time.perf_counter()
+    tsne = np.asarray(openTSNE.TSNE(n_jobs=threads, random_state=seed).fit(latent))
+    out["tsne_time"] = time.perf_counter() - t0
+    tmp = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
+    tmp.obsm["X_latent"] = latent
+    t0 = time.perf_counter()
+    se.tl.neuralee(tmp, use_rep="X_latent", random_state=seed, show_progress=False)
+    out["neuralee_time"] = time.perf_counter() - t0
+    for name, Y in (("tsne", tsne), ("neuralee", tmp.obsm["X_neuralee"])):
+        out[f"{name}_acc"] = knn_accuracy(Y, truth, k=10, folds=5)
+        out[f"{name}_rho"] = centroid_spearman(reference, Y, truth)
     return out
 
 
@@ -198,6 +247,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="random seeds (each runs every method)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... autoencoder settings")
     parser.add_argument("--variants-only", action="store_true", help="skip the autoencoder at its defaults")
+    parser.add_argument(
+        "--no-embed", action="store_true", help="skip openTSNE and tl.neuralee on each latent space (faster)"
+    )
+    parser.add_argument("--save-latents", type=Path, default=None, help="folder for each latent space (.npy)")
+    parser.add_argument(
+        "--scvi-epochs", choices=["same", "default"], default="same",
+        help="scVI's epochs without --max-epochs: those tl.autoencoder ran on the set (default) or scVI's own rule",
+    )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run every method in this process")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -222,6 +279,8 @@ def main() -> None:
         res = _run(spec)
         if "error" in res:
             sys.exit(f"scale run failed: {res['error']}")
+        if args.json:
+            args.json.write_text(json.dumps({"n_cells": args.scale, "n_genes": 2000, **spec, **res}, indent=1))
         print(
             f"{args.scale} cells × 2000 genes, {res['epochs']} epochs: {res['time'] / max(res['epochs'], 1):.1f} s "
             f"per epoch (setup included), peak RSS {res['rss_gb']:.2f} GB ({res['rss_data_gb']:.2f} GB after "
@@ -231,6 +290,8 @@ def main() -> None:
 
     if args.in_process:
         sys.path.insert(0, str(HERE))
+    if args.save_latents is not None:
+        args.save_latents.mkdir(parents=True, exist_ok=True)
     names = args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad"))
     runs = []  # (label, method, autoencoder kwargs)
     for method in args.methods:
@@ -245,27 +306,49 @@ def main() -> None:
             print(f"{name}: {path} not found, skipped", file=sys.stderr)
             continue
         for seed in args.seeds:
+            ae_epochs = None  # epochs of tl.autoencoder (defaults) on this set and seed, for scVI
             for label, method, kwargs in runs:
-                spec = {**common, "seed": seed, "path": str(path), "method": method, "max_epochs": args.max_epochs}
+                max_epochs = args.max_epochs
+                if method == "scvi" and max_epochs is None and args.scvi_epochs == "same":
+                    max_epochs = ae_epochs
+                spec = {
+                    **common, "seed": seed, "path": str(path), "method": method, "max_epochs": max_epochs,
+                    "label": label, "embed": not args.no_embed,
+                    "save_latents": None if args.save_latents is None else str(args.save_latents),
+                }  # fmt: skip
                 res = _run({**spec, "ae_kwargs": kwargs}, args.in_process)
                 if "skipped" in res or "error" in res:
                     print(f"{name} / {label}: {res.get('skipped') or res.get('error')}", file=sys.stderr)
                     continue
                 rows.append({"dataset": name, "method": label, "seed": seed, "settings": kwargs, **res})
+                if label == "autoencoder":
+                    ae_epochs = res["epochs"]
                 print(f"{name} / {label} / seed {seed}: done in {res['time']:.1f} s", file=sys.stderr)
                 if args.json:  # written after every run, so that an interrupted study keeps what it has
                     args.json.write_text(json.dumps(rows, indent=1))
     print(
-        "| data | method | seed | epochs | 10-NN acc. | ARI (0.8) | NMI (0.8) | K true / found | ARI (true K) "
-        "| NMI (true K) | time (s) | peak RSS (GB) |"
+        "| data | method | seed | epochs | 10-NN acc. | ARI (0.8) | NMI (0.8) | K at 0.8 | K true / found "
+        "| ARI (true K) | NMI (true K) | time (s) | s / epoch | peak RSS (GB) |"
     )
-    print("|" + " --- |" * 12)
+    print("|" + " --- |" * 14)
     for r in rows:
+        per_epoch = r["time"] / r["epochs"] if r.get("epochs") else None
         print(
             f"| {r['dataset']} | {r['method']} | {r['seed']} | {r.get('epochs', '–')} | {_fmt(r['knn_acc'])} "
-            f"| {_fmt(r['ari_08'])} | {_fmt(r['nmi_08'])} | {r['k_true']} / {r['k_found']} | {_fmt(r['ari_k'])} "
-            f"| {_fmt(r['nmi_k'])} | {_fmt(r['time'], '.1f')} | {_fmt(r['rss_gb'], '.2f')} |"
+            f"| {_fmt(r['ari_08'])} | {_fmt(r['nmi_08'])} | {r.get('k_08', '–')} | {r['k_true']} / {r['k_found']} "
+            f"| {_fmt(r['ari_k'])} | {_fmt(r['nmi_k'])} | {_fmt(r['time'], '.1f')} | {_fmt(per_epoch, '.2f')} "
+            f"| {_fmt(r['rss_gb'], '.2f')} |"
         )
+    if any("tsne_acc" in r for r in rows):
+        print("\n2-D maps of each latent space (10-NN acc. / centroid ρ against the log-normalised expression):\n")
+        print("| data | method | seed | openTSNE | tl.neuralee |")
+        print("|" + " --- |" * 5)
+        for r in rows:
+            if "tsne_acc" in r:
+                print(
+                    f"| {r['dataset']} | {r['method']} | {r['seed']} | {_fmt(r['tsne_acc'])} / {_fmt(r['tsne_rho'])} "
+                    f"| {_fmt(r['neuralee_acc'])} / {_fmt(r['neuralee_rho'])} |"
+                )
 
 
 if __name__ == "__main__":
