@@ -43,6 +43,9 @@ import numpy as np
 from scipy import sparse
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _runner import write_json  # noqa: E402
+
 DATA = HERE.parent.parent / "shared" / "data"
 METHODS = ["autoencoder", "pca", "scvi"]
 
@@ -322,8 +325,7 @@ def main() -> None:
         res = _run(spec)
         if "error" in res:
             sys.exit(f"scale run failed: {res['error']}")
-        if args.json:
-            args.json.write_text(json.dumps({"n_cells": args.scale, "n_genes": 2000, **spec, **res}, indent=1))
+        write_json(args.json, [{"n_cells": args.scale, "n_genes": 2000, **spec, **res}], threads=args.threads)
         print(
             f"{args.scale} cells × 2000 genes, {res['epochs']} epochs: {res['time'] / max(res['epochs'], 1):.1f} s "
             f"per epoch (setup included), peak RSS {res['rss_gb']:.2f} GB ({res['rss_data_gb']:.2f} GB after "
@@ -331,8 +333,6 @@ def main() -> None:
         )
         return
 
-    if args.in_process:
-        sys.path.insert(0, str(HERE))
     if args.save_latents is not None:
         args.save_latents.mkdir(parents=True, exist_ok=True)
     names = args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad"))
@@ -367,8 +367,8 @@ def main() -> None:
                 if label == "autoencoder":
                     ae_epochs = res["epochs"]
                 print(f"{name} / {label} / seed {seed}: done in {res['time']:.1f} s", file=sys.stderr)
-                if args.json:  # written after every run, so that an interrupted study keeps what it has
-                    args.json.write_text(json.dumps(rows, indent=1))
+                # written after every run, so that an interrupted study keeps what it has
+                write_json(args.json, rows, threads=args.threads)
     print(
         "| data | method | seed | epochs | 10-NN acc. | ARI (0.8) | NMI (0.8) | K at 0.8 | K true / found "
         "| ARI (true K) | NMI (true K) | time (s) | s / epoch | peak RSS (GB) |"

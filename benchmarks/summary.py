@@ -26,7 +26,9 @@ START, END = "<!-- summary:start (python benchmarks/summary.py --write) -->", "<
 
 AMD = "2-core x86-64 VM (AMD EPYC, AVX2), 24 GB, no GPU"
 XEON = "2-core x86-64 VM (Intel Xeon, AVX-512), 24 GB, no GPU"
+AMD512 = "2-core x86-64 VM (AMD EPYC, AVX-512), 24 GB, no GPU"
 SCDC = "python benchmarks/scdeepcluster.py"
+AE = "python benchmarks/autoencoder.py"
 SIDE = "--methods scembed_k original_k scembed_auto original_auto"
 #: results written before the scripts stored their command line in the file
 LEGACY = {
@@ -90,6 +92,19 @@ LEGACY = {
             "threads": 2,
         }
         for s in range(3)
+    },
+    **{
+        name: {"command": command, "machine": AMD512, "date": "2026-12-04", "load": "quiet", "threads": 2}
+        for name, command in {
+            "autoencoder_vs_scvi_cellbench_cite_seed0.json": f"{AE} --methods autoencoder pca scvi --seeds 0 "
+            "--threads 2",  # stopped at kang_ifnb_2batches
+            "autoencoder_vs_scvi_pbmc_worm_seed0.json": f"{AE} --datasets pbmc_10x_2100 pbmc_10x_4k worm_neuron_2100 "
+            "worm_neuron_4k --methods autoencoder pca scvi --seeds 0 --threads 2",
+            "autoencoder_vs_scvi_pbmc_worm_seeds12.json": f"{AE} --datasets pbmc_10x_2100 pbmc_10x_4k "
+            "worm_neuron_2100 worm_neuron_4k --methods autoencoder pca scvi --seeds 1 2 --no-embed --threads 2",
+            "autoencoder_scale_1m.json": f"{AE} --scale 1000000 --max-epochs 2 --threads 2",
+            "autoencoder_scale_1m_backed.json": f"{AE} --scale 1000000 --max-epochs 1 --threads 2 --backed sim_1m.h5ad",
+        }.items()
     },
 }
 
