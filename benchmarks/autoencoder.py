@@ -54,13 +54,20 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _leiden_on(latent: np.ndarray, seed: int):
-    """Leiden clusters of the 15-NN graph of ``latent``: a function of the resolution (one graph for all)."""
+def _latent_adata(latent: np.ndarray):
+    """An AnnData that holds only ``latent``, as ``obsm["X_latent"]``, for scanpy and scembed to work on."""
     import anndata as ad
-    import scanpy as sc
 
     tmp = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
     tmp.obsm["X_latent"] = latent
+    return tmp
+
+
+def _leiden_on(latent: np.ndarray, seed: int):
+    """Leiden clusters of the 15-NN graph of ``latent``: a function of the resolution (one graph for all)."""
+    import scanpy as sc
+
+    tmp = _latent_adata(latent)
     sc.pp.neighbors(tmp, n_neighbors=15, use_rep="X_latent", random_state=seed)
 
     def leiden(resolution: float) -> np.ndarray:
@@ -158,10 +165,14 @@ def worker(spec: dict) -> dict:
 
 
 def _log_normalised(X) -> sparse.csr_matrix:
-    """log1p of counts per 10,000 (scanpy's normalize_total + log1p), sparse."""
-    X = sparse.csr_matrix(X, dtype=np.float64)
-    lib = np.asarray(X.sum(1)).ravel()
-    return (sparse.diags(1e4 / np.maximum(lib, 1)) @ X).log1p()
+    """log1p of counts per 10,000 (scanpy's normalize_total + log1p) of a copy of ``X``, sparse."""
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(sparse.csr_matrix(X, dtype=np.float64))
+    sc.pp.normalize_total(tmp, target_sum=1e4)
+    sc.pp.log1p(tmp)
+    return tmp.X
 
 
 def _embedding_scores(latent: np.ndarray, truth: np.ndarray, reference, seed: int, threads: int) -> dict:
@@ -171,7 +182,6 @@ def _embedding_scores(latent: np.ndarray, truth: np.ndarray, reference, seed: in
     expression (``reference``, the same for every latent space), so that the maps of all methods are scored
     against one layout.
     """
-    import anndata as ad
     import openTSNE
     from _metrics import centroid_spearman, knn_accuracy
 
@@ -181,8 +191,7 @@ def _embedding_scores(latent: np.ndarray, truth: np.ndarray, reference, seed: in
     t0 = time.perf_counter()
     tsne = np.asarray(openTSNE.TSNE(n_jobs=threads, random_state=seed).fit(latent))
     out["tsne_time"] = time.perf_counter() - t0
-    tmp = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
-    tmp.obsm["X_latent"] = latent
+    tmp = _latent_adata(latent)
     t0 = time.perf_counter()
     se.tl.neuralee(tmp, use_rep="X_latent", random_state=seed, show_progress=False)
     out["neuralee_time"] = time.perf_counter() - t0

@@ -29,22 +29,24 @@ def load_shared(name: str) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
+def _torch_threads(n: int):
+    """Run the test with ``n`` torch threads, restoring the former count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run with one torch thread (restored afterwards): small networks on a 2-core machine avoid OpenMP spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture
 def two_torch_threads():
     """Run with two torch threads (restored afterwards): where a parallel kernel could make results vary."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(2)
 
 
 @pytest.fixture
