@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: key under which :func:`emit` reports the child's own peak RSS to :func:`run_child`
+OWN_PEAK = "_own_peak_rss_mib"
+
 HERE = Path(__file__).resolve().parent
 #: the folder with the shared real data sets (<name>.h5ad); ``SCEMBED_BENCH_DATA`` overrides it
 DATA = Path(os.environ.get("SCEMBED_BENCH_DATA", HERE.parents[1] / "shared" / "data"))
@@ -80,7 +83,8 @@ def run_child(
     -------
     dict
         ``ok`` (exit status 0 and a JSON last line), ``returncode``, ``wall_s`` (seconds from start to exit, imports
-        included), ``peak_rss_mib`` (the child's ``ru_maxrss``), ``result`` (the parsed JSON or None), ``error``
+        included), ``peak_rss_mib`` (the child's own peak RSS where it reported one through :func:`emit`, else its
+        ``ru_maxrss``, which includes the parent's RSS at the fork), ``result`` (the parsed JSON or None), ``error``
         (None or the last lines of stderr), ``stdout`` and ``stderr`` (text).
     """
     child_env = thread_env(threads, env)
@@ -120,6 +124,10 @@ def run_child(
             result = json.loads(lines[-1])
         except json.JSONDecodeError:
             result = None
+    if isinstance(result, dict) and result.get(OWN_PEAK) is not None:
+        peak = result.pop(OWN_PEAK)  # the child's own peak (see own_peak_rss_mib), where it reported one
+    elif isinstance(result, dict):
+        result.pop(OWN_PEAK, None)
     error = None
     if timed_out:
         error = f"timed out after {timeout:g} s"
@@ -139,9 +147,25 @@ def run_child(
     }
 
 
+def own_peak_rss_mib() -> float | None:
+    """This process's own peak RSS (``VmHWM`` of /proc/self/status), in MiB; None where /proc is absent.
+
+    ``ru_maxrss`` of a child is not its own peak on Linux: it starts from the parent's RSS at the fork (with vfork,
+    the parent's peak), which inflates the figure of a small child spawned by a large parent. ``VmHWM`` belongs to
+    the address space that ``exec`` created, so it counts only the child's own pages.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def emit(result: dict[str, Any]) -> None:
-    """Print a child's result as the one JSON line ``run_child`` reads (last line of stdout)."""
-    print(json.dumps(result), flush=True)
+    """Print a child's result as the one JSON line ``run_child`` reads (last line of stdout), with its own peak RSS."""
+    print(json.dumps({**result, OWN_PEAK: own_peak_rss_mib()}), flush=True)
 
 
 def lognorm_pca(adata, n_comps: int = 50, random_state: int = 0, target_sum: float | None = 1e4):

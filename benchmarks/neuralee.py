@@ -3,7 +3,12 @@
 Every method runs in its own subprocess (peak RSS = that process's ru_maxrss), on the same 50 PCs of
 log-normalised counts, with the same number of threads. Then a scale run on simulated 50-D data.
 
-    python benchmarks/neuralee.py --original-python ORIGINAL_PY   # 3 real sets + 100k/300k/1.3M scale
+On the real sets, NeuralEE, openTSNE and UMAP run once per ``--seeds`` seed and tl.ee once (its spectral start does
+not depend on the seed); NeuralEE and tl.ee compute their own affinities (perplexity 30) inside the timed run, and
+the EE objective of both embeddings is evaluated afterwards by one ``EEObjective`` on one affinity graph.
+
+    python benchmarks/neuralee.py --original-python ORIGINAL_PY   # 5 real sets + 100k/300k/1.3M scale
+    python benchmarks/neuralee.py --seeds 0 1 2 --scale   # 5 real sets: NeuralEE vs tl.ee vs openTSNE vs UMAP
     python benchmarks/neuralee.py --quick         # pbmc_10x_4k only, scale 100k
     python benchmarks/neuralee.py --scale 1300000 --scale-max-epochs 20 --skip-real
     python benchmarks/neuralee.py --vs-ee --seeds 0 1 2   # tl.neuralee at its defaults against tl.ee, same cells
@@ -38,8 +43,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _runner import DATA, emit, lognorm_pca, patch_neuralee_for_today, run_child, script_command, write_json  # noqa: E402
 
-REAL = ["pbmc_10x_4k", "worm_neuron_4k", "cite_pbmc_3762"]
-VS_EE_REAL = ["pbmc_10x_4k", "worm_neuron_4k", "cite_pbmc_3762", "pbmc_10x_2100", "worm_neuron_2100"]
+REAL = ["pbmc_10x_4k", "worm_neuron_4k", "cite_pbmc_3762", "pbmc_10x_2100", "worm_neuron_2100"]
+VS_EE_REAL = REAL
 VS_EE_SIMULATED = ["simulate:0", "simulate:1", "simulate_embedding:0", "simulate_embedding:1"]
 
 
@@ -56,6 +61,13 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if method == "prepare":
+        prepare(opts["name"], folder)
+        emit({})
+        return
+    if method == "objective":
+        emit(ee_objectives(folder, threads, opts["files"]))
+        return
     X = np.load(folder / "X.npy")
     t0 = time.perf_counter()
     info: dict = {}
@@ -66,19 +78,29 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
 
         a = ad.AnnData(X=X)
         a.obsm["X_pca"] = X
-        se.tl.neuralee(a, n_jobs=threads, **opts)
+        se.tl.neuralee(a, n_jobs=threads, show_progress=False, **opts)
         Y = a.obsm["X_neuralee"]
         info = {
             "epochs": a.uns["neuralee"]["n_epochs"],
             "mode": a.uns["neuralee"]["mode"],
             "seconds": a.uns["neuralee"]["seconds"],
         }
+    elif method == "ee":
+        import anndata as ad
+
+        import scembed as se
+
+        a = ad.AnnData(X=X)
+        a.obsm["X_pca"] = X
+        se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+        se.tl.ee(a, show_progress=False, **opts)
+        Y = a.obsm["X_ee"]
     elif method == "original":
         Y = run_original(X, **opts)
     elif method == "opentsne":
         import openTSNE
 
-        Y = np.asarray(openTSNE.TSNE(n_jobs=threads, random_state=0).fit(X))
+        Y = np.asarray(openTSNE.TSNE(n_jobs=threads, random_state=opts.get("random_state", 0)).fit(X))
     elif method == "opentsne_recipe":
         Y, info = opentsne_recipe(X, threads)
     elif method == "umap":
@@ -92,6 +114,22 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
     elapsed = time.perf_counter() - t0
     np.save(folder / f"Y_{method}.npy", np.asarray(Y, dtype=np.float32))
     emit({"time": elapsed, **info})
+
+
+def ee_objectives(folder: Path, threads: int, files: list[str]) -> dict[str, float]:
+    """The EE objective of every saved embedding ``files``, all evaluated by one EEObjective on one affinity graph."""
+    import anndata as ad
+    import torch
+
+    import scembed as se
+    from scembed._engine.ee_objective import EEObjective
+
+    X = np.load(folder / "X.npy")
+    a = ad.AnnData(X=X)
+    a.obsm["X_pca"] = X
+    se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+    objective = EEObjective(a.obsp["affinity"], repulsion="distance", X=X)
+    return {f: objective.value(torch.as_tensor(np.load(folder / f))) for f in files}
 
 
 def opentsne_recipe(X: np.ndarray, threads: int, n_sample: int = 25_000) -> tuple[np.ndarray, dict]:
@@ -329,6 +367,79 @@ def vs_ee(
     write_json(json_path, rows, script="neuralee --vs-ee", threads=threads, load_average_end=os.getloadavg())
 
 
+# ------------------------------------------------------------------------------------------------ real sets
+def real_sets(names: list[str], methods: list[str], seeds: list[int], args: argparse.Namespace) -> list[dict]:
+    """Every method on the same 50 PCs of each real set; NeuralEE, openTSNE and UMAP once per seed, tl.ee once.
+
+    This process imports neither torch nor scanpy: a child's peak RSS on Linux starts from its parent's at the fork,
+    so the data are prepared and the EE objectives evaluated in children too.
+    """
+    from _metrics import embedding_metrics
+
+    results: list[dict] = []
+    print("\n| data | method | runs | time (s) | × tl.ee | peak RSS (GB) | 10-NN pres. | 10-NN acc. (worst) | "
+          "centroid ρ (worst) | EE objective vs tl.ee |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            r = run("prepare", folder, args.threads, {"name": name}, args.timeout, None)
+            if "error" in r:
+                print(f"| {name} | prepare | {r['error']} | | | | | | | |")
+                continue
+            X, labels = np.load(folder / "X.npy"), np.load(folder / "labels.npy", allow_pickle=True)
+            rows: dict[str, list[dict]] = {}
+            for m in methods:
+                for seed in [None] if m in ("ee", "original") else seeds:
+                    opts: dict = {} if seed is None else {"random_state": seed}
+                    if m == "original":
+                        opts = {"maxit": args.original_maxit}
+                    if m == "umap":
+                        opts = {}  # UMAP with a random_state runs single-threaded; its seed is left free
+                    r = run(m, folder, args.threads, opts, args.timeout, args.original_python)
+                    if "error" not in r:
+                        saved = f"Y_{m}_{seed}.npy"
+                        (folder / f"Y_{m}.npy").rename(folder / saved)
+                        r.update(embedding_metrics(X, np.load(folder / saved), labels), saved=saved)
+                    r = {"data": name, "method": m, "seed": seed, **r}
+                    rows.setdefault(m, []).append(r)
+                    results.append(r)
+            ee_family = [r for m in ("scembed", "ee", "original") for r in rows.get(m, []) if "error" not in r]
+            values = run("objective", folder, args.threads, {"files": [r["saved"] for r in ee_family]}, args.timeout,
+                         None)  # fmt: skip
+            for r in ee_family:
+                r["objective"] = values.get(r["saved"])
+            ee_rows = [r for r in rows.get("ee", []) if "error" not in r]
+            ref = ee_rows[0] if ee_rows else None
+            for m, rs in rows.items():
+                ok = [r for r in rs if "error" not in r]
+                if not ok:
+                    print(f"| {name} | {m} | {len(rs)} | {rs[0]['error']} | | | | | | |")
+                    continue
+
+                def mean(key: str, ok: list[dict] = ok) -> float:
+                    return float(np.mean([r[key] for r in ok]))
+
+                def worst(key: str, ok: list[dict] = ok) -> float:
+                    return float(np.min([r[key] for r in ok]))
+
+                ratio = f"{mean('time') / ref['time']:.1f}×" if ref else ""
+                label = m + (f" ({int(mean('epochs'))} ep)" if "epochs" in ok[0] else "")
+                obj = ""
+                if ref and ref.get("objective") and ok[0].get("objective"):
+                    excess = [100 * (r["objective"] / ref["objective"] - 1) for r in ok]
+                    obj = f"{min(excess):+.1f} to {max(excess):+.1f} %"
+                print(
+                    f"| {name} | {label} | {len(ok)} | {mean('time'):.1f} | {ratio} | {mean('rss_gb'):.2f} | "
+                    f"{mean('knn_pres'):.3f} | {mean('knn_acc'):.3f} ({worst('knn_acc'):.3f}) | "
+                    f"{mean('centroid_rho'):.3f} ({worst('centroid_rho'):.3f}) | {obj} |",
+                    flush=True,
+                )
+    print("\nMeans over the runs; (worst): the lowest run. tl.ee is deterministic (one run); UMAP's seed is left free "
+          "so that it runs multi-threaded. Time includes the affinities of NeuralEE and tl.ee.")  # fmt: skip
+    return results
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -371,7 +482,9 @@ def main() -> None:
         help="--vs-ee: tl.neuralee options other than the defaults, as JSON (e.g. '{\"batch_size\": 1024}')",
     )
     p.add_argument("--vs-ee", action="store_true", help="tl.neuralee at its defaults against tl.ee (only this)")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="--vs-ee: seeds of tl.neuralee")
+    p.add_argument(
+        "--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of tl.neuralee (and openTSNE on the real sets)"
+    )
     p.add_argument("--no-simulated", action="store_true", help="--vs-ee: real sets only")
     p.add_argument("--profile", type=int, default=None, metavar="N", help="where the time goes at N cells (only this)")
     args = p.parse_args()
@@ -392,42 +505,11 @@ def main() -> None:
     print(f"threads={args.threads}, load average at start {os.getloadavg()}")
     if not args.skip_real:
         names = args.datasets or (REAL[:1] if args.quick else REAL)
-        methods = ["scembed", "scembed_full", "original", "opentsne", "umap"]
+        seeds = args.seeds[:1] if args.quick else args.seeds
+        methods = ["scembed", "ee", "original", "opentsne", "umap"]
         if args.skip_original or not args.original_python:
             methods.remove("original")
-        print("\n| data | method | time (s) | peak RSS (GB) | kNN pres. | kNN acc. | centroid ρ | vs openTSNE |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name in names:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = Path(tmp)
-                prepare(name, folder)
-                X, labels = np.load(folder / "X.npy"), np.load(folder / "labels.npy", allow_pickle=True)
-                rows = {}
-                for m in methods:
-                    opts = {}
-                    worker_name = m
-                    if m == "scembed_full":
-                        worker_name, opts = "scembed", {"batch_size": 1.0, "max_epochs": 500}
-                    if m == "original":
-                        opts = {"maxit": args.original_maxit}
-                    r = run(worker_name, folder, args.threads, opts, args.timeout, args.original_python)
-                    if "error" not in r:
-                        Y = np.load(folder / f"Y_{worker_name}.npy")
-                        r.update(embedding_metrics(X, Y, labels))
-                    rows[m] = r
-                t_ref = rows.get("opentsne", {}).get("time")
-                results += [{"data": name, "method": m, **r} for m, r in rows.items()]
-                for m, r in rows.items():
-                    if "error" in r:
-                        print(f"| {name} | {m} | {r['error']} | | | | | |")
-                        continue
-                    ratio = f"{r['time'] / t_ref:.2f}×" if t_ref else ""
-                    label = m + (f" ({r['epochs']} ep)" if "epochs" in r else "")
-                    print(
-                        f"| {name} | {label} | {r['time']:.1f} | {r['rss_gb']:.2f} | {r['knn_pres']:.3f} | "
-                        f"{r['knn_acc']:.3f} | {r['centroid_rho']:.3f} | {ratio} |",
-                        flush=True,
-                    )
+        results += real_sets(names, methods, seeds, args)
     scale = args.scale if args.scale is not None else ([100_000] if args.quick else [100_000, 300_000, 1_300_000])
     if scale:
         import scembed as se

@@ -41,12 +41,37 @@ def check_autoencoder(ns: dict) -> None:
     np.testing.assert_allclose(ns["latent_of_new_cells"], counts.obsm["X_autoencoder"][:100], atol=1e-5)
 
 
+def other_batch_share(rep: np.ndarray, batch: pd.Series, k: int = 30) -> float:
+    """Mean share of each cell's ``k`` nearest neighbours in ``rep`` (itself excluded) that come from another batch."""
+    from sklearn.neighbors import NearestNeighbors
+
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(rep).kneighbors(rep, return_distance=False)[:, 1:]
+    b = batch.to_numpy()
+    return float((b[idx] != b[:, None]).mean())
+
+
+def mixed_share(batch: pd.Series) -> float:
+    """The other-batch share of perfectly mixed neighbours: Σ_b p_b (1 − p_b) over the batch proportions p_b."""
+    p = batch.value_counts(normalize=True).to_numpy()
+    return float((p * (1 - p)).sum())
+
+
 def check_clustering_and_integration(ns: dict) -> None:
-    """Block 3: categorical labels whose number is the K recorded; iMAP's codes and corrected layer."""
+    """Block 3: the K of the simulated types, batches mixed in both representations the text names."""
+    from sklearn.metrics import adjusted_rand_score
+
     counts = ns["counts"]
     labels = counts.obs["scdeepcluster"]
     assert isinstance(labels.dtype, pd.CategoricalDtype)
     assert counts.uns["scdeepcluster"]["n_clusters"] == labels.nunique() >= 1
+    # "finds the 4 types (K = 4)"
+    assert counts.uns["scdeepcluster"]["n_clusters"] == counts.obs["celltype"].nunique() == 4
+    assert adjusted_rand_score(counts.obs["celltype"], labels) > 0.9
+    # "the share from the other batch is within 0.1 of the 0.5 that the batch sizes give", in both spaces
+    ideal = mixed_share(counts.obs["batch"])
+    assert abs(ideal - 0.5) < 0.01
+    assert abs(other_batch_share(counts.obsm["X_scdeepcluster"], counts.obs["batch"]) - ideal) < 0.1
+    assert abs(other_batch_share(counts.obsm["X_pca_imap"], counts.obs["batch"]) - ideal) < 0.1
     assert counts.obsm["X_scdeepcluster"].shape[0] == counts.n_obs
     assert counts.obsm["X_imap"].shape[0] == counts.n_obs
     assert counts.layers["imap"].shape == counts.shape
@@ -57,8 +82,8 @@ def check_clustering_and_integration(ns: dict) -> None:
 CHECKS = [check_embedding, check_autoencoder, check_clustering_and_integration]
 
 
-@pytest.mark.slow  # trains five small models; iMAP's stage II dominates on a CPU
-def test_readme_python_blocks_run_and_say_true(tmp_path, monkeypatch, one_torch_thread):
+@pytest.mark.slow  # trains five small models; iMAP dominates (about a minute on two threads)
+def test_readme_python_blocks_run_and_say_true(tmp_path, monkeypatch, two_torch_threads):
     """Every ```python block runs in one namespace in a scratch folder; after each, its claims are checked."""
     blocks = python_blocks()
     assert len(blocks) == len(CHECKS), "README.md gained or lost a Python block: add or remove its check here"
