@@ -17,7 +17,8 @@ on 20,000 random cells, pca/harmony/scembed unless ``--methods`` names others).
     python benchmarks/imap.py --quick                              # cellbench only, 1 + 1 epochs (scVI 2 epochs)
     python benchmarks/imap.py --datasets sim5k_3b --default-budget # simulated, 5,000 cells, 3 batches
     python benchmarks/imap.py --datasets sim200k_4b --default-budget   # 200,000 sparse cells: pca, harmony, scembed
-    python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only
+    python benchmarks/imap.py --step-compare --threads 2           # stage-I step: translate all cells vs moved only,
+                                                                   # float32 vs bfloat16 (--step-batch-size 64)
     python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
     python benchmarks/imap.py --profile --threads 1                # the parts of one stage-I and stage-II step
     python benchmarks/imap.py --gather-compare --threads 1         # sparse rows: scipy indexing vs the GPU scatter
@@ -309,6 +310,10 @@ def step_compare(threads: int, n_genes: int = 2000, batch_size: int = 512, n_ste
     def moved_only(other):
         return eng.stage1_losses(encoder, decoder, x, batch, other)
 
+    def moved_only_bf16(other):  # the same step with bfloat16 matrix products (autocast), not used by tl.imap_integrate
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return eng.stage1_losses(encoder, decoder, x, batch, other)
+
     def seconds_per_step(losses, n):
         t0 = time.perf_counter()
         for _ in range(n):
@@ -318,10 +323,16 @@ def step_compare(threads: int, n_genes: int = 2000, batch_size: int = 512, n_ste
             opt.step()
         return (time.perf_counter() - t0) / n
 
-    seconds_per_step(translate_all, 2), seconds_per_step(moved_only, 2)  # warm-up
+    for losses in (translate_all, moved_only, moved_only_bf16):
+        seconds_per_step(losses, 2)  # warm-up
+    print(f"{batch_size} cells per batch and step, {n_genes} genes, {threads} threads")
     for r in range(rounds):
         a, b = seconds_per_step(translate_all, n_steps), seconds_per_step(moved_only, n_steps)
-        print(f"round {r}: translate every cell {a:.3f} s/step, only the moved cells {b:.3f} s/step ({b / a:.2f}x)")
+        c = seconds_per_step(moved_only_bf16, n_steps)
+        print(
+            f"round {r}: translate every cell {a:.3f} s/step, only the moved cells {b:.3f} s/step ({b / a:.2f}x), "
+            f"the same in bfloat16 {c:.3f} s/step ({c / b:.2f}x)"
+        )
 
 
 def profile_steps(threads: int, n_genes: int = 2000, n_cells: int = 2000, rounds: int = 6) -> None:
@@ -608,7 +619,10 @@ def main() -> None:
     p.add_argument(
         "--default-budget", action="store_true", help="scembed with max_epochs=None (the original keeps 150 + 150)"
     )
-    p.add_argument("--step-compare", action="store_true", help="time one stage-I step, both translations")
+    p.add_argument(
+        "--step-compare", action="store_true", help="time one stage-I step: both translations, float32 and bfloat16"
+    )
+    p.add_argument("--step-batch-size", type=int, default=512, help="--step-compare: cells per batch and step")
     p.add_argument("--stage2-compare", action="store_true", help="time one stage-II step, with/without the projection")
     p.add_argument("--profile", action="store_true", help="time the parts of one stage-I and stage-II step")
     p.add_argument("--gather-compare", action="store_true", help="densify sparse rows: scipy vs the GPU scatter")
@@ -624,7 +638,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the raw rows here (benchmarks/summary.py)")
     args = p.parse_args()
     if args.step_compare:
-        step_compare(args.threads)
+        step_compare(args.threads, batch_size=args.step_batch_size, n_steps=max(8, 4096 // args.step_batch_size))
         return
     if args.stage2_compare:
         stage2_compare(args.threads)

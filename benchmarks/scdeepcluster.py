@@ -12,6 +12,8 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
                                                         # K and ARI of Leiden on the pretrained latent space
     python benchmarks/scdeepcluster.py --k-rules --pretrain-epochs 300 --seeds 0 1 2
                                                         # label-free rules for K on the same latent spaces
+    python benchmarks/scdeepcluster.py --k-seed-consensus --seeds 0 1 2
+                                                        # K from three pretraining seeds together
     python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
@@ -147,6 +149,75 @@ def resolution_sweep(
     if rules:
         out.update(k_rules(z, truth, knn, seed))
     return out
+
+
+#: resolutions compared by ``--k-seed-consensus``
+SEED_GRID = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
+
+
+def k_seed_consensus(datasets: list[str], seeds: list[int], pretrain: int, threads: int, json_path) -> None:
+    """Label-free K from several pretraining seeds: the median of Leiden 0.2's K, and the resolution (of
+    ``SEED_GRID``) whose partitions agree best between the latent spaces of different seeds (mean pairwise ARI).
+
+    The pretraining seed is the largest source of variation of the latent space, so a resolution at which the
+    clusters do not depend on it is a label-free choice; the cost is one pretraining per seed.
+    """
+    import anndata as ad
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+
+    import scembed as se
+    from scembed._engine.scdeepcluster import leiden_labels
+
+    torch.set_num_threads(threads)
+    se.settings.progress = False
+    rows = []
+    print(f"pretraining {pretrain} epochs, seeds {seeds}; K (ARI of the seed-{seeds[0]} labels)")
+    print("| data set (true K) | K at 0.2 per seed | median K at 0.2 | most seed-stable resolution (mean ARI between "
+          "seeds) | its K per seed | its median K | ARI |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dataset in datasets:
+        adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+        truth = adata.obs["celltype"].astype(str).to_numpy()
+        k_true = len(set(truth))
+        latents, knn = [], None
+        for seed in seeds:
+            a = adata.copy()
+            se.tl.scdeepcluster(a, k_true, max_epochs=(pretrain, 0), random_state=seed, device="cpu")
+            latents.append(a.obsm["X_scdeepcluster"])
+            params = a.uns["scdeepcluster"]["params"]
+            knn = params.get("n_neighbors", params.get("knn"))
+        parts = {
+            r: [leiden_labels(z, knn=knn, resolution=r, random_state=s) for z, s in zip(latents, seeds, strict=True)]
+            for r in SEED_GRID
+        }
+        agreement = {
+            r: float(np.mean([adjusted_rand_score(p[i], p[j]) for i in range(len(p)) for j in range(i + 1, len(p))]))
+            for r, p in parts.items()
+        }
+        best = max(SEED_GRID, key=lambda r: (agreement[r], -r))
+
+        def ks(r: float, parts: dict = parts) -> list[int]:
+            return [len(set(p.tolist())) for p in parts[r]]
+
+        row = {
+            "dataset": dataset,
+            "k_true": k_true,
+            "k_0.2": ks(0.2),
+            "ari_0.2": [float(adjusted_rand_score(truth, p)) for p in parts[0.2]],
+            "agreement": agreement,
+            "best_resolution": best,
+            "k_best": ks(best),
+            "ari_best": [float(adjusted_rand_score(truth, p)) for p in parts[best]],
+        }
+        rows.append(row)
+        print(
+            f"| {dataset} ({k_true}) | {', '.join(map(str, row['k_0.2']))} | {int(np.median(row['k_0.2']))} | "
+            f"{best:g} ({agreement[best]:.2f}) | {', '.join(map(str, row['k_best']))} | "
+            f"{int(np.median(row['k_best']))} | {row['ari_best'][0]:.2f} |",
+            flush=True,
+        )
+    write_json(json_path, rows, script="scdeepcluster --k-seed-consensus", threads=threads)
 
 
 #: label-free rules for K compared by ``--k-rules`` on the pretrained latent space
@@ -576,6 +647,11 @@ def main() -> None:
         "--k-rules", action="store_true", help="label-free rules for K on the pretrained latent space (K_RULES)"
     )
     parser.add_argument(
+        "--k-seed-consensus",
+        action="store_true",
+        help="K from several pretraining seeds (median; seed-stable resolution)",
+    )
+    parser.add_argument(
         "--batch",
         action="store_true",
         help="batch mixing: scDeepCluster with batch_key vs without, uncorrected PCA and Harmony (iLISI, kBET, ARI, K)",
@@ -611,6 +687,9 @@ def main() -> None:
         datasets = BATCH_DATASETS if args.datasets == DATASETS else args.datasets
         methods = BATCH_METHODS if args.methods == METHODS else args.methods
         batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json)
+        return
+    if args.k_seed_consensus:
+        k_seed_consensus(args.datasets, seeds, pretrain, args.threads, args.json)
         return
     if args.resolutions or args.k_rules:
         resolutions = args.resolutions or []
