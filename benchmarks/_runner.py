@@ -124,10 +124,9 @@ def run_child(
             result = json.loads(lines[-1])
         except json.JSONDecodeError:
             result = None
-    if isinstance(result, dict) and result.get(OWN_PEAK) is not None:
-        peak = result.pop(OWN_PEAK)  # the child's own peak (see own_peak_rss_mib), where it reported one
-    elif isinstance(result, dict):
-        result.pop(OWN_PEAK, None)
+    own_peak = result.pop(OWN_PEAK, None) if isinstance(result, dict) else None
+    if own_peak is not None:  # the child's own peak (see own_peak_rss_mib), where it reported one
+        peak = own_peak
     error = None
     if timed_out:
         error = f"timed out after {timeout:g} s"

@@ -56,6 +56,22 @@ def prepare(name: str, out: Path) -> None:
     np.save(out / "labels.npy", a.obs["celltype"].astype(str).to_numpy())
 
 
+def pcs_adata(X: np.ndarray, threads: int, affinity: bool = False):
+    """An AnnData holding the 50 PCs ``X`` (as ``X`` and ``obsm["X_pca"]``), with perplexity-30 affinities if asked.
+
+    The one set-up behind every scembed run here (NeuralEE, tl.ee, the EE objective), so they all see one graph.
+    """
+    import anndata as ad
+
+    import scembed as se
+
+    a = ad.AnnData(X=X)
+    a.obsm["X_pca"] = X
+    if affinity:
+        se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+    return a
+
+
 # ------------------------------------------------------------------------------------------------ workers
 def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
     import torch
@@ -72,12 +88,9 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
     t0 = time.perf_counter()
     info: dict = {}
     if method == "scembed":
-        import anndata as ad
-
         import scembed as se
 
-        a = ad.AnnData(X=X)
-        a.obsm["X_pca"] = X
+        a = pcs_adata(X, threads)
         se.tl.neuralee(a, n_jobs=threads, show_progress=False, **opts)
         Y = a.obsm["X_neuralee"]
         info = {
@@ -86,13 +99,9 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
             "seconds": a.uns["neuralee"]["seconds"],
         }
     elif method == "ee":
-        import anndata as ad
-
         import scembed as se
 
-        a = ad.AnnData(X=X)
-        a.obsm["X_pca"] = X
-        se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+        a = pcs_adata(X, threads, affinity=True)
         se.tl.ee(a, show_progress=False, **opts)
         Y = a.obsm["X_ee"]
     elif method == "original":
@@ -118,16 +127,12 @@ def worker(method: str, folder: Path, threads: int, opts: dict) -> None:
 
 def ee_objectives(folder: Path, threads: int, files: list[str]) -> dict[str, float]:
     """The EE objective of every saved embedding ``files``, all evaluated by one EEObjective on one affinity graph."""
-    import anndata as ad
     import torch
 
-    import scembed as se
     from scembed._engine.ee_objective import EEObjective
 
     X = np.load(folder / "X.npy")
-    a = ad.AnnData(X=X)
-    a.obsm["X_pca"] = X
-    se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+    a = pcs_adata(X, threads, affinity=True)
     objective = EEObjective(a.obsp["affinity"], repulsion="distance", X=X)
     return {f: objective.value(torch.as_tensor(np.load(folder / f))) for f in files}
 
@@ -312,7 +317,6 @@ def vs_ee(
     names: list[str], seeds: list[int], threads: int, json_path: Path | None, options: dict | None = None
 ) -> None:
     """tl.neuralee at its defaults against tl.ee on the same cells and affinities (see the module docstring)."""
-    import anndata as ad
     import torch
     from _metrics import centroid_spearman, knn_accuracy
 
@@ -327,9 +331,7 @@ def vs_ee(
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         X, labels = vs_ee_data(name)
-        a = ad.AnnData(X=X)
-        a.obsm["X_pca"] = X
-        se.pp.affinity(a, perplexity=30, n_jobs=threads, random_state=0)
+        a = pcs_adata(X, threads, affinity=True)
         t0 = time.perf_counter()
         se.tl.ee(a, show_progress=False)
         t_ee = time.perf_counter() - t0
