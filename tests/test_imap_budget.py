@@ -22,20 +22,42 @@ def _groups(sizes):
 # ---------------------------------------------------------------- the budget rule
 def test_budget_small_data_draws_few_cells_per_step():
     # 499 cells in two batches: the original's 3,000 steps of 2 × 512 mixup cells are ~6,200 passes over the data;
-    # the default keeps the steps and draws the floor of 64 cells per batch: 8 times less work
+    # the default runs the floor of 1,500 steps of the floor of 64 cells per batch: 16 times less work
     epochs, bs1 = engine.default_budget(499, 2, smallest_batch=225)
-    assert epochs == engine.DEFAULT_EPOCHS == (150, 150)
+    assert epochs == (engine.MIN_STAGE1_EPOCHS, 150) == (75, 150)
     assert bs1 == engine.MIN_BUDGET_BATCH == 64
     work, original = epochs[0] * engine.STAGE1_STEPS * 2 * bs1, 150 * 20 * 2 * 512
-    assert work * 8 == original
+    assert work * 16 == original
     # a batch smaller than the floor: never more cells per step than it holds
     assert engine.default_budget(100, 2, smallest_batch=40)[1] == 40
+    # the tutorial's 1,200 cells in two batches: the floor of 1,500 steps
+    assert engine.default_budget(1_200, 2) == ((75, 150), 64)
+
+
+def test_budget_stage1_steps_follow_the_passes_between_the_floor_and_the_original():
+    steps = engine.STAGE1_STEPS
+    # 50 passes over 3,000 cells per batch at 64 cells per step: ceil(2,343.75 / 20) = 118 epochs
+    epochs, bs1 = engine.default_budget(6_000, 2)
+    assert epochs[0] == math.ceil(engine.STAGE1_PASSES * 3_000 / (engine.MIN_BUDGET_BATCH * steps)) == 118
+    assert bs1 == engine.MIN_BUDGET_BATCH
+    passes = epochs[0] * steps * bs1 / 3_000
+    assert engine.STAGE1_PASSES <= passes < engine.STAGE1_PASSES + steps * bs1 / 3_000
+    # more cells per batch, more epochs, up to the original's 150 from 3,840 cells per batch on; fewer batches of the
+    # same cells, more cells per batch
+    assert engine.default_budget(2 * 3_840, 2)[0][0] == 150 > engine.default_budget(2 * 3_800, 2)[0][0]
+    assert engine.default_budget(6_000, 3)[0][0] < epochs[0]
+    # never below the floor, and stage II always the original's 150
+    assert engine.default_budget(4, 2)[0] == (engine.MIN_STAGE1_EPOCHS, 150)
+    for n in (10, 1_000, 10_000, 100_000, 10_000_000):
+        e1, e2 = engine.default_budget(n, 2)[0]
+        assert engine.MIN_STAGE1_EPOCHS <= e1 <= 150 and e2 == 150
 
 
 def test_budget_follows_the_passes_between_the_bounds():
     n, n_b = 20_000, 2
     steps = engine.DEFAULT_EPOCHS[0] * engine.STAGE1_STEPS
-    _, bs1 = engine.default_budget(n, n_b, (512, 1024))
+    epochs, bs1 = engine.default_budget(n, n_b, (512, 1024))
+    assert epochs == engine.DEFAULT_EPOCHS
     assert bs1 == math.ceil(engine.STAGE1_PASSES * n / (n_b * steps))
     assert engine.MIN_BUDGET_BATCH < bs1 < 512
     # the passes it makes are the stated ones, up to the rounding of one cell per step

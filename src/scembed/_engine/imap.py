@@ -111,9 +111,11 @@ def batch_total_std(source: RowSource, groups: Sequence[np.ndarray]) -> np.ndarr
 
 
 # ------------------------------------------------------------------------------------------------ budget
-#: epochs of the default budget: the original's optimisation length in both stages (stage I: 150 epochs of 20 Adam
-#: steps; stage II, per query batch: 150 generator steps of ``n_critic`` critic steps each)
+#: epochs of the default budget at most: the original's optimisation length in both stages (stage I: 150 epochs of 20
+#: Adam steps; stage II, per query batch: 150 generator steps of ``n_critic`` critic steps each)
 DEFAULT_EPOCHS = (150, 150)
+#: the fewest stage-I epochs of the default budget (1,500 steps, half the original's)
+MIN_STAGE1_EPOCHS = 75
 #: passes over the cells that the default budget's batch sizes aim at (stage I: the cells of the data; stage II: the
 #: distinct cells of a query batch's pool), and the smallest batch it draws
 STAGE1_PASSES, STAGE2_PASSES, MIN_BUDGET_BATCH = 50, 100, 64
@@ -127,32 +129,38 @@ def default_budget(
     *,
     smallest_batch: int | None = None,
 ) -> tuple[tuple[int, int], int]:
-    """The default budget: the original's epochs, with stage I's mixup cells per batch and step following the data.
+    """The default budget: stage-I steps and cells per step that follow the data, stage II's 150 epochs.
 
-    What the two stages need is a number of optimiser steps, not a number of passes over the data; what the data
-    set decides is how many cells each step draws. The original runs 150 + 150 epochs of fixed-size steps whatever
-    the data: its 3,000 stage-I steps of ``batch_size[0] = 512`` mixup cells per batch pass over 499 cells in two
-    batches about 6,000 times, and over a million cells less than 3 times. Here:
+    The original runs 150 + 150 epochs of fixed-size steps whatever the data: its 3,000 stage-I steps of
+    ``batch_size[0] = 512`` mixup cells per batch pass over 499 cells in two batches about 6,000 times, and over a
+    million cells less than 3 times. Here stage I aims at :data:`STAGE1_PASSES` passes over every batch's cells
+    (mixup makes every pass new samples):
 
-    * the epochs stay the original's, :data:`DEFAULT_EPOCHS`. Cutting the steps instead (the same passes in fewer
-      steps of the original's size) leaves the stage-I codes, on which stage II matches cells across batches, less
-      trained, and stage II's generator moves the query cells only part of the way in fewer generator steps; both
-      lower the mixing of the corrected expression (``benchmarks/README.md``, "tl.imap_integrate", measures both).
-    * stage I draws ``clip(ceil(STAGE1_PASSES · n_cells / (n_batches · 3000)), 64, batch_size[0])`` cells per batch
-      and step, so that its 3,000 steps make about 50 passes over the cells (mixup makes every pass new samples),
-      never more than the smallest batch holds. Large data (from about ``n_batches · 30,700`` cells) draw the
-      original's 512; the floor of 64 keeps each step's BatchNorm statistics from at least 64 cells of every batch.
-    * stage II's cells per critic step follow its pool in the same way (:func:`budget_batch_size`, 100 passes of
-      the 1,500 critic steps over the pool's distinct cells), applied where the pool is known.
+    * its steps are those that 50 passes take at :data:`MIN_BUDGET_BATCH` (64) cells per batch and step, between
+      :data:`MIN_STAGE1_EPOCHS` (75 epochs, 1,500 steps) and the original's 150 (3,000 steps):
+      ``clip(ceil(50 · n_cells / (n_batches · 64 · 20)), 75, 150)`` epochs. The floor is the number of steps a
+      network of this size needs whatever the data: on the smallest set measured (499 cells) 30 and 50 epochs lowered
+      the integration and 75 matched 150; on 14,000 cells (7,000 per batch, 150 epochs by the rule) 50, 75 and 100
+      epochs all integrated less than 150 (``benchmarks/README.md``, "tl.imap_integrate", measures both). Beyond
+      3,840 cells per batch every set gets the original's 3,000 steps.
+    * its cells per batch and step are ``clip(ceil(50 · n_cells / (n_batches · steps)), 64, batch_size[0])``, never
+      more than the smallest batch holds: 64 below 3,840 cells per batch, more above, the original's 512 from about
+      ``n_batches · 30,700`` cells. The floor keeps each step's BatchNorm statistics from at least 64 cells of every
+      batch.
+    * stage II keeps the original's 150 generator steps per query batch (fewer left kang_ifnb_2batches' generator
+      short of its target); its cells per critic step follow its pool in the same way (:func:`budget_batch_size`,
+      100 passes of the 1,500 critic steps over the pool's distinct cells), applied where the pool is known.
 
-    The cost of a step is proportional to the cells it draws, so the time grows with the data up to the original's
-    (reached for large data) and is a fraction of it for small data. Returns ``((stage I epochs, stage II epochs),
-    stage I cells per batch and step)``. Passing epochs explicitly (``max_epochs`` of
-    :func:`scembed.tl.imap_integrate`) runs the original's fixed sizes instead.
+    The time therefore grows with the data up to the original's (reached for large data) and is a small fraction of it
+    for small data. Returns ``((stage I epochs, stage II epochs), stage I cells per batch and step)``. Passing epochs
+    explicitly (``max_epochs`` of :func:`scembed.tl.imap_integrate`) runs the original's fixed sizes instead.
     """
-    steps = DEFAULT_EPOCHS[0] * STAGE1_STEPS
-    available = smallest_batch if smallest_batch is not None else math.ceil(n_cells / n_batches)
-    return DEFAULT_EPOCHS, budget_batch_size(n_cells / n_batches, steps, STAGE1_PASSES, batch_size[0], available)
+    per_batch = n_cells / n_batches
+    epochs1 = math.ceil(STAGE1_PASSES * per_batch / (MIN_BUDGET_BATCH * STAGE1_STEPS))
+    epochs1 = min(DEFAULT_EPOCHS[0], max(MIN_STAGE1_EPOCHS, epochs1))
+    available = smallest_batch if smallest_batch is not None else math.ceil(per_batch)
+    size = budget_batch_size(per_batch, epochs1 * STAGE1_STEPS, STAGE1_PASSES, batch_size[0], available)
+    return (epochs1, DEFAULT_EPOCHS[1]), size
 
 
 def budget_batch_size(cells: float, steps: int, passes: float, largest: int, available: int) -> int:
