@@ -46,6 +46,8 @@ def test_budget_stage1_steps_follow_the_passes_between_the_floor_and_the_origina
     # same cells, more cells per batch
     assert engine.default_budget(2 * 3_840, 2)[0][0] == 150 > engine.default_budget(2 * 3_800, 2)[0][0]
     assert engine.default_budget(6_000, 3)[0][0] < epochs[0]
+    # 14,000 cells in two batches (kang_ifnb_2batches' size): the original's 3,000 steps of 117 cells, as before
+    assert engine.default_budget(13_999, 2) == ((150, 150), 117)
     # never below the floor, and stage II always the original's 150
     assert engine.default_budget(4, 2)[0] == (engine.MIN_STAGE1_EPOCHS, 150)
     for n in (10, 1_000, 10_000, 100_000, 10_000_000):
