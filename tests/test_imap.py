@@ -421,3 +421,24 @@ def test_same_seed_same_result_with_two_threads(two_torch_threads):
     np.testing.assert_array_equal(first.obsm["X_imap"], second.obsm["X_imap"])
     layers = [x.layers["imap"] for x in (first, second)]
     np.testing.assert_array_equal(*(m.toarray() if hasattr(m, "toarray") else np.asarray(m) for m in layers))
+
+
+@pytest.mark.parametrize(("n_obs", "n_vars", "n_genes"), [(300, 40, 40), (300, 60, 25), (1, 4, 2), (0, 5, 3)])
+def test_sparse_output_is_assembled_block_by_block(monkeypatch, n_obs, n_vars, n_genes):
+    # the corrected columns of the integrated genes and the input's other columns, in the input's gene order, as one
+    # CSR matrix equal to assembling it densely, whatever the block size (here a few rows per block)
+    from scembed.tl import _imap
+
+    rng = np.random.default_rng(n_obs + n_vars)
+    X = sparse.random(n_obs, n_vars, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    genes = np.sort(rng.choice(n_vars, n_genes, replace=False))
+    corrected = np.maximum(rng.normal(size=(n_obs, n_genes)), 0).astype(np.float32)
+    monkeypatch.setattr(_imap, "ASSEMBLE_BLOCK", 3 * n_vars + 1)
+    out = _imap._assemble(X, corrected, genes)
+    expected = X.toarray()
+    expected[:, genes] = corrected
+    assert sparse.issparse(out) and out.format == "csr" and out.dtype == np.float32
+    np.testing.assert_array_equal(out.toarray(), expected)
+    assert out.nnz == np.count_nonzero(expected) and out.has_sorted_indices
+    # dense input: a dense output with the same values
+    np.testing.assert_array_equal(_imap._assemble(X.toarray(), corrected, genes), expected)
