@@ -138,9 +138,9 @@ def default_budget(
 
     * its steps are those that 50 passes take at :data:`MIN_BUDGET_BATCH` (64) cells per batch and step, between
       :data:`MIN_STAGE1_EPOCHS` (75 epochs, 1,500 steps) and the original's 150 (3,000 steps):
-      ``clip(ceil(50 · n_cells / (n_batches · 64 · 20)), 75, 150)`` epochs. The floor is the number of steps a
-      network of this size needs whatever the data: on the smallest set measured (499 cells) 30 and 50 epochs lowered
-      the integration and 75 matched 150; on 14,000 cells (7,000 per batch, 150 epochs by the rule) 50, 75 and 100
+      ``clip(ceil(50 · n_cells / (n_batches · 64 · 20)), 75, 150)`` epochs. The floor is where stage I stopped
+      gaining on the smallest set measured (499 cells: 30 and 50 epochs lowered the integration, 100 and 150 were no
+      better than 75); on 14,000 cells (7,000 per batch, 150 epochs by the rule) 50, 75 and 100
       epochs all integrated less than 150 (``benchmarks/README.md``, "tl.imap_integrate", measures both). Beyond
       3,840 cells per batch every set gets the original's 3,000 steps.
     * its cells per batch and step are ``clip(ceil(50 · n_cells / (n_batches · steps)), 64, batch_size[0])``, never

@@ -549,8 +549,9 @@ def _assemble(X, corrected: np.ndarray, genes: np.ndarray) -> np.ndarray | spars
     """The full-width output: corrected columns for the integrated genes, input columns for the others.
 
     Dense input gives a dense output. Sparse input gives a CSR matrix built one block of rows at a time into arrays
-    allocated once: converting the whole corrected matrix at once would hold the row and column index of every
-    non-zero entry in int64 besides the result (about 12 GB at 200,000 cells × 2,000 genes instead of 5).
+    allocated once: converting the whole corrected matrix at once holds the row and column index of every non-zero
+    entry in int64 besides the result (``benchmarks/imap.py`` on 200,000 cells × 2,000 genes: peak RSS 12.1 GiB
+    that way, 8.1 GiB block by block).
     """
     n_obs, n_vars = X.shape
     if not sparse.issparse(X):
@@ -570,6 +571,8 @@ def _assemble(X, corrected: np.ndarray, genes: np.ndarray) -> np.ndarray | spars
             out[:, others] = X[rows][:, others].toarray()
         return out
 
+    # two passes over the blocks, counting then filling, so that the result is allocated once at its final size;
+    # keeping every block's CSR and concatenating them would hold the result twice
     counts = [np.count_nonzero(block(start), axis=1) for start in starts]
     indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else np.zeros(1, np.int64)
     nnz = int(indptr[-1])
