@@ -191,11 +191,15 @@ def worker(o: dict) -> None:
         sizes = {"batch_size": tuple(o["batch_size"])} if o.get("batch_size") else {}  # else the function's default
         if o.get("reach") is not None:
             sizes["reach"] = o["reach"]
+        if o.get("precision") is not None:
+            sizes["precision"] = tuple(o["precision"]) if len(o["precision"]) > 1 else o["precision"][0]
         se.tl.imap_integrate(a, "batch", use_hvg=False, max_epochs=max_epochs, device="cpu", random_state=seed, **sizes)
         u = a.uns["imap"]
         stages.update({k: float(v) for k, v in u["seconds"].items() if k != "total"})  # genes, stage1, encode, stage2
         outs["scembed"], outs["scembed_codes"] = pca(a.layers["imap"]), np.asarray(a.obsm["X_imap"])
         stages["epochs_stage1"] = float(len(u["stage1"]["loss"]))
+        for i, used in enumerate(u["params"]["precision"], 1):  # 1: that stage trained in bfloat16 mixed precision
+            stages[f"bf16_stage{i}"] = float(used == "bf16-mixed")
         stages["cells_stage1"] = float(u["stage1_batch_size"])  # mixup cells per batch and step
         stages["cells_stage2"] = float(np.mean(u["stage2"]["batch_size"]))  # cells per critic step
         stages["epochs_stage2"] = float(u["stage2"]["critic"].shape[1])
@@ -239,6 +243,7 @@ def run_method(method: str, path: Path, tmp: Path, args, seed: int) -> dict:
     epochs = (-1, -1) if args.default_budget and method == "scembed" else (args.epochs1, args.epochs2)
     opts = dict(method=method, path=str(path), out=str(out), e1=epochs[0], e2=epochs[1], threads=args.threads)
     opts.update(seed=seed, scvi_epochs=args.scvi_epochs, batch_size=args.batch_size, reach=args.reach)
+    opts.update(precision=args.precision)
     r = run_child(script_command(__file__, "--worker", json.dumps(opts), python=python), args.threads)
     if not r["ok"]:
         return {"error": r["error"]}
@@ -611,6 +616,13 @@ def main() -> None:
         "--batch-size", type=int, nargs=2, default=None, metavar=("STAGE1", "STAGE2"), help="scembed's batch_size"
     )
     p.add_argument("--reach", type=float, default=None, help="scembed's reach (default: the function's; 0: none)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("auto", "32-true", "bf16-mixed"),
+        default=None,
+        help="scembed's precision: one value for both stages or STAGE1 STAGE2 (default: the function's)",
+    )
     p.add_argument("--scvi-epochs", type=int, default=None, help="scVI's max_epochs (default: its own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-top-genes", type=int, default=2000)
@@ -716,7 +728,7 @@ def main() -> None:
     write_json(
         args.json, [{"data": name, "method": m, **r} for name, m, r in rows], script="imap", threads=args.threads,
         epochs=[args.epochs1, args.epochs2], seeds=args.seeds, scvi_epochs=args.scvi_epochs,
-        score_cells=args.score_cells, batch_size=args.batch_size, reach=args.reach,
+        score_cells=args.score_cells, batch_size=args.batch_size, reach=args.reach, precision=args.precision,
     )  # fmt: skip
     print_tables(rows, args, subsampled)
 

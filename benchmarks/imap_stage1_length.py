@@ -96,7 +96,14 @@ def study(name: str, seed: int, snapshot_epochs: list[int], validation: float, p
             kw["generator"] = torch.Generator().manual_seed(seed)
             out = run_stage2(source, groups, codes, order, **kw)
             stage2 = time.perf_counter() - t
-            corrected = bench.scores(batch, labels, emb=bench.pca(out[0]))
+            generators = out[0]
+            rows = np.arange(source.shape[0])
+            batch_of = np.empty(source.shape[0], dtype=np.int64)
+            for b, g in enumerate(groups):
+                batch_of[g] = b
+            corrected = bench.scores(
+                batch, labels, emb=bench.pca(engine.correct_rows(source, rows, batch_of, generators))
+            )
             code_scores = bench.scores(batch, labels, emb=codes)
             row = dict(data=name, seed=seed, stage1_epochs=epoch, stage1_s=seconds[epoch], stage2_s=stage2)
             row.update({k: corrected[k] for k in ("total", "iLISI", "kBET", "cLISI")}, codes_total=code_scores["total"])

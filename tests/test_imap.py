@@ -29,6 +29,11 @@ FAST = dict(
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _dense(m):
+    """A layer as a dense array (sparse input may give a sparse or a dense corrected layer)."""
+    return m.toarray() if sparse.issparse(m) else np.asarray(m)
+
+
 def _data(n_cells=240, n_genes=60, n_batches=2, batch_scale=0.5, seed=0):
     a = se.datasets.simulate(
         n_cells, n_genes, n_batches=n_batches, n_celltypes=3, batch_scale=batch_scale, de_scale=1.5, random_state=seed
@@ -268,7 +273,7 @@ def test_outputs_in_input_order(run):
     assert b.obsm["X_imap"].shape == (a.n_obs, FAST["n_latent"])
     assert b.obsm["X_imap"].dtype == np.float32
     np.testing.assert_allclose(model.encode(a.X), b.obsm["X_imap"], rtol=1e-5, atol=1e-5)
-    L = b.layers["imap"].toarray()
+    L = _dense(b.layers["imap"])
     anchor = b.uns["imap"]["anchor"]
     is_anchor = (a.obs["batch"].astype(str) == anchor).to_numpy()
     np.testing.assert_array_equal(L[is_anchor], X[is_anchor])  # anchor cells unchanged, in place
@@ -301,11 +306,14 @@ def test_sparse_and_dense_same_result():
     rs = se.tl.imap_integrate(a, copy=True, **kw)
     rd = se.tl.imap_integrate(d, copy=True, **kw)
     np.testing.assert_array_equal(rs.obsm["X_imap"], rd.obsm["X_imap"])
-    assert sparse.issparse(rs.layers["imap"]) and isinstance(rd.layers["imap"], np.ndarray)
-    np.testing.assert_array_equal(rs.layers["imap"].toarray(), rd.layers["imap"])
+    assert isinstance(rd.layers["imap"], np.ndarray)
+    np.testing.assert_array_equal(_dense(rs.layers["imap"]), rd.layers["imap"])
+    # sparse input: CSR unless more than half of the entries are non-zero (all 120 rows decide here)
+    mostly_nonzero = 2 * np.count_nonzero(rd.layers["imap"]) > rd.layers["imap"].size
+    assert sparse.issparse(rs.layers["imap"]) != mostly_nonzero
     # same seed → same result
     rs2 = se.tl.imap_integrate(a, copy=True, **kw)
-    np.testing.assert_array_equal(rs.layers["imap"].toarray(), rs2.layers["imap"].toarray())
+    np.testing.assert_array_equal(_dense(rs.layers["imap"]), _dense(rs2.layers["imap"]))
 
 
 def test_integer_labels_hvg_order_incremental_and_h5ad(tmp_path):
@@ -319,7 +327,7 @@ def test_integer_labels_hvg_order_incremental_and_h5ad(tmp_path):
     assert b.var["imap_used"].sum() == 30
     assert a.var.equals(var0) and "highly_variable" not in a.var
     X = a.X.toarray()
-    L = b.layers["imap"].toarray()
+    L = _dense(b.layers["imap"])
     unused = ~b.var["imap_used"].to_numpy()
     np.testing.assert_array_equal(L[:, unused], X[:, unused])  # genes not integrated keep their input values
     assert b.uns["imap"]["stage2"]["critic"].shape == (2, 1)
@@ -382,7 +390,7 @@ def test_batch_mixing_rises_and_celltypes_kept():
     a = _data(n_cells=400, n_genes=60, batch_scale=0.6, seed=5)
     b = se.tl.imap_integrate(a, copy=True, **{**FAST, "max_epochs": (8, 15), "n_critic": 2, "batch_size": (32, 128)})
     pcs0 = PCA(10, random_state=0).fit_transform(a.X.toarray())
-    pcs1 = PCA(10, random_state=0).fit_transform(b.layers["imap"].toarray())
+    pcs1 = PCA(10, random_state=0).fit_transform(_dense(b.layers["imap"]))
     ilisi0, ilisi1 = _lisi(pcs0, a.obs["batch"]), _lisi(pcs1, a.obs["batch"])
     clisi0, clisi1 = _lisi(pcs0, a.obs["celltype"]), _lisi(pcs1, a.obs["celltype"])
     assert ilisi1 > ilisi0 + 0.02  # weak: few GAN steps in a test
@@ -424,21 +432,60 @@ def test_same_seed_same_result_with_two_threads(two_torch_threads):
 
 
 @pytest.mark.parametrize(("n_obs", "n_vars", "n_genes"), [(300, 40, 40), (300, 60, 25), (1, 4, 2), (0, 5, 3)])
-def test_sparse_output_is_assembled_block_by_block(monkeypatch, n_obs, n_vars, n_genes):
-    # the corrected columns of the integrated genes and the input's other columns, in the input's gene order, as one
-    # CSR matrix equal to assembling it densely, whatever the block size (here a few rows per block)
+@pytest.mark.parametrize("offset", [-0.5, 1.0])
+def test_output_is_assembled_block_by_block(monkeypatch, n_obs, n_vars, n_genes, offset):
+    # the corrected columns of the integrated genes and the input's other columns, in the input's gene order, equal
+    # to assembling it densely, whatever the block size (here a few rows per block). Sparse input gives CSR while at
+    # most half of the entries are non-zero (offset -0.5: ~31 % of the corrected values), else a dense array
+    # (offset 1: ~84 %), which is then the smaller; the sample rows that decide are asked for before the blocks
     from scembed.tl import _imap
 
     rng = np.random.default_rng(n_obs + n_vars)
     X = sparse.random(n_obs, n_vars, density=0.3, format="csr", dtype=np.float32, random_state=1)
     genes = np.sort(rng.choice(n_vars, n_genes, replace=False))
-    corrected = np.maximum(rng.normal(size=(n_obs, n_genes)), 0).astype(np.float32)
+    corrected = np.maximum(rng.normal(size=(n_obs, n_genes)) + offset, 0).astype(np.float32)
     monkeypatch.setattr(_imap, "ASSEMBLE_BLOCK", 3 * n_vars + 1)
-    out = _imap._assemble(X, corrected, genes)
+    asked = []
+
+    def correct(rows):
+        asked.append(rows)
+        return corrected[rows]
+
+    out = _imap._assemble(X, correct, genes)
     expected = X.toarray()
     expected[:, genes] = corrected
-    assert sparse.issparse(out) and out.format == "csr" and out.dtype == np.float32
-    np.testing.assert_array_equal(out.toarray(), expected)
-    assert out.nnz == np.count_nonzero(expected) and out.has_sorted_indices
+    blocks = asked[1:] if n_obs else asked  # the first call: the rows that decide the format
+    if n_obs:
+        np.testing.assert_array_equal(asked[0], np.arange(n_obs))  # fewer rows than FORMAT_SAMPLE: all of them
+    assert np.array_equal(np.concatenate(blocks) if blocks else np.zeros(0, int), np.arange(n_obs))
+    assert all(len(r) <= max(1, _imap.ASSEMBLE_BLOCK // n_vars) for r in blocks)
+    assert sparse.issparse(out) == (2 * np.count_nonzero(expected) <= expected.size)
+    assert out.dtype == np.float32
+    if sparse.issparse(out):
+        assert out.format == "csr" and out.has_sorted_indices and out.nnz == np.count_nonzero(expected)
+    np.testing.assert_array_equal(_dense(out), expected)
     # dense input: a dense output with the same values
-    np.testing.assert_array_equal(_imap._assemble(X.toarray(), corrected, genes), expected)
+    dense = _imap._assemble(X.toarray(), lambda rows: corrected[rows], genes)
+    assert isinstance(dense, np.ndarray)
+    np.testing.assert_array_equal(dense, expected)
+
+
+def test_output_format_is_decided_on_rows_spread_over_the_data(monkeypatch):
+    # rows sorted by batch: the first rows (an anchor batch left as it is) are sparse, the rest dense; the sample
+    # spread evenly over all rows sees both, so a mostly non-zero result is stored dense
+    from scembed.tl import _imap
+
+    monkeypatch.setattr(_imap, "FORMAT_SAMPLE", 10)
+    X = sparse.csr_matrix(np.eye(100, 8, dtype=np.float32))
+    genes = np.arange(8)
+    corrected = np.where(np.arange(100)[:, None] < 20, np.eye(100, 8), 1.0).astype(np.float32)
+    asked = []
+
+    def correct(rows):
+        asked.append(rows)
+        return corrected[rows]
+
+    out = _imap._assemble(X, correct, genes)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, corrected)
+    np.testing.assert_array_equal(asked[0], np.linspace(0, 99, 10).astype(int))

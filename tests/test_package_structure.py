@@ -111,10 +111,11 @@ VOCABULARY = {
     "show_progress": ("verbose",),
     "random_state": ("seed",),
     "n_jobs": ("n_threads", "num_workers"),
+    "precision": ("mixed_precision", "amp", "use_amp"),
 }
 BANNED = {old: new for new, olds in VOCABULARY.items() for old in olds}
 #: the trailing keywords, in this order, after every other option
-TRAILING = ("n_jobs", "device", "random_state", "show_progress", "key_added", "return_model", "copy")
+TRAILING = ("n_jobs", "device", "precision", "random_state", "show_progress", "key_added", "return_model", "copy")
 #: functions that train (a network or an optimiser): each takes ``show_progress``
 TRAINERS = ("tl.ee", "tl.neuralee", "tl.scdeepcluster", "tl.imap_integrate")
 

@@ -22,7 +22,7 @@ from torch import nn
 from .._utils._model_data import canonical_matrix
 from .distributed import average_buffers_, rank_generator
 from .knn import nearest_neighbors
-from .nn import mlp, predict_in_batches
+from .nn import autocast, mlp, predict_in_batches
 from .training import adam, train
 
 
@@ -288,13 +288,17 @@ def critic_losses(
     first, rest = critic[0], critic[1:]
     n = real.shape[0]
     h = first(torch.cat([real, fake]))
-    out = rest(h)
+    out = rest(h).to(first.weight.dtype)  # float32 means under mixed precision (bfloat16 sums round)
     w_dist = out[:n].mean() - out[n:].mean()
     h_mixed = eps * h[:n] + (1 - eps) * h[n:]
     (g,) = torch.autograd.grad(rest(h_mixed).sum(), h_mixed, create_graph=True)
-    gram = _Gram.apply(first.weight)
-    # rounding can make a tiny squared norm negative; the clamp keeps sqrt real
-    norm = ((g @ gram) * g).sum(1).clamp_min(1e-30).sqrt()
+    # the norm in float32 even under mixed precision: the penalty is a small difference from 1, which bfloat16's
+    # 8-bit mantissa would round away (width × width products, cheap)
+    with torch.autocast(g.device.type, enabled=False):
+        g = g.to(first.weight.dtype)
+        gram = _Gram.apply(first.weight)
+        # rounding can make a tiny squared norm negative; the clamp keeps sqrt real
+        norm = ((g @ gram) * g).sum(1).clamp_min(1e-30).sqrt()
     return w_dist, ((norm - 1) ** 2).mean()
 
 
@@ -358,6 +362,7 @@ def train_stage1(
     min_epochs: int = 1,
     generator: torch.Generator,
     show_progress: bool | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, BatchDecoder, dict[str, list[float]]]:
     """Train the content encoder and batch-conditioned decoder on batch-balanced mixup samples.
 
@@ -370,7 +375,8 @@ def train_stage1(
     (never before ``min_epochs``), and the networks of the best epoch are kept. Without held-out cells
     (``validation=0``, or no batch large enough) exactly ``n_epochs`` epochs run. The history's ``batch_size``
     entry (one value per epoch) records the cells drawn per batch and step. Raises FloatingPointError naming the
-    epoch when the loss becomes non-finite.
+    epoch when the loss becomes non-finite. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the training passes
+    under mixed precision (:func:`scembed._engine.nn.autocast`); the held-out loss is evaluated in float32.
     """
     device = source.device
     vmax = check_expression(source)
@@ -410,7 +416,9 @@ def train_stage1(
             other = torch.randint(n_b, (n_b * batch_size,), generator=generator).to(device)
             x1, x2 = source(all_rows[pick.reshape(-1)]).chunk(2)
             x = alpha * x1 + (1 - alpha) * x2
-            recon, content = stage1_losses(encoder, decoder, x, batch_of, other)
+            with autocast(device, autocast_dtype):
+                recon, content = stage1_losses(encoder, decoder, x, batch_of, other)
+            recon, content = recon.to(x.dtype), content.to(x.dtype)
             loss = lambda_recon * recon + lambda_content * content
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -449,6 +457,29 @@ def train_stage1(
     decoder.eval()
     history["batch_size"] = [float(batch_size)] * len(history.get("loss", []))
     return encoder, decoder, history
+
+
+@torch.no_grad()
+def correct_rows(
+    source: RowSource, rows: np.ndarray, batch_of: np.ndarray, generators: dict[int, nn.Module]
+) -> np.ndarray:
+    """Corrected expression of ``rows`` (float32, ``(len(rows), n_genes)``), ``CHUNK`` rows at a time.
+
+    A row of batch ``batch_of[row]`` goes through that batch's generator (eval mode); rows of a batch without one (the
+    anchor) are returned as they are. Computed on demand, so that no corrected copy of the whole matrix is kept.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), source.shape[1]), dtype=np.float32)
+    for start in range(0, len(rows), CHUNK):
+        part = rows[start : start + CHUNK]
+        x, of = source(part), batch_of[part]
+        for b, gen in generators.items():
+            mine = torch.from_numpy(np.flatnonzero(of == b)).to(x.device)
+            if len(mine):
+                gen.eval()
+                x[mine] = gen(x[mine]).float()
+        out[start : start + len(part)] = x.cpu().numpy()
+    return out
 
 
 def apply_in_chunks(module: nn.Module, source: RowSource, rows: np.ndarray) -> np.ndarray:
@@ -595,6 +626,7 @@ def train_generator(
     project_pool: bool | None = None,
     budget_batch: bool = False,
     reach: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[ResidualGenerator, dict[str, list[float]]]:
     """WGAN-GP: a residual generator maps query cells onto the anchor cells of the pool.
 
@@ -610,6 +642,8 @@ def train_generator(
     non-finite. ``reach`` (an expression distance; ``None``: none) adds the transport cost
     ‖G(x) − x‖² / (2 · reach) to the generator's loss: its pull back to x balances a 1-Lipschitz critic's largest
     push at distance ``reach``, so among the maps that match the anchor the one that moves cells least wins.
+    ``autocast_dtype`` runs the critic and generator passes under mixed precision; the gradient penalty's norm stays
+    in float32 (:func:`critic_losses`).
     """
     desc = f"iMAP {stage}"
     if budget_batch:
@@ -645,7 +679,7 @@ def train_generator(
         g_losses = []
         for _ in range(steps_per_epoch):
             iq, z, real = draw()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, autocast_dtype):
                 if project_pool:
                     if projected[0] is None:
                         projected[0] = gen.first(query_pool)
@@ -653,17 +687,19 @@ def train_generator(
                 else:
                     fake = gen(z)
             eps = torch.rand((batch_size, 1), generator=generator).to(device)
-            w_dist, gp = critic_losses(critic, real, fake, eps)
+            with autocast(device, autocast_dtype):
+                w_dist, gp = critic_losses(critic, real, fake.to(real.dtype), eps)
             d_loss = -w_dist + penalty * gp
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
             tot += torch.stack([d_loss.detach(), w_dist.detach(), gp.detach()])
             if counter[0] % n_critic == 0:
-                moved = gen(z)
-                g_loss = -critic(moved).mean()
+                with autocast(device, autocast_dtype):
+                    moved = gen(z)
+                    g_loss = -critic(moved).to(z.dtype).mean()
                 if reach:
-                    g_loss = g_loss + ((moved - z) ** 2).sum(1).mean() / (2 * reach)
+                    g_loss = g_loss + ((moved.to(z.dtype) - z) ** 2).sum(1).mean() / (2 * reach)
                 opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 opt_g.step()
@@ -707,24 +743,24 @@ def run_stage2(
     show_progress: bool | None = None,
     budget_batch: bool = False,
     reach: float = 0.0,
-) -> tuple[np.ndarray, dict[int, ResidualGenerator], list[dict], list[dict[str, list[float]]]]:
-    """Correct every batch but the anchor ``order[0]`` onto it (or onto everything corrected so far).
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[int, ResidualGenerator], list[dict], list[dict[str, list[float]]]]:
+    """Train the generators that correct every batch but the anchor ``order[0]`` onto it (or onto all corrected so far).
 
-    ``groups[b]`` are the rows of batch b, ``codes`` the stage-I representation of every row. Returns the corrected
-    expression of every row (the anchor's rows unchanged), the generator of every query batch, per-query
-    information (sample sizes, number of MNN pairs, pool sizes, cells drawn per critic step) and per-query training
-    histories. ``budget_batch``: see :func:`train_generator`. ``reach`` (> 0) sets the generator's transport cost
-    in units of the batch shift estimated by :func:`batch_shift` (recorded per query with its parts); ``0``: none,
-    as the original.
+    ``groups[b]`` are the rows of batch b, ``codes`` the stage-I representation of every row. Returns the generator
+    of every query batch, per-query information (sample sizes, number of MNN pairs, pool sizes, cells drawn per
+    critic step) and per-query training histories; :func:`correct_rows` applies the generators. Only the sampled
+    cells' expression is held, never a corrected copy of every cell. ``budget_batch``: see :func:`train_generator`.
+    ``reach`` (> 0) sets the generator's transport cost in units of the batch shift estimated by :func:`batch_shift`
+    (recorded per query with its parts); ``0``: none, as the original.
     """
-    n, n_genes = source.shape
     labels = [str(b) for b in range(len(groups))] if labels is None else list(labels)
-    corrected = np.empty((n, n_genes), dtype=np.float32)
+    batch_of = np.empty(source.shape[0], dtype=np.int64)
+    for b, rows in enumerate(groups):
+        batch_of[rows] = b
     anchor = np.asarray(groups[order[0]], dtype=np.int64)
-    for start in range(0, len(anchor), CHUNK):
-        rows = anchor[start : start + CHUNK]
-        corrected[rows] = source(rows).cpu().numpy()
-    generators, infos, histories = {}, [], []
+    generators: dict[int, ResidualGenerator] = {}
+    infos, histories = [], []
     for q in order[1:]:
         query = np.asarray(groups[q], dtype=np.int64)
         sa = anchor[torch.randperm(len(anchor), generator=generator).numpy()[:n_sample]]
@@ -741,10 +777,11 @@ def run_stage2(
         va, vq = random_walk_pairs(pa, pq, graph_a, graph_q, walk_steps, generator)
         wa, wq = np.bincount(va, minlength=len(sa)), np.bincount(vq, minlength=len(sq))
         ua, uq = np.flatnonzero(wa), np.flatnonzero(wq)
-        anchor_pool = torch.from_numpy(corrected[sa[ua]]).to(source.device)
+        # the anchor's cells as corrected so far (with ``incremental``, earlier query batches through their generators)
+        anchor_pool = torch.from_numpy(correct_rows(source, sa[ua], batch_of, generators)).to(source.device)
         query_pool = source(sq[uq])
         shift = batch_shift(
-            lambda i, sa=sa: torch.from_numpy(corrected[sa[i]]).to(source.device),
+            lambda i, sa=sa: torch.from_numpy(correct_rows(source, sa[i], batch_of, generators)).to(source.device),
             lambda i, sq=sq: source(sq[i]),
             (pa, pq),
             graph_a,
@@ -767,8 +804,8 @@ def run_stage2(
             show_progress=show_progress,
             budget_batch=budget_batch,
             reach=distance or None,
+            autocast_dtype=autocast_dtype,
         )
-        corrected[query] = apply_in_chunks(gen, source, query)
         drawn = history.pop("batch_size", [])  # cells per critic step (budget_batch_size), recorded once below
         generators[q] = gen
         histories.append(history)
@@ -787,4 +824,4 @@ def run_stage2(
         )
         if incremental:
             anchor = np.concatenate([anchor, query])
-    return corrected, generators, infos, histories
+    return generators, infos, histories

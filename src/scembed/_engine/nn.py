@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -62,3 +63,10 @@ def predict_in_batches(
         out.append(module(batch.to(device)).float().cpu())
     module.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a context that changes nothing for ``dtype=None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,6 +1,6 @@
 """Utilities shared by every public function: device, seeding, progress, input checks, representations."""
 
-from ._device import resolve_device
+from ._device import PRECISIONS, native_bf16, resolve_device, resolve_precision
 from ._docs import doc_params, shared_docs
 from ._io import check_features, load_checkpoint, save_checkpoint
 from ._keys import OutputKeys, output_keys
@@ -27,6 +27,7 @@ from ._validation import (
 )
 
 __all__ = [
+    "PRECISIONS",
     "OutputKeys",
     "check_adata",
     "check_affinity_matrix",
@@ -49,6 +50,7 @@ __all__ = [
     "get_representation",
     "is_backed_matrix",
     "load_checkpoint",
+    "native_bf16",
     "network_input",
     "output_keys",
     "pca_on_the_fly",
@@ -56,6 +58,7 @@ __all__ = [
     "read_rows",
     "renamed_parameters",
     "resolve_device",
+    "resolve_precision",
     "row_blocks",
     "save_checkpoint",
     "seeded_torch",

@@ -29,3 +29,43 @@ def _local(dev: torch.device) -> torch.device:
     from .._engine.distributed import local_device  # under torchrun: "cuda" is this rank's GPU
 
     return local_device(dev)
+
+
+#: the ``precision`` values every trainer that offers mixed precision accepts (Lightning's names)
+PRECISIONS = ("auto", "32-true", "bf16-mixed")
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """Whether ``dev`` multiplies bfloat16 matrices in hardware.
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: the AVX512-BF16 or AMX-BF16 instructions
+    listed in ``/proc/cpuinfo`` (Linux); without them oneDNN emulates bfloat16 products, which is no faster than
+    float32, and elsewhere the answer is no.
+    """
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, dev: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training run: ``torch.bfloat16`` for ``"bf16-mixed"``, ``None`` for ``"32-true"``.
+
+    ``"auto"`` is ``"bf16-mixed"`` where :func:`native_bf16` holds and ``"32-true"`` elsewhere. Mixed precision
+    computes the matrix products of the forward and backward passes in bfloat16 and keeps weights, optimiser state
+    and losses in float32 (``torch.autocast``).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}.")
+    if precision == "auto":
+        precision = "bf16-mixed" if native_bf16(dev) else "32-true"
+    return torch.bfloat16 if precision == "bf16-mixed" else None

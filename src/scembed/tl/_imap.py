@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from .._constants import IMAP
 from .._engine import imap as engine
 from .._engine.models.imap import IMAPModel
 from .._utils import (
+    PRECISIONS,
     OutputKeys,
     check_adata,
     check_bool,
@@ -30,6 +31,7 @@ from .._utils import (
     output_keys,
     renamed_parameters,
     resolve_device,
+    resolve_precision,
     seeded_torch,
     shared_docs,
 )
@@ -70,6 +72,7 @@ def imap_integrate(
     reach: float = 4.0,
     batch_size: int | tuple[int, int] = (512, 1024),
     device: str = "auto",
+    precision: str | tuple[str, str] = "32-true",
     random_state: int | None = 0,
     show_progress: bool | None = None,
     key_added: str = IMAP,
@@ -102,8 +105,11 @@ def imap_integrate(
     cell once: with ``max_epochs=None`` the steps are the original's and the cells per step follow the data (see
     ``max_epochs``); epochs given explicitly run the original's fixed 20 steps of
     ``batch_size[0]`` cells per batch (stage I) and ``n_critic`` steps of ``batch_size[1]`` cells (stage II) per
-    epoch whatever the data. ``uns[key_added]["seconds"]`` records each stage's time. Sparse input is densified
-    one mini-batch at a time; the caller's ``X``, ``var`` and cell order are never modified.
+    epoch whatever the data. ``uns[key_added]["seconds"]`` records each stage's time. ``precision`` trades
+    accuracy of the arithmetic for time.
+    Sparse input is densified one mini-batch at a time, and the corrected layer is built one block of cells at a
+    time (no corrected copy of the whole matrix besides it); the caller's ``X``, ``var`` and cell order are never
+    modified.
 
     Names follow scembed's vocabulary, shared by all tools: ``max_epochs`` is ``(stage I epochs, stage II
     epochs)`` (formerly ``stage1_epochs``, ``stage2_epochs``), ``batch_size`` the two stages' batch sizes (formerly
@@ -188,6 +194,18 @@ def imap_integrate(
         ``(stage I, stage II)``; an int sets both. Stage I: mixup cells drawn per batch in every step; stage II:
         query and anchor cells drawn in every step. With ``max_epochs=None`` the most cells a step draws (the
         budget chooses fewer for smaller data).
+    precision
+        ``(stage I, stage II)`` arithmetic of training; a single value sets both. Each is ``"32-true"`` (float32
+        throughout), ``"bf16-mixed"`` (matrix products in bfloat16, weights, optimiser state and losses in
+        float32; ``torch.autocast``; the gradient penalty's norm in float32) or ``"auto"``: ``"bf16-mixed"`` where
+        the device multiplies bfloat16 in hardware (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), else
+        ``"32-true"``. The default is float32 for both stages. Stage I's content loss compares the codes of a cell
+        before and after translation into another batch, and in bfloat16 its codes kept the batches of a
+        simulated three-batch set clearly more apart, although a stage-I step at 512 cells per batch takes half
+        the time; stage II in bfloat16 takes about three quarters of its float32 time and integrated slightly
+        less on every seed measured (``benchmarks/README.md``, "tl.imap_integrate"). Encoding and correcting cells
+        after training run in float32. ``uns[key_added]["params"]["precision"]`` records the arithmetic each stage
+        used.
     {doc_trainer_tail}
 
     Returns
@@ -201,8 +219,10 @@ def imap_integrate(
         Stage-I content representation, ``(n_obs, n_latent)``, in the input cell order (what stage II matches
         cells on; for neighbours use the PCA of ``layers[key_added]``, see above).
     `adata.layers['imap' | key_added]` : :class:`numpy.ndarray` or :class:`scipy.sparse.csr_matrix` (`float32`)
-        Corrected expression of every gene (sparse when the input is): integrated genes corrected, the others
-        copied from the input. Not written when ``max_epochs[1] == 0``.
+        Corrected expression of every gene: integrated genes corrected, the others copied from the input. Dense
+        for dense input; for sparse input CSR unless more than half of its entries are non-zero (the corrected
+        values of genes a cell does not express are mostly not zero), where a dense matrix takes less memory.
+        Not written when ``max_epochs[1] == 0``.
     `adata.var['imap_used' | key_added + '_used']` : `bool`
         Whether each gene was integrated (not written when ``max_epochs[1] == 0``).
     `adata.uns['imap' | key_added]` : `dict`
@@ -213,8 +233,8 @@ def imap_integrate(
         and step), `stage2` (per query batch in order: `batches`, `n_mnn_pairs`, sample and pool sizes, cells drawn
         per critic step `batch_size`, the batch-shift estimate `shift` with its parts `pair_distance` and
         `within_distance`, the transport cost's distance `reach`, and the per-epoch losses), `seconds` (wall time
-        of the gene selection `genes`, `stage1`, encoding every cell `encode`, `stage2` and the `total`; also
-        logged at scanpy's info verbosity).
+        of the gene selection `genes`, `stage1`, encoding every cell `encode`, `stage2`, correcting every cell into
+        the layer `correct` and the `total`; also logged at scanpy's info verbosity).
 
     Examples
     --------
@@ -245,6 +265,7 @@ def imap_integrate(
         batch_size=batch_size,
         metric=metric,
         knn_method=knn_method,
+        precision=precision,
     )
     keys = output_keys(key_added)
     order_idx = _resolve_order(order, batches)
@@ -258,10 +279,14 @@ def imap_integrate(
             int(sizes.sum()), len(sizes), o["batch_size"], smallest_batch=int(sizes.min())
         )
     dev = resolve_device(device)
+    o["precision"] = ["bf16-mixed" if resolve_precision(p, dev) is not None else "32-true" for p in o["precision"]]
     seed = seed_int(random_state)
     log = get_logger()
 
-    X_used = X[:, genes]
+    # every gene in order (use_hvg=False, or all genes variable): the input itself, not a copy of it (200,000 cells
+    # × 2,000 genes at 42 % non-zero: 1.3 GiB); nothing below writes to it
+    every_gene = len(genes) == X.shape[1] and np.array_equal(genes, np.arange(X.shape[1]))
+    X_used = X if every_gene else X[:, genes]
     X_used = sparse.csr_matrix(X_used, dtype=np.float32) if sparse.issparse(X_used) else np.asarray(X_used, np.float32)
     _warn_if_counts(X_used, where)
     groups = [np.flatnonzero(batch_idx == b) for b in range(len(batches))]
@@ -274,7 +299,7 @@ def imap_integrate(
     encoder, decoder, codes, stages = _train(
         source, groups, order_idx, o, stage1_batch, (k_w, k_m), labels, dev, seed, show_progress, seconds
     )
-    hist1, corrected, generators, infos, hist2 = stages
+    hist1, generators, infos, hist2 = stages
     drawn = hist1.pop("batch_size", None)  # mixup cells per batch and step (the default budget's or the given)
     for info in infos:
         if info["n_mnn_pairs"] == 0:
@@ -282,7 +307,11 @@ def imap_integrate(
                 f"iMAP: no mutual nearest neighbours between batch {info['batch']!r} and the anchor; "
                 "paired every query cell with its nearest anchor cell instead."
             )
-    layer_out = None if corrected is None else _assemble(X, corrected, genes)
+    layer_out = None
+    if o["max_epochs"][1] > 0:
+        t = time.perf_counter()
+        layer_out = _assemble(X, lambda rows: engine.correct_rows(source, rows, batch_idx, generators), genes)
+        seconds["correct"] = time.perf_counter() - t
     params = {**o, "batch_key": batch_key, "layer": layer or "", "genes": gene_source, "device": str(dev)}
     params.update(k_within=int(k_w), k_mnn=int(k_m), random_state=seed)
     params.update(max_epochs=list(o["max_epochs"]), batch_size=list(o["batch_size"]))
@@ -335,11 +364,11 @@ def _train(
 
     Stage I draws ``stage1_batch`` mixup cells per batch and step.
 
-    Returns the encoder, decoder, codes and ``(stage-I history, corrected rows or None, generators, stage-II
-    information, stage-II histories)``; adds the seconds of stage I, of encoding every cell and of stage II to
-    ``seconds``.
+    Returns the encoder, decoder, codes and ``(stage-I history, generators, stage-II information, stage-II
+    histories)``; adds the seconds of stage I, of encoding every cell and of stage II to ``seconds``.
     """
     epochs1, epochs2 = o["max_epochs"]
+    autocast1, autocast2 = (resolve_precision(p, dev) for p in o["precision"])
     with seeded_torch(seed, dev):
         gen = torch.Generator().manual_seed(seed)  # all sampling on the CPU: same draws for dense and sparse
         t = time.perf_counter()
@@ -353,15 +382,16 @@ def _train(
             lambda_content=o["lambda_content"],
             generator=gen,
             show_progress=show_progress,
+            autocast_dtype=autocast1,
         )
         seconds["stage1"] = time.perf_counter() - t
         t = time.perf_counter()
         codes = engine.apply_in_chunks(encoder, source, np.arange(source.shape[0]))
         seconds["encode"] = time.perf_counter() - t
-        corrected, generators, infos, hist2 = None, {}, [], []
+        generators, infos, hist2 = {}, [], []
         if epochs2 > 0:
             t = time.perf_counter()
-            corrected, generators, infos, hist2 = engine.run_stage2(
+            generators, infos, hist2 = engine.run_stage2(
                 source,
                 groups,
                 codes,
@@ -383,9 +413,10 @@ def _train(
                 show_progress=show_progress,
                 budget_batch=o["budget"] == "default",
                 reach=o["reach"],
+                autocast_dtype=autocast2,
             )
             seconds["stage2"] = time.perf_counter() - t
-    return encoder, decoder, codes, (hist1, corrected, generators, infos, hist2)
+    return encoder, decoder, codes, (hist1, generators, infos, hist2)
 
 
 def _check_data(adata: AnnData, batch_key: str, layer: str | None) -> tuple[Any, str, np.ndarray, list, np.ndarray]:
@@ -441,6 +472,12 @@ def _check_options(**o: Any) -> dict[str, Any]:
     check_optional_bool(o["show_progress"], "show_progress")
     if o["metric"] not in METRICS:
         raise ValueError(f"`metric` must be one of {tuple(METRICS)}, got {o['metric']!r}.")
+    raw = o["precision"]
+    precision = (raw, raw) if isinstance(raw, str) else tuple(raw) if isinstance(raw, tuple | list) else ()
+    if len(precision) != 2 or any(not isinstance(p, str) or p not in PRECISIONS for p in precision):
+        raise ValueError(
+            f"`precision` must be one of {PRECISIONS} or a (stage I, stage II) pair of them, got {o['precision']!r}."
+        )
     if o["knn_method"] not in KNN_METHODS:
         raise ValueError(f"`knn_method` must be one of {KNN_METHODS}, got {o['knn_method']!r}.")
     return {
@@ -461,6 +498,7 @@ def _check_options(**o: Any) -> dict[str, Any]:
         "n_critic": check_positive_int(o["n_critic"], "n_critic"),
         "reach": check_in_range(o["reach"], "reach", low=0),
         "batch_size": check_int_pair(o["batch_size"], "batch_size", stages=("stage I", "stage II"), minimum=2),
+        "precision": list(precision),
     }
 
 
@@ -541,49 +579,66 @@ def _select_hvg(X, var_names: pd.Index, batch_idx: np.ndarray, n_top_genes: int)
     return np.flatnonzero(np.asarray(df["highly_variable"], dtype=bool))
 
 
-#: entries of the dense row block in which :func:`_assemble` builds a sparse output (128 MiB of float32)
-ASSEMBLE_BLOCK = 2**25
+#: entries of the dense row block in which :func:`_assemble` builds the output (32 MiB of float32: 4,194 cells of
+#: 2,000 genes, whose correction also needs only that much working memory)
+ASSEMBLE_BLOCK = 2**23
+#: rows, spread evenly over the data, whose corrected values decide between a sparse and a dense output
+FORMAT_SAMPLE = 2048
 
 
-def _assemble(X, corrected: np.ndarray, genes: np.ndarray) -> np.ndarray | sparse.csr_matrix:
+def _assemble(X, corrected: Callable[[np.ndarray], np.ndarray], genes: np.ndarray) -> np.ndarray | sparse.csr_matrix:
     """The full-width output: corrected columns for the integrated genes, input columns for the others.
 
-    Dense input gives a dense output. Sparse input gives a CSR matrix built one block of rows at a time into arrays
-    allocated once: converting the whole corrected matrix at once holds the row and column index of every non-zero
-    entry in int64 besides the result (``benchmarks/imap.py`` on 200,000 cells × 2,000 genes: peak RSS 12.1 GiB
-    that way, 8.1 GiB block by block).
+    ``corrected(rows)`` gives the corrected expression of the integrated genes for the given rows; it is called one
+    block of rows at a time, so no corrected copy of the whole matrix exists besides the result. Dense input gives a
+    dense output. Sparse input gives whichever of a CSR and a dense matrix is smaller: CSR holds a non-zero in 8
+    bytes (float32 value and int32 column), dense every entry in 4, so CSR is kept unless more than half of the
+    entries of :data:`FORMAT_SAMPLE` rows spread evenly over the data are non-zero (corrected values of genes a cell
+    does not express are mostly not zero). A CSR result is built from its blocks converted one by one and then
+    copied into arrays allocated at the final size and freed block by block: the final arrays' pages become
+    resident only as they are written, so the peak holds the result about once.
     """
     n_obs, n_vars = X.shape
-    if not sparse.issparse(X):
-        out = np.array(X, dtype=np.float32, copy=True)
-        out[:, genes] = corrected
-        return out
-    X = sparse.csr_matrix(X)
-    others = np.setdiff1d(np.arange(n_vars), genes)
     step = max(1, ASSEMBLE_BLOCK // max(n_vars, 1))
     starts = range(0, n_obs, step)
+    others = np.setdiff1d(np.arange(n_vars), genes)
+    if sparse.issparse(X):
+        X = sparse.csr_matrix(X)
 
-    def block(start: int) -> np.ndarray:
-        rows = slice(start, min(start + step, n_obs))
-        out = np.zeros((rows.stop - rows.start, n_vars), dtype=np.float32)
-        out[:, genes] = corrected[rows]
+    def block(rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), n_vars), dtype=np.float32)
+        out[:, genes] = corrected(rows)
         if len(others):
-            out[:, others] = X[rows][:, others].toarray()
+            kept = X[rows][:, others]
+            out[:, others] = kept.toarray() if sparse.issparse(kept) else kept
         return out
 
-    # two passes over the blocks, counting then filling, so that the result is allocated once at its final size;
-    # keeping every block's CSR and concatenating them would hold the result twice
-    counts = [np.count_nonzero(block(start), axis=1) for start in starts]
-    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else np.zeros(1, np.int64)
-    nnz = int(indptr[-1])
-    index_dtype = np.int32 if max(nnz, n_vars) < np.iinfo(np.int32).max else np.int64
-    data, indices = np.empty(nnz, dtype=np.float32), np.empty(nnz, dtype=index_dtype)
+    dense_output = not sparse.issparse(X)
+    if not dense_output and n_obs:
+        sample = np.unique(np.linspace(0, n_obs - 1, min(n_obs, FORMAT_SAMPLE)).astype(np.int64))
+        dense_output = 2 * np.count_nonzero(block(sample)) > len(sample) * n_vars
+    if dense_output:
+        out = np.empty((n_obs, n_vars), dtype=np.float32)
+        for start in starts:
+            rows = np.arange(start, min(start + step, n_obs))
+            out[start : start + len(rows)] = corrected(rows) if len(others) == 0 else block(rows)
+        return out
+    parts = []
     for start in starts:
-        part = sparse.csr_matrix(block(start), dtype=np.float32)
-        at = int(indptr[start])
+        parts.append(sparse.csr_matrix(block(np.arange(start, min(start + step, n_obs)))))
+    nnz = sum(p.nnz for p in parts)
+    index_dtype = np.int32 if max(nnz, n_vars) < np.iinfo(np.int32).max else np.int64
+    indptr = np.zeros(n_obs + 1, dtype=index_dtype)
+    data, indices = np.empty(nnz, dtype=np.float32), np.empty(nnz, dtype=index_dtype)
+    at = 0
+    for i, start in enumerate(starts):
+        part, parts[i] = parts[i], None  # freed once copied
+        indptr[start + 1 : start + 1 + part.shape[0]] = at + part.indptr[1:]
         data[at : at + part.nnz] = part.data
         indices[at : at + part.nnz] = part.indices
-    return sparse.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n_obs, n_vars))
+        at += part.nnz
+        del part
+    return sparse.csr_matrix((data, indices, indptr), shape=(n_obs, n_vars))
 
 
 def _stage2_summary(infos: list[dict], histories: list[dict], n_epochs: int) -> dict:
