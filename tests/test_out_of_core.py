@@ -167,3 +167,40 @@ def test_validation_cells_are_bounded():
     assert len(val) == ae.MAX_VALIDATION_ROWS and len(train) == 100_000 - ae.MAX_VALIDATION_ROWS
     train, val = ae.split_validation(1000, 0.1, 0)  # below the bound: the share asked for
     assert len(val) == 100 and np.intersect1d(train, val).size == 0
+
+
+def _zarr(adata: ad.AnnData, path, kind: str = "csr") -> ad.AnnData:
+    """An AnnData whose X stays in a zarr store: anndata's lazy sparse dataset (CSR) or the zarr array (dense)."""
+    zarr = pytest.importorskip("zarr")
+    adata = adata.copy()
+    adata.X = sparse.csr_matrix(adata.X, dtype=np.float32) if kind == "csr" else adata.X.toarray().astype(np.float32)
+    adata.write_zarr(path)
+    group = zarr.open(str(path), mode="r")
+    X = ad.io.sparse_dataset(group["X"]) if kind == "csr" else group["X"]
+    return ad.AnnData(X=X, obs=ad.io.read_elem(group["obs"]), var=ad.io.read_elem(group["var"]))
+
+
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data")
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_zarr_store_equals_in_memory_and_is_read_in_blocks(sim, tmp_path, small_blocks, monkeypatch, kind):
+    """X in a zarr store: the same blocks and numbers as in memory, every read of the store at most PASS rows."""
+    memory = sim.copy()
+    memory.X = sparse.csr_matrix(memory.X, dtype=np.float32)
+    if kind == "dense":
+        memory.X = memory.X.toarray()
+    se.tl.autoencoder(memory, **FAST)
+    lazy = _zarr(sim, tmp_path / "a.zarr", kind)
+    reads: list = []
+    cls = type(lazy.X)
+    original = cls.__getitem__
+
+    def spy(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(cls, "__getitem__", spy)
+    se.tl.autoencoder(lazy, **FAST)
+    np.testing.assert_array_equal(lazy.obsm["X_autoencoder"], memory.obsm["X_autoencoder"])
+    rows = [k[0] if isinstance(k, tuple) else k for k in reads]
+    assert rows and all(isinstance(k, slice) for k in rows), {type(k).__name__ for k in rows}
+    assert max((k.stop or sim.n_obs) - (k.start or 0) for k in rows) <= PASS < sim.n_obs
