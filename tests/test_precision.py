@@ -135,3 +135,17 @@ def test_imap_bad_precision_is_refused_before_any_work():
         with pytest.raises(ValueError, match="`precision`"):
             se.tl.imap_integrate(a, precision=bad, max_epochs=1)
     assert set(a.uns) == set(before.uns) and set(a.layers) == set(before.layers) and set(a.obsm) == set(before.obsm)
+
+
+def test_native_bf16_on_cuda_does_not_count_emulation(monkeypatch):
+    # GPUs before Ampere emulate bfloat16 (slower than float32): "auto" must not pick it there
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an emulating GPU: True only when emulation counts
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert not native_bf16(torch.device("cuda"))
+    assert asked == [False]
+    assert not native_bf16(torch.device("mps"))

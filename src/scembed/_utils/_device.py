@@ -38,12 +38,16 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed")
 def native_bf16(dev: torch.device) -> bool:
     """Whether ``dev`` multiplies bfloat16 matrices in hardware.
 
-    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: the AVX512-BF16 or AMX-BF16 instructions
+    CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` (Ampere and later; older GPUs emulate
+    bfloat16, which is slower than float32). CPU: the AVX512-BF16 or AMX-BF16 instructions
     listed in ``/proc/cpuinfo`` (Linux); without them oneDNN emulates bfloat16 products, which is no faster than
     float32, and elsewhere the answer is no.
     """
     if dev.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch before 2.4 counts no emulation
+            return bool(torch.cuda.is_bf16_supported())
     if dev.type != "cpu":
         return False
     try:
