@@ -220,8 +220,8 @@ def imap_integrate(
         cells on; for neighbours use the PCA of ``layers[key_added]``, see above).
     `adata.layers['imap' | key_added]` : :class:`numpy.ndarray` or :class:`scipy.sparse.csr_matrix` (`float32`)
         Corrected expression of every gene: integrated genes corrected, the others copied from the input. Dense
-        for dense input; for sparse input CSR unless more than half of its entries are non-zero (the corrected
-        values of genes a cell does not express are mostly not zero), where a dense matrix takes less memory.
+        for dense input; for sparse input CSR unless more than half of its entries are non-zero (the generator gives
+        genes a cell does not express values that need not be zero), where a dense matrix takes less memory.
         Not written when ``max_epochs[1] == 0``.
     `adata.var['imap_used' | key_added + '_used']` : `bool`
         Whether each gene was integrated (not written when ``max_epochs[1] == 0``).
@@ -594,7 +594,7 @@ def _assemble(X, corrected: Callable[[np.ndarray], np.ndarray], genes: np.ndarra
     dense output. Sparse input gives whichever of a CSR and a dense matrix is smaller: CSR holds a non-zero in 8
     bytes (float32 value and int32 column), dense every entry in 4, so CSR is kept unless more than half of the
     entries of :data:`FORMAT_SAMPLE` rows spread evenly over the data are non-zero (corrected values of genes a cell
-    does not express are mostly not zero). A CSR result is built from its blocks converted one by one and then
+    does not express need not be zero). A CSR result is built from its blocks converted one by one and then
     copied into arrays allocated at the final size and freed block by block: the final arrays' pages become
     resident only as they are written, so the peak holds the result about once.
     """
