@@ -203,7 +203,8 @@ def imap_integrate(
         before and after translation into another batch, and in bfloat16 its codes kept the batches of a
         simulated three-batch set clearly more apart, although a stage-I step at 512 cells per batch takes half
         the time; stage II in bfloat16 takes about three quarters of its float32 time and integrated slightly
-        less on every seed measured (``benchmarks/README.md``, "tl.imap_integrate"). Encoding and correcting cells
+        less on three seeds of one set, as well on single seeds of two others (``benchmarks/README.md``,
+        "tl.imap_integrate"). Encoding and correcting cells
         after training run in float32. ``uns[key_added]["params"]["precision"]`` records the arithmetic each stage
         used.
     {doc_trainer_tail}
