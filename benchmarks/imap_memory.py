@@ -1,0 +1,146 @@
+"""Peak memory of ``tl.imap_integrate`` alone, on the simulated sparse 200,000-cell set of ``benchmarks/imap.py``.
+
+The method runs in this process on the prepared data (no scoring, no PCA); a thread samples the resident set size
+every half second. Prints the RSS before the call, its peak, its size at the start of the correction (everything but
+the corrected layer) and the seconds of every stage, and what the data themselves take.
+
+    python benchmarks/imap_memory.py                      # sim200k_4b, one epoch per stage, batch_size (512, 200)
+    python benchmarks/imap_memory.py --epochs 2 --threads 2 --json benchmarks/results/imap_memory_200k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _runner import drop_script_dir, write_json
+
+drop_script_dir()  # the script's folder off sys.path: ``import imap`` is the original package
+
+
+def load_benchmark_module():
+    """``benchmarks/imap.py`` (its data preparation), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imap_benchmark", Path(__file__).resolve().parent / "imap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GIB = 1024**3
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="sim200k_4b", help="a simulated set of benchmarks/imap.py")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per stage")
+    p.add_argument("--batch-size", type=int, nargs=2, default=(512, 200), metavar=("STAGE1", "STAGE2"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bench = load_benchmark_module()
+
+    import scembed as se
+    from scembed.tl import _imap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # prepared in a child process: the simulation's own memory must not count in this process's peak
+        code = (
+            "import importlib.util, sys; from pathlib import Path; "
+            "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
+            "b.prepare(sys.argv[2], Path(sys.argv[3]), 2000)"
+        )
+        script = str(Path(__file__).resolve().parent / "imap.py")
+        subprocess.run([sys.executable, "-c", code, script, args.dataset, tmp], check=True)
+        adata = bench.load(str(Path(tmp) / f"{args.dataset}.h5ad"))
+    X = adata.X
+    input_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes if hasattr(X, "indptr") else X.nbytes
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((time.perf_counter() - start, rss_bytes()))
+            time.sleep(0.5)
+
+    # the RSS when the correction begins: all but the corrected layer and the correction's working block
+    at_correction: list[int] = []
+    assemble = _imap._assemble
+
+    def assemble_noting_rss(*a, **k):
+        at_correction.append(rss_bytes())
+        return assemble(*a, **k)
+
+    _imap._assemble = assemble_noting_rss
+    before = rss_bytes()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    se.tl.imap_integrate(
+        adata,
+        "batch",
+        use_hvg=False,
+        max_epochs=args.epochs,
+        batch_size=tuple(args.batch_size),
+        device="cpu",
+        show_progress=False,
+    )
+    stop.set()
+    thread.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    layer = adata.layers["imap"]
+    layer_bytes = (
+        layer.data.nbytes + layer.indices.nbytes + layer.indptr.nbytes if hasattr(layer, "indptr") else layer.nbytes
+    )
+    row = {
+        "data": args.dataset,
+        "n_obs": adata.n_obs,
+        "n_vars": adata.n_vars,
+        "input_nonzero_share": float(X.nnz / (X.shape[0] * X.shape[1])) if hasattr(X, "nnz") else 1.0,
+        "epochs": args.epochs,
+        "batch_size": list(args.batch_size),
+        "rss_before_gib": before / GIB,
+        "rss_at_correction_gib": at_correction[0] / GIB if at_correction else float("nan"),
+        "peak_gib": peak / GIB,
+        "input_gib": input_bytes / GIB,
+        "layer_gib": layer_bytes / GIB,
+        "layer_format": "csr" if hasattr(layer, "indptr") else "dense",
+        "codes_gib": adata.obsm["X_imap"].nbytes / GIB,
+        "seconds": {k: float(v) for k, v in adata.uns["imap"]["seconds"].items()},
+        "rss_timeline_gib": [(round(t, 1), round(r / GIB, 3)) for t, r in samples],
+    }
+    fmt = row["layer_format"]
+    print(f"| data | epochs per stage | RSS before (GiB) | at the correction | peak | input | layer ({fmt}) | codes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {args.dataset} ({adata.n_obs:,} × {adata.n_vars:,}, {row['input_nonzero_share']:.0%} non-zero) | "
+        f"{args.epochs} | {row['rss_before_gib']:.2f} | {row['rss_at_correction_gib']:.2f} | {row['peak_gib']:.2f} | "
+        f"{row['input_gib']:.2f} | {row['layer_gib']:.2f} | {row['codes_gib']:.2f} |"
+    )
+    print("seconds:", {k: round(v, 1) for k, v in row["seconds"].items()})
+    write_json(args.json, [row], script="imap_memory", threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
