@@ -186,6 +186,17 @@ def drop_script_dir() -> None:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
+def load_imap_benchmark():
+    """``benchmarks/imap.py`` (its data preparation and scores) as a module, loaded by path: ``import imap`` is the
+    original package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imap_benchmark", HERE / "imap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def patch_neuralee_for_today() -> None:
     """Let neuralee 0.1.6 import and run on today's numpy/torch (outside its method; see ALGORITHMS.md §3).
 

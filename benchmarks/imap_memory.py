@@ -11,7 +11,6 @@ the corrected layer) and the seconds of every stage, and what the data themselve
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,22 +18,17 @@ import threading
 import time
 from pathlib import Path
 
-from _runner import drop_script_dir, write_json
+from _runner import drop_script_dir, load_imap_benchmark, own_peak_rss_mib, write_json
 
 drop_script_dir()  # the script's folder off sys.path: ``import imap`` is the original package
 
 
-def load_benchmark_module():
-    """``benchmarks/imap.py`` (its data preparation), loaded by path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("imap_benchmark", Path(__file__).resolve().parent / "imap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 GIB = 1024**3
+
+
+def nbytes(m) -> int:
+    """Bytes of a dense array or of a CSR matrix's three arrays."""
+    return m.data.nbytes + m.indices.nbytes + m.indptr.nbytes if hasattr(m, "indptr") else m.nbytes
 
 
 def rss_bytes() -> int:
@@ -53,29 +47,25 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, nargs=2, default=(512, 200), metavar=("STAGE1", "STAGE2"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--prepare-into", type=Path, default=None, help=argparse.SUPPRESS)  # the child's job
     args = p.parse_args()
+    if args.prepare_into is not None:
+        load_imap_benchmark().prepare(args.dataset, args.prepare_into, 2000)
+        return
 
     import torch
 
     torch.set_num_threads(args.threads)
-    bench = load_benchmark_module()
+    bench = load_imap_benchmark()
 
     import scembed as se
     from scembed.tl import _imap
 
     with tempfile.TemporaryDirectory() as tmp:
         # prepared in a child process: the simulation's own memory must not count in this process's peak
-        code = (
-            "import importlib.util, sys; from pathlib import Path; "
-            "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            "b.prepare(sys.argv[2], Path(sys.argv[3]), 2000)"
-        )
-        script = str(Path(__file__).resolve().parent / "imap.py")
-        subprocess.run([sys.executable, "-c", code, script, args.dataset, tmp], check=True)
+        subprocess.run([sys.executable, __file__, "--prepare-into", tmp, "--dataset", args.dataset], check=True)
         adata = bench.load(str(Path(tmp) / f"{args.dataset}.h5ad"))
     X = adata.X
-    input_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes if hasattr(X, "indptr") else X.nbytes
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     start = time.perf_counter()
@@ -108,11 +98,8 @@ def main() -> None:
     )
     stop.set()
     thread.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = own_peak_rss_mib() * 2**20
     layer = adata.layers["imap"]
-    layer_bytes = (
-        layer.data.nbytes + layer.indices.nbytes + layer.indptr.nbytes if hasattr(layer, "indptr") else layer.nbytes
-    )
     row = {
         "data": args.dataset,
         "n_obs": adata.n_obs,
@@ -123,8 +110,8 @@ def main() -> None:
         "rss_before_gib": before / GIB,
         "rss_at_correction_gib": at_correction[0] / GIB if at_correction else float("nan"),
         "peak_gib": peak / GIB,
-        "input_gib": input_bytes / GIB,
-        "layer_gib": layer_bytes / GIB,
+        "input_gib": nbytes(X) / GIB,
+        "layer_gib": nbytes(layer) / GIB,
         "layer_format": "csr" if hasattr(layer, "indptr") else "dense",
         "codes_gib": adata.obsm["X_imap"].nbytes / GIB,
         "seconds": {k: float(v) for k, v in adata.uns["imap"]["seconds"].items()},

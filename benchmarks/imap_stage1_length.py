@@ -26,19 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _runner import drop_script_dir, write_json
+from _runner import drop_script_dir, load_imap_benchmark, write_json
 
 drop_script_dir()
-
-
-def load_benchmark_module():
-    """``benchmarks/imap.py`` (its data preparation and scores), loaded by path: ``import imap`` is the original."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("imap_benchmark", Path(__file__).resolve().parent / "imap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def study(name: str, seed: int, snapshot_epochs: list[int], validation: float, prep: Path) -> dict:
@@ -47,7 +37,7 @@ def study(name: str, seed: int, snapshot_epochs: list[int], validation: float, p
     import scembed as se
     from scembed._engine import imap as engine
 
-    bench = load_benchmark_module()
+    bench = load_imap_benchmark()
 
     path = prep / f"{name}.h5ad"
     if not path.exists():

@@ -428,7 +428,7 @@ def test_same_seed_same_result_with_two_threads(two_torch_threads):
     first, second = se.tl.imap_integrate(a, **kw), se.tl.imap_integrate(a, **kw)
     np.testing.assert_array_equal(first.obsm["X_imap"], second.obsm["X_imap"])
     layers = [x.layers["imap"] for x in (first, second)]
-    np.testing.assert_array_equal(*(m.toarray() if hasattr(m, "toarray") else np.asarray(m) for m in layers))
+    np.testing.assert_array_equal(*(_dense(m) for m in layers))
 
 
 @pytest.mark.parametrize(("n_obs", "n_vars", "n_genes"), [(300, 40, 40), (300, 60, 25), (1, 4, 2), (0, 5, 3)])
