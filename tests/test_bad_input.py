@@ -544,7 +544,7 @@ BACKED = [pytest.param(f, kind, id=f"{f}-backed_{kind}") for f in ALL for kind i
 
 
 #: trainers that read a backed X in row blocks: the results go to the backed AnnData itself (``copy=True`` is refused)
-OUT_OF_CORE = ("tl.autoencoder",)
+OUT_OF_CORE = ("tl.autoencoder", "tl.scdeepcluster")
 
 
 @pytest.mark.parametrize(("fname", "kind"), BACKED)
@@ -736,12 +736,19 @@ def test_model_bad_input(method: str, case_name: str):
 
 @pytest.mark.parametrize("kind", ["dense", "csr"])
 @pytest.mark.parametrize("method", ["ScDeepClusterModel.predict", "IMAPModel.encode"])
-def test_model_refuses_backed_X(method, kind, tmp_path):
-    _, model = _models()[method]
+def test_model_backed_X(method, kind, tmp_path):
+    """scDeepCluster's model reads a backed X in row slices (same result as in memory); iMAP's refuses it clearly."""
+    reference, model = _models()[method]
     backed = _write_backed(MODEL_DATA[method](), tmp_path / "a.h5ad", kind)
+    before = snapshot(backed)
     try:
-        with pytest.raises(ValueError, match=r"`adata` is backed .*adata\.to_memory\(\)"):
-            _apply(method, model, backed)
+        if method == "IMAPModel.encode":
+            with pytest.raises(ValueError, match=r"`adata` is backed .*adata\.to_memory\(\)"):
+                _apply(method, model, backed)
+        else:
+            out = _apply(method, model, backed)
+            np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+        assert_unchanged(backed, before)
     finally:
         backed.file.close()
 

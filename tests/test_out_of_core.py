@@ -1,4 +1,4 @@
-"""tl.autoencoder from a backed .h5ad: X read in row blocks only, with the result of the same data in memory."""
+"""tl.autoencoder and tl.scdeepcluster from a backed .h5ad or zarr: X read in row blocks, results as in memory."""
 
 from __future__ import annotations
 
@@ -204,3 +204,98 @@ def test_zarr_store_equals_in_memory_and_is_read_in_blocks(sim, tmp_path, small_
     rows = [k[0] if isinstance(k, tuple) else k for k in reads]
     assert rows and all(isinstance(k, slice) for k in rows), {type(k).__name__ for k in rows}
     assert max((k.stop or sim.n_obs) - (k.start or 0) for k in rows) <= PASS < sim.n_obs
+
+
+# ------------------------------------------------------------------------------------------------ tl.scdeepcluster
+#: both stages, several reads per epoch under the small blocks (300 cells: 19 blocks of 16 rows, 2 per read)
+SDC = dict(max_epochs=(3, 3), n_latent=3, hidden=(16,), batch_size=20, show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [("csr", {"n_clusters": 3}), ("dense", {"n_clusters": 0, "batch_key": "batch", "n_top_genes": 40})],
+)
+def test_scdeepcluster_backed_equals_in_memory(sim, tmp_path, small_blocks, kind, kwargs):
+    """Pretraining and the clustering stage read the same blocks from disk as from memory: the same numbers."""
+    memory = sim.copy()
+    if kind == "dense":
+        memory.X = memory.X.toarray()
+    model = se.tl.scdeepcluster(memory, **SDC, **kwargs, return_model=True)
+    backed = _backed(sim, tmp_path / "a.h5ad", kind)
+    try:
+        assert se.tl.scdeepcluster(backed, **SDC, **kwargs) is None
+        for key in ("X_scdeepcluster", "scdeepcluster_proba"):
+            np.testing.assert_array_equal(backed.obsm[key], memory.obsm[key])
+        assert backed.obs["scdeepcluster"].equals(memory.obs["scdeepcluster"])
+        assert backed.uns["scdeepcluster"]["history"] == memory.uns["scdeepcluster"]["history"]
+        assert len(memory.uns["scdeepcluster"]["history"]["cluster_loss"]) == 3
+        # the model assigns the backed cells too, reading them in row slices
+        labels, proba, latent = model.predict(backed)
+        np.testing.assert_array_equal(latent, memory.obsm["X_scdeepcluster"])
+        np.testing.assert_array_equal(proba, memory.obsm["scdeepcluster_proba"])
+        np.testing.assert_array_equal(labels.astype(str), memory.obs["scdeepcluster"].to_numpy().astype(str))
+    finally:
+        backed.file.close()
+
+
+def test_scdeepcluster_backed_X_is_never_read_whole(sim, tmp_path, small_blocks, monkeypatch):
+    """Every read of the file is one slice of at most PASS rows; both stages read whole aligned blocks."""
+    reads: list = []
+    original = _CSRDataset.__getitem__
+
+    def spy(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(_CSRDataset, "__getitem__", spy)
+    backed = _backed(sim, tmp_path / "a.h5ad")
+    try:
+        se.tl.scdeepcluster(backed, n_clusters=3, **SDC)
+    finally:
+        backed.file.close()
+    assert reads and all(isinstance(k, slice) for k in reads), {type(k).__name__ for k in reads}
+    assert max(k.stop - k.start for k in reads) <= PASS < sim.n_obs
+    within_block = [k for k in reads if k.start // BLOCK == (k.stop - 1) // BLOCK and k.stop - k.start <= BLOCK]
+    assert len(within_block) >= 6 * (sim.n_obs // BLOCK)  # three pretraining and three clustering epochs
+
+
+def test_scdeepcluster_clusters_from_many_reads(monkeypatch):
+    """The clustering stage from reads of 2 blocks of 16 rows finds the types as well as from one read of all cells."""
+    from sklearn.metrics import adjusted_rand_score
+
+    adata = se.datasets.simulate(600, 300, n_celltypes=4, random_state=1)
+    kw = dict(n_clusters=4, max_epochs=(60, 60), n_latent=8, hidden=(64,), batch_size=64, show_progress=False)
+    one_read = adata.copy()
+    se.tl.scdeepcluster(one_read, **kw)
+    monkeypatch.setattr(counts, "BLOCK_ROWS", BLOCK)
+    monkeypatch.setattr(counts, "READ_BLOCKS", PER_READ)
+    many = adata.copy()
+    se.tl.scdeepcluster(many, **kw)
+    # the draws differ (blocks of 16 rows instead of one permutation), so the numbers do; the clusters must not
+    assert not np.array_equal(many.obsm["X_scdeepcluster"], one_read.obsm["X_scdeepcluster"])
+    truth = adata.obs["celltype"]
+    ari_one = adjusted_rand_score(truth, one_read.obs["scdeepcluster"])
+    ari_many = adjusted_rand_score(truth, many.obs["scdeepcluster"])
+    assert ari_one > 0.9 and ari_many > 0.9, (ari_one, ari_many)
+
+
+def test_scdeepcluster_backed_bad_counts_and_copy_are_refused(sim, tmp_path, small_blocks):
+    adata = sim.copy()
+    X = adata.X.astype(np.float32)
+    X.data[-1] = 0.5  # in the last block: found by the pass over every block, before training
+    adata.X = X
+    backed = _backed(adata, tmp_path / "bad.h5ad")
+    try:
+        with pytest.raises(ValueError, match=r"adata\.X must hold raw \(integer\) counts"):
+            se.tl.scdeepcluster(backed, n_clusters=3, **SDC)
+        assert "X_scdeepcluster" not in backed.obsm and "scdeepcluster" not in backed.uns
+        assert "scdeepcluster" not in backed.obs
+    finally:
+        backed.file.close()
+    backed = _backed(sim, tmp_path / "a.h5ad")
+    try:
+        with pytest.raises(ValueError, match=r"`copy=True`.*would load adata\.X.*`copy=False`"):
+            se.tl.scdeepcluster(backed, n_clusters=3, copy=True, **SDC)
+        assert "X_scdeepcluster" not in backed.obsm
+    finally:
+        backed.file.close()

@@ -17,6 +17,7 @@ import torch
 from scipy import sparse
 from torch import nn
 
+from . import counts
 from .autoencoder import (
     Autoencoder,
     _one_of,
@@ -27,8 +28,17 @@ from .autoencoder import (
     pretrain,
     train_autoencoder,
 )
-from .counts import INFER_BATCH, CountData, MiniBatch, _canonical_csr, _rows, library_sizes, select_genes_by_zero_rate
-from .distributed import dec_assignments, rank_generator, rank_minibatches, shard, sync_gradients
+from .counts import (
+    INFER_BATCH,
+    CountData,
+    MiniBatch,
+    RowBlocks,
+    _canonical_csr,
+    _rows,
+    library_sizes,
+    select_genes_by_zero_rate,
+)
+from .distributed import dec_assignments, rank_generator, shard, sync_gradients
 from .mmd import BatchPenalty
 from .training import train
 from .zinb import (
@@ -226,13 +236,21 @@ def cluster(
     of labels that changed since the previous update falls below ``tol``, or after ``maxiter`` epochs.
     ``max_epochs``/``noise`` are the vocabulary's names of ``maxiter``/``sigma`` (either may be given). Returns
     the history (total, zinb, kl, delta_label per update) and whether it converged.
+
+    The mini-batches are read from ``data.X`` in row blocks, as in pretraining (:class:`~.counts.RowBlocks`:
+    :data:`~.counts.READ_BLOCKS` blocks of :data:`~.counts.BLOCK_ROWS` rows in memory at a time, their rows
+    shuffled), and P and the labels are recomputed from contiguous slices (:func:`encode_all`), so ``X`` may be
+    on disk: only the N × K targets and the N labels are held for all cells. With every cell in one read (one
+    process, at most ``READ_BLOCKS · BLOCK_ROWS`` cells) the batches are those of one permutation of all cells.
     """
     maxiter = _one_of(maxiter, max_epochs, "maxiter", "max_epochs")
     sigma = _one_of(sigma, noise, "sigma", "noise")
     opt = torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95)
     sync_gradients(opt)  # under torchrun (distributed.py): gradients averaged over ranks before each step
     noise_generator = rank_generator(noise_generator)
+    row_generator = rank_generator(generator)  # one process: the generator itself
     n = data.n_obs
+    blocks = RowBlocks(np.arange(n), counts.BLOCK_ROWS, max(counts.READ_BLOCKS, -(-batch_size // counts.BLOCK_ROWS)))
     penalty = BatchPenalty(batch_penalty, data.n_batches, net.n_latent, device, _penalty_generator(noise_generator))
     net.eval()
     # targets from this rank's cells and all-reduced cluster sums, gathered (one process: assignments on all cells)
@@ -243,23 +261,26 @@ def cluster(
     def step(epoch: int) -> dict[str, float]:
         net.train()
         sums = torch.zeros(3, device=device)
-        batches = rank_minibatches(n, batch_size, generator=generator)
-        for idx in batches:
-            rows = idx.numpy()
-            xin, raw, sf, onehot, nonzero = data.batch(rows, device)
-            noisy = _with_noise(xin, sigma, noise_generator)
-            # one encoder pass over the noisy and the clean input together
-            z = net.encode(torch.cat([noisy, xin]), _twice(onehot))
-            z_noisy, z_clean = z.chunk(2)
-            recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf, nonzero)
-            kl = kl_divergence(state["p"][idx.to(device)], soft_assign(z_clean, net.centroids))
-            loss = recon + gamma * kl
-            if penalty.active:
-                loss = loss + penalty(z_clean, onehot, idx.to(device), recon)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums += torch.stack([loss.detach(), recon.detach(), kl.detach()]) * len(rows)
+        n_seen = 0
+        for read_rows, batches in blocks.epoch(batch_size, generator, row_generator):
+            chunk = data.take(read_rows, counts.BLOCK_ROWS)
+            for idx in batches:
+                xin, raw, sf, onehot, nonzero = chunk.batch(idx, device)
+                rows = torch.from_numpy(read_rows[idx]).to(device)  # the cells' rows of X: their targets in P
+                noisy = _with_noise(xin, sigma, noise_generator)
+                # one encoder pass over the noisy and the clean input together
+                z = net.encode(torch.cat([noisy, xin]), _twice(onehot))
+                z_noisy, z_clean = z.chunk(2)
+                recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf, nonzero)
+                kl = kl_divergence(state["p"][rows], soft_assign(z_clean, net.centroids))
+                loss = recon + gamma * kl
+                if penalty.active:
+                    loss = loss + penalty(z_clean, onehot, rows, recon)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sums += torch.stack([loss.detach(), recon.detach(), kl.detach()]) * len(idx)
+                n_seen += len(idx)
         if (epoch + 1) % update_interval == 0:
             net.eval()
             q, state["p"] = dec_assignments(encode_all(net, data, device, rows=shard(n)), net.centroids.detach())
@@ -268,8 +289,7 @@ def cluster(
             state["labels"] = labels
             deltas.append(delta)
             state["converged"] = delta < tol
-        n_seen = sum(len(b) for b in batches)
-        total, recon, kl = (sums / n_seen).tolist()
+        total, recon, kl = (sums / max(n_seen, 1)).tolist()
         out = {"loss": total, "zinb": recon, "kl": kl}
         if penalty.active:
             out["batch_mmd"] = penalty.mean()

@@ -19,11 +19,9 @@ from .._utils import (
     OutputKeys,
     check_adata,
     check_bool,
-    check_counts,
     check_in_range,
     check_int_pair,
     check_int_sequence,
-    check_not_backed,
     check_optional_bool,
     check_positive_int,
     copy_adata,
@@ -37,6 +35,8 @@ from .._utils import (
 from .._utils._model_data import batch_codes as _batch_codes
 from .._utils._model_data import counts_of as _counts_of
 from .._utils._random import seed_int
+from .._utils._validation import check_real_dtype
+from ._autoencoder import _genes as _count_genes
 
 
 @renamed_parameters(
@@ -105,11 +105,12 @@ def scdeepcluster(
     Parameters
     ----------
     adata
-        Annotated data matrix with raw counts (non-negative integers) in ``X`` or ``layer``, in memory: a backed
-        ``X`` (``read_h5ad(..., backed="r")``) is refused. The pretraining reads row blocks as
-        :func:`scembed.tl.autoencoder` does (and could run from disk), but the clustering stage draws mini-batches
-        of cells from the whole matrix and recomputes its targets on all cells; :func:`scembed.tl.autoencoder`
-        trains out of core, and its embedding can be clustered on its own.
+        Annotated data matrix with raw counts (non-negative integers) in ``X`` or ``layer``. ``X`` may stay on
+        disk (``anndata.read_h5ad(path, backed="r")``, CSR or dense, or a zarr store's lazy matrix): both stages
+        read it in row slices only, as :func:`scembed.tl.autoencoder` does (mini-batches from reads of
+        8,192 rows, the targets P recomputed slice by slice), so memory holds a read of rows × genes, the network
+        and a few numbers per cell (latent, targets, labels), never cells × genes; in-memory input goes through
+        the same reads and gives the same numbers. ``copy=True`` is refused for a backed AnnData.
     n_clusters
         Number of clusters; 0 (default) estimates it by Leiden on the pretrained latent space.
     layer
@@ -209,12 +210,17 @@ def scdeepcluster(
     dev = resolve_device(device)
     seed = seed_int(random_state)
     codes, categories = _batch_codes(adata, batch_key) if batch_key is not None else (None, [])
-    X, genes = _genes_used(adata, layer, o["n_top_genes"])
+    X, where = _counts_of(adata, layer, backed=True)  # a backed X stays on disk: read in row slices
+    check_real_dtype(getattr(X, "dtype", np.dtype(object)), where)
+    if sparse.issparse(X) and X.format != "csr":
+        X = sparse.csr_matrix(X)
+    # one pass over X: the count checks, the genes used and the library sizes (before any training)
+    genes, lib = _count_genes(X, where, counts=True, n_top_genes=o["n_top_genes"])
     params = {**o, "layer": layer or "", "batch_key": batch_key or "", "random_state": seed}
     params["n_top_genes"] = -1 if o["n_top_genes"] is None else o["n_top_genes"]
     params["hidden"], params["max_epochs"] = list(o["hidden"]), list(o["max_epochs"])
 
-    data = engine.CountData.fit(X, genes, codes, len(categories), standardize_per_batch=True)
+    data = engine.CountData.fit(X, genes, codes, len(categories), standardize_per_batch=True, library=lib)
     net, fit = _fit(data, len(genes), len(categories), o, dev, seed, show_progress)
     adata = copy_adata(adata) if copy else adata
     record = {"params": params, "n_clusters_method": "given" if o["n_clusters"] else "leiden", "device": str(dev)}
@@ -306,9 +312,14 @@ def _fit(
 def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     """Validate every option before any work (counts included); returns the resolved values."""
     check_adata(adata, min_obs=2)
-    check_not_backed(adata, "tl.scdeepcluster", layer=o["layer"])
     for flag in ("return_model", "copy"):
         check_bool(o[flag], flag)
+    if o["copy"] and adata.isbacked and o["layer"] is None:  # counts from a layer: in memory, a copy is cheap
+        raise ValueError(
+            "`adata` is backed (read_h5ad(..., backed='r')) and `copy=True`: a copy would load adata.X into "
+            "memory. Pass `copy=False` (the results are written to adata.obs, adata.obsm and adata.uns, in "
+            "memory), or call adata = adata.to_memory() first."
+        )
     check_optional_bool(o["show_progress"], "show_progress")
     n = adata.n_obs
     n_clusters = o["n_clusters"]
@@ -316,8 +327,6 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
         raise ValueError(f"`n_clusters` must be a non-negative integer (0: estimate by Leiden), got {n_clusters!r}.")
     if n_clusters > n:
         raise ValueError(f"`n_clusters={n_clusters}` is larger than the number of cells ({n}).")
-    X, where = _counts_of(adata, o["layer"])
-    check_counts(X, where)
     out: dict[str, Any] = {"n_clusters": int(n_clusters), "n_top_genes": None}
     if o["n_top_genes"] is not None:
         out["n_top_genes"] = check_positive_int(o["n_top_genes"], "n_top_genes")
@@ -337,29 +346,6 @@ def _check_options(adata: AnnData, **o: Any) -> dict[str, Any]:
     out["resolution"] = check_in_range(o["resolution"], "resolution", low=0, low_inclusive=False)
     out["batch_penalty"] = check_in_range(o["batch_penalty"], "batch_penalty", low=0)
     return out
-
-
-def _genes_used(adata: AnnData, layer: str | None, n_top_genes: int | None) -> tuple[Any, np.ndarray]:
-    """The counts (CSR when sparse) and the genes used: selected, and with counts; every cell must have counts."""
-    X, where = _counts_of(adata, layer)
-    if sparse.issparse(X) and X.format != "csr":
-        X = sparse.csr_matrix(X)
-    genes = np.arange(adata.n_vars)
-    if n_top_genes:
-        genes = engine.select_genes_by_zero_rate(X, n_top_genes)
-    sub = X if len(genes) == adata.n_vars else X[:, genes]
-    detected = np.asarray((sub > 0).sum(0)).ravel()
-    genes = genes[detected > 0]  # genes without counts carry no information (and have no z-score)
-    if len(genes) == 0:
-        raise ValueError(f"{where} has no gene with counts.")
-    lib = engine.library_sizes(sub)
-    if (lib <= 0).any():
-        raise ValueError(
-            f"{where} has {int((lib <= 0).sum())} cell(s) without counts"
-            f"{' in the selected genes' if n_top_genes else ''}; remove them first, e.g. with "
-            "sc.pp.filter_cells(adata, min_counts=1)."
-        )
-    return X, genes
 
 
 def _write(adata: AnnData, keys: OutputKeys, n_genes: int, fit: dict, record: dict) -> None:

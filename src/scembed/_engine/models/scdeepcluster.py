@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._utils._model_data import batch_codes, counts_of, is_anndata
-from ..._utils._validation import check_counts
+from ..._utils._model_data import batch_codes, check_expression, counts_of, is_anndata
 from .. import scdeepcluster as engine
 from .base import Model
 
@@ -153,10 +152,11 @@ class ScDeepClusterModel(Model):
         if not is_anndata(adata):
             raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
         self.check_var_names(adata.var_names)
-        X, where = counts_of(adata, self.layer if layer is None else layer)
+        # a backed X stays on disk: checked, normalised and encoded in row slices
+        X, where = counts_of(adata, self.layer if layer is None else layer, backed=True)
         if X is None:
             raise ValueError(f"{where} is empty (None).")
-        check_counts(X, where)
+        check_expression(X, where, counts=True)
         codes = None
         if self.batch_key is not None:
             codes, _ = batch_codes(adata, self.batch_key, self.batch_categories)
