@@ -17,10 +17,22 @@ by every rank, so each rank reads only its own row blocks (out of core). Reporte
 divided by the epochs (it includes the passes over the file that check the counts and compute the scaling),
 every rank's peak RSS, and the 10-NN accuracy of the cell types in the latent.
 
+``--method scdeepcluster``: ``tl.scdeepcluster`` on the same backed file, K given (8), ``max_epochs=(E, E)``
+(E pretraining and at most E clustering epochs; ``tol=0``, so all E run), both stages reading row blocks. The
+epochs are those of both stages; the set-up includes the passes over the file, the encodings of all cells and
+KMeans (rank 0). Reported also: the ARI of the clusters against the types.
+
+``--independent``: besides each W-process torchrun run, W plain one-process runs started at the same time, each on
+all the data, with no communication between them. Their epoch times show what sharing the machine alone costs
+(cores, caches, memory bandwidth): the throughput of W such runs is W × (one run alone) / (one run beside W − 1
+others), the most a data-parallel run on the same machine could reach.
+
     python benchmarks/distributed.py                          # 50,000 cells, 1 and 2 processes, 10 epochs
     python benchmarks/distributed.py --n-cells 200000 --ranks 1 2 4 --epochs 20 --json results/distributed.json
     python benchmarks/distributed.py --smoke                  # 600 cells, 1 epoch: checks that it runs
     python benchmarks/distributed.py --method autoencoder --n-cells 200000 --epochs 3
+    python benchmarks/distributed.py --method scdeepcluster --n-cells 200000 --epochs 2
+    python benchmarks/distributed.py --n-cells 200000 --epochs 3 --independent   # what sharing the machine costs
 
 The runs are started with ``python -m torch.distributed.run --standalone --nproc-per-node W`` (torchrun); one
 process (W = 1) runs the same worker without torchrun.
@@ -65,8 +77,8 @@ def time_epochs(engine) -> dict:
 
 def worker(folder: Path, out: Path, opts: dict) -> None:
     """One rank (or the single process): affinities, training, its own numbers written to ``out``."""
-    if opts.get("method") == "autoencoder":
-        autoencoder_worker(folder, out, opts)
+    if opts.get("method") in ("autoencoder", "scdeepcluster"):
+        counts_worker(folder, out, opts)
         return
     import torch
 
@@ -120,8 +132,9 @@ def worker(folder: Path, out: Path, opts: dict) -> None:
         torch.distributed.destroy_process_group()
 
 
-def autoencoder_worker(folder: Path, out: Path, opts: dict) -> None:
-    """One rank: ``tl.autoencoder`` on the backed counts file; the latent (rank 0) and its numbers to ``out``."""
+def counts_worker(folder: Path, out: Path, opts: dict) -> None:
+    """One rank: ``tl.autoencoder`` or ``tl.scdeepcluster`` on the backed counts file; the latent (rank 0) and
+    its numbers to ``out``."""
     import anndata as ad
     import torch
 
@@ -130,16 +143,32 @@ def autoencoder_worker(folder: Path, out: Path, opts: dict) -> None:
 
     torch.set_num_threads(1)
     w = distributed.init_from_env()
-    from scembed._engine import autoencoder as engine
+    from scembed._engine import autoencoder, scdeepcluster
 
-    loop = time_epochs(engine)  # the epochs themselves, without the passes that check and scale the counts
+    # the epochs themselves (pretraining loop in autoencoder, clustering loop in scdeepcluster), without the passes
+    # that check and scale the counts, the encodings of all cells and the initial clusters
+    loop = time_epochs(autoencoder)
+    loop_cluster = time_epochs(scdeepcluster)
     a = ad.read_h5ad(folder / "counts.h5ad", backed="r")
+    epochs = int(opts["epochs"])
     t0 = time.perf_counter()
-    se.tl.autoencoder(a, max_epochs=int(opts["epochs"]), random_state=0, show_progress=False, device="cpu")
+    if opts["method"] == "autoencoder":
+        se.tl.autoencoder(a, max_epochs=epochs, random_state=0, show_progress=False, device="cpu")
+        key, rec = "X_autoencoder", a.uns["autoencoder"]
+        n_epochs, final_loss = int(rec["n_epochs"]), float(rec["history"]["loss"][-1])
+    else:
+        se.tl.scdeepcluster(
+            a, n_clusters=8, max_epochs=(epochs, epochs), tol=0.0, random_state=0, show_progress=False, device="cpu"
+        )
+        key, rec = "X_scdeepcluster", a.uns["scdeepcluster"]
+        n_epochs = int(rec["n_epochs_pretrain"]) + int(rec["n_epochs_cluster"])
+        final_loss = float(rec["history"]["cluster_loss"][-1])
+        if w.is_main:
+            np.save(out / "labels.npy", a.obs["scdeepcluster"].astype(int).to_numpy())
     t_train = time.perf_counter() - t0
     if w.is_main:
-        np.save(out / "Y.npy", np.asarray(a.obsm["X_autoencoder"]))
-    n_epochs = int(a.uns["autoencoder"]["n_epochs"]) if "n_epochs" in a.uns["autoencoder"] else int(opts["epochs"])
+        np.save(out / "Y.npy", np.asarray(a.obsm[key]))
+    loop_s, loop_epochs = loop["s"] + loop_cluster["s"], loop["epochs"] + loop_cluster["epochs"]
     result = {
         "rank": w.rank,
         "world_size": w.size,
@@ -148,10 +177,10 @@ def autoencoder_worker(folder: Path, out: Path, opts: dict) -> None:
         "train_s": t_train,
         "epochs": n_epochs,
         "s_per_epoch": t_train / max(1, n_epochs),
-        "loop_s_per_epoch": loop["s"] / max(1, loop["epochs"]),
-        "setup_s": t_train - loop["s"],
+        "loop_s_per_epoch": loop_s / max(1, loop_epochs),
+        "setup_s": t_train - loop_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "final_loss": float(a.uns["autoencoder"]["history"]["loss"][-1]),
+        "final_loss": final_loss,
         "n_parameters": 0,
     }
     (out / f"rank{w.rank}.json").write_text(json.dumps(result))
@@ -160,27 +189,49 @@ def autoencoder_worker(folder: Path, out: Path, opts: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def launch(n_ranks: int, folder: Path, out: Path, opts: dict, timeout: float) -> float:
-    """Run the worker as ``n_ranks`` processes (torchrun) or one plain process; returns the wall time."""
+def _command(n_ranks: int, folder: Path, out: Path, opts: dict) -> list[str]:
     args = [str(Path(__file__).resolve()), "--worker", str(folder), str(out), json.dumps(opts)]
     if n_ranks == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_ranks), *args]
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_ranks), *args]
+
+
+def _env() -> dict:
     env = thread_env(1)
     src = HERE.parent / "src"
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    return env
+
+
+def launch(n_ranks: int, folder: Path, out: Path, opts: dict, timeout: float) -> float:
+    """Run the worker as ``n_ranks`` processes (torchrun) or one plain process; returns the wall time."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        _command(n_ranks, folder, out, opts), env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{n_ranks}-process run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def launch_independent(n_runs: int, folder: Path, outs: list[Path], opts: dict, timeout: float) -> float:
+    """``n_runs`` plain one-process runs at the same time (no torchrun, nothing shared but the machine)."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(_command(1, folder, out, opts), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for out in outs
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"independent run failed:\n{err.decode()[-4000:]}")
     return time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", nargs=3, metavar=("DATA", "OUT", "OPTS"), help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=["neuralee", "autoencoder"], default="neuralee")
+    p.add_argument("--method", choices=["neuralee", "autoencoder", "scdeepcluster"], default="neuralee")
     p.add_argument("--n-cells", type=int, default=50_000)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--epochs", type=int, default=10)
@@ -189,6 +240,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     p.add_argument("--smoke", action="store_true", help="600 cells, 1 epoch, batch 100: only checks that it runs")
     p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument(
+        "--independent",
+        action="store_true",
+        help="also run W plain one-process runs at once for every W > 1 in --ranks: what sharing the machine costs",
+    )
     args = p.parse_args()
     if args.worker:
         data, out, opts = args.worker
@@ -206,7 +262,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        if args.method == "autoencoder":
+        if args.method in ("autoencoder", "scdeepcluster"):
             from scembed.datasets import simulate
 
             a = simulate(args.n_cells, 2000, n_celltypes=8, random_state=0)
@@ -217,50 +273,71 @@ def main() -> None:
             np.save(folder / "X.npy", np.asarray(a.obsm["X_pca"], dtype=np.float32))
         labels = a.obs["celltype"].astype(str).to_numpy()
         del a
-        for n_ranks in args.ranks:
-            out = folder / f"w{n_ranks}"
-            out.mkdir()
-            wall = launch(n_ranks, folder, out, opts, args.timeout)
-            per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n_ranks)]
+        runs = [(n, "torchrun" if n > 1 else "alone") for n in args.ranks]
+        if args.independent:
+            runs += [(n, "independent") for n in args.ranks if n > 1]
+        for n_ranks, mode in runs:
+            if mode == "independent":
+                outs = [folder / f"i{n_ranks}_{i}" for i in range(n_ranks)]
+                for out in outs:
+                    out.mkdir()
+                wall = launch_independent(n_ranks, folder, outs, opts, args.timeout)
+                per_rank = [json.loads((out / "rank0.json").read_text()) for out in outs]
+                out = outs[0]
+            else:
+                out = folder / f"w{n_ranks}"
+                out.mkdir()
+                wall = launch(n_ranks, folder, out, opts, args.timeout)
+                per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n_ranks)]
             Y = np.load(out / "Y.npy")
             acc = float(cross_val_score(KNeighborsClassifier(n_neighbors=10), Y, labels, cv=5).mean())
-            rows.append(
-                {
-                    "method": args.method,
-                    "n_cells": args.n_cells,
-                    "processes": n_ranks,
-                    "batch_size": args.batch_size,
-                    "epochs": per_rank[0]["epochs"],
-                    "wall_s": wall,
-                    "affinity_s": max(r["affinity_s"] for r in per_rank),
-                    "s_per_epoch": max(r["s_per_epoch"] for r in per_rank),
-                    "loop_s_per_epoch": max(r.get("loop_s_per_epoch", r["s_per_epoch"]) for r in per_rank),
-                    "setup_s": max(r.get("setup_s", 0.0) for r in per_rank),
-                    "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in per_rank],
-                    "knn_acc": acc,
-                    "final_loss": per_rank[0]["final_loss"],
-                    "n_parameters": per_rank[0]["n_parameters"],
-                    "knn_method": per_rank[0]["knn_method"],
-                }
-            )
+            row = {
+                "method": args.method,
+                "mode": mode,
+                "n_cells": args.n_cells,
+                "processes": n_ranks,
+                "batch_size": args.batch_size,
+                "epochs": per_rank[0]["epochs"],
+                "wall_s": wall,
+                "affinity_s": max(r["affinity_s"] for r in per_rank),
+                "s_per_epoch": max(r["s_per_epoch"] for r in per_rank),
+                "loop_s_per_epoch": max(r.get("loop_s_per_epoch", r["s_per_epoch"]) for r in per_rank),
+                "setup_s": max(r.get("setup_s", 0.0) for r in per_rank),
+                "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in per_rank],
+                "knn_acc": acc,
+                "final_loss": per_rank[0]["final_loss"],
+                "n_parameters": per_rank[0]["n_parameters"],
+                "knn_method": per_rank[0]["knn_method"],
+            }
+            if (out / "labels.npy").exists():
+                from sklearn.metrics import adjusted_rand_score
+
+                row["ari"] = float(adjusted_rand_score(labels, np.load(out / "labels.npy")))
+            rows.append(row)
     print(
-        f"{'method':>11} {'cells':>9} {'procs':>5} {'epochs':>6} {'affinity s':>10} {'setup s':>8} {'s/epoch':>8} "
-        f"{'epoch only':>10} {'RSS/rank MiB':>14} {'10-NN acc':>9}"
+        f"{'method':>13} {'mode':>11} {'cells':>9} {'procs':>5} {'epochs':>6} {'affinity s':>10} {'setup s':>8} "
+        f"{'s/epoch':>8} {'epoch only':>10} {'RSS/rank MiB':>14} {'10-NN acc':>9} {'ARI':>6}"
     )
     for r in rows:
         rss = "/".join(f"{v:.0f}" for v in r["peak_rss_mib_per_rank"])
+        ari = f"{r['ari']:.3f}" if "ari" in r else ""
         print(
-            f"{r['method']:>11} {r['n_cells']:>9} {r['processes']:>5} {r['epochs']:>6} {r['affinity_s']:>10.2f} "
-            f"{r['setup_s']:>8.1f} {r['s_per_epoch']:>8.3f} {r['loop_s_per_epoch']:>10.3f} {rss:>14} "
-            f"{r['knn_acc']:>9.3f}"
+            f"{r['method']:>13} {r['mode']:>11} {r['n_cells']:>9} {r['processes']:>5} {r['epochs']:>6} "
+            f"{r['affinity_s']:>10.2f} {r['setup_s']:>8.1f} {r['s_per_epoch']:>8.3f} {r['loop_s_per_epoch']:>10.3f} "
+            f"{rss:>14} {r['knn_acc']:>9.3f} {ari:>6}"
         )
     one = {r["method"]: r for r in rows if r["processes"] == 1}
     for r in rows:
         if r["processes"] > 1 and r["method"] in one:
-            ref = one[r["method"]]
+            ref, w = one[r["method"]], r["processes"]
+            if r["mode"] == "independent":
+                # each of the W runs covers all the data: together they do W epochs in the time of one of theirs
+                speed = w * ref["loop_s_per_epoch"] / r["loop_s_per_epoch"]
+                print(f"{r['method']} {w} independent runs at once: {speed:.2f}x the throughput of one run alone")
+                continue
             aff = f"affinities {ref['affinity_s'] / r['affinity_s']:.2f}x, " if r["affinity_s"] > 0 else ""
             speed = ref["loop_s_per_epoch"] / r["loop_s_per_epoch"]
-            print(f"{r['method']} {r['processes']} processes vs 1: {aff}training epochs {speed:.2f}x the throughput")
+            print(f"{r['method']} {w} processes vs 1: {aff}training epochs {speed:.2f}x the throughput")
     if args.json:
         write_json(args.json, rows, script="distributed.py", threads_per_process=1)
 
