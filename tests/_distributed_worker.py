@@ -72,10 +72,11 @@ def _fail_on_main(rank: int) -> None:
 
 
 def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
-    """tl.autoencoder from a backed .h5ad with small blocks, and from the same data in memory.
+    """tl.autoencoder and tl.scdeepcluster from a backed .h5ad with small blocks, and from the same data in memory.
 
     Every slice read from the file is logged as ``(epoch, start, stop)``, ``epoch`` −1 outside training (checks,
-    statistics, held-out cells, the final embedding), to ``ooc_reads_rank{rank}.npy``.
+    statistics, held-out cells, encodings of all cells, DEC targets), to ``ooc_reads_rank{rank}.npy`` (autoencoder)
+    and ``ooc_sdc_reads_rank{rank}.npy`` (scDeepCluster: its pretraining epochs, then its clustering epochs).
     """
     import anndata as ad
     from anndata._core.sparse_dataset import _CSRDataset
@@ -86,30 +87,45 @@ def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
 
     sizes = (counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH)
     counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH = OOC_BLOCK, OOC_PER_READ, OOC_PASS
-    reads, state = [], {"phase": -1, "epochs": 0}
     read, epoch = _CSRDataset.__getitem__, counts.RowBlocks.epoch
-
-    def spy(self, key):
-        reads.append((state["phase"], key.start, key.stop) if isinstance(key, slice) else (-2, -1, -1))
-        return read(self, key)
-
-    def logged_epoch(self, *args, **kwargs):
-        state["phase"], state["epochs"] = state["epochs"], state["epochs"] + 1
-        yield from epoch(self, *args, **kwargs)
-        state["phase"] = -1
-
     adata = se.datasets.simulate(OOC_N, 40, n_celltypes=3, random_state=2)
     adata.X = sparse.csr_matrix(adata.X)
     adata.write_h5ad(out / f"backed_rank{rank}.h5ad")
     kw = dict(hidden=(16,), max_epochs=2, batch_size=8, validation_fraction=0.25, patience=None, show_progress=False)
-    _CSRDataset.__getitem__, counts.RowBlocks.epoch = spy, logged_epoch
-    try:
-        backed = ad.read_h5ad(out / f"backed_rank{rank}.h5ad", backed="r")
-        se.tl.autoencoder(backed, 3, **kw)
-        backed.file.close()
-    finally:
-        _CSRDataset.__getitem__, counts.RowBlocks.epoch = read, epoch
-    np.save(out / f"ooc_reads_rank{rank}.npy", np.asarray(reads, dtype=np.int64))
+    sdc_kw = dict(n_clusters=3, n_latent=3, hidden=(16,), max_epochs=(2, 2), tol=0.0, batch_size=8, show_progress=False)
+    runs = {
+        "ooc": lambda a: se.tl.autoencoder(a, 3, **kw),
+        "ooc_sdc": lambda a: se.tl.scdeepcluster(a, **sdc_kw),
+    }
+    results: dict[str, np.ndarray] = {}
+    for name, run in runs.items():
+        reads, state = [], {"phase": -1, "epochs": 0}
+
+        def spy(self, key, reads=reads, state=state):
+            reads.append((state["phase"], key.start, key.stop) if isinstance(key, slice) else (-2, -1, -1))
+            return read(self, key)
+
+        def logged_epoch(self, *args, state=state, **kwargs):
+            state["phase"], state["epochs"] = state["epochs"], state["epochs"] + 1
+            yield from epoch(self, *args, **kwargs)
+            state["phase"] = -1
+
+        _CSRDataset.__getitem__, counts.RowBlocks.epoch = spy, logged_epoch
+        try:
+            backed = ad.read_h5ad(out / f"backed_rank{rank}.h5ad", backed="r")
+            run(backed)
+            backed.file.close()
+        finally:
+            _CSRDataset.__getitem__, counts.RowBlocks.epoch = read, epoch
+        np.save(out / f"{name}_reads_rank{rank}.npy", np.asarray(reads, dtype=np.int64))
+        memory = adata.copy()
+        run(memory)
+        key = "X_autoencoder" if name == "ooc" else "X_scdeepcluster"
+        results[f"{name}_latent"] = np.asarray(backed.obsm[key])
+        results[f"{name}_memory_latent"] = np.asarray(memory.obsm[key])
+        if name == "ooc_sdc":
+            results["ooc_sdc_labels"] = backed.obs["scdeepcluster"].astype(int).to_numpy()
+            results["ooc_sdc_memory_labels"] = memory.obs["scdeepcluster"].astype(int).to_numpy()
     other = adata.copy()  # each rank reads other rows: different cells on one rank are refused by their names
     if rank == 1:
         other.obs_names = [*other.obs_names[:-1], "other"]
@@ -122,7 +138,7 @@ def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
     se.tl.autoencoder(adata, 3, **kw)
     counts.BLOCK_ROWS, counts.READ_BLOCKS, counts.INFER_BATCH = sizes
     se.write_h5ad(adata, out / "written.h5ad")  # every rank calls it; rank 0 alone writes, atomically
-    return {"ooc_latent": np.asarray(backed.obsm["X_autoencoder"]), "ooc_memory_latent": adata.obsm["X_autoencoder"]}
+    return results
 
 
 def tools() -> dict[str, np.ndarray]:

@@ -360,21 +360,41 @@ def test_autoencoder_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
     np.testing.assert_array_equal(a["ooc_latent"], a["ooc_memory_latent"])  # one data path, from disk or memory
     assert a["ooc_latent"].shape == (n, 3) and np.isfinite(a["ooc_latent"]).all()
     reads = [np.load(two_ranks / f"ooc_reads_rank{r}.npy") for r in (0, 1)]
-    for r, log in enumerate(reads):
-        assert len(log) and (log[:, 0] >= -1).all()  # row slices only
-        assert (log[:, 2] - log[:, 1]).max() <= per_pass
-        own = distributed.shard(n, distributed.World(rank=r, size=2))
-        outside = log[log[:, 0] == -1]
-        assert (outside[:, 1] >= own.start).all() and (outside[:, 2] <= own.stop).all(), (r, own, outside)
-        training = log[log[:, 0] >= 0]
-        assert (training[:, 1] // block == (training[:, 2] - 1) // block).all()  # whole blocks, one at a time
+    _check_reads(reads, n, block, per_pass, n_epochs=2)
     messages = [(two_ranks / f"ooc_mismatch_rank{r}.txt").read_text() for r in (0, 1)]
     assert messages[0] == messages[1] and "`adata.obs_names` differs across the 2 ranks" in messages[0]
     written = ad.read_h5ad(two_ranks / "written.h5ad")  # se.write_h5ad from both ranks: one complete file
     np.testing.assert_array_equal(written.obsm["X_autoencoder"], a["ooc_memory_latent"])
     assert [p.name for p in two_ranks.glob("*written*")] == ["written.h5ad"]
-    n_epochs = int(reads[0][:, 0].max()) + 1
-    assert n_epochs == 2 == int(reads[1][:, 0].max()) + 1
+
+
+def _check_reads(reads: list[np.ndarray], n: int, block: int, per_pass: int, n_epochs: int) -> None:
+    """Row slices only, at most ``per_pass`` rows; outside training each rank's own contiguous rows; in every epoch
+    whole blocks, disjoint between the ranks."""
+    for r, log in enumerate(reads):
+        assert len(log) and (log[:, 0] >= -1).all()
+        assert (log[:, 2] - log[:, 1]).max() <= per_pass
+        own = distributed.shard(n, distributed.World(rank=r, size=2))
+        outside = log[log[:, 0] == -1]
+        assert (outside[:, 1] >= own.start).all() and (outside[:, 2] <= own.stop).all(), (r, own, outside)
+        training = log[log[:, 0] >= 0]
+        assert (training[:, 1] // block == (training[:, 2] - 1) // block).all()
+        assert int(log[:, 0].max()) + 1 == n_epochs
     for e in range(n_epochs):
         mine = [{int(s) // block for _, s, _ in log[log[:, 0] == e]} for log in reads]
         assert mine[0] and mine[1] and not mine[0] & mine[1], (e, mine)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_scdeepcluster_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
+    """tl.scdeepcluster from a backed X under two ranks: both stages read whole blocks, disjoint between the ranks;
+    the checks, encodings and DEC targets read only each rank's own rows; the result is the in-memory one."""
+    a, b = (np.load(two_ranks / f"tools_rank{r}.npz") for r in (0, 1))
+    np.testing.assert_array_equal(a["ooc_sdc_latent"], a["ooc_sdc_memory_latent"])
+    np.testing.assert_array_equal(a["ooc_sdc_labels"], a["ooc_sdc_memory_labels"])
+    assert a["ooc_sdc_latent"].shape == (worker.OOC_N, 3) and np.isfinite(a["ooc_sdc_latent"]).all()
+    assert np.array_equal(a["ooc_sdc_labels"], b["ooc_sdc_labels"])
+    reads = [np.load(two_ranks / f"ooc_sdc_reads_rank{r}.npy") for r in (0, 1)]
+    # two pretraining epochs, then two clustering epochs (tol=0: every epoch runs)
+    _check_reads(reads, worker.OOC_N, worker.OOC_BLOCK, worker.OOC_PASS, n_epochs=4)

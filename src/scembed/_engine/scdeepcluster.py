@@ -24,6 +24,7 @@ from .autoencoder import (
     _penalty_generator,
     _twice,
     _with_noise,
+    embed,
     encode_all,
     pretrain,
     train_autoencoder,
@@ -69,6 +70,7 @@ __all__ = [
     "_with_noise",
     "assignments",
     "cluster",
+    "embed",
     "encode_all",
     "fuzzy_connectivities",
     "infer",
@@ -304,9 +306,18 @@ def cluster(
 
 
 @torch.no_grad()
-def infer(net: ZINBAutoencoder, data: CountData, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Latent coordinates and soft assignments of every cell (float32 numpy)."""
+def infer(
+    net: ZINBAutoencoder, data: CountData, device: torch.device, *, across_ranks: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Latent coordinates and soft assignments of every cell (float32 numpy).
+
+    With ``across_ranks`` (a collective: every rank calls it), under ``torchrun`` each rank encodes (and reads) only
+    its own share of the cells and the codes are gathered (:func:`embed`); one process: the same numbers.
+    """
     net.eval()
-    z = encode_all(net, data, device)
+    if across_ranks:
+        z = torch.from_numpy(embed(net, data, device)).to(device)
+    else:
+        z = encode_all(net, data, device)
     q = assignments(z, net.centroids)[0] if net.centroids.shape[0] else torch.empty(z.shape[0], 0)
     return z.cpu().numpy(), q.cpu().numpy()

@@ -268,7 +268,7 @@ def _fit(
         )
         times["pretrain"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        z0 = engine.encode_all(net.eval(), data, dev).cpu().numpy()
+        z0 = engine.embed(net.eval(), data, dev)  # under torchrun: each rank encodes (reads) its own rows
         # under torchrun: computed once on rank 0 and sent to the others (one process: a plain call)
         init_labels, centroids = on_main(
             engine.initial_clusters,
@@ -304,7 +304,7 @@ def _fit(
                 batch_penalty=o["batch_penalty"],
             )
         times["cluster"] = time.perf_counter() - t0
-        z, q = engine.infer(net, data, dev)
+        z, q = engine.infer(net, data, dev, across_ranks=True)
     fit = {"z": z, "q": q, "init_labels": init_labels, "converged": converged, "times": times}
     return net, {**fit, "pre_hist": pre_hist, "cl_hist": cl_hist}
 
