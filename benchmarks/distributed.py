@@ -8,7 +8,8 @@ types around lineages), one thread per process. Each rank computes its share of 
 permutation and average their gradients before every Adam step, so W ranks do W times fewer, W times larger
 steps per epoch. Reported per run: affinity time, training time per epoch (the whole ``fit_neuralee`` call divided
 by the epochs, so its one-off setup and the final BatchNorm pass are spread over them: use 10 or more epochs for a
-per-epoch figure), every rank's peak RSS (its own ``ru_maxrss``), and the 10-NN accuracy of the cell types in the
+per-epoch figure), every rank's peak RSS (``VmHWM``: its own pages; ``ru_maxrss`` would count the launching
+process's RSS at the fork), and the 10-NN accuracy of the cell types in the
 embedding (5-fold cross-validation).
 
 ``--method autoencoder``: ``tl.autoencoder`` (ZINB, defaults but ``max_epochs``) on simulated raw counts
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,7 +54,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _runner import thread_env, write_json  # noqa: E402
+from _runner import own_peak_rss_mib, thread_env, write_json  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -123,7 +123,7 @@ def worker(folder: Path, out: Path, opts: dict) -> None:
         "s_per_epoch": t_train / max(1, int(info["n_epochs"])),
         "loop_s_per_epoch": loop["s"] / max(1, loop["epochs"]),
         "setup_s": t_train - loop["s"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": own_peak_rss_mib(),
         "final_loss": float(info["history"]["loss"][-1]),
         "n_parameters": int(sum(p.numel() for p in net.parameters())),
     }
@@ -179,7 +179,7 @@ def counts_worker(folder: Path, out: Path, opts: dict) -> None:
         "s_per_epoch": t_train / max(1, n_epochs),
         "loop_s_per_epoch": loop_s / max(1, loop_epochs),
         "setup_s": t_train - loop_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": own_peak_rss_mib(),
         "final_loss": final_loss,
         "n_parameters": 0,
     }
