@@ -34,6 +34,7 @@ others), the most a data-parallel run on the same machine could reach.
     python benchmarks/distributed.py --method autoencoder --n-cells 200000 --epochs 3
     python benchmarks/distributed.py --method scdeepcluster --n-cells 200000 --epochs 2
     python benchmarks/distributed.py --n-cells 200000 --epochs 3 --independent   # what sharing the machine costs
+    python benchmarks/distributed.py --allreduce-mb 8.4       # one gradient all-reduce of 8.4 MB, 2 processes
 
 The runs are started with ``python -m torch.distributed.run --standalone --nproc-per-node W`` (torchrun); one
 process (W = 1) runs the same worker without torchrun.
@@ -79,6 +80,9 @@ def worker(folder: Path, out: Path, opts: dict) -> None:
     """One rank (or the single process): affinities, training, its own numbers written to ``out``."""
     if opts.get("method") in ("autoencoder", "scdeepcluster"):
         counts_worker(folder, out, opts)
+        return
+    if opts.get("method") == "allreduce":
+        allreduce_worker(out, opts)
         return
     import torch
 
@@ -188,6 +192,37 @@ def counts_worker(folder: Path, out: Path, opts: dict) -> None:
         torch.distributed.destroy_process_group()
 
 
+def allreduce_worker(out: Path, opts: dict) -> None:
+    """One rank: the gradient all-reduce of the trainers (``all_reduce_mean_``) on a buffer of the given size, timed."""
+    import torch
+
+    from scembed._engine import distributed
+
+    torch.set_num_threads(1)
+    w = distributed.init_from_env()
+    grads = [torch.randn(int(opts["floats"]), generator=torch.Generator().manual_seed(w.rank))]
+    for _ in range(3):  # warm-up: connections and buffers
+        distributed.all_reduce_mean_(grads)
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    repeats = 50
+    for _ in range(repeats):
+        distributed.all_reduce_mean_(grads)
+    seconds = (time.perf_counter() - t0) / repeats
+    (out / f"rank{w.rank}.json").write_text(json.dumps({"rank": w.rank, "ms": 1000 * seconds}))
+    torch.distributed.destroy_process_group()
+
+
+def allreduce_main(n_ranks: int, mb: float, timeout: float) -> None:
+    """Print the time of one gradient all-reduce of ``mb`` MB (float32) over ``n_ranks`` gloo processes."""
+    floats = int(mb * 1e6 / 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        launch(n_ranks, out, out, {"method": "allreduce", "floats": floats}, timeout)
+        ms = max(json.loads((out / f"rank{r}.json").read_text())["ms"] for r in range(n_ranks))
+    print(f"all-reduce of {mb:g} MB of gradients over {n_ranks} processes (gloo, one machine): {ms:.1f} ms")
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def _command(n_ranks: int, folder: Path, out: Path, opts: dict) -> list[str]:
     args = [str(Path(__file__).resolve()), "--worker", str(folder), str(out), json.dumps(opts)]
@@ -245,10 +280,20 @@ def main() -> None:
         action="store_true",
         help="also run W plain one-process runs at once for every W > 1 in --ranks: what sharing the machine costs",
     )
+    p.add_argument(
+        "--allreduce-mb",
+        type=float,
+        default=None,
+        help="only time the trainers' gradient all-reduce of this many MB over the largest --ranks (e.g. 8.4: the "
+        "count autoencoder's gradients at 2,000 genes)",
+    )
     args = p.parse_args()
     if args.worker:
         data, out, opts = args.worker
         worker(Path(data), Path(out), json.loads(opts))
+        return
+    if args.allreduce_mb is not None:
+        allreduce_main(max(args.ranks), args.allreduce_mb, args.timeout)
         return
     if args.smoke:
         args.n_cells, args.epochs, args.batch_size, args.perplexity = 600, 1, 100, 10.0
