@@ -17,6 +17,9 @@ from scembed._engine.distributed import World, rank_minibatches
 #: small blocks, so that 300 cells make many blocks and several reads: 16-row blocks, 2 per read, 32-row passes
 BLOCK, PER_READ, PASS = 16, 2, 32
 FAST = dict(n_latent=3, hidden=(16,), max_epochs=3, batch_size=20, show_progress=False)
+#: tl.scdeepcluster: both stages, several reads per epoch under the small blocks (300 cells: 19 blocks of 16 rows, 2
+#: per read); tol=0 runs every clustering epoch
+SDC = dict(max_epochs=(3, 3), tol=0.0, n_latent=3, hidden=(16,), batch_size=20, show_progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -67,8 +70,10 @@ def test_backed_equals_in_memory(sim, tmp_path, small_blocks, kind, kwargs):
         backed.file.close()
 
 
-def test_backed_X_is_never_read_whole(sim, tmp_path, small_blocks, monkeypatch):
-    """Every read of the matrix on disk is one slice of at most PASS rows; training reads whole aligned blocks."""
+@pytest.mark.parametrize("tool", ["autoencoder", "scdeepcluster"])
+def test_backed_X_is_never_read_whole(sim, tmp_path, small_blocks, monkeypatch, tool):
+    """Every read of the matrix on disk is one slice of at most PASS rows; training reads whole aligned blocks
+    (tl.scdeepcluster: in its pretraining and its clustering stage)."""
     reads: list = []
     original = _CSRDataset.__getitem__
 
@@ -79,14 +84,18 @@ def test_backed_X_is_never_read_whole(sim, tmp_path, small_blocks, monkeypatch):
     monkeypatch.setattr(_CSRDataset, "__getitem__", spy)
     backed = _backed(sim, tmp_path / "a.h5ad")
     try:
-        se.tl.autoencoder(backed, **FAST)
+        if tool == "autoencoder":
+            se.tl.autoencoder(backed, **FAST)
+        else:
+            se.tl.scdeepcluster(backed, n_clusters=3, **SDC)
     finally:
         backed.file.close()
     assert reads and all(isinstance(k, slice) for k in reads), {type(k).__name__ for k in reads}
     sizes = [k.stop - k.start for k in reads]
     assert max(sizes) <= PASS < sim.n_obs
     within_block = [k for k in reads if k.start // BLOCK == (k.stop - 1) // BLOCK and k.stop - k.start <= BLOCK]
-    assert len(within_block) >= 3 * (sim.n_obs // BLOCK)  # three epochs of block reads
+    epochs = 3 if tool == "autoencoder" else 6  # scDeepCluster: three pretraining and three clustering epochs
+    assert len(within_block) >= epochs * (sim.n_obs // BLOCK)
 
 
 def test_row_blocks_one_read_is_the_one_permutation():
@@ -207,8 +216,6 @@ def test_zarr_store_equals_in_memory_and_is_read_in_blocks(sim, tmp_path, small_
 
 
 # ------------------------------------------------------------------------------------------------ tl.scdeepcluster
-#: both stages, several reads per epoch under the small blocks (300 cells: 19 blocks of 16 rows, 2 per read)
-SDC = dict(max_epochs=(3, 3), n_latent=3, hidden=(16,), batch_size=20, show_progress=False)
 
 
 @pytest.mark.parametrize(
@@ -236,27 +243,6 @@ def test_scdeepcluster_backed_equals_in_memory(sim, tmp_path, small_blocks, kind
         np.testing.assert_array_equal(labels.astype(str), memory.obs["scdeepcluster"].to_numpy().astype(str))
     finally:
         backed.file.close()
-
-
-def test_scdeepcluster_backed_X_is_never_read_whole(sim, tmp_path, small_blocks, monkeypatch):
-    """Every read of the file is one slice of at most PASS rows; both stages read whole aligned blocks."""
-    reads: list = []
-    original = _CSRDataset.__getitem__
-
-    def spy(self, key):
-        reads.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(_CSRDataset, "__getitem__", spy)
-    backed = _backed(sim, tmp_path / "a.h5ad")
-    try:
-        se.tl.scdeepcluster(backed, n_clusters=3, **SDC)
-    finally:
-        backed.file.close()
-    assert reads and all(isinstance(k, slice) for k in reads), {type(k).__name__ for k in reads}
-    assert max(k.stop - k.start for k in reads) <= PASS < sim.n_obs
-    within_block = [k for k in reads if k.start // BLOCK == (k.stop - 1) // BLOCK and k.stop - k.start <= BLOCK]
-    assert len(within_block) >= 6 * (sim.n_obs // BLOCK)  # three pretraining and three clustering epochs
 
 
 def test_scdeepcluster_clusters_from_many_reads(monkeypatch):
