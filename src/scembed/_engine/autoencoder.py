@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import counts
-from .counts import CountData, RowBlocks
+from .counts import CountData, epoch_batches, training_blocks
 from .distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -203,8 +203,7 @@ def train_autoencoder(
     """
     opt = adam(net.parameters(), lr=lr, amsgrad=True)
     rows = np.arange(data.n_obs) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
-    per_read = max(counts.READ_BLOCKS, -(-batch_size // counts.BLOCK_ROWS))
-    blocks = RowBlocks(rows, counts.BLOCK_ROWS, per_read)
+    blocks = training_blocks(rows, batch_size)
     validate = validation_rows is not None and len(validation_rows) > 0
     penalty = BatchPenalty(batch_penalty, data.n_batches, net.n_latent, device, _penalty_generator(noise_generator))
     # under torchrun (distributed.py): rank 0's weights, this rank's share of the blocks, its own shuffles and
@@ -231,25 +230,23 @@ def train_autoencoder(
         net.train()
         total = torch.zeros((), device=device)
         n_seen = 0
-        for read_rows, batches in blocks.epoch(batch_size, generator, row_generator):
-            chunk = data.take(read_rows, counts.BLOCK_ROWS)
-            for idx in batches:
-                xin, raw, sf, onehot, nonzero = chunk.batch(idx, device)
-                noisy = _with_noise(xin, noise, noise_generator)
-                if penalty.active:  # the penalty reads the codes of the clean input: one pass over both
-                    z_noisy, z_clean = net.encode(torch.cat([noisy, xin]), _twice(onehot)).chunk(2)
-                    out = net.decode(z_noisy, onehot)
-                    loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
-                    rows_now = torch.as_tensor(np.asarray(read_rows)[idx], device=device)
-                    objective = loss + penalty(z_clean, onehot, rows_now, loss)
-                else:
-                    out = net.decode(net.encode(noisy, onehot), onehot)
-                    objective = loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                opt.step()
-                total += loss.detach() * len(idx)
-                n_seen += len(idx)
+        for rows_now, (xin, raw, sf, onehot, nonzero) in epoch_batches(
+            data, blocks, batch_size, generator, row_generator, device
+        ):
+            noisy = _with_noise(xin, noise, noise_generator)
+            if penalty.active:  # the penalty reads the codes of the clean input: one pass over both
+                z_noisy, z_clean = net.encode(torch.cat([noisy, xin]), _twice(onehot)).chunk(2)
+                out = net.decode(z_noisy, onehot)
+                loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
+                objective = loss + penalty(z_clean, onehot, torch.as_tensor(rows_now, device=device), loss)
+            else:
+                out = net.decode(net.encode(noisy, onehot), onehot)
+                objective = loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            total += loss.detach() * len(rows_now)
+            n_seen += len(rows_now)
         out = {"loss": float(total) / max(n_seen, 1)}
         if penalty.active:
             out["batch_mmd"] = penalty.mean()

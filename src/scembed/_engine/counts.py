@@ -448,6 +448,33 @@ class CountData:
         )
 
 
+def training_blocks(rows: np.ndarray, batch_size: int) -> RowBlocks:
+    """The row blocks a trainer draws ``batch_size``-cell mini-batches of ``rows`` from.
+
+    :data:`READ_BLOCKS` blocks of :data:`BLOCK_ROWS` rows per read, more when one mini-batch needs more rows.
+    """
+    return RowBlocks(rows, BLOCK_ROWS, max(READ_BLOCKS, -(-batch_size // BLOCK_ROWS)))
+
+
+def epoch_batches(
+    data: CountData,
+    blocks: RowBlocks,
+    batch_size: int,
+    generator: torch.Generator,
+    row_generator: torch.Generator,
+    device: torch.device,
+) -> Iterator[tuple[np.ndarray, MiniBatch]]:
+    """One epoch's mini-batches on this rank: the cells' rows of ``data.X`` and what the network needs of them.
+
+    The blocks come as :meth:`RowBlocks.epoch` orders them; each read is taken into memory once
+    (:meth:`CountData.take`) and cut into the mini-batches.
+    """
+    for read_rows, batches in blocks.epoch(batch_size, generator, row_generator):
+        chunk = data.take(read_rows, BLOCK_ROWS)
+        for idx in batches:
+            yield read_rows[idx], chunk.batch(idx, device)
+
+
 class RowBlocks:
     """Rows a trainer draws from (ascending), grouped into the aligned blocks of ``block_rows`` rows that hold them.
 

@@ -17,7 +17,6 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from . import counts
 from .autoencoder import (
     Autoencoder,
     _one_of,
@@ -33,11 +32,12 @@ from .counts import (
     INFER_BATCH,
     CountData,
     MiniBatch,
-    RowBlocks,
     _canonical_csr,
     _rows,
+    epoch_batches,
     library_sizes,
     select_genes_by_zero_rate,
+    training_blocks,
 )
 from .distributed import dec_assignments, rank_generator, shard, sync_gradients
 from .mmd import BatchPenalty
@@ -239,7 +239,7 @@ def cluster(
     ``max_epochs``/``noise`` are the vocabulary's names of ``maxiter``/``sigma`` (either may be given). Returns
     the history (total, zinb, kl, delta_label per update) and whether it converged.
 
-    The mini-batches are read from ``data.X`` in row blocks, as in pretraining (:class:`~.counts.RowBlocks`:
+    The mini-batches are read from ``data.X`` in row blocks, as in pretraining (:func:`~.counts.epoch_batches`:
     :data:`~.counts.READ_BLOCKS` blocks of :data:`~.counts.BLOCK_ROWS` rows in memory at a time, their rows
     shuffled), and P and the labels are recomputed from contiguous slices (:func:`encode_all`), so ``X`` may be
     on disk: only the N × K targets and the N labels are held for all cells. With every cell in one read (one
@@ -252,7 +252,7 @@ def cluster(
     noise_generator = rank_generator(noise_generator)
     row_generator = rank_generator(generator)  # one process: the generator itself
     n = data.n_obs
-    blocks = RowBlocks(np.arange(n), counts.BLOCK_ROWS, max(counts.READ_BLOCKS, -(-batch_size // counts.BLOCK_ROWS)))
+    blocks = training_blocks(np.arange(n), batch_size)
     penalty = BatchPenalty(batch_penalty, data.n_batches, net.n_latent, device, _penalty_generator(noise_generator))
     net.eval()
     # targets from this rank's cells and all-reduced cluster sums, gathered (one process: assignments on all cells)
@@ -264,25 +264,24 @@ def cluster(
         net.train()
         sums = torch.zeros(3, device=device)
         n_seen = 0
-        for read_rows, batches in blocks.epoch(batch_size, generator, row_generator):
-            chunk = data.take(read_rows, counts.BLOCK_ROWS)
-            for idx in batches:
-                xin, raw, sf, onehot, nonzero = chunk.batch(idx, device)
-                rows = torch.from_numpy(read_rows[idx]).to(device)  # the cells' rows of X: their targets in P
-                noisy = _with_noise(xin, sigma, noise_generator)
-                # one encoder pass over the noisy and the clean input together
-                z = net.encode(torch.cat([noisy, xin]), _twice(onehot))
-                z_noisy, z_clean = z.chunk(2)
-                recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf, nonzero)
-                kl = kl_divergence(state["p"][rows], soft_assign(z_clean, net.centroids))
-                loss = recon + gamma * kl
-                if penalty.active:
-                    loss = loss + penalty(z_clean, onehot, rows, recon)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums += torch.stack([loss.detach(), recon.detach(), kl.detach()]) * len(idx)
-                n_seen += len(idx)
+        for cells, (xin, raw, sf, onehot, nonzero) in epoch_batches(
+            data, blocks, batch_size, generator, row_generator, device
+        ):
+            rows = torch.from_numpy(cells).to(device)  # the cells' rows of X: their targets in P
+            noisy = _with_noise(xin, sigma, noise_generator)
+            # one encoder pass over the noisy and the clean input together
+            z = net.encode(torch.cat([noisy, xin]), _twice(onehot))
+            z_noisy, z_clean = z.chunk(2)
+            recon = zinb_nll_logits(net.decode(z_noisy, onehot), raw, sf, nonzero)
+            kl = kl_divergence(state["p"][rows], soft_assign(z_clean, net.centroids))
+            loss = recon + gamma * kl
+            if penalty.active:
+                loss = loss + penalty(z_clean, onehot, rows, recon)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums += torch.stack([loss.detach(), recon.detach(), kl.detach()]) * len(cells)
+            n_seen += len(cells)
         if (epoch + 1) % update_interval == 0:
             net.eval()
             q, state["p"] = dec_assignments(encode_all(net, data, device, rows=shard(n)), net.centroids.detach())

@@ -54,13 +54,22 @@ def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fractio
     return n_latent, hidden, noise, batch_size, lr, fraction, patience
 
 
-def _genes(X: Any, where: str, *, counts: bool, n_top_genes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _genes(
+    adata: AnnData, X: Any, where: str, *, counts: bool, n_top_genes: int | None
+) -> tuple[Any, np.ndarray, np.ndarray | None]:
     """Check the values and pick the columns used, in one pass over ``X``; for counts, the library sizes too.
 
-    ``X`` is read in row slices (under ``torchrun`` each rank reads its own rows). The columns: the
-    ``n_top_genes`` selected (zero rate for counts, variance otherwise) that have data. Returns the genes and,
-    for counts, every cell's library size over them (another pass when genes were selected).
+    ``X`` (``adata``'s matrix named ``where``, in memory or on disk) is read in row slices; under ``torchrun`` each
+    rank reads its own rows, after the ranks' cell and gene names have been compared (each rank sees only its
+    rows, so differing data would otherwise go unnoticed). The columns: the ``n_top_genes`` selected (zero rate for
+    counts, variance otherwise) that have data. Returns ``X`` (sparse as CSR), the genes and, for counts, every
+    cell's library size over them (another pass when genes were selected).
     """
+    if sparse.issparse(X) and X.format != "csr":
+        X = sparse.csr_matrix(X)
+    if world().distributed:
+        names = {f"adata.{k}": np.asarray(getattr(adata, k), dtype=str) for k in ("obs_names", "var_names")}
+        check_inputs(names)  # fingerprints of the names (a pandas Index's repr would be shortened)
     values: CountScan = scan(X, log2=counts and n_top_genes is not None, moments=not counts and n_top_genes is not None)
     raise_for_expression(values.facts, where, counts=counts)
     genes = np.arange(X.shape[1])
@@ -72,7 +81,7 @@ def _genes(X: Any, where: str, *, counts: bool, n_top_genes: int | None) -> tupl
     if len(genes) == 0:
         raise ValueError(f"{where} has no gene with {'counts' if counts else 'non-zero values'}.")
     if not counts:
-        return genes, None
+        return X, genes, None
     # over every gene with counts, the library is the one of all genes; a selection needs its own pass
     lib = values.library if n_top_genes is None else library_sizes(X, genes, across_ranks=True)
     if (lib <= 0).any():
@@ -81,7 +90,7 @@ def _genes(X: Any, where: str, *, counts: bool, n_top_genes: int | None) -> tupl
             f"{' in the selected genes' if n_top_genes is not None else ''}; remove them first, e.g. with "
             "sc.pp.filter_cells(adata, min_counts=1)."
         )
-    return genes, lib
+    return X, genes, lib
 
 
 @shared_docs
@@ -251,13 +260,7 @@ def autoencoder(
         if len(categories) < 2:
             raise ValueError(f"adata.obs[{batch_key!r}] has one batch ({categories[0]!r}); pass `batch_key=None`.")
     dev, seed = resolve_device(device), seed_int(random_state)
-    if sparse.issparse(X) and X.format != "csr":
-        X = sparse.csr_matrix(X)
-    # under torchrun every rank reads only its own rows below: compare what each rank was given first
-    if world().distributed:
-        names = {f"adata.{k}": np.asarray(getattr(adata, k), dtype=str) for k in ("obs_names", "var_names")}
-        check_inputs(names)  # fingerprints of the names (a pandas Index's repr would be shortened)
-    genes, lib = _genes(X, where, counts=counts, n_top_genes=n_top_genes)
+    X, genes, lib = _genes(adata, X, where, counts=counts, n_top_genes=n_top_genes)
 
     train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
     if max_epochs is None:

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from scipy import sparse
 
 from .._constants import SCDEEPCLUSTER
 from .._engine import scdeepcluster as engine
@@ -212,10 +211,8 @@ def scdeepcluster(
     codes, categories = _batch_codes(adata, batch_key) if batch_key is not None else (None, [])
     X, where = _counts_of(adata, layer, backed=True)  # a backed X stays on disk: read in row slices
     check_real_dtype(getattr(X, "dtype", np.dtype(object)), where)
-    if sparse.issparse(X) and X.format != "csr":
-        X = sparse.csr_matrix(X)
     # one pass over X: the count checks, the genes used and the library sizes (before any training)
-    genes, lib = _count_genes(X, where, counts=True, n_top_genes=o["n_top_genes"])
+    X, genes, lib = _count_genes(adata, X, where, counts=True, n_top_genes=o["n_top_genes"])
     params = {**o, "layer": layer or "", "batch_key": batch_key or "", "random_state": seed}
     params["n_top_genes"] = -1 if o["n_top_genes"] is None else o["n_top_genes"]
     params["hidden"], params["max_epochs"] = list(o["hidden"]), list(o["max_epochs"])
