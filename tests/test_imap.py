@@ -151,13 +151,16 @@ def test_critic_losses_hand_computed():
     assert w_dist.item() == pytest.approx(float(w2 @ W1 @ (real.mean(0) - fake.mean(0))), rel=1e-5)
 
 
-def test_critic_losses_equal_the_direct_formula():
-    # the shared first layer and the Gram-matrix norm give the same losses and parameter gradients as evaluating
-    # the critic on real, fake and the detached interpolate x̂ and differentiating at x̂ (float64)
+@pytest.mark.parametrize("n", [9, 400])
+def test_critic_losses_equal_the_direct_formula(n):
+    # the shared first layer and either way of taking the norm (rows g W₁ for few cells, the Gram matrix for many)
+    # give the same losses and parameter gradients as evaluating the critic on real, fake and the detached
+    # interpolate x̂ and differentiating at x̂ (float64)
     torch.manual_seed(1)
     critic = engine.make_critic(7).double()
-    real, fake = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 7, dtype=torch.float64)
-    eps = torch.rand(9, 1, dtype=torch.float64)
+    assert engine._gram_is_cheaper(n, critic[0].weight.shape[0]) == (n == 400)
+    real, fake = torch.randn(n, 7, dtype=torch.float64), torch.randn(n, 7, dtype=torch.float64)
+    eps = torch.rand(n, 1, dtype=torch.float64)
     params = list(critic.parameters())
     w_dist, gp = engine.critic_losses(critic, real, fake, eps)
     grads = torch.autograd.grad(-w_dist + 10 * gp, params)
