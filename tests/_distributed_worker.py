@@ -67,6 +67,53 @@ def dec_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(N, 4, generator=g), torch.randn(3, 4, generator=g)
 
 
+def overlap_net() -> torch.nn.Module:
+    """A small float64 network with one wide weight (40 × 8: 2,560 bytes) and small ones, the same on every rank."""
+    torch.manual_seed(13)
+    return torch.nn.Sequential(torch.nn.Linear(8, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3)).double()
+
+
+def overlap_batch(rank: int, step: int) -> torch.Tensor:
+    """Rank ``rank``'s input at optimiser step ``step`` (different on every rank)."""
+    return torch.randn(6, 8, generator=torch.Generator().manual_seed(100 * step + rank), dtype=torch.float64)
+
+
+#: the early (overlapped) all-reduce threshold in the check below: the 40 × 8 weight goes early, the rest flat
+OVERLAP_BYTES = 2048
+OVERLAP_STEPS = 3
+
+
+def overlapped_sgd(rank: int) -> tuple[dict[str, np.ndarray], str]:
+    """SGD on :func:`overlap_net` with ``sync_gradients(overlap=True)``; its parameters, and the error of a second
+    backward before one step."""
+    from scembed._engine import distributed
+
+    net = overlap_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    threshold, distributed.EARLY_GRAD_BYTES = distributed.EARLY_GRAD_BYTES, OVERLAP_BYTES
+    try:
+        handle = distributed.sync_gradients(opt, overlap=True)
+    finally:
+        distributed.EARLY_GRAD_BYTES = threshold
+    for step in range(OVERLAP_STEPS):
+        opt.zero_grad(set_to_none=True)
+        net(overlap_batch(rank, step)).square().mean().backward()
+        opt.step()
+    params = {f"overlap_{k}": v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    opt.zero_grad(set_to_none=True)
+    net(overlap_batch(rank, 0)).sum().backward()  # starts the wide weight's all-reduce (on every rank: matched)
+    try:
+        net(overlap_batch(rank, 0)).sum().backward()
+        message = ""
+    except RuntimeError as err:
+        message = str(err)
+    opt.step()  # waits for the pending all-reduce
+    handle.remove()
+    net(overlap_batch(rank, 0)).sum().backward()  # no hook any more: accumulating again is allowed
+    net(overlap_batch(rank, 0)).sum().backward()
+    return params, message
+
+
 def _fail_on_main(rank: int) -> None:
     raise ValueError(f"raised on rank {rank}")
 
@@ -248,8 +295,10 @@ def main() -> None:
             on_main_error = ""
         except ValueError as err:
             on_main_error = str(err)
+        overlap_params, overlap_error = overlapped_sgd(rank)
         np.savez(
             out / f"helpers_rank{rank}.npz",
+            **overlap_params,
             q=q.numpy(),
             p=p.numpy(),
             batches=torch.stack(batches).numpy(),
@@ -261,6 +310,7 @@ def main() -> None:
         info_out = {
             "on_main": on_main_value,
             "on_main_error": on_main_error,
+            "overlap_error": overlap_error,
             "world": [w.rank, w.size, w.backend],
             "is_main": distributed.is_main(),
             "method": method,

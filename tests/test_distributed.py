@@ -296,6 +296,23 @@ def test_trainer_helpers_across_ranks(two_ranks):
     # per-rank streams differ, and the shared stream they were split from still agrees across ranks afterwards
     assert not np.array_equal(h[0]["noise"], h[1]["noise"])
     assert np.array_equal(h[0]["shared_after"], h[1]["shared_after"])
+    # gradients averaged while the backward pass goes on (overlap): the wide weight early and in place, the rest in
+    # one flat buffer; the parameters are those of one process stepping on the mean of both ranks' gradients
+    ref = worker.overlap_net()
+    for step in range(worker.OVERLAP_STEPS):
+        grads = []
+        for r in (0, 1):
+            ref.zero_grad(set_to_none=True)
+            ref(worker.overlap_batch(r, step)).square().mean().backward()
+            grads.append([p.grad.clone() for p in ref.parameters()])
+        with torch.no_grad():
+            for p, g0, g1 in zip(ref.parameters(), *grads, strict=True):
+                p -= 0.1 * (g0 + g1) / 2
+    for name, value in ref.state_dict().items():
+        for r in (0, 1):
+            np.testing.assert_allclose(h[r][f"overlap_{name}"], value.numpy(), rtol=1e-12, atol=1e-14)
+    assert [i["overlap_error"] for i in info] == [info[0]["overlap_error"]] * 2
+    assert "accumulated twice" in info[0]["overlap_error"] and "overlap=False" in info[0]["overlap_error"]
 
 
 def test_rank_minibatches_one_process_is_minibatches():

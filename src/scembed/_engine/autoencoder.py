@@ -26,6 +26,7 @@ from .distributed import (
     check_same_across_ranks,
     rank_generator,
     shard,
+    sync_gradients,
     world,
 )
 from .mmd import BatchPenalty
@@ -201,7 +202,7 @@ def train_autoencoder(
     n_epochs
         Epochs run.
     """
-    opt = adam(net.parameters(), lr=lr, amsgrad=True)
+    opt = adam(net.parameters(), lr=lr, amsgrad=True, sync=False)
     rows = np.arange(data.n_obs) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
     blocks = training_blocks(rows, batch_size)
     validate = validation_rows is not None and len(validation_rows) > 0
@@ -254,16 +255,22 @@ def train_autoencoder(
             out["validation_loss"] = validation_loss()
         return out
 
-    return train(
-        step,
-        max_epochs,
-        desc=desc,
-        show_progress=show_progress,
-        monitor="validation_loss" if validate else "loss",
-        patience=patience,
-        module=net,
-        keep_best=validate,
-    )
+    # under torchrun: the wide layers' gradients are averaged while the backward pass goes on (one backward per step)
+    gradient_sync = sync_gradients(opt, overlap=True)
+    try:
+        return train(
+            step,
+            max_epochs,
+            desc=desc,
+            show_progress=show_progress,
+            monitor="validation_loss" if validate else "loss",
+            patience=patience,
+            module=net,
+            keep_best=validate,
+        )
+    finally:
+        if gradient_sync is not None:
+            gradient_sync.remove()  # the parameters' hooks, before another optimiser trains them
 
 
 def _twice(onehot: torch.Tensor | None) -> torch.Tensor | None:
