@@ -342,9 +342,7 @@ def sync_gradients(optimizer: torch.optim.Optimizer, *, overlap: bool = False) -
                 "sync_gradients(overlap=True): a gradient was accumulated twice before one optimiser step; use "
                 "overlap=False for trainers that call backward more than once per step."
             )
-        started[id(param)] = torch.distributed.all_reduce(
-            param.grad, op=torch.distributed.ReduceOp.SUM, async_op=True
-        )
+        started[id(param)] = torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.SUM, async_op=True)
 
     handles = []
     if overlap:
