@@ -248,9 +248,6 @@ def cluster(
     maxiter = _one_of(maxiter, max_epochs, "maxiter", "max_epochs")
     sigma = _one_of(sigma, noise, "sigma", "noise")
     opt = torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95)
-    # under torchrun (distributed.py): gradients averaged over ranks before each step, the wide layers' while the
-    # backward pass goes on (one backward per step)
-    gradient_sync = sync_gradients(opt, overlap=True)
     noise_generator = rank_generator(noise_generator)
     row_generator = rank_generator(generator)  # one process: the generator itself
     n = data.n_obs
@@ -301,6 +298,9 @@ def cluster(
     def stop(epoch: int, losses) -> bool:
         return state["converged"]
 
+    # under torchrun (distributed.py): gradients averaged over ranks before each step, the wide layers' while the
+    # backward pass goes on (one backward per step)
+    gradient_sync = sync_gradients(opt, overlap=True)
     try:
         history, _ = train(step, maxiter, desc="scDeepCluster clustering", show_progress=show_progress, stop=stop)
     finally:
