@@ -23,6 +23,12 @@ every rank's peak RSS, and the 10-NN accuracy of the cell types in the latent.
 epochs are those of both stages; the set-up includes the passes over the file, the encodings of all cells and
 KMeans (rank 0). Reported also: the ARI of the clusters against the types.
 
+``--step-times`` (count methods): every optimiser step of the first training stage is timed by two hooks on its
+optimiser, one before the gradient averaging and one after the update, so that a step splits into its work (reading,
+forward, backward, and the early all-reduces that run beside the backward pass) and the wait for the gradients plus
+the update. Reported per run: the medians over the steps of the slowest rank. ``--no-overlap`` averages every
+gradient in one all-reduce before the step (``sync_gradients(overlap=False)``), to compare.
+
 ``--independent``: besides each W-process torchrun run, W plain one-process runs started at the same time, each on
 all the data, with no communication between them. Their epoch times show what sharing the machine alone costs
 (cores, caches, memory bandwidth): the throughput of W such runs is W × (one run alone) / (one run beside W − 1
@@ -35,6 +41,7 @@ others), the most a data-parallel run on the same machine could reach.
     python benchmarks/distributed.py --method scdeepcluster --n-cells 200000 --epochs 2
     python benchmarks/distributed.py --n-cells 200000 --epochs 3 --independent   # what sharing the machine costs
     python benchmarks/distributed.py --allreduce-mb 8.4       # one gradient all-reduce of 8.4 MB, 2 processes
+    python benchmarks/distributed.py --method autoencoder --n-cells 50000 --epochs 1 --step-times [--no-overlap]
 
 The runs are started with ``python -m torch.distributed.run --standalone --nproc-per-node W`` (torchrun); one
 process (W = 1) runs the same worker without torchrun.
@@ -153,6 +160,7 @@ def counts_worker(folder: Path, out: Path, opts: dict) -> None:
     # that check and scale the counts, the encodings of all cells and the initial clusters
     loop = time_epochs(autoencoder)
     loop_cluster = time_epochs(scdeepcluster)
+    steps = time_steps(autoencoder, overlap=not opts.get("no_overlap")) if opts.get("step_times") else None
     a = ad.read_h5ad(folder / "counts.h5ad", backed="r")
     epochs = int(opts["epochs"])
     t0 = time.perf_counter()
@@ -187,9 +195,48 @@ def counts_worker(folder: Path, out: Path, opts: dict) -> None:
         "final_loss": final_loss,
         "n_parameters": 0,
     }
+    if steps is not None:
+        result.update(steps.summary())
     (out / f"rank{w.rank}.json").write_text(json.dumps(result))
     if w.distributed:
         torch.distributed.destroy_process_group()
+
+
+class time_steps:
+    """Time every optimiser step of ``train_autoencoder`` (the autoencoder, scDeepCluster's pretraining).
+
+    Wraps the engine's ``adam`` so that its first optimiser gets a step pre-hook registered before the gradient
+    averaging (which ``train_autoencoder`` adds afterwards) and a post-hook; the engine's ``sync_gradients`` is
+    called with ``overlap`` as given.
+    """
+
+    def __init__(self, engine, *, overlap: bool):
+        self.before: list[float] = []
+        self.after: list[float] = []
+        self.timed = False
+        adam, sync = engine.adam, engine.sync_gradients
+
+        def timed_adam(params, **kwargs):
+            opt = adam(params, **kwargs)
+            if not self.timed:
+                self.timed = True
+                opt.register_step_pre_hook(lambda *_: self.before.append(time.perf_counter()))
+                opt.register_step_post_hook(lambda *_: self.after.append(time.perf_counter()))
+            return opt
+
+        engine.adam = timed_adam
+        engine.sync_gradients = lambda opt, **_: sync(opt, overlap=overlap)
+
+    def summary(self) -> dict:
+        before, after = np.asarray(self.before), np.asarray(self.after)
+        n = min(len(before), len(after))
+        work = before[1:n] - after[: n - 1]  # from the end of one update to the next step's gradient averaging
+        wait = after[:n] - before[:n]  # the gradient averaging (waiting for the early all-reduces) and the update
+        return {
+            "steps_timed": int(n),
+            "step_work_ms": 1000 * float(np.median(work)),
+            "step_wait_ms": 1000 * float(np.median(wait)),
+        }
 
 
 def allreduce_worker(out: Path, opts: dict) -> None:
@@ -281,6 +328,16 @@ def main() -> None:
         help="also run W plain one-process runs at once for every W > 1 in --ranks: what sharing the machine costs",
     )
     p.add_argument(
+        "--step-times",
+        action="store_true",
+        help="count methods: time every step of the first stage, split into work and the wait for the gradients",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="with --step-times: one all-reduce of every gradient before the step instead of the overlapped ones",
+    )
+    p.add_argument(
         "--allreduce-mb",
         type=float,
         default=None,
@@ -304,6 +361,7 @@ def main() -> None:
     from scembed.datasets import simulate_embedding
 
     opts = {"epochs": args.epochs, "batch_size": args.batch_size, "perplexity": args.perplexity, "method": args.method}
+    opts.update(step_times=args.step_times, no_overlap=args.no_overlap)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -354,6 +412,10 @@ def main() -> None:
                 "n_parameters": per_rank[0]["n_parameters"],
                 "knn_method": per_rank[0]["knn_method"],
             }
+            if "step_work_ms" in per_rank[0]:
+                row["overlap"] = not args.no_overlap
+                for key in ("step_work_ms", "step_wait_ms"):
+                    row[key] = max(r[key] for r in per_rank)
             if (out / "labels.npy").exists():
                 from sklearn.metrics import adjusted_rand_score
 
@@ -383,6 +445,12 @@ def main() -> None:
             aff = f"affinities {ref['affinity_s'] / r['affinity_s']:.2f}x, " if r["affinity_s"] > 0 else ""
             speed = ref["loop_s_per_epoch"] / r["loop_s_per_epoch"]
             print(f"{r['method']} {w} processes vs 1: {aff}training epochs {speed:.2f}x the throughput")
+    for r in rows:
+        if "step_work_ms" in r:
+            print(
+                f"{r['method']} {r['processes']} process(es), overlap {r['overlap']}: median step work "
+                f"{r['step_work_ms']:.1f} ms, gradient wait + update {r['step_wait_ms']:.1f} ms (slowest rank)"
+            )
     if args.json:
         write_json(args.json, rows, script="distributed.py", threads_per_process=1)
 
