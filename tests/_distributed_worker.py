@@ -188,6 +188,75 @@ def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
     return results
 
 
+def autoencoder_steps(rank: int) -> dict[str, np.ndarray]:
+    """tl.autoencoder for 2 epochs, with every step's inputs recorded: the network after the broadcast of rank 0's
+    weights, each step's noisy encoder input and the count terms of its loss, and the network after training.
+
+    From these a single process can replay what the ranks did together (the test: gradients of the two ranks'
+    steps averaged, one Adam step each), which checks the data-parallel update itself, the overlapped all-reduce
+    of the wide layers included (``EARLY_GRAD_BYTES`` lowered so that the 40-gene heads and input layer take it).
+    """
+    import scembed as se
+    from scembed._engine import autoencoder, distributed
+
+    record: dict[str, list] = {"noisy": [], "raw": [], "sf": []}
+    nets: list[torch.nn.Module] = []
+    broadcast, with_noise = autoencoder.broadcast_module_, autoencoder._with_noise
+    loss = autoencoder.reconstruction_loss
+
+    def spy_broadcast(net):
+        broadcast(net)
+        nets.append(net)
+        record["initial"] = {k: v.detach().clone().numpy() for k, v in net.state_dict().items()}
+
+    def spy_noise(x, sigma, generator):
+        noisy = with_noise(x, sigma, generator)
+        record["noisy"].append(noisy.detach().clone().numpy())
+        return noisy
+
+    def spy_loss(likelihood, out, raw, sf, nonzero):
+        assert nonzero is None  # dense counts: the loss needs no positions
+        for name, value in (("raw", raw), ("sf", sf)):
+            record[name].append(value.detach().clone().numpy())
+        return loss(likelihood, out, raw, sf, nonzero)
+
+    from scembed._engine import counts
+
+    threshold, distributed.EARLY_GRAD_BYTES = distributed.EARLY_GRAD_BYTES, STEPS_EARLY_BYTES
+    sizes = (counts.BLOCK_ROWS, counts.READ_BLOCKS)
+    counts.BLOCK_ROWS, counts.READ_BLOCKS = STEPS_BLOCK, 1  # 4 blocks: 2 per rank and epoch, each 2 whole batches
+    autoencoder.broadcast_module_, autoencoder._with_noise, autoencoder.reconstruction_loss = (
+        spy_broadcast,
+        spy_noise,
+        spy_loss,
+    )
+    try:
+        adata = se.datasets.simulate(STEPS_N, 40, n_celltypes=3, random_state=4)
+        adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X  # dense: no positions to record
+        se.tl.autoencoder(
+            adata, 3, hidden=(16,), max_epochs=2, batch_size=STEPS_BATCH, validation_fraction=0, lr=STEPS_LR,
+            patience=None, show_progress=False,
+        )  # fmt: skip
+    finally:
+        distributed.EARLY_GRAD_BYTES = threshold
+        counts.BLOCK_ROWS, counts.READ_BLOCKS = sizes
+        autoencoder.broadcast_module_, autoencoder._with_noise, autoencoder.reconstruction_loss = (
+            broadcast,
+            with_noise,
+            loss,
+        )
+    out = {f"steps_initial_{k}": v for k, v in record.pop("initial").items()}
+    out.update({f"steps_final_{k}": v.detach().numpy() for k, v in nets[0].state_dict().items()})
+    for name, values in record.items():
+        out[f"steps_{name}"] = np.stack(values)
+    return out
+
+
+#: the recorded autoencoder run: cells, rows per block, mini-batch size (every step whole), learning rate, and the
+#: early all-reduce size (the 40-gene input layer and heads, 16 × 40 and 120 × 16 floats, take it; the rest is flat)
+STEPS_N, STEPS_BLOCK, STEPS_BATCH, STEPS_LR, STEPS_EARLY_BYTES = 64, 16, 8, 0.01, 2048
+
+
 def tools() -> dict[str, np.ndarray]:
     """The public API under torchrun on tiny data: pp.affinity, tl.scdeepcluster, tl.autoencoder (early stopping)."""
     import anndata as ad
@@ -317,6 +386,7 @@ def main() -> None:
         }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
         np.savez(out / f"tools_rank{rank}.npz", **tools(), **out_of_core(out, rank))
+        np.savez(out / f"steps_rank{rank}.npz", **autoencoder_steps(rank))  # per rank: its own batches
     elif mode in ("early_exit", "hang"):
         if rank == 1:
             if mode == "hang":

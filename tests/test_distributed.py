@@ -385,6 +385,42 @@ def test_autoencoder_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
     assert [p.name for p in two_ranks.glob("*written*")] == ["written.h5ad"]
 
 
+@needs_gloo
+@pytest.mark.slow
+def test_autoencoder_two_ranks_step_on_the_mean_of_their_gradients(two_ranks, one_torch_thread):
+    """Replayed in one process from the recorded inputs, every step of tl.autoencoder on 2 ranks is one Adam step on
+    the mean of the two ranks' gradients (the wide layers' averaged while backward went on, the rest flat), and
+    both ranks end with that network. Adam hides a gradient's scale, so the scale is checked with SGD in
+    test_trainer_helpers_across_ranks; this checks that every rank steps on both ranks' batches."""
+    from scembed._engine.autoencoder import Autoencoder
+    from scembed._engine.zinb import reconstruction_loss
+
+    recs = [np.load(two_ranks / f"steps_rank{r}.npz") for r in (0, 1)]
+    initial = {k.removeprefix("steps_initial_"): k for k in recs[0].files if k.startswith("steps_initial_")}
+    for key in initial.values():
+        np.testing.assert_array_equal(recs[0][key], recs[1][key])  # rank 0's weights on both
+    net = Autoencoder(40, 3, (16,))
+    net.load_state_dict({name: torch.from_numpy(recs[0][key]) for name, key in initial.items()})
+    opt = adam(net.parameters(), lr=worker.STEPS_LR, amsgrad=True)
+    n_steps = len(recs[0]["steps_noisy"])
+    assert n_steps == len(recs[1]["steps_noisy"]) == 2 * worker.STEPS_N // (2 * worker.STEPS_BATCH)  # 2 epochs
+    assert not np.array_equal(recs[0]["steps_raw"], recs[1]["steps_raw"])  # the ranks' batches differ
+    for step in range(n_steps):
+        grads = []
+        for rec in recs:
+            net.zero_grad(set_to_none=True)
+            out = net.decode(net.encode(torch.from_numpy(rec["steps_noisy"][step])))
+            raw, sf = torch.from_numpy(rec["steps_raw"][step]), torch.from_numpy(rec["steps_sf"][step])
+            reconstruction_loss("zinb", out, raw, sf).backward()
+            grads.append([q.grad.clone() for q in net.parameters()])
+        for q, g0, g1 in zip(net.parameters(), *grads, strict=True):
+            q.grad = (g0 + g1) / 2
+        opt.step()
+    for name, value in net.state_dict().items():
+        for rec in recs:
+            np.testing.assert_allclose(rec[f"steps_final_{name}"], value.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def _check_reads(reads: list[np.ndarray], n: int, block: int, per_pass: int, n_epochs: int) -> None:
     """Row slices only, at most ``per_pass`` rows; outside training each rank's own contiguous rows; in every epoch
     whole blocks, disjoint between the ranks."""
