@@ -12,10 +12,12 @@ MODE ``hang``: rank 1 stays alive but never joins the collective; rank 0 records
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -188,72 +190,136 @@ def out_of_core(out: Path, rank: int) -> dict[str, np.ndarray]:
     return results
 
 
-def autoencoder_steps(rank: int) -> dict[str, np.ndarray]:
-    """tl.autoencoder for 2 epochs, with every step's inputs recorded: the network after the broadcast of rank 0's
+@contextlib.contextmanager
+def _small_steps():
+    """Blocks of :data:`STEPS_BLOCK` rows read one at a time (every rank 2 blocks per epoch, each 2 whole batches),
+    and the early all-reduce from :data:`STEPS_EARLY_BYTES` (the 40-gene input layer and heads take it)."""
+    from scembed._engine import counts, distributed
+
+    with (
+        mock.patch.object(counts, "BLOCK_ROWS", STEPS_BLOCK),
+        mock.patch.object(counts, "READ_BLOCKS", 1),
+        mock.patch.object(distributed, "EARLY_GRAD_BYTES", STEPS_EARLY_BYTES),
+    ):
+        yield
+
+
+def _step_counts():
+    """Dense simulated counts (dense: the losses need no positions of non-zero counts)."""
+    import scembed as se
+
+    adata = se.datasets.simulate(STEPS_N, 40, n_celltypes=3, random_state=4)
+    adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+    return adata
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().clone().numpy()
+
+
+def _recorded(prefix: str, record: dict) -> dict[str, np.ndarray]:
+    out = {f"{prefix}_initial_{k}": v for k, v in record.pop("initial").items()}
+    out.update({f"{prefix}_final_{k}": v for k, v in record.pop("final").items()})
+    out.update({f"{prefix}_{name}": np.stack(values) for name, values in record.items()})
+    return out
+
+
+def autoencoder_steps() -> dict[str, np.ndarray]:
+    """tl.autoencoder for 2 epochs, every step's inputs recorded: the network after the broadcast of rank 0's
     weights, each step's noisy encoder input and the count terms of its loss, and the network after training.
 
-    From these a single process can replay what the ranks did together (the test: gradients of the two ranks'
-    steps averaged, one Adam step each), which checks the data-parallel update itself, the overlapped all-reduce
-    of the wide layers included (``EARLY_GRAD_BYTES`` lowered so that the 40-gene heads and input layer take it).
+    From these one process can replay what the ranks did together (the test: the two ranks' gradients of each step
+    averaged, one Adam step), which checks the data-parallel update itself, the overlapped all-reduce included.
     """
     import scembed as se
-    from scembed._engine import autoencoder, distributed
+    from scembed._engine import autoencoder as engine
 
-    record: dict[str, list] = {"noisy": [], "raw": [], "sf": []}
+    record: dict = {"noisy": [], "raw": [], "sf": []}
     nets: list[torch.nn.Module] = []
-    broadcast, with_noise = autoencoder.broadcast_module_, autoencoder._with_noise
-    loss = autoencoder.reconstruction_loss
+    broadcast, with_noise, loss = engine.broadcast_module_, engine._with_noise, engine.reconstruction_loss
 
     def spy_broadcast(net):
         broadcast(net)
         nets.append(net)
-        record["initial"] = {k: v.detach().clone().numpy() for k, v in net.state_dict().items()}
+        record["initial"] = {k: _array(v) for k, v in net.state_dict().items()}
 
     def spy_noise(x, sigma, generator):
         noisy = with_noise(x, sigma, generator)
-        record["noisy"].append(noisy.detach().clone().numpy())
+        record["noisy"].append(_array(noisy))
         return noisy
 
     def spy_loss(likelihood, out, raw, sf, nonzero):
-        assert nonzero is None  # dense counts: the loss needs no positions
-        for name, value in (("raw", raw), ("sf", sf)):
-            record[name].append(value.detach().clone().numpy())
+        assert nonzero is None
+        record["raw"].append(_array(raw))
+        record["sf"].append(_array(sf))
         return loss(likelihood, out, raw, sf, nonzero)
 
-    from scembed._engine import counts
-
-    threshold, distributed.EARLY_GRAD_BYTES = distributed.EARLY_GRAD_BYTES, STEPS_EARLY_BYTES
-    sizes = (counts.BLOCK_ROWS, counts.READ_BLOCKS)
-    counts.BLOCK_ROWS, counts.READ_BLOCKS = STEPS_BLOCK, 1  # 4 blocks: 2 per rank and epoch, each 2 whole batches
-    autoencoder.broadcast_module_, autoencoder._with_noise, autoencoder.reconstruction_loss = (
-        spy_broadcast,
-        spy_noise,
-        spy_loss,
-    )
-    try:
-        adata = se.datasets.simulate(STEPS_N, 40, n_celltypes=3, random_state=4)
-        adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X  # dense: no positions to record
+    with (
+        _small_steps(),
+        mock.patch.object(engine, "broadcast_module_", spy_broadcast),
+        mock.patch.object(engine, "_with_noise", spy_noise),
+        mock.patch.object(engine, "reconstruction_loss", spy_loss),
+    ):
         se.tl.autoencoder(
-            adata, 3, hidden=(16,), max_epochs=2, batch_size=STEPS_BATCH, validation_fraction=0, lr=STEPS_LR,
-            patience=None, show_progress=False,
+            _step_counts(), 3, hidden=(16,), max_epochs=2, batch_size=STEPS_BATCH, validation_fraction=0,
+            lr=STEPS_LR, patience=None, show_progress=False,
         )  # fmt: skip
-    finally:
-        distributed.EARLY_GRAD_BYTES = threshold
-        counts.BLOCK_ROWS, counts.READ_BLOCKS = sizes
-        autoencoder.broadcast_module_, autoencoder._with_noise, autoencoder.reconstruction_loss = (
-            broadcast,
-            with_noise,
-            loss,
-        )
-    out = {f"steps_initial_{k}": v for k, v in record.pop("initial").items()}
-    out.update({f"steps_final_{k}": v.detach().numpy() for k, v in nets[0].state_dict().items()})
-    for name, values in record.items():
-        out[f"steps_{name}"] = np.stack(values)
-    return out
+    record["final"] = {k: _array(v) for k, v in nets[0].state_dict().items()}
+    return _recorded("ae", record)
 
 
-#: the recorded autoencoder run: cells, rows per block, mini-batch size (every step whole), learning rate, and the
-#: early all-reduce size (the 40-gene input layer and heads, 16 × 40 and 120 × 16 floats, take it; the rest is flat)
+def scdeepcluster_steps() -> dict[str, np.ndarray]:
+    """tl.scdeepcluster's clustering stage (2 epochs, K = 3), every step's inputs recorded as in
+    :func:`autoencoder_steps`: the network and centres when the stage starts, each step's clean and noisy encoder
+    input, count terms and DEC targets of its cells, γ and the learning rate, and the network after the stage."""
+    import inspect
+
+    import scembed as se
+    from scembed._engine import scdeepcluster as engine
+
+    record: dict = {"xin": [], "noisy": [], "raw": [], "sf": [], "p": []}
+    cluster, with_noise, nll, kl = engine.cluster, engine._with_noise, engine.zinb_nll_logits, engine.kl_divergence
+
+    def spy_cluster(net, *args, **kwargs):
+        lr = kwargs.get("lr", inspect.signature(cluster).parameters["lr"].default)
+        record["initial"] = {k: _array(v) for k, v in net.state_dict().items()}
+        record["initial"]["settings"] = np.asarray([kwargs["gamma"], lr])
+        out = cluster(net, *args, **kwargs)
+        record["final"] = {k: _array(v) for k, v in net.state_dict().items()}
+        return out
+
+    def spy_noise(x, sigma, generator):  # the clustering stage's (pretraining calls the autoencoder module's)
+        noisy = with_noise(x, sigma, generator)
+        record["xin"].append(_array(x))
+        record["noisy"].append(_array(noisy))
+        return noisy
+
+    def spy_nll(out, raw, sf, nonzero=None):
+        assert nonzero is None
+        record["raw"].append(_array(raw))
+        record["sf"].append(_array(sf))
+        return nll(out, raw, sf, nonzero)
+
+    def spy_kl(p, q):
+        record["p"].append(_array(p))
+        return kl(p, q)
+
+    with (
+        _small_steps(),
+        mock.patch.object(engine, "cluster", spy_cluster),
+        mock.patch.object(engine, "_with_noise", spy_noise),
+        mock.patch.object(engine, "zinb_nll_logits", spy_nll),
+        mock.patch.object(engine, "kl_divergence", spy_kl),
+    ):
+        se.tl.scdeepcluster(
+            _step_counts(), n_clusters=3, n_latent=3, hidden=(16,), max_epochs=(1, 2), tol=0.0,
+            batch_size=STEPS_BATCH, show_progress=False,
+        )  # fmt: skip
+    return _recorded("sdc", record)
+
+
+#: the recorded runs: cells, rows per block, mini-batch size (every step whole), the autoencoder's learning rate,
+#: and the early all-reduce size (the 40-gene input layer and heads, 16 × 40 and 120 × 16 floats, take it)
 STEPS_N, STEPS_BLOCK, STEPS_BATCH, STEPS_LR, STEPS_EARLY_BYTES = 64, 16, 8, 0.01, 2048
 
 
@@ -386,7 +452,7 @@ def main() -> None:
         }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
         np.savez(out / f"tools_rank{rank}.npz", **tools(), **out_of_core(out, rank))
-        np.savez(out / f"steps_rank{rank}.npz", **autoencoder_steps(rank))  # per rank: its own batches
+        np.savez(out / f"steps_rank{rank}.npz", **autoencoder_steps(), **scdeepcluster_steps())  # its own batches
     elif mode in ("early_exit", "hang"):
         if rank == 1:
             if mode == "hang":

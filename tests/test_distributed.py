@@ -385,6 +385,35 @@ def test_autoencoder_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
     assert [p.name for p in two_ranks.glob("*written*")] == ["written.h5ad"]
 
 
+def _replay(recs: list, prefix: str, net: torch.nn.Module, opt: torch.optim.Optimizer, loss) -> None:
+    """Replay the ranks' recorded steps in one process: per step, the mean over the ranks of the gradients of
+    ``loss(net, record, step)``, then one ``opt`` step; the network must end as every rank's did."""
+    initial = {k.removeprefix(f"{prefix}_initial_"): k for k in recs[0].files if k.startswith(f"{prefix}_initial_")}
+    initial.pop("settings", None)
+    for key in initial.values():
+        np.testing.assert_array_equal(recs[0][key], recs[1][key])  # rank 0's weights on both
+    net.load_state_dict({name: torch.from_numpy(recs[0][key]) for name, key in initial.items()})
+    n_steps = len(recs[0][f"{prefix}_noisy"])
+    assert n_steps == len(recs[1][f"{prefix}_noisy"]) == 2 * worker.STEPS_N // (2 * worker.STEPS_BATCH)  # 2 epochs
+    assert not np.array_equal(recs[0][f"{prefix}_raw"], recs[1][f"{prefix}_raw"])  # the ranks' batches differ
+    for step in range(n_steps):
+        grads = []
+        for rec in recs:
+            net.zero_grad(set_to_none=True)
+            loss(net, rec, step).backward()
+            grads.append([q.grad.clone() for q in net.parameters()])
+        for q, g0, g1 in zip(net.parameters(), *grads, strict=True):
+            q.grad = (g0 + g1) / 2
+        opt.step()
+    for name, value in net.state_dict().items():
+        for rec in recs:
+            np.testing.assert_allclose(rec[f"{prefix}_final_{name}"], value.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _tensor(rec, key: str, step: int) -> torch.Tensor:
+    return torch.from_numpy(rec[key][step])
+
+
 @needs_gloo
 @pytest.mark.slow
 def test_autoencoder_two_ranks_step_on_the_mean_of_their_gradients(two_ranks, one_torch_thread):
@@ -396,29 +425,34 @@ def test_autoencoder_two_ranks_step_on_the_mean_of_their_gradients(two_ranks, on
     from scembed._engine.zinb import reconstruction_loss
 
     recs = [np.load(two_ranks / f"steps_rank{r}.npz") for r in (0, 1)]
-    initial = {k.removeprefix("steps_initial_"): k for k in recs[0].files if k.startswith("steps_initial_")}
-    for key in initial.values():
-        np.testing.assert_array_equal(recs[0][key], recs[1][key])  # rank 0's weights on both
     net = Autoencoder(40, 3, (16,))
-    net.load_state_dict({name: torch.from_numpy(recs[0][key]) for name, key in initial.items()})
-    opt = adam(net.parameters(), lr=worker.STEPS_LR, amsgrad=True)
-    n_steps = len(recs[0]["steps_noisy"])
-    assert n_steps == len(recs[1]["steps_noisy"]) == 2 * worker.STEPS_N // (2 * worker.STEPS_BATCH)  # 2 epochs
-    assert not np.array_equal(recs[0]["steps_raw"], recs[1]["steps_raw"])  # the ranks' batches differ
-    for step in range(n_steps):
-        grads = []
-        for rec in recs:
-            net.zero_grad(set_to_none=True)
-            out = net.decode(net.encode(torch.from_numpy(rec["steps_noisy"][step])))
-            raw, sf = torch.from_numpy(rec["steps_raw"][step]), torch.from_numpy(rec["steps_sf"][step])
-            reconstruction_loss("zinb", out, raw, sf).backward()
-            grads.append([q.grad.clone() for q in net.parameters()])
-        for q, g0, g1 in zip(net.parameters(), *grads, strict=True):
-            q.grad = (g0 + g1) / 2
-        opt.step()
-    for name, value in net.state_dict().items():
-        for rec in recs:
-            np.testing.assert_allclose(rec[f"steps_final_{name}"], value.numpy(), rtol=1e-5, atol=1e-6)
+
+    def loss(net, rec, step):
+        out = net.decode(net.encode(_tensor(rec, "ae_noisy", step)))
+        return reconstruction_loss("zinb", out, _tensor(rec, "ae_raw", step), _tensor(rec, "ae_sf", step))
+
+    _replay(recs, "ae", net, adam(net.parameters(), lr=worker.STEPS_LR, amsgrad=True), loss)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_scdeepcluster_two_ranks_step_on_the_mean_of_their_gradients(two_ranks, one_torch_thread):
+    """The same replay for scDeepCluster's clustering stage: ZINB of the noisy input + γ·KL(P‖Q) of the clean
+    input, with each cell's DEC target from the all-reduced cluster sums, Adadelta on network and centres."""
+    from scembed._engine.scdeepcluster import ZINBAutoencoder, kl_divergence, soft_assign, zinb_nll_logits
+
+    recs = [np.load(two_ranks / f"steps_rank{r}.npz") for r in (0, 1)]
+    gamma, lr = (float(v) for v in recs[0]["sdc_initial_settings"])
+    net = ZINBAutoencoder(40, 3, (16,))
+    net.set_centroids(torch.zeros(3, 3))
+
+    def loss(net, rec, step):
+        both = torch.cat([_tensor(rec, "sdc_noisy", step), _tensor(rec, "sdc_xin", step)])
+        z_noisy, z_clean = net.encode(both).chunk(2)
+        recon = zinb_nll_logits(net.decode(z_noisy), _tensor(rec, "sdc_raw", step), _tensor(rec, "sdc_sf", step))
+        return recon + gamma * kl_divergence(_tensor(rec, "sdc_p", step), soft_assign(z_clean, net.centroids))
+
+    _replay(recs, "sdc", net, torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95), loss)
 
 
 def _check_reads(reads: list[np.ndarray], n: int, block: int, per_pass: int, n_epochs: int) -> None:
