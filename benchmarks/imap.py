@@ -21,6 +21,7 @@ on 20,000 random cells, pca/harmony/scembed unless ``--methods`` names others).
                                                                    # float32 vs bfloat16 (--step-batch-size 64)
     python benchmarks/imap.py --stage2-compare --threads 2         # stage-II step: with/without the pool projection
     python benchmarks/imap.py --profile --threads 1                # the parts of one stage-I and stage-II step
+    python benchmarks/imap.py --penalty-compare --threads 2        # critic step: penalty norm from rows vs Gram
     python benchmarks/imap.py --gather-compare --threads 1         # sparse rows: scipy indexing vs the GPU scatter
     python benchmarks/imap.py --epochs1 10 --epochs2 10 --repeats 2 --methods scembed imap_original
                                                                    # the two iMAPs twice, alternating: fastest times
@@ -452,6 +453,40 @@ def gather_compare(threads: int, n_genes: int = 2000, n_cells: int = 4000, round
         print(f"density {X.nnz / np.prod(X.shape):.2f}: scatter {ma:.1f} ms, scipy rows {mb:.1f} ms ({mb / ma:.2f}x)")
 
 
+def penalty_compare(threads: int, n_genes: int = 2000, sizes=(64, 110, 200, 400, 1024), rounds: int = 5) -> None:
+    """Milliseconds per critic step (losses, gradient penalty, backward, Adam) with the penalty's norm taken through
+    the rows g W₁ and through the Gram matrix W₁W₁ᵀ (``critic_losses``), alternating; the rule's choice marked."""
+    import torch
+
+    from scembed._engine import imap as eng
+
+    torch.set_num_threads(threads)
+    rule = eng._gram_is_cheaper
+    print(f"{'cells':>6} {'rows ms':>8} {'Gram ms':>8} {'rule':>5}")
+    for n in sizes:
+        critic = eng.make_critic(n_genes)
+        opt = eng._adam(critic.parameters(), 2e-4)
+        real, fake, eps = torch.rand(n, n_genes), torch.rand(n, n_genes), torch.rand(n, 1)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        try:
+            for _ in range(rounds):
+                for gram in (False, True):
+                    eng._gram_is_cheaper = lambda n_, width, gram=gram: gram
+                    for rep in range(12):  # 2 warm-up steps, then 10 timed
+                        if rep == 2:
+                            t = time.perf_counter()
+                        w_dist, gp = eng.critic_losses(critic, real, fake, eps)
+                        opt.zero_grad(set_to_none=True)
+                        (-w_dist + 10 * gp).backward()
+                        opt.step()
+                    times[gram].append((time.perf_counter() - t) / 10)
+        finally:
+            eng._gram_is_cheaper = rule
+        rows_ms, gram_ms = (1000 * np.median(times[g]) for g in (False, True))
+        chosen = "Gram" if rule(n, critic[0].weight.shape[0]) else "rows"
+        print(f"{n:>6} {rows_ms:>8.1f} {gram_ms:>8.1f} {chosen:>5}")
+
+
 def stage2_compare(threads: int, n_genes: int = 2000, pool: int = 3000, epochs: int = 2, rounds: int = 3) -> None:
     """Seconds per stage-II critic step, alternating in one process: the generator's first layer applied to every
     critic batch vs once to the whole query pool per generator update (``train_generator(project_pool=...)``)."""
@@ -637,6 +672,9 @@ def main() -> None:
     p.add_argument("--step-batch-size", type=int, default=512, help="--step-compare: cells per batch and step")
     p.add_argument("--stage2-compare", action="store_true", help="time one stage-II step, with/without the projection")
     p.add_argument("--profile", action="store_true", help="time the parts of one stage-I and stage-II step")
+    p.add_argument(
+        "--penalty-compare", action="store_true", help="time a critic step: the penalty's norm from rows vs Gram"
+    )
     p.add_argument("--gather-compare", action="store_true", help="densify sparse rows: scipy vs the GPU scatter")
     p.add_argument(
         "--repeats", type=int, default=1, help="run the two iMAPs this many times, alternating; report the fastest"
@@ -657,6 +695,9 @@ def main() -> None:
         return
     if args.profile:
         profile_steps(args.threads)
+        return
+    if args.penalty_compare:
+        penalty_compare(args.threads)
         return
     if args.gather_compare:
         gather_compare(args.threads)
