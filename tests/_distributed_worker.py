@@ -318,6 +318,64 @@ def scdeepcluster_steps() -> dict[str, np.ndarray]:
     return _recorded("sdc", record)
 
 
+def imap_steps() -> dict[str, np.ndarray]:
+    """tl.imap_integrate (2 + 2 epochs) with stage I's steps recorded: the networks' parameters when its optimiser is
+    made and after its first step (``imap_final_*``), each step's mixup input, batches and target batches, and the
+    loss weights and learning rate; also the outputs (codes, corrected expression), which must agree across the
+    ranks."""
+    import scanpy as sc
+
+    import scembed as se
+    from scembed._engine import imap as engine
+
+    record: dict = {"x": [], "batch": [], "other": []}
+    train_stage1, adam, losses = engine.train_stage1, engine._adam, engine.stage1_losses
+
+    def spy_train(*args, **kwargs):
+        encoder, decoder, history = train_stage1(*args, **kwargs)
+        weights = [kwargs.get("lambda_recon", 1.0), kwargs.get("lambda_content", 3.0)]
+        record["initial"]["settings"] = np.asarray([*weights, record["initial"]["settings"][0]])
+        return encoder, decoder, history
+
+    def spy_adam(params, lr):
+        params = list(params)
+        opt = adam(params, lr)
+        if "initial" not in record:  # stage I's optimiser (stage II makes its own later): its start, its first step
+            record["initial"] = {str(i): _array(q) for i, q in enumerate(params)}
+            record["initial"]["settings"] = np.asarray([lr])
+            handle = []
+
+            def first_step(*_):
+                record["final"] = {str(i): _array(q) for i, q in enumerate(params)}
+                handle.pop().remove()
+
+            handle.append(opt.register_step_post_hook(first_step))
+        return opt
+
+    def spy_losses(encoder, decoder, x, batch, other):
+        for name, value in (("x", x), ("batch", batch), ("other", other)):
+            record[name].append(_array(value))
+        return losses(encoder, decoder, x, batch, other)
+
+    adata = se.datasets.simulate(120, 40, n_batches=2, n_celltypes=3, batch_scale=0.5, random_state=5)
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    with (
+        mock.patch.object(engine, "train_stage1", spy_train),
+        mock.patch.object(engine, "_adam", spy_adam),
+        mock.patch.object(engine, "stage1_losses", spy_losses),
+    ):
+        se.tl.imap_integrate(
+            adata, batch_key="batch", n_latent=8, max_epochs=(2, 2), batch_size=(8, 16), k_within=5, n_sample=60,
+            show_progress=False,
+        )  # fmt: skip
+    out = _recorded("imap", record)
+    out["imap_codes"] = np.asarray(adata.obsm["X_imap"])
+    out["imap_layer"] = np.asarray(adata.layers["imap"].toarray() if hasattr(adata.layers["imap"], "toarray")
+                                   else adata.layers["imap"])  # fmt: skip
+    return out
+
+
 #: the recorded runs: cells, rows per block, mini-batch size (every step whole), the autoencoder's learning rate,
 #: and the early all-reduce size (the 40-gene input layer and heads, 16 × 40 and 120 × 16 floats, take it)
 STEPS_N, STEPS_BLOCK, STEPS_BATCH, STEPS_LR, STEPS_EARLY_BYTES = 64, 16, 8, 0.01, 2048
@@ -452,7 +510,7 @@ def main() -> None:
         }
         (out / f"info_rank{rank}.json").write_text(json.dumps(info_out))
         np.savez(out / f"tools_rank{rank}.npz", **tools(), **out_of_core(out, rank))
-        np.savez(out / f"steps_rank{rank}.npz", **autoencoder_steps(), **scdeepcluster_steps())  # its own batches
+        np.savez(out / f"steps_rank{rank}.npz", **autoencoder_steps(), **scdeepcluster_steps(), **imap_steps())
     elif mode in ("early_exit", "hang"):
         if rank == 1:
             if mode == "hang":

@@ -385,17 +385,24 @@ def test_autoencoder_from_backed_h5ad_each_rank_reads_its_own_blocks(two_ranks):
     assert [p.name for p in two_ranks.glob("*written*")] == ["written.h5ad"]
 
 
-def _replay(recs: list, prefix: str, net: torch.nn.Module, opt: torch.optim.Optimizer, loss) -> None:
+def _replay(recs: list, prefix: str, net: torch.nn.Module, opt, loss, *, key: str, n_steps: int) -> None:
     """Replay the ranks' recorded steps in one process: per step, the mean over the ranks of the gradients of
-    ``loss(net, record, step)``, then one ``opt`` step; the network must end as every rank's did."""
+    ``loss(net, record, step)``, then one ``opt`` step; the network must end as every rank's did. Parameters are
+    recorded by name (``net``'s state dict) or, for keys "0", "1", …, in the order of ``net.parameters()`` (then
+    only parameters are compared: BatchNorm statistics are each rank's own until averaged after training)."""
     initial = {k.removeprefix(f"{prefix}_initial_"): k for k in recs[0].files if k.startswith(f"{prefix}_initial_")}
     initial.pop("settings", None)
-    for key in initial.values():
-        np.testing.assert_array_equal(recs[0][key], recs[1][key])  # rank 0's weights on both
-    net.load_state_dict({name: torch.from_numpy(recs[0][key]) for name, key in initial.items()})
-    n_steps = len(recs[0][f"{prefix}_noisy"])
-    assert n_steps == len(recs[1][f"{prefix}_noisy"]) == 2 * worker.STEPS_N // (2 * worker.STEPS_BATCH)  # 2 epochs
-    assert not np.array_equal(recs[0][f"{prefix}_raw"], recs[1][f"{prefix}_raw"])  # the ranks' batches differ
+    for name in initial.values():
+        np.testing.assert_array_equal(recs[0][name], recs[1][name])  # the same start on both ranks
+    by_order = all(k.isdigit() for k in initial)
+    if by_order:
+        with torch.no_grad():
+            for q, k in zip(net.parameters(), sorted(initial, key=int), strict=True):
+                q.copy_(torch.from_numpy(recs[0][initial[k]]))
+    else:
+        net.load_state_dict({name: torch.from_numpy(recs[0][k]) for name, k in initial.items()})
+    assert len(recs[0][f"{prefix}_{key}"]) == len(recs[1][f"{prefix}_{key}"]) == n_steps
+    assert not np.array_equal(recs[0][f"{prefix}_{key}"], recs[1][f"{prefix}_{key}"])  # the ranks' batches differ
     for step in range(n_steps):
         grads = []
         for rec in recs:
@@ -405,9 +412,10 @@ def _replay(recs: list, prefix: str, net: torch.nn.Module, opt: torch.optim.Opti
         for q, g0, g1 in zip(net.parameters(), *grads, strict=True):
             q.grad = (g0 + g1) / 2
         opt.step()
-    for name, value in net.state_dict().items():
+    final = dict(enumerate(net.parameters())) if by_order else net.state_dict()
+    for name, value in final.items():
         for rec in recs:
-            np.testing.assert_allclose(rec[f"{prefix}_final_{name}"], value.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(rec[f"{prefix}_final_{name}"], value.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _tensor(rec, key: str, step: int) -> torch.Tensor:
@@ -431,7 +439,8 @@ def test_autoencoder_two_ranks_step_on_the_mean_of_their_gradients(two_ranks, on
         out = net.decode(net.encode(_tensor(rec, "ae_noisy", step)))
         return reconstruction_loss("zinb", out, _tensor(rec, "ae_raw", step), _tensor(rec, "ae_sf", step))
 
-    _replay(recs, "ae", net, adam(net.parameters(), lr=worker.STEPS_LR, amsgrad=True), loss)
+    opt = adam(net.parameters(), lr=worker.STEPS_LR, amsgrad=True)
+    _replay(recs, "ae", net, opt, loss, key="raw", n_steps=worker.STEPS_N // worker.STEPS_BATCH)  # 2 epochs
 
 
 @needs_gloo
@@ -452,7 +461,57 @@ def test_scdeepcluster_two_ranks_step_on_the_mean_of_their_gradients(two_ranks, 
         recon = zinb_nll_logits(net.decode(z_noisy), _tensor(rec, "sdc_raw", step), _tensor(rec, "sdc_sf", step))
         return recon + gamma * kl_divergence(_tensor(rec, "sdc_p", step), soft_assign(z_clean, net.centroids))
 
-    _replay(recs, "sdc", net, torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95), loss)
+    opt = torch.optim.Adadelta(net.parameters(), lr=lr, rho=0.95)
+    _replay(recs, "sdc", net, opt, loss, key="raw", n_steps=worker.STEPS_N // worker.STEPS_BATCH)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_imap_two_ranks_agree_and_stage_one_steps_on_the_mean_of_their_gradients(two_ranks, one_torch_thread):
+    """tl.imap_integrate under 2 ranks: the same codes and corrected expression on both; replayed in one process,
+    stage I's first step is the Adam step on the mean of the two ranks' gradients (each rank's own mixup cells, its
+    BatchNorm on its own batch), not the step on either rank's own. One step only: Adam's first step moves every
+    weight by ±lr after the sign of its gradient, so a near-zero gradient whose rounding differs flips a weight,
+    and with β₁ = 0.5 such flips grow over later steps; all but a few weights must agree."""
+    from scembed._engine import imap as engine
+
+    recs = [np.load(two_ranks / f"steps_rank{r}.npz") for r in (0, 1)]
+    for key in ("imap_codes", "imap_layer"):
+        np.testing.assert_array_equal(recs[0][key], recs[1][key])
+        assert np.isfinite(recs[0][key]).all()
+    lambda_recon, lambda_content, lr = (float(v) for v in recs[0]["imap_initial_settings"])
+    n_params = sum(1 for k in recs[0].files if k.startswith("imap_initial_")) - 1
+    start = [torch.from_numpy(recs[0][f"imap_initial_{i}"]) for i in range(n_params)]
+    after = [recs[0][f"imap_final_{i}"] for i in range(n_params)]
+    for i in range(n_params):  # the same start and first step on both ranks
+        np.testing.assert_array_equal(recs[0][f"imap_initial_{i}"], recs[1][f"imap_initial_{i}"])
+        np.testing.assert_array_equal(after[i], recs[1][f"imap_final_{i}"])
+
+    def first_step(ranks: tuple[int, ...]) -> list[np.ndarray]:
+        encoder, decoder = engine.make_encoder(40, 8), engine.BatchDecoder(8, 2, 40)
+        params = [*encoder.parameters(), *decoder.parameters()]
+        with torch.no_grad():
+            for q, value in zip(params, start, strict=True):
+                q.copy_(value)
+        grads = []
+        for r in ranks:
+            encoder.zero_grad(set_to_none=True)
+            decoder.zero_grad(set_to_none=True)
+            x, batch, other = (_tensor(recs[r], f"imap_{name}", 0) for name in ("x", "batch", "other"))
+            recon, content = engine.stage1_losses(encoder, decoder, x, batch, other)
+            (lambda_recon * recon + lambda_content * content).backward()
+            grads.append([q.grad.clone() for q in params])
+        for q, *gs in zip(params, *grads, strict=True):
+            q.grad = sum(gs) / len(gs)
+        engine._adam(params, lr).step()
+        return [q.detach().numpy() for q in params]
+
+    def agreement(replayed: list[np.ndarray]) -> float:
+        same = sum(int(np.isclose(a, b, rtol=1e-5, atol=1e-7).sum()) for a, b in zip(after, replayed, strict=True))
+        return same / sum(a.size for a in after)
+
+    assert agreement(first_step((0, 1))) > 0.999
+    assert agreement(first_step((0,))) < 0.9 and agreement(first_step((1,))) < 0.9
 
 
 def _check_reads(reads: list[np.ndarray], n: int, block: int, per_pass: int, n_epochs: int) -> None:
