@@ -206,7 +206,7 @@ class time_steps:
     """Time every optimiser step of ``train_autoencoder`` (the autoencoder, scDeepCluster's pretraining).
 
     Wraps the engine's ``adam`` so that its first optimiser gets a step pre-hook registered before the gradient
-    averaging (which ``train_autoencoder`` adds afterwards) and a post-hook; the engine's ``sync_gradients`` is
+    averaging (which ``train_autoencoder`` adds afterwards) and a post-hook; the engine's ``averaged_gradients`` is
     called with ``overlap`` as given.
     """
 
@@ -214,7 +214,7 @@ class time_steps:
         self.before: list[float] = []
         self.after: list[float] = []
         self.timed = False
-        adam, sync = engine.adam, engine.sync_gradients
+        adam, averaged = engine.adam, engine.averaged_gradients
 
         def timed_adam(params, **kwargs):
             opt = adam(params, **kwargs)
@@ -225,7 +225,7 @@ class time_steps:
             return opt
 
         engine.adam = timed_adam
-        engine.sync_gradients = lambda opt, **_: sync(opt, overlap=overlap)
+        engine.averaged_gradients = lambda opt, **_: averaged(opt, overlap=overlap)
 
     def summary(self) -> dict:
         before, after = np.asarray(self.before), np.asarray(self.after)

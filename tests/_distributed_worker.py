@@ -92,11 +92,8 @@ def overlapped_sgd(rank: int) -> tuple[dict[str, np.ndarray], str]:
 
     net = overlap_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    threshold, distributed.EARLY_GRAD_BYTES = distributed.EARLY_GRAD_BYTES, OVERLAP_BYTES
-    try:
+    with mock.patch.object(distributed, "EARLY_GRAD_BYTES", OVERLAP_BYTES):
         handle = distributed.sync_gradients(opt, overlap=True)
-    finally:
-        distributed.EARLY_GRAD_BYTES = threshold
     for step in range(OVERLAP_STEPS):
         opt.zero_grad(set_to_none=True)
         net(overlap_batch(rank, step)).square().mean().backward()
@@ -333,7 +330,7 @@ def imap_steps() -> dict[str, np.ndarray]:
 
     def spy_train(*args, **kwargs):
         encoder, decoder, history = train_stage1(*args, **kwargs)
-        weights = [kwargs.get("lambda_recon", 1.0), kwargs.get("lambda_content", 3.0)]
+        weights = [kwargs["lambda_recon"], kwargs["lambda_content"]]  # as tl.imap_integrate passes them
         record["initial"]["settings"] = np.asarray([*weights, record["initial"]["settings"][0]])
         return encoder, decoder, history
 

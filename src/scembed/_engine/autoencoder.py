@@ -22,11 +22,11 @@ from .counts import CountData, epoch_batches, training_blocks
 from .distributed import (
     all_gather_rows,
     all_reduce_sum,
+    averaged_gradients,
     broadcast_module_,
     check_same_across_ranks,
     rank_generator,
     shard,
-    sync_gradients,
     world,
 )
 from .mmd import BatchPenalty
@@ -256,8 +256,7 @@ def train_autoencoder(
         return out
 
     # under torchrun: the wide layers' gradients are averaged while the backward pass goes on (one backward per step)
-    gradient_sync = sync_gradients(opt, overlap=True)
-    try:
+    with averaged_gradients(opt, overlap=True):
         return train(
             step,
             max_epochs,
@@ -268,9 +267,6 @@ def train_autoencoder(
             module=net,
             keep_best=validate,
         )
-    finally:
-        if gradient_sync is not None:
-            gradient_sync.remove()  # the parameters' hooks, before another optimiser trains them
 
 
 def _twice(onehot: torch.Tensor | None) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ Where the collectives live
   and a generator with a gradient penalty (double backward), scDeepCluster recomputes targets on all cells
   between steps. One flat all-reduce per step just before the update is correct for all of them. The count
   autoencoder's two trainers (``train_autoencoder``, scDeepCluster's clustering), which call ``backward`` once per
-  step, also get DDP's overlap of communication with the backward pass: ``sync_gradients(opt, overlap=True)``
+  step, also get DDP's overlap of communication with the backward pass: ``averaged_gradients(opt, overlap=True)``
   all-reduces each gradient of at least :data:`EARLY_GRAD_BYTES` in place as soon as the backward pass has
   produced it (their gene-wide heads and input layer: 8.4 MB at 2,000 genes). NeuralEE's gradients are small
   (~24k parameters, 95 kB per step) and iMAP's generator step also accumulates the critic's gradients, so both keep
@@ -36,7 +36,7 @@ Where the collectives live
   :func:`all_gather_rows`. Draws that should differ per rank (denoising noise, the shuffles within a read, iMAP's
   mixup and pool samples) come from :func:`rank_generator`.
   scDeepCluster's DEC targets come from :func:`dec_assignments` (cluster sums all-reduced), its initial centres
-  from :func:`on_main`; its Adadelta optimiser calls :func:`sync_gradients` itself. :func:`knn_affinities`
+  from :func:`on_main`; its Adadelta optimiser is averaged by :func:`averaged_gradients` itself. :func:`knn_affinities`
   splits the rows of the affinity computation (``compute_affinities``: ``pp.affinity`` and the affinities
   ``tl.ee`` and ``tl.neuralee`` compute).
 - BatchNorm: each rank normalises with its own batch's statistics while training (no synchronised BatchNorm).
@@ -57,10 +57,11 @@ hanging. ``SCEMBED_DISTRIBUTED=0`` makes scembed ignore ``torchrun``'s variables
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,10 +359,20 @@ def sync_gradients(optimizer: torch.optim.Optimizer, *, overlap: bool = False) -
             if work is not None:
                 work.wait()
                 p.grad /= w.size
-        started.clear()
 
     handles.append(optimizer.register_step_pre_hook(hook))
     return _Handles(handles)
+
+
+@contextlib.contextmanager
+def averaged_gradients(optimizer: torch.optim.Optimizer, *, overlap: bool = False) -> Iterator[None]:
+    """:func:`sync_gradients` for the length of a training loop: every hook is removed when it ends (or raises)."""
+    handle = sync_gradients(optimizer, overlap=overlap)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class _Handles:

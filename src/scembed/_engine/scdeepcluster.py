@@ -39,7 +39,7 @@ from .counts import (
     select_genes_by_zero_rate,
     training_blocks,
 )
-from .distributed import dec_assignments, rank_generator, shard, sync_gradients
+from .distributed import averaged_gradients, dec_assignments, rank_generator, shard
 from .mmd import BatchPenalty
 from .training import train
 from .zinb import (
@@ -300,12 +300,8 @@ def cluster(
 
     # under torchrun (distributed.py): gradients averaged over ranks before each step, the wide layers' while the
     # backward pass goes on (one backward per step)
-    gradient_sync = sync_gradients(opt, overlap=True)
-    try:
+    with averaged_gradients(opt, overlap=True):
         history, _ = train(step, maxiter, desc="scDeepCluster clustering", show_progress=show_progress, stop=stop)
-    finally:
-        if gradient_sync is not None:
-            gradient_sync.remove()
     history["delta_label"] = deltas
     return history, bool(state["converged"])
 
