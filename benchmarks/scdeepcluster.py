@@ -52,13 +52,18 @@ EXTRA_METHODS = ["scembed_k_float64"]
 ORIGINAL_METHODS = ["original_k", "original_auto"]
 #: reference figures of the original scDeepCluster_pytorch on pbmc_10x_2100 at the reduced budget (50 / 200),
 #: measured outside this benchmark (one run each; the time on the same CPU class)
+#: what a budget (``--quick``, ``--pretrain-epochs``, ``--maxiter``) means here: the original's fixed schedule,
+#: every cell and every pretraining epoch (the package's default stops pretraining on held-out cells)
+FIXED_SCHEDULE = {"validation_fraction": 0.0, "patience": None}
 REFERENCE_ORIGINAL = {
     ("pbmc_10x_2100", "auto"): {"ari": 0.633, "nmi": 0.734, "time": 180.0},
     ("pbmc_10x_2100", "k"): {"ari": 0.787, "nmi": 0.786},
 }
 
 
-def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, threads: int) -> dict:
+def worker(
+    method: str, dataset: str, seed: int, pretrain: int, maxiter: int, threads: int, options: dict | None = None
+) -> dict:
     import anndata as ad
     import torch
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -94,10 +99,14 @@ def worker(method: str, dataset: str, seed: int, pretrain: int, maxiter: int, th
 
             engine.CountData.batch = as_float64
         k = k_true if method.startswith("scembed_k") else 0
-        se.tl.scdeepcluster(adata, k, max_epochs=(pretrain, maxiter), random_state=seed, device="cpu")
+        # a budget is the original's fixed schedule (every cell, every epoch); --scembed-options change the call,
+        # e.g. '{"max_epochs": null, "validation_fraction": 0.1, "patience": 20}' for the package's defaults
+        settings = {**FIXED_SCHEDULE, "max_epochs": (pretrain, maxiter), **(options or {})}
+        se.tl.scdeepcluster(adata, k, random_state=seed, device="cpu", **settings)
         labels = adata.obs["scdeepcluster"].astype(str).to_numpy()
         u = adata.uns["scdeepcluster"]
         out.update(k=u["n_clusters"], epochs=u["n_epochs_cluster"], converged=bool(u["converged"]))
+        out["epochs_pretrain"] = int(u["n_epochs_pretrain"])
         out["time_pretrain"] = float(u["time"]["pretrain"])  # the stage alone (the original glue's includes reading)
     else:
         import scanpy as sc
@@ -138,7 +147,7 @@ def resolution_sweep(
     truth = adata.obs["celltype"].astype(str).to_numpy()
     k_true = len(set(truth))
     # K given and no clustering epochs: the latent space written is the pretrained one
-    se.tl.scdeepcluster(adata, k_true, max_epochs=(pretrain, 0), random_state=seed, device="cpu")
+    se.tl.scdeepcluster(adata, k_true, max_epochs=(pretrain, 0), random_state=seed, device="cpu", **FIXED_SCHEDULE)
     z = adata.obsm["X_scdeepcluster"]
     params = adata.uns["scdeepcluster"]["params"]
     knn = params.get("n_neighbors", params.get("knn"))  # renamed n_neighbors
@@ -183,7 +192,7 @@ def k_seed_consensus(datasets: list[str], seeds: list[int], pretrain: int, threa
         latents, knn = [], None
         for seed in seeds:
             a = adata.copy()
-            se.tl.scdeepcluster(a, k_true, max_epochs=(pretrain, 0), random_state=seed, device="cpu")
+            se.tl.scdeepcluster(a, k_true, max_epochs=(pretrain, 0), random_state=seed, device="cpu", **FIXED_SCHEDULE)
             latents.append(a.obsm["X_scdeepcluster"])
             params = a.uns["scdeepcluster"]["params"]
             knn = params.get("n_neighbors", params.get("knn"))
@@ -280,11 +289,304 @@ def k_rules(z: np.ndarray, truth: np.ndarray, knn: int, seed: int) -> dict:
     return out
 
 
+#: pretraining settings ``--pretrain-curve --options`` may change (tl.scdeepcluster's names; ``scale``: the engine's)
+CURVE_OPTIONS = ("noise", "n_latent", "hidden", "batch_size", "lr", "scale", "n_top_genes")
+
+
+def pretrain_curve(dataset: str, seed: int, epochs: int, every: int, threads: int, options: dict) -> dict:
+    """Quality of the latent space along pretraining: KMeans (true K) and Leiden (resolution 0.2) on every cell's
+    code every ``every`` epochs, with the held-out loss of 10 % of the cells that pretraining does not see.
+
+    The network, data and loop are tl.scdeepcluster's (``ZINBAutoencoder``, ``CountData.fit``,
+    ``train_autoencoder``), trained on 90 % of the cells so that the held-out loss can show over-fitting; no
+    stopping, so the whole curve is recorded. ``options`` change the pretraining settings (``CURVE_OPTIONS``).
+    """
+    import anndata as ad
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    import scembed as se
+    from scembed._engine import autoencoder as ae_engine
+    from scembed._engine import scdeepcluster as engine
+    from scembed._utils import seeded_torch
+    from scembed.tl._autoencoder import _genes
+
+    unknown = set(options) - set(CURVE_OPTIONS)
+    if unknown:
+        raise SystemExit(f"--options: unknown {sorted(unknown)}; known: {CURVE_OPTIONS}")
+    torch.set_num_threads(threads)
+    se.settings.progress = False
+    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+    truth = adata.obs["celltype"].astype(str).to_numpy()
+    k_true = len(set(truth))
+    X, genes, lib = _genes(adata, adata.X, "X", counts=True, n_top_genes=options.get("n_top_genes"))
+    data = engine.CountData.fit(X, genes, library=lib, scale=options.get("scale", "gene"))
+    train_rows, validation_rows = ae_engine.split_validation(adata.n_obs, 0.1, seed)
+    dev = torch.device("cpu")
+    curve: list[dict] = []
+    train = ae_engine.train
+
+    def recording_train(step, n_epochs, **kw):
+        net = kw["module"]
+
+        def step_and_score(epoch: int):
+            out = step(epoch)
+            if (epoch + 1) % every == 0 or epoch == 0:
+                z = engine.embed(net.eval(), data, dev)
+                net.train()
+                km = KMeans(k_true, n_init=20, random_state=seed).fit_predict(z)
+                leiden = engine.leiden_labels(z, knn=20, resolution=0.2, random_state=seed)
+                curve.append(
+                    {
+                        "epoch": epoch + 1,
+                        "loss": float(out["loss"]),
+                        "validation_loss": float(out["validation_loss"]),
+                        "ari_kmeans": float(adjusted_rand_score(truth, km)),
+                        "k_leiden": int(leiden.max() + 1),
+                        "ari_leiden": float(adjusted_rand_score(truth, leiden)),
+                    }
+                )
+            return out
+
+        return train(step_and_score, n_epochs, **kw)
+
+    ae_engine.train = recording_train
+    try:
+        with seeded_torch(seed, dev) as noise_gen:
+            net = engine.ZINBAutoencoder(
+                len(genes), options.get("n_latent", 32), tuple(options.get("hidden", (256, 64))), 0
+            )
+            history, _ = ae_engine.train_autoencoder(
+                net,
+                data,
+                max_epochs=epochs,
+                batch_size=options.get("batch_size", 256),
+                noise=options.get("noise", 2.5),
+                lr=options.get("lr", 1e-3),
+                device=dev,
+                generator=torch.Generator().manual_seed(seed),
+                noise_generator=noise_gen,
+                train_rows=train_rows,
+                validation_rows=validation_rows,
+                validation_seed=seed,
+                show_progress=False,
+            )
+    finally:
+        ae_engine.train = train
+    best = int(np.argmin(history["validation_loss"])) + 1
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "k_true": k_true,
+        "options": options,
+        "best_epoch": best,
+        "validation_loss": history["validation_loss"],
+        "curve": curve,
+    }
+
+
+def curve_table(
+    datasets: list[str], seeds: list[int], epochs: int, every: int, threads: int, options: dict, json_path: Path | None
+) -> None:
+    """``--pretrain-curve``: one row per (data set, seed) and checkpoint column; then the means over seeds."""
+    rows = []
+    marks = sorted({m for m in (every, 50, 100, 150, 200, 300, epochs) if m <= epochs and m % every == 0})
+    print(f"pretraining up to {epochs} epochs on 90 % of the cells, options {json.dumps(options)}; seeds {seeds}")
+    print("KMeans (true K) ARI of the latent space at epoch …; 'best held-out': the epoch of the lowest held-out loss")
+    print("| data set | seed | " + " | ".join(str(m) for m in marks) + " | best held-out (epoch) | max (epoch) |")
+    print("| --- | --- |" + " --- |" * (len(marks) + 2))
+    for dataset in datasets:
+        for seed in seeds:
+            r = pretrain_curve(dataset, seed, epochs, every, threads, options)
+            rows.append(r)
+            write_json(json_path, rows, script="scdeepcluster --pretrain-curve", epochs=epochs, options=options)
+            at = {c["epoch"]: c for c in r["curve"]}
+            nearest = min(at, key=lambda e: abs(e - r["best_epoch"]))
+            top = max(r["curve"], key=lambda c: c["ari_kmeans"])
+            cells = [f"{at[m]['ari_kmeans']:.3f}" if m in at else "–" for m in marks]
+            print(
+                f"| {dataset} | {seed} | {' | '.join(cells)} | {at[nearest]['ari_kmeans']:.3f} ({r['best_epoch']}) "
+                f"| {top['ari_kmeans']:.3f} ({top['epoch']}) |",
+                flush=True,
+            )
+
+
+def cluster_curve(
+    dataset: str, seed: int, checkpoints: list[int], lrs: list[float], maxiter: int, threads: int
+) -> list[dict]:
+    """The clustering stage started from the pretrained network at several pretraining lengths and learning rates.
+
+    As tl.scdeepcluster with K given (all cells, its data, network, KMeans start and ``engine.cluster``), with the
+    ARI of the labels after every clustering epoch recorded: the start (KMeans on the latent space), the end (where
+    the ``tol`` rule stops), and the best epoch, which only the true labels can pick (the model selection of the
+    DANCE re-implementation, whose published figures take the epoch of the highest ARI). One pretraining per
+    (data set, seed), its weights kept at every checkpoint; every clustering run gets the same fresh generators.
+    """
+    import copy
+
+    import anndata as ad
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+
+    import scembed as se
+    from scembed._engine import autoencoder as ae_engine
+    from scembed._engine import scdeepcluster as engine
+    from scembed._utils import seeded_torch
+    from scembed.tl._autoencoder import _genes
+
+    torch.set_num_threads(threads)
+    se.settings.progress = False
+    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+    truth = adata.obs["celltype"].astype(str).to_numpy()
+    k_true = len(set(truth))
+    X, genes, lib = _genes(adata, adata.X, "X", counts=True, n_top_genes=None)
+    data = engine.CountData.fit(X, genes, library=lib, standardize_per_batch=True)
+    dev = torch.device("cpu")
+    saved: dict[int, dict] = {}
+    train = ae_engine.train
+
+    def saving_train(step, n_epochs, **kw):
+        def step_and_save(epoch: int):
+            out = step(epoch)
+            if epoch + 1 in checkpoints:
+                saved[epoch + 1] = copy.deepcopy(kw["module"].state_dict())
+            return out
+
+        return train(step_and_save, n_epochs, **kw)
+
+    ae_engine.train = saving_train
+    try:
+        with seeded_torch(seed, dev) as noise_gen:
+            net = engine.ZINBAutoencoder(len(genes), 32, (256, 64), 0)
+            engine.pretrain(
+                net,
+                data,
+                epochs=max(checkpoints),
+                batch_size=256,
+                sigma=2.5,
+                device=dev,
+                generator=torch.Generator().manual_seed(seed),
+                noise_generator=noise_gen,
+            )
+    finally:
+        ae_engine.train = train
+    rows = []
+    for epochs in checkpoints:
+        for lr in lrs:
+            net = engine.ZINBAutoencoder(len(genes), 32, (256, 64), 0)
+            net.load_state_dict(saved[epochs])
+            z0 = engine.embed(net.eval(), data, dev)
+            labels, centroids = engine.initial_clusters(z0, k_true, random_state=seed)
+            net.set_centroids(torch.from_numpy(centroids))
+            aris = [float(adjusted_rand_score(truth, labels))]
+            train_cluster = engine.train
+
+            def scoring_train(step, n_epochs, net=net, aris=aris, train_cluster=train_cluster, **kw):
+                def step_and_score(epoch: int):
+                    out = step(epoch)
+                    _, q = engine.infer(net, data, dev)
+                    aris.append(float(adjusted_rand_score(truth, q.argmax(1))))
+                    return out
+
+                return train_cluster(step_and_score, n_epochs, **kw)
+
+            engine.train = scoring_train
+            try:
+                with seeded_torch(seed + 1, dev) as noise_gen:
+                    _, converged = engine.cluster(
+                        net,
+                        data,
+                        labels,
+                        maxiter=maxiter,
+                        batch_size=256,
+                        sigma=2.5,
+                        gamma=1.0,
+                        update_interval=1,
+                        tol=1e-3,
+                        lr=lr,
+                        device=dev,
+                        generator=torch.Generator().manual_seed(seed + 1),
+                        noise_generator=noise_gen,
+                    )
+            finally:
+                engine.train = train_cluster
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "seed": seed,
+                    "k_true": k_true,
+                    "pretrain_epochs": epochs,
+                    "lr": lr,
+                    "ari_init": aris[0],
+                    "ari_end": aris[-1],
+                    "ari_best": max(aris),
+                    "best_epoch": int(np.argmax(aris)),
+                    "epochs": len(aris) - 1,
+                    "converged": converged,
+                    "aris": aris,
+                }
+            )
+    return rows
+
+
+def cluster_curve_table(
+    datasets: list[str],
+    seeds: list[int],
+    checkpoints: list[int],
+    lrs: list[float],
+    maxiter: int,
+    threads: int,
+    json_path: Path | None,
+) -> None:
+    """``--cluster-curve``: ARI at the start, end and best epoch of the clustering stage, one row per run."""
+    rows = []
+    print(
+        f"clustering stage from pretraining checkpoints {checkpoints}, Adadelta lr {lrs}, maxiter {maxiter}, "
+        f"tol 1e-3; seeds {seeds}; 'best (label-picked)' uses the true labels, as DANCE's model selection does"
+    )
+    print(
+        "| data set | seed | pretraining epochs | lr | ARI at start (KMeans) | ARI at the end | epochs | "
+        "best (label-picked) | its epoch |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dataset in datasets:
+        for seed in seeds:
+            for r in cluster_curve(dataset, seed, checkpoints, lrs, maxiter, threads):
+                rows.append(r)
+                print(
+                    f"| {dataset} | {seed} | {r['pretrain_epochs']} | {r['lr']:g} | {r['ari_init']:.3f} | "
+                    f"{r['ari_end']:.3f} | {r['epochs']} | {r['ari_best']:.3f} | {r['best_epoch']} |",
+                    flush=True,
+                )
+            write_json(
+                json_path,
+                rows,
+                script="scdeepcluster --cluster-curve",
+                checkpoints=checkpoints,
+                lrs=lrs,
+                maxiter=maxiter,
+            )
+    print("\nmeans over seeds:")
+    print("| data set | pretraining epochs | lr | start | end | best (label-picked) | epochs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dataset in datasets:
+        for epochs in checkpoints:
+            for lr in lrs:
+                sel = [r for r in rows if (r["dataset"], r["pretrain_epochs"], r["lr"]) == (dataset, epochs, lr)]
+                mean = {k: np.mean([r[k] for r in sel]) for k in ("ari_init", "ari_end", "ari_best", "epochs")}
+                print(
+                    f"| {dataset} | {epochs} | {lr:g} | {fmt([r['ari_init'] for r in sel])} | "
+                    f"{fmt([r['ari_end'] for r in sel])} | {fmt([r['ari_best'] for r in sel])} | "
+                    f"{mean['epochs']:.0f} |"
+                )
+
+
 def run_method(
     args: list[str], threads: int, original_dir: Path | None, original_python: str | None
 ) -> tuple[dict, float]:
     """One (method, data set, seed) in a fresh process: its JSON result and its peak RSS in MiB."""
-    method, dataset, seed, pretrain, maxiter, _ = args
+    method, dataset, seed, pretrain, maxiter = args[:5]
     command, path = script_command(__file__, "--worker", *args), None
     if method in ORIGINAL_METHODS:  # its own interpreter, with the original's code first on the path
         if original_dir is None:
@@ -317,7 +619,9 @@ def scale(n_cells: int, n_genes: int, epochs: int, device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    se.tl.scdeepcluster(adata, 10, max_epochs=(epochs, epochs), tol=0.0, device=device, batch_size=4096)
+    se.tl.scdeepcluster(
+        adata, 10, max_epochs=(epochs, epochs), tol=0.0, device=device, batch_size=4096, **FIXED_SCHEDULE
+    )
     total = time.perf_counter() - t0
     u = adata.uns["scdeepcluster"]
     print(
@@ -499,7 +803,13 @@ def batch_data(dataset: str, seed: int):
 
 
 def batch_run(
-    method: str, dataset: str, seed: int, pretrain: int, maxiter: int, n_top_genes: int | None = None
+    method: str,
+    dataset: str,
+    seed: int,
+    pretrain: int,
+    maxiter: int,
+    n_top_genes: int | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Embedding and clusters of one method: scDeepCluster with ``n_clusters=0`` (batch-aware with its default
     penalty or none, or without the batch), tl.autoencoder (the same) followed by Leiden, or Leiden (the same
@@ -513,10 +823,8 @@ def batch_run(
     penalty = {"batch_penalty": 0.0} if method.endswith("_nopenalty") else {}
     out: dict = {}
     if method.startswith("scembed"):
-        se.tl.scdeepcluster(
-            adata, 0, batch_key=key, max_epochs=(pretrain, maxiter), n_top_genes=n_top_genes, random_state=seed,
-            **penalty,
-        )  # fmt: skip
+        settings = {**FIXED_SCHEDULE, "max_epochs": (pretrain, maxiter), **penalty, **(options or {})}
+        se.tl.scdeepcluster(adata, 0, batch_key=key, n_top_genes=n_top_genes, random_state=seed, **settings)
         emb, clusters = adata.obsm["X_scdeepcluster"], adata.obs["scdeepcluster"].to_numpy()
         out["time"] = sum(adata.uns["scdeepcluster"]["time"].values())
     elif method.startswith("autoencoder"):
@@ -559,6 +867,7 @@ def batch_table(
     maxiter: int,
     n_top_genes: int | None = None,
     json_path: Path | None = None,
+    options: dict | None = None,
 ) -> None:
     """Batch mixing and conservation of the types: iLISI, kBET, other-batch share among 30-NN, ARI, K, batch
     entropy within the clusters; one row per (data set, method), the seeds' values side by side."""
@@ -572,12 +881,14 @@ def batch_table(
     se.settings.progress = False
     genes = "every gene with counts" if n_top_genes is None else f"n_top_genes={n_top_genes}"
     print(f"budget: max_epochs=({pretrain}, {maxiter}), {genes} (scembed); seeds {seeds}")
+    if options:
+        print(f"scembed: tl.scdeepcluster(..., **{json.dumps(options)})")
     lines, rows = [], []
     for dataset in datasets:
         for method in methods:
             cols: dict[str, list] = {}
             for seed in seeds:
-                r = batch_run(method, dataset, seed, pretrain, maxiter, n_top_genes)
+                r = batch_run(method, dataset, seed, pretrain, maxiter, n_top_genes, options)
                 batch, types = np.asarray(r["batch"]).astype(str), np.asarray(r["types"]).astype(str)
                 values = {
                     "ilisi": ilisi(r["emb"], batch),
@@ -594,7 +905,14 @@ def batch_table(
                     cols.setdefault(key, []).append(float(v))
                 k_true = len(np.unique(types))
             rows.append({"dataset": dataset, "method": method, "k_true": k_true, "seeds": seeds, **cols})
-            write_json(json_path, rows, script="scdeepcluster --batch", max_epochs=[pretrain, maxiter], seeds=seeds)
+            write_json(
+                json_path,
+                rows,
+                script="scdeepcluster --batch",
+                max_epochs=[pretrain, maxiter],
+                seeds=seeds,
+                scembed_options=options or {},
+            )
             cells = [" / ".join(f"{v:.2f}" for v in cols[key]) for key in ("ilisi", "kbet", "other", "ari")]
             ks = "/".join(str(int(k)) for k in cols["k"])
             entropy = " / ".join(f"{v:.2f}" for v in cols["entropy"])
@@ -656,11 +974,31 @@ def main() -> None:
         action="store_true",
         help="batch mixing: scDeepCluster with batch_key vs without, uncorrected PCA and Harmony (iLISI, kBET, ARI, K)",
     )
-    parser.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pretrain-curve",
+        action="store_true",
+        help="KMeans/Leiden quality of the latent space and held-out loss along pretraining (--pretrain-epochs)",
+    )
+    parser.add_argument("--every", type=int, default=10, help="--pretrain-curve: epochs between checkpoints")
+    parser.add_argument("--options", default="{}", help="--pretrain-curve: JSON of pretraining settings to change")
+    parser.add_argument(
+        "--cluster-curve",
+        action="store_true",
+        help="ARI along the clustering stage from pretraining --checkpoints, Adadelta --cluster-lrs (K given)",
+    )
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[50, 300])
+    parser.add_argument("--cluster-lrs", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument(
+        "--scembed-options",
+        default=None,
+        help="JSON of tl.scdeepcluster keywords for the scembed methods, e.g. '{\"max_epochs\": null}'",
+    )
+    parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        method, dataset, seed, pretrain, maxiter, threads = args.worker
-        print(json.dumps(worker(method, dataset, int(seed), int(pretrain), int(maxiter), int(threads))))
+        method, dataset, seed, pretrain, maxiter, threads = args.worker[:6]
+        options = json.loads(args.worker[6]) if len(args.worker) > 6 else None
+        print(json.dumps(worker(method, dataset, int(seed), int(pretrain), int(maxiter), int(threads), options)))
         return
     if args.step_compare:
         step_compare(args.datasets[0], args.threads)
@@ -686,7 +1024,14 @@ def main() -> None:
     if args.batch:
         datasets = BATCH_DATASETS if args.datasets == DATASETS else args.datasets
         methods = BATCH_METHODS if args.methods == METHODS else args.methods
-        batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json)
+        options = json.loads(args.scembed_options or "{}")
+        batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json, options)
+        return
+    if args.cluster_curve:
+        cluster_curve_table(args.datasets, seeds, args.checkpoints, args.cluster_lrs, maxiter, args.threads, args.json)
+        return
+    if args.pretrain_curve:
+        curve_table(args.datasets, seeds, pretrain, args.every, args.threads, json.loads(args.options), args.json)
         return
     if args.k_seed_consensus:
         k_seed_consensus(args.datasets, seeds, pretrain, args.threads, args.json)
@@ -714,13 +1059,16 @@ def main() -> None:
         write_json(args.json, rows, script="scdeepcluster --k-rules", threads=args.threads)
         return
     print(f"budget: max_epochs=({pretrain}, {maxiter}); seeds {seeds}; {args.threads} thread(s)")
+    if args.scembed_options:
+        print(f"scembed: tl.scdeepcluster(..., **{args.scembed_options})")
     rows = []
     for dataset in args.datasets:
         for method in args.methods:
             runs = []
             for seed in seeds:
+                extra = [args.scembed_options] if args.scembed_options and method.startswith("scembed") else []
                 res, rss = run_method(
-                    [method, dataset, str(seed), str(pretrain), str(maxiter), str(args.threads)],
+                    [method, dataset, str(seed), str(pretrain), str(maxiter), str(args.threads), *extra],
                     args.threads,
                     None if args.original_dir is None else Path(args.original_dir),
                     args.original_python,
@@ -730,7 +1078,14 @@ def main() -> None:
                 print(f"  {dataset} {method} seed {seed}: {res}", flush=True)
             rows.append({"dataset": dataset, "method": method, "runs": runs})
             # written as it goes: a long run that is stopped keeps what it finished
-            write_json(args.json, rows, script="scdeepcluster", max_epochs=[pretrain, maxiter], threads=args.threads)
+            write_json(
+                args.json,
+                rows,
+                script="scdeepcluster",
+                max_epochs=[pretrain, maxiter],
+                threads=args.threads,
+                scembed_options=json.loads(args.scembed_options or "{}"),
+            )
     report(rows, pretrain, maxiter)
 
 
