@@ -96,6 +96,11 @@ def _add_over_ranks(*arrays: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _row_sums(block) -> np.ndarray:
+    """Sum of every row, accumulated in float64 (sparse or dense, any real dtype)."""
+    return np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+
+
 def library_sizes(X, genes: np.ndarray | None = None, *, across_ranks: bool = False) -> np.ndarray:
     """Total counts per cell (float64) over ``genes`` (default: all), read in row slices, never densifying.
 
@@ -103,7 +108,8 @@ def library_sizes(X, genes: np.ndarray | None = None, *, across_ranks: bool = Fa
     sizes of all cells (a collective: call it on every rank).
     """
     own = _own_rows(X.shape[0], across_ranks)
-    parts = [np.asarray(_read(X, rows, genes).sum(1), dtype=np.float64).ravel() for rows in _slices(own, INFER_BATCH)]
+    # summed in float64 whatever the input's dtype (a float16 sum rounds library sizes of a few thousand counts)
+    parts = [_row_sums(_read(X, rows, genes)) for rows in _slices(own, INFER_BATCH)]
     lib = np.concatenate(parts) if parts else np.zeros(0)
     return all_gather_rows(lib) if across_ranks else lib
 
@@ -140,7 +146,7 @@ def scan(X, *, log2: bool = False, moments: bool = False, across_ranks: bool = T
     for rows in _slices(own, INFER_BATCH):
         block = _read(X, rows)
         facts += ValueFacts.of(block)
-        library[rows.start - own.start : rows.stop - own.start] = np.asarray(block.sum(1), dtype=np.float64).ravel()
+        library[rows.start - own.start : rows.stop - own.start] = _row_sums(block)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if sparse.issparse(block):
                 block = sparse.csr_matrix(block, dtype=np.float64)
