@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -239,7 +240,7 @@ def write_json(path: str | Path | None, rows: list[dict], **meta: Any) -> None:
     if path is None:
         return
     info = {
-        "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "command": shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),  # pastable
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         **meta,

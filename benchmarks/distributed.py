@@ -169,9 +169,10 @@ def counts_worker(folder: Path, out: Path, opts: dict) -> None:
         key, rec = "X_autoencoder", a.uns["autoencoder"]
         n_epochs, final_loss = int(rec["n_epochs"]), float(rec["history"]["loss"][-1])
     else:
-        se.tl.scdeepcluster(
-            a, n_clusters=8, max_epochs=(epochs, epochs), tol=0.0, random_state=0, show_progress=False, device="cpu"
-        )
+        se.tl.scdeepcluster(  # every epoch on every cell (no held-out stop): the epochs timed are the same ones
+            a, n_clusters=8, max_epochs=(epochs, epochs), tol=0.0, validation_fraction=0.0, patience=None,
+            random_state=0, show_progress=False, device="cpu",
+        )  # fmt: skip
         key, rec = "X_scdeepcluster", a.uns["scdeepcluster"]
         n_epochs = int(rec["n_epochs_pretrain"]) + int(rec["n_epochs_cluster"])
         final_loss = float(rec["history"]["cluster_loss"][-1])

@@ -149,6 +149,24 @@ def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim, batched
     assert len(hist.get("batch_mmd", [])) == (epochs if batched else 0)
 
 
+def test_scdeepcluster_early_stopped_pretraining_is_the_autoencoders(sim):
+    # with held-out cells, tl.scdeepcluster's pretraining stops where tl.autoencoder (same engine, same settings)
+    # stops, on the same held-out loss, and keeps the same best weights: identical latent coordinates and curves
+    settings = dict(hidden=(32, 16), batch_size=64, validation_fraction=0.2, patience=5, random_state=5)
+    a, b = sim.copy(), sim.copy()
+    se.tl.scdeepcluster(a, 4, n_latent=6, max_epochs=(100, 0), show_progress=False, **settings)
+    se.tl.autoencoder(b, 6, scale="gene", max_epochs=100, show_progress=False, **settings)
+    ours, theirs = a.uns["scdeepcluster"], b.uns["autoencoder"]
+    assert ours["n_epochs_pretrain"] == theirs["n_epochs"] < 100  # stopped early
+    assert ours["history"]["pretrain_validation_zinb"] == theirs["history"]["validation_loss"]
+    assert ours["history"]["pretrain_zinb"] == theirs["history"]["loss"]
+    np.testing.assert_array_equal(a.obsm["X_scdeepcluster"], b.obsm["X_autoencoder"])
+    # the weights kept are the best epoch's, not the last: its held-out loss is the curve's minimum
+    best = theirs["best_epoch"]
+    assert best < theirs["n_epochs"] - 1
+    assert theirs["history"]["validation_loss"][best] == min(theirs["history"]["validation_loss"])
+
+
 def _old_fuzzy_connectivities(indices, distances, n_neighbors):
     # the hand-written UMAP fuzzy graph that scembed used before scanpy's (reference for the Leiden labels)
     n, k = indices.shape

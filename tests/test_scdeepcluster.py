@@ -236,7 +236,9 @@ def test_clusters_simulated_types(fitted, sim):
     assert proba.shape == (400, 4)
     np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-5)
     np.testing.assert_array_equal(proba.argmax(1).astype(str), adata.obs["scdeepcluster"].astype(str))
-    assert set(u["history"]) == {"pretrain_zinb", "cluster_loss", "cluster_zinb", "cluster_kl"}
+    curves = {"pretrain_zinb", "pretrain_validation_zinb", "cluster_loss", "cluster_zinb", "cluster_kl"}
+    assert set(u["history"]) == curves  # with the default held-out cells, their loss too
+    assert len(u["history"]["pretrain_validation_zinb"]) == u["n_epochs_pretrain"]
     assert len(u["history"]["cluster_loss"]) == u["n_epochs_cluster"] and len(u["delta_label"]) >= 1
     assert u["params"]["max_epochs"] == [25, 40] and u["params"]["n_latent"] == 32
     assert len(u["history"]["pretrain_zinb"]) == 25
@@ -397,6 +399,73 @@ def test_one_stage_may_be_skipped_and_progress(sim, capfd):
     assert "scDeepCluster" not in capfd.readouterr().err
 
 
+# -------------------------------------------------------------------------------------------- pretraining stop
+def test_more_pretraining_epochs_do_not_change_an_early_stopped_result(sim):
+    # pretraining stops on the held-out loss: once the stop comes before the cap, a larger max_epochs[0] gives the
+    # same network, latent space and clusters (a fixed schedule, validation_fraction=0, trains on and changes them)
+    settings = dict(n_clusters=4, batch_size=128, validation_fraction=0.2, patience=3, random_state=0)
+    runs = {}
+    for cap in (150, 300):
+        a = sim.copy()
+        se.tl.scdeepcluster(a, max_epochs=(cap, 30), show_progress=False, **settings)
+        runs[cap] = a
+    u = runs[150].uns["scdeepcluster"]
+    assert u["n_epochs_pretrain"] < 150  # stopped on the held-out cells
+    assert len(u["history"]["pretrain_validation_zinb"]) == u["n_epochs_pretrain"]
+    np.testing.assert_array_equal(runs[150].obsm["X_scdeepcluster"], runs[300].obsm["X_scdeepcluster"])
+    np.testing.assert_array_equal(runs[150].obs["scdeepcluster"], runs[300].obs["scdeepcluster"])
+    fixed = {}
+    for cap in (30, 60):
+        a = sim.copy()
+        se.tl.scdeepcluster(
+            a, max_epochs=(cap, 30), show_progress=False, **{**settings, "validation_fraction": 0, "patience": None}
+        )
+        assert a.uns["scdeepcluster"]["n_epochs_pretrain"] == cap  # every epoch of the fixed schedule runs
+        assert "pretrain_validation_zinb" not in a.uns["scdeepcluster"]["history"]
+        fixed[cap] = a.obsm["X_scdeepcluster"]
+    assert not np.array_equal(fixed[30], fixed[60])
+
+
+def test_default_pretraining_budget_follows_n(sim):
+    # max_epochs=None: the autoencoder's budget, about 20,000 steps over the training cells (at most 400 epochs),
+    # the clustering stage at most 2,000 epochs; the resolved numbers are recorded
+    from scembed._engine.autoencoder import default_max_epochs
+
+    a = sim[:200].copy()
+    se.tl.scdeepcluster(a, 3, max_epochs=None, batch_size=64, patience=2, show_progress=False)
+    params = a.uns["scdeepcluster"]["params"]
+    n_train = 200 - round(0.1 * 200)
+    assert params["max_epochs"] == [default_max_epochs(n_train, 64), 2000]
+    assert (params["validation_fraction"], params["patience"]) == (0.1, 2)
+    assert a.uns["scdeepcluster"]["n_epochs_pretrain"] <= params["max_epochs"][0]
+
+
+def test_batch_penalty_keeps_the_fixed_pretraining_schedule():
+    # the held-out loss measures the reconstruction only: with a batch penalty acting, the defaults pretrain every
+    # cell for 300 epochs (the schedule the penalty was measured under); without one, or with the penalty off, the
+    # held-out stop and the autoencoder's budget; an explicit validation_fraction is honoured either way
+    from scembed._engine.autoencoder import default_max_epochs
+    from scembed.tl._scdeepcluster import _resolve_pretraining
+
+    def resolved(n_batches, penalty, fraction=None, max_epochs=(None, 2000)):
+        o = dict(validation_fraction=fraction, patience=20, batch_penalty=penalty, max_epochs=max_epochs,
+                 batch_size=256)  # fmt: skip
+        _resolve_pretraining(o, 1000, n_batches, 0)
+        return o["max_epochs"], o["validation_fraction"], o["patience"], len(o["rows"][1])
+
+    assert resolved(2, 1.0) == ((300, 2000), 0.0, None, 0)
+    assert resolved(2, 0.0) == ((default_max_epochs(900, 256), 2000), 0.1, 20, 100)
+    assert resolved(0, 1.0) == ((default_max_epochs(900, 256), 2000), 0.1, 20, 100)
+    assert resolved(2, 1.0, fraction=0.2) == ((default_max_epochs(800, 256), 2000), 0.2, 20, 200)
+    assert resolved(2, 1.0, max_epochs=(40, 10)) == ((40, 10), 0.0, None, 0)
+    # end to end: batches and the penalty, the given epochs all run on every cell
+    adata = se.datasets.simulate(120, 40, n_celltypes=2, n_batches=2, random_state=0)
+    se.tl.scdeepcluster(adata, 2, batch_key="batch", max_epochs=(6, 2), show_progress=False)
+    u = adata.uns["scdeepcluster"]
+    assert u["n_epochs_pretrain"] == 6 and "pretrain_validation_zinb" not in u["history"]
+    assert (u["params"]["validation_fraction"], u["params"]["patience"]) == (0.0, 0)
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 def _snapshot(adata: AnnData):
     return (set(adata.obs.columns), set(adata.obsm), set(adata.uns), adata.X.copy())
@@ -428,6 +497,10 @@ def _snapshot(adata: AnnData):
         (None, {"select_genes": 8}, TypeError, "`select_genes` was renamed `n_top_genes`"),
         (None, {"encoder": (8,)}, TypeError, "`encoder` was renamed `hidden`"),
         (None, {"resolution": 0}, ValueError, "resolution"),
+        (None, {"validation_fraction": 1.0}, ValueError, "validation_fraction"),
+        (None, {"validation_fraction": -0.1}, ValueError, "validation_fraction"),
+        (None, {"validation_fraction": "0.1"}, TypeError, "validation_fraction"),
+        (None, {"patience": 0}, ValueError, "patience"),
     ],
 )
 def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):

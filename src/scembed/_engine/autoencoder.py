@@ -293,11 +293,19 @@ def pretrain(
     max_epochs: int | None = None,
     noise: float | None = None,
     batch_penalty: float = 0.0,
+    train_rows: np.ndarray | None = None,
+    validation_rows: np.ndarray | None = None,
+    patience: int | None = None,
+    validation_seed: int = 0,
 ) -> dict[str, list[float]]:
-    """Pretrain scDeepCluster's network: :func:`train_autoencoder` on every cell for a fixed number of epochs.
+    """Pretrain scDeepCluster's network with :func:`train_autoencoder`.
+
+    On every cell for a fixed number of epochs (the original), or, with ``validation_rows``, on ``train_rows``
+    until the held-out loss has not improved for ``patience`` epochs, the weights of its best epoch kept.
 
     ``max_epochs``/``noise`` are the vocabulary's names of ``epochs``/``sigma`` (either may be given).
-    Returns the history with the loss under the likelihood's name (``{"zinb": [...]}``).
+    Returns the history with the loss under the likelihood's name (``{"zinb": [...]}``) and, with held-out cells,
+    theirs under ``"validation_" + likelihood``.
     """
     max_epochs = _one_of(epochs, max_epochs, "epochs", "max_epochs")
     noise = _one_of(sigma, noise, "sigma", "noise")
@@ -314,8 +322,14 @@ def pretrain(
         desc="scDeepCluster pretraining",
         show_progress=show_progress,
         batch_penalty=batch_penalty,
+        train_rows=train_rows,
+        validation_rows=validation_rows,
+        patience=patience,
+        validation_seed=validation_seed,
     )
     out = {net.likelihood: history.get("loss", [])}
+    if "validation_loss" in history:
+        out[f"validation_{net.likelihood}"] = history["validation_loss"]
     if "batch_mmd" in history:
         out["batch_mmd"] = history["batch_mmd"]
     return out
