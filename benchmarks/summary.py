@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,9 +433,7 @@ SCDC_STOPPING_PAIRS = [
 
 
 def _sd(runs: list[dict], key: str) -> float:
-    values = [x[key] for x in runs]
-    m = sum(values) / len(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1))
+    return statistics.stdev(x[key] for x in runs) if len(runs) > 1 else 0.0
 
 
 def scdeepcluster_stopping() -> Table:
