@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,45 @@ def k_rules(z: np.ndarray, truth: np.ndarray, knn: int, seed: int) -> dict:
 CURVE_OPTIONS = ("noise", "n_latent", "hidden", "batch_size", "lr", "scale", "n_top_genes")
 
 
+def _count_data(dataset: str, threads: int, n_top_genes: int | None = None, scale: str = "gene"):
+    """A shared set read as tl.scdeepcluster reads it (one batch): its CountData, genes, labels and true K."""
+    import anndata as ad
+    import torch
+
+    import scembed as se
+    from scembed._engine import scdeepcluster as engine
+    from scembed.tl._autoencoder import _genes
+
+    torch.set_num_threads(threads)
+    se.settings.progress = False
+    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+    truth = adata.obs["celltype"].astype(str).to_numpy()
+    X, genes, lib = _genes(adata, adata.X, "X", counts=True, n_top_genes=n_top_genes)
+    data = engine.CountData.fit(X, genes, library=lib, scale=scale, standardize_per_batch=True)
+    return data, genes, truth, len(set(truth))
+
+
+@contextmanager
+def _after_every_epoch(module, hook):
+    """Within the block, ``hook(epoch, losses, kwargs)`` runs after every epoch of ``module.train`` (the engine's one
+    training loop, as the module imported it); ``kwargs`` are those the loop was called with."""
+    train = module.train
+
+    def wrapped(step, n_epochs, **kw):
+        def step_then_hook(epoch: int):
+            out = step(epoch)
+            hook(epoch, out, kw)
+            return out
+
+        return train(step_then_hook, n_epochs, **kw)
+
+    module.train = wrapped
+    try:
+        yield
+    finally:
+        module.train = train
+
+
 def pretrain_curve(dataset: str, seed: int, epochs: int, every: int, threads: int, options: dict) -> dict:
     """Quality of the latent space along pretraining: KMeans (true K) and Leiden (resolution 0.2) on every cell's
     code every ``every`` epochs, with the held-out loss of 10 % of the cells that pretraining does not see.
@@ -301,79 +341,60 @@ def pretrain_curve(dataset: str, seed: int, epochs: int, every: int, threads: in
     ``train_autoencoder``), trained on 90 % of the cells so that the held-out loss can show over-fitting; no
     stopping, so the whole curve is recorded. ``options`` change the pretraining settings (``CURVE_OPTIONS``).
     """
-    import anndata as ad
     import torch
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    import scembed as se
     from scembed._engine import autoencoder as ae_engine
     from scembed._engine import scdeepcluster as engine
     from scembed._utils import seeded_torch
-    from scembed.tl._autoencoder import _genes
 
     unknown = set(options) - set(CURVE_OPTIONS)
     if unknown:
         raise SystemExit(f"--options: unknown {sorted(unknown)}; known: {CURVE_OPTIONS}")
-    torch.set_num_threads(threads)
-    se.settings.progress = False
-    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
-    truth = adata.obs["celltype"].astype(str).to_numpy()
-    k_true = len(set(truth))
-    X, genes, lib = _genes(adata, adata.X, "X", counts=True, n_top_genes=options.get("n_top_genes"))
-    data = engine.CountData.fit(X, genes, library=lib, scale=options.get("scale", "gene"))
-    train_rows, validation_rows = ae_engine.split_validation(adata.n_obs, 0.1, seed)
+    data, genes, truth, k_true = _count_data(dataset, threads, options.get("n_top_genes"), options.get("scale", "gene"))
+    train_rows, validation_rows = ae_engine.split_validation(data.n_obs, 0.1, seed)
     dev = torch.device("cpu")
     curve: list[dict] = []
-    train = ae_engine.train
 
-    def recording_train(step, n_epochs, **kw):
+    def score(epoch: int, out, kw) -> None:
+        if (epoch + 1) % every and epoch:
+            return
         net = kw["module"]
+        z = engine.embed(net.eval(), data, dev)
+        net.train()
+        km = KMeans(k_true, n_init=20, random_state=seed).fit_predict(z)
+        leiden = engine.leiden_labels(z, knn=20, resolution=0.2, random_state=seed)
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(out["loss"]),
+                "validation_loss": float(out["validation_loss"]),
+                "ari_kmeans": float(adjusted_rand_score(truth, km)),
+                "k_leiden": int(leiden.max() + 1),
+                "ari_leiden": float(adjusted_rand_score(truth, leiden)),
+            }
+        )
 
-        def step_and_score(epoch: int):
-            out = step(epoch)
-            if (epoch + 1) % every == 0 or epoch == 0:
-                z = engine.embed(net.eval(), data, dev)
-                net.train()
-                km = KMeans(k_true, n_init=20, random_state=seed).fit_predict(z)
-                leiden = engine.leiden_labels(z, knn=20, resolution=0.2, random_state=seed)
-                curve.append(
-                    {
-                        "epoch": epoch + 1,
-                        "loss": float(out["loss"]),
-                        "validation_loss": float(out["validation_loss"]),
-                        "ari_kmeans": float(adjusted_rand_score(truth, km)),
-                        "k_leiden": int(leiden.max() + 1),
-                        "ari_leiden": float(adjusted_rand_score(truth, leiden)),
-                    }
-                )
-            return out
-
-        return train(step_and_score, n_epochs, **kw)
-
-    ae_engine.train = recording_train
-    try:
-        with seeded_torch(seed, dev) as noise_gen:
-            net = engine.ZINBAutoencoder(
-                len(genes), options.get("n_latent", 32), tuple(options.get("hidden", (256, 64))), 0
-            )
-            history, _ = ae_engine.train_autoencoder(
-                net,
-                data,
-                max_epochs=epochs,
-                batch_size=options.get("batch_size", 256),
-                noise=options.get("noise", 2.5),
-                lr=options.get("lr", 1e-3),
-                device=dev,
-                generator=torch.Generator().manual_seed(seed),
-                noise_generator=noise_gen,
-                train_rows=train_rows,
-                validation_rows=validation_rows,
-                validation_seed=seed,
-                show_progress=False,
-            )
-    finally:
-        ae_engine.train = train
+    with _after_every_epoch(ae_engine, score), seeded_torch(seed, dev) as noise_gen:
+        net = engine.ZINBAutoencoder(
+            len(genes), options.get("n_latent", 32), tuple(options.get("hidden", (256, 64))), 0
+        )
+        history, _ = ae_engine.train_autoencoder(
+            net,
+            data,
+            max_epochs=epochs,
+            batch_size=options.get("batch_size", 256),
+            noise=options.get("noise", 2.5),
+            lr=options.get("lr", 1e-3),
+            device=dev,
+            generator=torch.Generator().manual_seed(seed),
+            noise_generator=noise_gen,
+            train_rows=train_rows,
+            validation_rows=validation_rows,
+            validation_seed=seed,
+            show_progress=False,
+        )
     best = int(np.argmin(history["validation_loss"])) + 1
     return {
         "dataset": dataset,
@@ -425,52 +446,33 @@ def cluster_curve(
     """
     import copy
 
-    import anndata as ad
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    import scembed as se
     from scembed._engine import autoencoder as ae_engine
     from scembed._engine import scdeepcluster as engine
     from scembed._utils import seeded_torch
-    from scembed.tl._autoencoder import _genes
 
-    torch.set_num_threads(threads)
-    se.settings.progress = False
-    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
-    truth = adata.obs["celltype"].astype(str).to_numpy()
-    k_true = len(set(truth))
-    X, genes, lib = _genes(adata, adata.X, "X", counts=True, n_top_genes=None)
-    data = engine.CountData.fit(X, genes, library=lib, standardize_per_batch=True)
+    data, genes, truth, k_true = _count_data(dataset, threads)
     dev = torch.device("cpu")
     saved: dict[int, dict] = {}
-    train = ae_engine.train
 
-    def saving_train(step, n_epochs, **kw):
-        def step_and_save(epoch: int):
-            out = step(epoch)
-            if epoch + 1 in checkpoints:
-                saved[epoch + 1] = copy.deepcopy(kw["module"].state_dict())
-            return out
+    def save(epoch: int, out, kw) -> None:
+        if epoch + 1 in checkpoints:
+            saved[epoch + 1] = copy.deepcopy(kw["module"].state_dict())
 
-        return train(step_and_save, n_epochs, **kw)
-
-    ae_engine.train = saving_train
-    try:
-        with seeded_torch(seed, dev) as noise_gen:
-            net = engine.ZINBAutoencoder(len(genes), 32, (256, 64), 0)
-            engine.pretrain(
-                net,
-                data,
-                epochs=max(checkpoints),
-                batch_size=256,
-                sigma=2.5,
-                device=dev,
-                generator=torch.Generator().manual_seed(seed),
-                noise_generator=noise_gen,
-            )
-    finally:
-        ae_engine.train = train
+    with _after_every_epoch(ae_engine, save), seeded_torch(seed, dev) as noise_gen:
+        net = engine.ZINBAutoencoder(len(genes), 32, (256, 64), 0)
+        engine.pretrain(
+            net,
+            data,
+            epochs=max(checkpoints),
+            batch_size=256,
+            sigma=2.5,
+            device=dev,
+            generator=torch.Generator().manual_seed(seed),
+            noise_generator=noise_gen,
+        )
     rows = []
     for epochs in checkpoints:
         for lr in lrs:
@@ -480,37 +482,27 @@ def cluster_curve(
             labels, centroids = engine.initial_clusters(z0, k_true, random_state=seed)
             net.set_centroids(torch.from_numpy(centroids))
             aris = [float(adjusted_rand_score(truth, labels))]
-            train_cluster = engine.train
 
-            def scoring_train(step, n_epochs, net=net, aris=aris, train_cluster=train_cluster, **kw):
-                def step_and_score(epoch: int):
-                    out = step(epoch)
-                    _, q = engine.infer(net, data, dev)
-                    aris.append(float(adjusted_rand_score(truth, q.argmax(1))))
-                    return out
+            def score(epoch: int, out, kw, net=net, aris=aris) -> None:
+                _, q = engine.infer(net, data, dev)  # the clustering loop gets no module: the closure's net
+                aris.append(float(adjusted_rand_score(truth, q.argmax(1))))
 
-                return train_cluster(step_and_score, n_epochs, **kw)
-
-            engine.train = scoring_train
-            try:
-                with seeded_torch(seed + 1, dev) as noise_gen:
-                    _, converged = engine.cluster(
-                        net,
-                        data,
-                        labels,
-                        maxiter=maxiter,
-                        batch_size=256,
-                        sigma=2.5,
-                        gamma=1.0,
-                        update_interval=1,
-                        tol=1e-3,
-                        lr=lr,
-                        device=dev,
-                        generator=torch.Generator().manual_seed(seed + 1),
-                        noise_generator=noise_gen,
-                    )
-            finally:
-                engine.train = train_cluster
+            with _after_every_epoch(engine, score), seeded_torch(seed + 1, dev) as noise_gen:
+                _, converged = engine.cluster(
+                    net,
+                    data,
+                    labels,
+                    maxiter=maxiter,
+                    batch_size=256,
+                    sigma=2.5,
+                    gamma=1.0,
+                    update_interval=1,
+                    tol=1e-3,
+                    lr=lr,
+                    device=dev,
+                    generator=torch.Generator().manual_seed(seed + 1),
+                    noise_generator=noise_gen,
+                )
             rows.append(
                 {
                     "dataset": dataset,
