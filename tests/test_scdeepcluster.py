@@ -314,6 +314,24 @@ def test_same_seed_same_result_with_two_threads(two_torch_threads):
     np.testing.assert_array_equal(first.obs["scdeepcluster"], second.obs["scdeepcluster"])
 
 
+def test_scale_sets_the_encoder_input_and_the_model_reuses_it(sim):
+    # scale="gene" z-scores every gene (the original's input); "global" divides every centred gene by one number,
+    # the root mean gene variance of the log-normalised counts (ddof 1); the model applies the same to new cells
+    small = sim[:150].copy()
+    x = small.X.toarray().astype(np.float64)
+    lib = x.sum(1, keepdims=True)
+    log = np.log1p(x * np.median(lib) / lib)
+    std = log.std(0, ddof=1)
+    for scale, expected in (("gene", std), ("global", np.full_like(std, np.sqrt((std**2).mean())))):
+        a = small.copy()
+        model = se.tl.scdeepcluster(a, 3, scale=scale, max_epochs=(3, 2), return_model=True, show_progress=False)
+        assert a.uns["scdeepcluster"]["params"]["scale"] == scale
+        np.testing.assert_allclose(model.gene_std, expected, rtol=1e-5)
+        np.testing.assert_allclose(model.gene_mean, log.mean(0), rtol=1e-5, atol=1e-6)
+        _, _, latent = model.predict(a)
+        np.testing.assert_allclose(latent, a.obsm["X_scdeepcluster"], rtol=1e-5, atol=1e-5)
+
+
 def test_layer_and_n_top_genes(sim):
     adata = sim[:200].copy()
     adata.layers["counts"] = adata.X.copy()
@@ -501,6 +519,7 @@ def _snapshot(adata: AnnData):
         (None, {"validation_fraction": -0.1}, ValueError, "validation_fraction"),
         (None, {"validation_fraction": "0.1"}, TypeError, "validation_fraction"),
         (None, {"patience": 0}, ValueError, "patience"),
+        (None, {"scale": "none"}, ValueError, "scale"),
     ],
 )
 def test_errors_leave_adata_unchanged(sim, mutate, kwargs, err, match):
