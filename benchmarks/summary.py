@@ -476,6 +476,7 @@ def scdeepcluster_stopping() -> Table:
 SCDC_VARIANTS = [
     ("defaults", "scdeepcluster_defaults_3sets_xeon.json"),
     ('scale="global"', "scdeepcluster_scale_global_3sets.json"),
+    ('scale="floor"', "scdeepcluster_scale_floor_3sets.json"),
     ("noise=0.5", "scdeepcluster_noise05_3sets.json"),
 ]
 
@@ -514,12 +515,14 @@ def scdeepcluster_variants() -> Table:
 def imap_default() -> Table:
     t = Table(
         "`tl.imap_integrate` at the defaults (`max_epochs=None`) vs Harmony, Scanorama, BBKNN, scVI and PCA",
-        ["data", "method", "seeds", "aggregate", "per seed", "iLISI", "cLISI", "kBET", "time (s)", "peak RSS (GiB)"],
-    )
+        ["data", "method", "seeds", "aggregate", "per seed", "iLISI", "cLISI", "kBET", "time (s)", "peak RSS (GiB)",
+         "CPU"],
+    )  # fmt: skip
     for name in ("imap_default_budget_kang.json", "imap_default_budget_cellbench.json",
                  "imap_default_budget_sim5k.json", "imap_default_budget_cellbench_with_scvi.json",
-                 "imap_default_budget_kang_with_scvi.json"):  # fmt: skip
+                 "imap_default_budget_kang_with_scvi.json", "imap_default_budget_sim5k_xeon.json"):  # fmt: skip
         src, rows = t.rows_of(name)
+        cpu = (src.meta.get("machine", "?") if src else "?").split(" (")[0].replace("(R)", "").replace(" Processor", "")
         for r in rows:
             seeds = len(r.get("seeds", [])) or 1
             spread = f" ± {r['total_std']:.3f}" if seeds > 1 and math.isfinite(r.get("total_std", math.nan)) else ""
@@ -527,7 +530,8 @@ def imap_default() -> Table:
                 [r["data"], r["method"], str(seeds), f"{r['total']:.3f}{spread}",
                  ", ".join(f"{v:.3f}" for v in r.get("total_runs", [r["total"]])), f"{r['iLISI']:.3f}",
                  f"{r['cLISI']:.3f}", f"{r['kBET']:.3f}",
-                 f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.1f}", f"{r['peak_mb'] / 1024:.2f}"],
+                 f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:.1f}", f"{r['peak_mb'] / 1024:.2f}",
+                 cpu],
                 src,
             )  # fmt: skip
     t.notes.append(

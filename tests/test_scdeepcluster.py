@@ -316,13 +316,15 @@ def test_same_seed_same_result_with_two_threads(two_torch_threads):
 
 def test_scale_sets_the_encoder_input_and_the_model_reuses_it(sim):
     # scale="gene" z-scores every gene (the original's input); "global" divides every centred gene by one number,
-    # the root mean gene variance of the log-normalised counts (ddof 1); the model applies the same to new cells
+    # the root mean gene variance of the log-normalised counts (ddof 1); "floor" by the larger of the two; the
+    # model applies the same to new cells
     small = sim[:150].copy()
     x = small.X.toarray().astype(np.float64)
     lib = x.sum(1, keepdims=True)
     log = np.log1p(x * np.median(lib) / lib)
     std = log.std(0, ddof=1)
-    for scale, expected in (("gene", std), ("global", np.full_like(std, np.sqrt((std**2).mean())))):
+    typical = np.sqrt((std**2).mean())  # the root mean gene variance
+    for scale, expected in (("gene", std), ("global", np.full_like(std, typical)), ("floor", np.maximum(std, typical))):
         a = small.copy()
         model = se.tl.scdeepcluster(a, 3, scale=scale, max_epochs=(3, 2), return_model=True, show_progress=False)
         assert a.uns["scdeepcluster"]["params"]["scale"] == scale

@@ -231,6 +231,17 @@ class MiniBatch(NamedTuple):
     nonzero: torch.Tensor | None  #: flat indices of the non-zero counts when known (sparse input), else None
 
 
+#: how the centred log-normalised counts are scaled for an encoder (:meth:`CountData.fit`)
+SCALES = ("gene", "global", "floor")
+
+
+def check_scale(scale: str) -> str:
+    """``scale`` if it is one of :data:`SCALES`, else a ValueError naming the argument."""
+    if scale not in SCALES:
+        raise ValueError(f"`scale` must be one of {', '.join(map(repr, SCALES))}, got {scale!r}.")
+    return scale
+
+
 @dataclass
 class CountData:
     """Raw counts of the genes used, with what the network needs per mini-batch.
@@ -332,7 +343,10 @@ class CountData:
         With ``normalize=False``, the gene statistics of the values as given, and size factors 1. ``scale``:
         ``"gene"`` divides every centred gene by its own standard deviation (z-score; scDeepCluster's input);
         ``"global"`` divides every gene by one number, the root mean gene variance, so that the input has unit
-        variance per gene on average while genes keep their relative variances (PCA's weighting). With
+        variance per gene on average while genes keep their relative variances (PCA's weighting); ``"floor"``
+        divides every gene by its standard deviation or by the root mean gene variance, whichever is larger:
+        genes more variable than the typical gene are z-scored, the less variable ones are not scaled up (so a
+        gene seen in a handful of cells keeps its small weight). With
         ``standardize_per_batch`` (and batches), the gene means and standard deviations are those of each batch
         (``n_batches`` × genes; with ``"global"`` one number per batch), and every cell's input is standardised
         with its own batch's.
@@ -341,8 +355,7 @@ class CountData:
         as ``library``), then the statistics. With ``across_ranks``, under ``torchrun`` each rank reads its own
         share of the rows and the sums are added up across ranks (a collective: call it on every rank).
         """
-        if scale not in ("gene", "global"):
-            raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
+        check_scale(scale)
         X = _canonical_csr(X)
         genes = np.asarray(genes, dtype=np.int64)
         if normalize:
@@ -385,8 +398,11 @@ class CountData:
         mean = s1 / np.maximum(n, 1)
         var = np.maximum(s2 - n * mean**2, 0.0) / np.maximum(n - 1, 1)  # ddof = 1, as scanpy's scale
         std = np.sqrt(var)
-        if scale == "global":  # one number per batch (or overall): the root mean gene variance
-            std = np.broadcast_to(np.sqrt(var.mean(1, keepdims=True)), var.shape).copy()
+        typical = np.sqrt(var.mean(1, keepdims=True))  # per batch (or overall): the root mean gene variance
+        if scale == "global":
+            std = np.broadcast_to(typical, var.shape).copy()
+        elif scale == "floor":  # no gene scaled up beyond the typical gene's variance
+            std = np.maximum(std, typical)
         std[std == 0] = 1.0
         if not per_batch:
             mean, std = mean[0], std[0]

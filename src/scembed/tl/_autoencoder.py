@@ -12,6 +12,7 @@ from .._engine import autoencoder as engine
 from .._engine.counts import (
     CountData,
     CountScan,
+    check_scale,
     library_sizes,
     scan,
     select_genes_by_variance,
@@ -186,7 +187,9 @@ def autoencoder(
         input, which :func:`scembed.tl.scdeepcluster` keeps). A z-score gives a gene seen in a handful of cells
         the weight of a broadly expressed marker: one count of a rare gene becomes a value of ten or more, so
         in sparse (low-UMI) data the encoder input is dominated by sampling noise of rare genes, and the
-        latent space with it. Measurements: the ``tl.autoencoder`` section of ``benchmarks/README.md``.
+        latent space with it. ``"floor"``: every gene divided by its standard deviation or by the root mean gene
+        variance, whichever is larger (genes more variable than the typical gene are z-scored, the others are
+        not scaled up). Measurements: the ``tl.autoencoder`` section of ``benchmarks/README.md``.
     max_epochs
         Maximum training epochs. ``None``: about 20,000 gradient steps, clip(round(20,000 · ``batch_size`` /
         N_train), 5, 400) epochs. What a network learns depends on the number of parameter updates rather than
@@ -249,8 +252,7 @@ def autoencoder(
     if n_top_genes is not None:
         if check_positive_int(n_top_genes, "n_top_genes") > adata.n_vars:
             raise ValueError(f"`n_top_genes={n_top_genes}` is larger than the number of genes ({adata.n_vars}).")
-    if scale not in ("gene", "global"):
-        raise ValueError(f"`scale` must be 'gene' or 'global', got {scale!r}.")
+    check_scale(scale)
     if max_epochs is not None:
         max_epochs = check_positive_int(max_epochs, "max_epochs", minimum=0)
     batch_penalty = check_in_range(batch_penalty, "batch_penalty", low=0)
