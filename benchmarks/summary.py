@@ -521,7 +521,8 @@ def imap_default() -> Table:
     for name in ("imap_default_budget_kang.json", "imap_default_budget_cellbench.json",
                  "imap_default_budget_sim5k.json", "imap_default_budget_cellbench_with_scvi.json",
                  "imap_default_budget_kang_with_scvi.json", "imap_default_budget_sim5k_xeon.json",
-                 "imap_sim200k_peers_xeon.json", "imap_default_budget_sim200k_xeon.json"):  # fmt: skip
+                 "imap_sim200k_peers_xeon.json", "imap_default_budget_sim200k_xeon.json",
+                 "imap_default_budget_kang_xeon.json"):  # fmt: skip
         src, rows = t.rows_of(name)
         cpu = (src.meta.get("machine", "?") if src else "?").split(" (")[0].replace("(R)", "").replace(" Processor", "")
         for r in rows:
