@@ -387,7 +387,7 @@ def scdeepcluster() -> Table:
          "× original", "RSS scembed (MiB)", "RSS × original"],
     )  # fmt: skip
     quick = t.source("scdeepcluster_reduced_side_by_side_seeds012.json")
-    peers = {(r["dataset"], r["method"]): r["runs"] for r in (quick.rows if quick else [])}
+    peers = _runs_by_key(quick)
     full = [
         t.source("scdeepcluster_defaults_side_by_side_pbmc2100_seed0.json"),
         t.source("scdeepcluster_defaults_side_by_side_worm2100_seed0.json"),
@@ -396,7 +396,7 @@ def scdeepcluster() -> Table:
         if src is None:
             continue
         budget = "{} / {}".format(*src.meta.get("max_epochs", ["?", "?"]))
-        by = {(r["dataset"], r["method"]): r["runs"] for r in src.rows}
+        by = _runs_by_key(src)
         for data in dict.fromkeys(r["dataset"] for r in src.rows):
             for mode, label, peer, peer_label in (
                 ("k", "given", "kmeans_pca", "KMeans"),
@@ -436,6 +436,19 @@ def _sd(runs: list[dict], key: str) -> float:
     return statistics.stdev(x[key] for x in runs) if len(runs) > 1 else 0.0
 
 
+def _runs_by_key(src: Source | None) -> dict[tuple[str, str], list[dict]]:
+    """The per-seed runs of a scdeepcluster.py result file, by (data set, method)."""
+    return {(r["dataset"], r["method"]): r["runs"] for r in (src.rows if src else [])}
+
+
+def _ari(runs: list[dict]) -> str:
+    return f"{_mean(runs, 'ari'):.3f} ± {_sd(runs, 'ari'):.3f}"
+
+
+def _ks(runs: list[dict]) -> str:
+    return "/".join(str(x["k"]) for x in runs)
+
+
 def scdeepcluster_stopping() -> Table:
     t = Table(
         "`tl.scdeepcluster` at the defaults: pretraining stopped on held-out cells vs a fixed 300 epochs",
@@ -446,17 +459,16 @@ def scdeepcluster_stopping() -> Table:
         fixed, stopped = t.source(fixed_name), t.source(stopped_name)
         if fixed is None or stopped is None:
             continue
-        old = {(r["dataset"], r["method"]): r["runs"] for r in fixed.rows}
+        old = _runs_by_key(fixed)
         for row in stopped.rows:
             mine, theirs = row["runs"], old.get((row["dataset"], row["method"]))
             if not theirs:
                 continue
             auto = row["method"] == "scembed_auto"
-            ks = ("/".join(str(x["k"]) for x in theirs) + " / " + "/".join(str(x["k"]) for x in mine)) if auto else "–"
+            ks = f"{_ks(theirs)} / {_ks(mine)}" if auto else "–"
             t.add(
-                [f"{row['dataset']} ({mine[0]['k_true']})", "auto" if auto else "given", _seeds(mine),
-                 f"{_mean(theirs, 'ari'):.3f} ± {_sd(theirs, 'ari'):.3f}",
-                 f"{_mean(mine, 'ari'):.3f} ± {_sd(mine, 'ari'):.3f}", ks,
+                [f"{row['dataset']} ({mine[0]['k_true']})", "auto" if auto else "given", _seeds(mine), _ari(theirs),
+                 _ari(mine), ks,
                  "/".join(str(x["epochs_pretrain"]) for x in mine), f"{_mean(theirs, 'time'):.1f}",
                  f"{_mean(mine, 'time'):.1f}", ratio(_mean(mine, "time") / _mean(theirs, "time"))],
                 stopped,
@@ -486,23 +498,17 @@ def scdeepcluster_variants() -> Table:
         "`tl.scdeepcluster`: one choice at a time against the defaults (ARI mean ± sd over seeds 0–2; K chosen)",
         ["data set", "K", *(label for label, _ in SCDC_VARIANTS)],
     )
-    loaded = [(label, t.source(name)) for label, name in SCDC_VARIANTS]
-    if any(src is None for _, src in loaded):
+    sources = [t.source(name) for _, name in SCDC_VARIANTS]
+    if any(src is None for src in sources):
         return t
-    by = [{(r["dataset"], r["method"]): r["runs"] for r in src.rows} for _, src in loaded]
-    for key in by[0]:
-        if not all(key in b for b in by):
-            continue
+    by = [_runs_by_key(src) for src in sources]
+    shared = [key for key in by[0] if all(key in b for b in by)]
+    for key in shared:
         auto = key[1] == "scembed_auto"
-        cells = []
-        for b in by:
-            runs = b[key]
-            cell = f"{_mean(runs, 'ari'):.3f} ± {_sd(runs, 'ari'):.3f}"
-            cells.append(cell + (" (K " + "/".join(str(x["k"]) for x in runs) + ")" if auto else ""))
-        t.add([f"{key[0]} ({by[0][key][0]['k_true']})", "auto" if auto else "given", *cells], loaded[-1][1])
-    shared = [k for k in by[0] if all(k in b for b in by)]
+        cells = [_ari(b[key]) + (f" (K {_ks(b[key])})" if auto else "") for b in by]
+        t.add([f"{key[0]} ({by[0][key][0]['k_true']})", "auto" if auto else "given", *cells], sources[-1])
     means = [f"{sum(_mean(b[k], 'ari') for k in shared) / len(shared):.3f}" for b in by]
-    t.add(["mean of the rows", "", *means], loaded[-1][1])
+    t.add(["mean of the rows", "", *means], sources[-1])
     t.notes.append(
         "Every column runs `tl.scdeepcluster` at its defaults (pretraining stopped on 10 % held-out cells) with the "
         "one keyword named; same machine, seeds 0–2. 'given': KMeans initialisation with the true K; 'auto': "

@@ -88,14 +88,14 @@ def scdeepcluster(
     """Cluster cells with scDeepCluster: a ZINB denoising autoencoder and deep embedded clustering.
 
     Tian et al. (2019). Raw counts go through a denoising autoencoder (Gaussian noise of standard deviation
-    ``noise`` on the z-scored log input) whose decoder gives the mean, dispersion and dropout of a zero-inflated
-    negative binomial (ZINB) for every count, scaled by the cell's size factor. After pretraining on the ZINB
-    likelihood (until the loss of held-out cells stops improving), cluster centres are initialised in the latent
-    space (KMeans with a given ``n_clusters``; with ``n_clusters=0``, Leiden on the latent kNN graph chooses the
-    number), and the network and centres are trained jointly on ZINB + ``gamma`` · KL(P‖Q), with Q the Student-t
+    ``noise`` on the scaled log input, by default z-scored) whose decoder gives the mean, dispersion and dropout of
+    a zero-inflated negative binomial (ZINB) for every count, scaled by the cell's size factor. After pretraining on
+    the ZINB likelihood (until the loss of held-out cells stops improving), cluster centres are initialised in the
+    latent space (KMeans with a given ``n_clusters``; with ``n_clusters=0``, Leiden on the latent kNN graph chooses
+    the number), and the network and centres are trained jointly on ZINB + ``gamma`` · KL(P‖Q), with Q the Student-t
     soft assignment and P its sharpened target, recomputed every ``update_interval`` epochs, until fewer than
-    ``tol`` of the labels change. Everything runs in mini-batches (sparse counts are densified one batch at a
-    time); float32; seeded.
+    ``tol`` of the labels change. Everything runs in mini-batches (sparse counts are densified one batch at a time);
+    float32; seeded.
 
     With ``batch_key`` the encoder never sees which batch a cell comes from: its input is standardised within
     each batch (every gene's log expression centred and scaled with the mean and standard deviation of the cell's

@@ -33,8 +33,9 @@ class ScDeepClusterModel(Model):
     target_sum
         Library size the counts are normalised to.
     gene_mean, gene_std
-        Statistics of the normalised log counts of the used genes (the encoder's z-score): one per gene, or, for a
-        batch-aware model, one per batch and gene (each cell standardised with its batch's).
+        Centre and divisor of the normalised log counts of the used genes (the encoder's input scaling, see
+        ``scale`` of :func:`scembed.tl.scdeepcluster`): one per gene, or, for a batch-aware model, one per batch
+        and gene (each cell standardised with its batch's).
     layer
         Layer of the training counts (``None``: ``X``), the default of :meth:`predict`.
     batch_key
