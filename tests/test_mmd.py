@@ -65,7 +65,7 @@ def test_bank_statistic_matches_loops():
     s_codes, c_codes = rng.integers(0, 2, 25), rng.integers(0, 2, 12)
     s_codes[:2], c_codes[:2] = [0, 1], [0, 1]
     s_rows, c_rows = np.arange(25), np.arange(20, 32)  # rows 20..24 are on both sides
-    bank = mmd.LatentBank(100, 3, torch.device("cpu"))
+    bank = mmd.LatentBank(100, 3, torch.device("cpu"), mutual=False)
     oh = torch.nn.functional.one_hot
     bank.push(torch.as_tensor(stored), oh(torch.as_tensor(s_codes), 2).double(), torch.as_tensor(s_rows))
     value, null = bank.statistic(
@@ -86,6 +86,81 @@ def test_bank_statistic_matches_loops():
 
     expected = mean(0, 0) + mean(1, 1) - mean(0, 1) - mean(1, 0)  # two batches: one pair, both orders
     assert float(value) == pytest.approx(expected, rel=1e-10)
+
+
+def test_mutual_neighbour_weights_match_loops():
+    """A current cell of batch b weighs 1 towards batch c where one of its ⌈share·m_c⌉ nearest stored cells of c has
+    it among its own ⌈share·n_b⌉ nearest current cells of b; the pairs of a cell with its own code never count."""
+    rng = np.random.default_rng(1)
+    current, stored = rng.normal(size=(30, 2)), rng.normal(size=(60, 2))
+    c_codes, s_codes = rng.integers(0, 3, 30), rng.integers(0, 3, 60)
+    c_rows, s_rows = np.arange(30), np.arange(20, 80)  # rows 20..29 on both sides
+    oh = torch.nn.functional.one_hot
+    d2 = ((current[:, None] - stored[None]) ** 2).sum(-1)
+    keep = c_rows[:, None] != s_rows[None, :]
+    share = 0.1
+    weights = mmd.mutual_neighbour_weights(
+        torch.as_tensor(np.where(keep, d2, np.inf)),
+        oh(torch.as_tensor(c_codes), 3).double(),
+        oh(torch.as_tensor(s_codes), 3).double(),
+        share=share,
+    ).numpy()
+    expected = np.zeros((30, 3))
+    for i in range(30):
+        b = c_codes[i]
+        expected[i, b] = 1.0
+        same = np.flatnonzero(c_codes == b)
+        for c in {0, 1, 2} - {b}:
+            other = np.flatnonzero(s_codes == c)
+            dist = lambda ci, sj: d2[ci, sj] if keep[ci, sj] else np.inf  # noqa: E731
+            near = sorted(other, key=lambda j: dist(i, j))[: int(np.ceil(share * len(other)))]
+            for j in near:
+                back = sorted(same, key=lambda q: dist(q, j))[: int(np.ceil(share * len(same)))]
+                if i in back and np.isfinite(dist(i, j)):
+                    expected[i, c] = 1.0
+    np.testing.assert_array_equal(weights, expected)
+
+
+def _populations(n: int, unshared: bool, shift: float, seed: int):
+    """Five populations in 2-D, two batches; ``unshared``: the last population only in batch 0."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0], [12.0, 12.0]])
+    types, batch = torch.randint(0, 5, (n,), generator=g), torch.randint(0, 2, (n,), generator=g)
+    if unshared:
+        keep = ~((types == 4) & (batch == 1))
+        types, batch = types[keep], batch[keep]
+    z = centres[types] + 0.7 * torch.randn(len(types), 2, generator=g) + shift * batch[:, None].float()
+    return z, batch, types
+
+
+def _bank_run(mutual: bool, unshared: bool, shift: float, n_steps: int = 16):
+    """Statistic minus the permutation threshold, averaged over the last half of ``n_steps`` mini-batches."""
+    bank = mmd.LatentBank(2048, 2, torch.device("cpu"), mutual=mutual)
+    excess = []
+    for step in range(n_steps):
+        z, batch, types = _populations(256, unshared, shift, seed=step)
+        onehot = torch.nn.functional.one_hot(batch, 2).float()
+        rows = torch.arange(len(z)) + 1000 * step
+        value, null = bank.statistic(z, onehot, rows, 8, torch.Generator().manual_seed(step))
+        weights = bank._last_weights[torch.arange(len(z)), 1 - batch]  # towards the other batch
+        bank.push(z, onehot, rows)
+        if step >= n_steps // 2:
+            excess.append(float(value) - float(null.mean() + mmd.NULL_SDS * null.std()))
+    return float(np.mean(excess)), weights, batch, types
+
+
+def test_mutual_neighbours_leave_a_population_of_one_batch_out_of_the_discrepancy():
+    """Four populations shared and aligned, a fifth in batch 0 only: the plain MMD² calls the batches different
+    (and would pull the fifth onto the others), the mutual-neighbour statistic does not; the fifth population's
+    cells weigh 0, the shared ones 1. Shifted batches stay different under both."""
+    plain, *_ = _bank_run(mutual=False, unshared=True, shift=0.0)
+    mutual, weights, batch, types = _bank_run(mutual=True, unshared=True, shift=0.0)
+    assert plain > 0.01 and mutual < 0.0
+    alone = (types == 4) & (batch == 0)
+    assert float(weights[alone].max()) == 0.0 and float(weights[~alone].mean()) > 0.9
+    for mutual_flag in (False, True):
+        apart, *_ = _bank_run(mutual=mutual_flag, unshared=False, shift=3.0)
+        assert apart > 0.0
 
 
 def _steps(separated: bool, n_steps: int = 6, seed: int = 0):

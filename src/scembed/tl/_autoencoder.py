@@ -136,9 +136,10 @@ def autoencoder(
     reconstructs each batch's values (as :func:`scembed.tl.scdeepcluster`). What standardisation cannot remove (a
     protocol that changes the relations between genes) is aligned by ``batch_penalty``, a maximum mean
     discrepancy penalty between the batches' codes that acts only where a permutation test finds the batches
-    more different than shuffled labels would be. Both assume broadly similar mixtures of cell types in the
-    batches. A non-linear alternative to PCA in front of neighbours, UMAP or any
-    clustering; ``n_latent=2`` gives a direct 2-D view (``sc.pl.embedding(adata, basis="autoencoder")``).
+    more different than shuffled labels would be, between the cells that have mutual nearest neighbours in the
+    other batch (a cell type present in one batch only is left apart). A non-linear alternative to PCA in front
+    of neighbours, UMAP or any clustering; ``n_latent=2`` gives a direct 2-D view
+    (``sc.pl.embedding(adata, basis="autoencoder")``).
 
     The matrix is read in contiguous row slices, never densified nor read whole: one pass checks the values and
     counts the genes (with ``n_top_genes``, a second sums the library sizes over the genes selected), one computes
@@ -174,9 +175,9 @@ def autoencoder(
     batch_penalty
         With ``batch_key``: weight of the batch-alignment penalty relative to the reconstruction loss, as in
         :func:`scembed.tl.scdeepcluster` (the squared MMD between the batches' codes, beyond the mean plus two
-        standard deviations of its value under shuffled batch labels, times the step's loss). 0 turns it off,
-        as it should be when a cell type is present in one batch only; the default 1 lets the two terms count
-        alike.
+        standard deviations of its value under shuffled batch labels, times the step's loss, between the cells
+        with mutual nearest neighbours in the other batch). The default 1 lets the two terms count alike; 0
+        turns it off.
     noise
         Standard deviation of the Gaussian noise on the scaled encoder input in training (scDeepCluster: 2.5).
     scale

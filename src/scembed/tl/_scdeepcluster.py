@@ -105,8 +105,9 @@ def scdeepcluster(
     (a protocol that changes the relations between genes) is aligned by a penalty on the latent space in both
     stages (``batch_penalty``): the maximum mean discrepancy (MMD) between the batches' codes, counted only where
     a permutation test finds the batches more different than shuffled batch labels would be, so that batches that
-    are already mixed are left alone. Like any such correction it assumes that the batches hold broadly similar
-    mixtures of cell types. (The original's batch model gives the one-hot to the encoder as well and
+    are already mixed are left alone. Only cells with a mutual nearest neighbour in the other batch (and their
+    neighbourhoods) enter that comparison, so a cell type present in one batch only is not pulled onto the other
+    batch's types. (The original's batch model gives the one-hot to the encoder as well and
     standardises over all cells: nothing keeps the batch out of its latent space, and its clusters split every
     type by batch.)
 
@@ -198,10 +199,12 @@ def scdeepcluster(
         adds ``batch_penalty`` × (the step's ZINB loss) × max(0, S − μ₀ − 2σ₀), where S is the squared MMD
         (Gaussian kernel, five bandwidths around the median distance) between the batches' latent codes, the
         current cells against the 2,048 cells seen before them, and μ₀, σ₀ are the mean and standard deviation
-        of S over 8 shuffles of the current cells' batch labels. Scaling by the loss makes the weight mean the
-        same on every data set; the default 1 lets the two terms count alike. 0 turns the penalty off: do so
-        when a cell type is present in one batch only, which the penalty would pull onto the other batch's
-        types (on such simulated data it merged that type into another; see ``benchmarks/README.md``).
+        of S over 8 shuffles of the current cells' batch labels. In the MMD of two batches a cell counts only if
+        it, or some of its nearest cells of its own batch, has a mutual nearest neighbour among the other batch's
+        cells (each among the other's nearest 2 % of that batch's cells in the comparison): a population of one
+        batch has none and is left out, so a cell type present in one batch only stays apart instead of being
+        pulled onto the other batch's types. Scaling by the loss makes the weight mean the same on every data
+        set; the default 1 lets the two terms count alike; 0 turns the penalty off.
     {doc_trainer_tail}
 
     Returns
