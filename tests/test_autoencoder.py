@@ -268,6 +268,20 @@ def test_default_epochs_rule():
     assert adata.obsm["X_autoencoder"].shape == (40, 2)
 
 
+def test_with_a_batch_penalty_every_cell_trains_without_an_early_stop():
+    """The held-out loss measures the reconstruction only: with a penalty acting the defaults hold out no cell, never
+    stop early and cap the epochs at 300; without a penalty (or one batch) 10 % are held out as before."""
+    adata = se.datasets.simulate(40, 30, n_batches=2, batch_scale=1.0, random_state=0)
+    se.tl.autoencoder(adata, n_latent=2, hidden=(8,), batch_key="batch", show_progress=False)
+    params = adata.uns["autoencoder"]["params"]
+    assert params["validation_fraction"] == 0.0 and params["patience"] == 0 and params["max_epochs"] == 300
+    assert adata.uns["autoencoder"]["n_epochs"] == 300
+    se.tl.autoencoder(adata, n_latent=2, hidden=(8,), batch_key="batch", batch_penalty=0, max_epochs=3)
+    assert adata.uns["autoencoder"]["params"]["validation_fraction"] == 0.1
+    se.tl.autoencoder(adata, n_latent=2, hidden=(8,), max_epochs=3, show_progress=False)
+    assert adata.uns["autoencoder"]["params"]["validation_fraction"] == 0.1
+
+
 def _knn_accuracy(Y, labels):
     return cross_val_score(KNeighborsClassifier(n_neighbors=10), Y, labels, cv=5).mean()
 

@@ -40,6 +40,11 @@ from .._utils._random import seed_int
 from .._utils._validation import check_real_dtype
 
 AUTOENCODER = "autoencoder"
+#: share of cells held out for early stopping by default (as scvi-tools)
+DEFAULT_VALIDATION_FRACTION = 0.1
+#: at most this many epochs by default with a batch penalty acting (every cell trains, no early stop): the
+#: schedule under which tl.scdeepcluster's penalised pretraining was measured
+PENALISED_MAX_EPOCHS = 300
 
 
 def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fraction, patience):
@@ -50,7 +55,8 @@ def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fractio
     noise = check_in_range(noise, "noise", low=0)
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_in_range(lr, "lr", low=0, low_inclusive=False)
-    fraction = check_in_range(fraction, "validation_fraction", low=0, high=1, high_inclusive=False)
+    if fraction is not None:
+        fraction = check_in_range(fraction, "validation_fraction", low=0, high=1, high_inclusive=False)
     patience = None if patience is None else check_positive_int(patience, "patience")
     return n_latent, hidden, noise, batch_size, lr, fraction, patience
 
@@ -109,7 +115,7 @@ def autoencoder(
     max_epochs: int | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
-    validation_fraction: float = 0.1,
+    validation_fraction: float | None = None,
     patience: int | None = 20,
     n_top_genes: int | None = None,
     batch_penalty: float = 1.0,
@@ -196,14 +202,19 @@ def autoencoder(
         N_train), 5, 400) epochs. What a network learns depends on the number of parameter updates rather than
         of passes over the data: a fixed epoch count under-trains small data sets and spends hours on large
         ones (one epoch of a million cells is ~3,900 steps). 400 epochs bound small sets (early stopping ends
-        them sooner), 5 make every cell of a large set seen several times.
+        them sooner), 5 make every cell of a large set seen several times. With a batch penalty acting, at most
+        300 (see ``validation_fraction``).
     batch_size
         Cells per mini-batch (fewer cells than this: one batch of all).
     lr
         Learning rate of Adam (amsgrad).
     validation_fraction
         Share of cells held out for early stopping, in [0, 1), at most 8,192 cells (read into memory once); 0
-        trains on every cell for ``max_epochs`` (``patience`` then watches the training loss).
+        trains on every cell for ``max_epochs`` (``patience`` then watches the training loss). ``None``
+        (default): 0.1, or, with a batch penalty acting (``batch_key`` and ``batch_penalty`` > 0), 0 with no
+        early stop and at most 300 epochs: the held-out loss measures the reconstruction only, and the penalty
+        goes on aligning the batches after it stops improving (stopped there, cellbench_3cl_2batches' protocols
+        mixed less than Harmony's, see ``benchmarks/README.md``).
     patience
         Epochs without improvement of the validation loss before training stops; ``None``: never early.
     n_top_genes
@@ -247,6 +258,7 @@ def autoencoder(
     n_latent, hidden, noise, batch_size, lr, validation_fraction, patience = _check_settings(
         n_latent, likelihood, hidden, noise, batch_size, lr, validation_fraction, patience
     )
+    batch_penalty = check_in_range(batch_penalty, "batch_penalty", low=0)
     counts = likelihood != "mse"
     X, where = counts_of(adata, layer, backed=True)  # a backed X stays on disk: read in row slices
     check_real_dtype(getattr(X, "dtype", np.dtype(object)), where)  # X may be None
@@ -256,7 +268,6 @@ def autoencoder(
     check_scale(scale)
     if max_epochs is not None:
         max_epochs = check_positive_int(max_epochs, "max_epochs", minimum=0)
-    batch_penalty = check_in_range(batch_penalty, "batch_penalty", low=0)
     codes, categories = None, []
     if batch_key is not None:
         codes, categories = batch_codes(adata, batch_key)
@@ -265,9 +276,18 @@ def autoencoder(
     dev, seed = resolve_device(device), seed_int(random_state)
     X, genes, lib = _genes(adata, X, where, counts=counts, n_top_genes=n_top_genes)
 
+    # the held-out loss measures the reconstruction only; with a batch penalty acting the objective goes on
+    # aligning the batches after it stops improving, so by default every cell trains, without an early stop
+    penalised = len(categories) > 1 and batch_penalty > 0
+    if validation_fraction is None:
+        validation_fraction = 0.0 if penalised else DEFAULT_VALIDATION_FRACTION
+        if penalised:
+            patience = None
     train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
     if max_epochs is None:
         max_epochs = engine.default_max_epochs(len(train_rows), batch_size)
+        if penalised and validation_fraction == 0:
+            max_epochs = min(max_epochs, PENALISED_MAX_EPOCHS)
     data = CountData.fit(
         X, genes, codes, len(categories), normalize=counts, scale=scale, standardize_per_batch=True, library=lib
     )
