@@ -41,6 +41,25 @@ MIN_EPOCHS, MAX_EPOCHS = 5, 400
 MAX_VALIDATION_ROWS = 8192
 
 
+#: share of cells held out for early stopping by default (as scvi-tools)
+DEFAULT_VALIDATION_FRACTION = 0.1
+#: epochs of the schedule used by default with a batch penalty acting (every cell trains, no early stop): the
+#: original scDeepCluster's fixed pretraining, under which the penalty was measured
+PENALISED_EPOCHS = 300
+
+
+def default_holdout(fraction: float | None, patience: int | None, penalised: bool) -> tuple[float, int | None]:
+    """The held-out share and patience where ``fraction`` is left to the default (``None``).
+
+    The held-out loss measures the reconstruction only; with a batch penalty acting (``penalised``) the objective
+    goes on aligning the batches after that loss stops improving, so by default every cell trains and nothing
+    stops early. Otherwise :data:`DEFAULT_VALIDATION_FRACTION` and the given patience.
+    """
+    if fraction is not None:
+        return fraction, patience
+    return (0.0, None) if penalised else (DEFAULT_VALIDATION_FRACTION, patience)
+
+
 def default_max_epochs(n_train: int, batch_size: int) -> int:
     """Epochs for about :data:`TARGET_STEPS` mini-batch steps: clip(round(S · batch_size / N), 5, 400)."""
     if n_train <= 0:

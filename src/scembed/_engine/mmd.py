@@ -215,20 +215,18 @@ class LatentBank:
         In pair (b, c) a cell of b counts with its weight towards c and a cell of c with its weight towards b, on
         both sides.
         """
-        n = current.sum(0)
-        total = sum(float(n[b] * n[c]) for b, c in pairs)
-        if total <= 0:
-            return (k.sum() * 0.0).sum()
-        out = (k.sum() * 0.0).sum()
+        n = current.sum(0)  # every batch of ``pairs`` holds current cells, so the pair weights are positive
+        terms, pair_weights = [], []
         for b, c in pairs:
             cols = [b, c]
             # each cell of b weighted towards c and each of c towards b: (cells × 2)
             cw = current[:, cols] * current_weights[:, [c, b]]
             sw = stored[:, cols] * stored_weights[:, [c, b]]
             means = (cw.T @ k @ sw) / (cw.T @ keep @ sw).clamp_min(1.0)
-            pair_mmd = means[0, 0] + means[1, 1] - means[0, 1] - means[1, 0]
-            out = out + float(n[b] * n[c]) * pair_mmd
-        return out / total
+            terms.append(means[0, 0] + means[1, 1] - means[0, 1] - means[1, 0])
+            pair_weights.append(n[b] * n[c])
+        pair_weights = torch.stack(pair_weights)
+        return (pair_weights * torch.stack(terms)).sum() / pair_weights.sum()
 
     @torch.no_grad()
     def push(self, z: torch.Tensor, onehot: torch.Tensor, rows: torch.Tensor) -> None:

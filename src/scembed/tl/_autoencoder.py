@@ -40,11 +40,6 @@ from .._utils._random import seed_int
 from .._utils._validation import check_real_dtype
 
 AUTOENCODER = "autoencoder"
-#: share of cells held out for early stopping by default (as scvi-tools)
-DEFAULT_VALIDATION_FRACTION = 0.1
-#: at most this many epochs by default with a batch penalty acting (every cell trains, no early stop): the
-#: schedule under which tl.scdeepcluster's penalised pretraining was measured
-PENALISED_MAX_EPOCHS = 300
 
 
 def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fraction, patience):
@@ -276,18 +271,13 @@ def autoencoder(
     dev, seed = resolve_device(device), seed_int(random_state)
     X, genes, lib = _genes(adata, X, where, counts=counts, n_top_genes=n_top_genes)
 
-    # the held-out loss measures the reconstruction only; with a batch penalty acting the objective goes on
-    # aligning the batches after it stops improving, so by default every cell trains, without an early stop
     penalised = len(categories) > 1 and batch_penalty > 0
-    if validation_fraction is None:
-        validation_fraction = 0.0 if penalised else DEFAULT_VALIDATION_FRACTION
-        if penalised:
-            patience = None
+    validation_fraction, patience = engine.default_holdout(validation_fraction, patience, penalised)
     train_rows, val_rows = engine.split_validation(adata.n_obs, validation_fraction, seed)
     if max_epochs is None:
         max_epochs = engine.default_max_epochs(len(train_rows), batch_size)
         if penalised and validation_fraction == 0:
-            max_epochs = min(max_epochs, PENALISED_MAX_EPOCHS)
+            max_epochs = min(max_epochs, engine.PENALISED_EPOCHS)
     data = CountData.fit(
         X, genes, codes, len(categories), normalize=counts, scale=scale, standardize_per_batch=True, library=lib
     )

@@ -41,10 +41,6 @@ from ._autoencoder import _genes as _count_genes
 
 #: the clustering stage's most epochs (the original's ``maxiter``); it stops sooner on ``tol``
 DEFAULT_CLUSTER_EPOCHS = 2000
-#: share of cells held out of pretraining by default (as tl.autoencoder and scvi-tools)
-DEFAULT_VALIDATION_FRACTION = 0.1
-#: pretraining epochs by default with a batch penalty acting: the original's fixed schedule
-PENALISED_PRETRAIN_EPOCHS = 300
 
 
 @renamed_parameters(
@@ -376,15 +372,13 @@ def _resolve_pretraining(o: dict, n_obs: int, n_batches: int, seed: int) -> None
     that pretraining keeps the fixed schedule under which the penalty was measured: 300 epochs on every cell.
     """
     penalised = n_batches > 1 and o["batch_penalty"] > 0
-    if o["validation_fraction"] is None:
-        o["validation_fraction"] = 0.0 if penalised else DEFAULT_VALIDATION_FRACTION
-        if penalised:
-            o["patience"] = None  # the fixed schedule: every epoch runs
+    held_out = ae_engine.default_holdout(o["validation_fraction"], o["patience"], penalised)
+    o["validation_fraction"], o["patience"] = held_out
     o["rows"] = ae_engine.split_validation(n_obs, o["validation_fraction"], seed)
     if o["max_epochs"][0] is None:
         n_train = len(o["rows"][0])
         fixed = penalised and o["validation_fraction"] == 0  # no held-out stop: the penalty's measured schedule
-        epochs = PENALISED_PRETRAIN_EPOCHS if fixed else ae_engine.default_max_epochs(n_train, o["batch_size"])
+        epochs = ae_engine.PENALISED_EPOCHS if fixed else ae_engine.default_max_epochs(n_train, o["batch_size"])
         o["max_epochs"] = (epochs, o["max_epochs"][1])
 
 
