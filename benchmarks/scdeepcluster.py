@@ -703,6 +703,33 @@ def step_compare(dataset: str, threads: int, n_steps: int = 20, batch_size: int 
         print(f"{name}: {(time.perf_counter() - t0) / n_steps * 1000:.0f} ms per step of {batch_size} cells")
 
 
+def penalty_step(threads: int, n_steps: int = 60, n_cells: int = 256, n_latent: int = 32) -> None:
+    """ms per batch-penalty call (forward and backward) with and without the mutual-neighbour weights, alternated in
+    one process on the same codes: two batches, a bank of 2,048 codes, the trainers' mini-batch and latent size."""
+    import statistics
+
+    import torch
+
+    from scembed._engine import mmd
+
+    torch.set_num_threads(threads)
+    penalties = {m: mmd.BatchPenalty(1.0, 2, n_latent, torch.device("cpu"), torch.Generator().manual_seed(0),
+                                     mutual=m) for m in (False, True)}  # fmt: skip
+    gen, times = torch.Generator().manual_seed(1), {False: [], True: []}
+    for step in range(n_steps):
+        codes = torch.randint(0, 2, (n_cells,), generator=gen)
+        z0 = torch.randn(n_cells, n_latent, generator=gen) + codes[:, None]
+        onehot, rows = torch.nn.functional.one_hot(codes, 2).float(), torch.arange(n_cells) + n_cells * step
+        for mutual, penalty in penalties.items():
+            z = z0.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            penalty(z, onehot, rows, torch.tensor(1.0)).backward()
+            times[mutual].append(time.perf_counter() - t0)
+    print("| penalty | ms per call (median, after 10 warm-up steps) |\n| --- | --- |")
+    for mutual, ts in times.items():
+        print(f"| {'mutual neighbours' if mutual else 'plain MMD'} | {statistics.median(ts[10:]) * 1e3:.1f} |")
+
+
 def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int = 256) -> None:
     """ms per part of scembed's pretraining step (mini-batch, noise, forward, ZINB loss, backward, Adam).
 
@@ -947,6 +974,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--step-compare", action="store_true", help="ms per training step vs the original's form")
     parser.add_argument("--step-profile", action="store_true", help="ms per part of scembed's pretraining step")
+    parser.add_argument("--penalty-step", action="store_true", help="ms per batch-penalty call, mutual vs plain")
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, help="print the table of runs saved with --json (seeds pooled)"
     )
@@ -994,6 +1022,9 @@ def main() -> None:
         return
     if args.step_compare:
         step_compare(args.datasets[0], args.threads)
+        return
+    if args.penalty_step:
+        penalty_step(args.threads)
         return
     if args.step_profile:
         step_profile(args.datasets[0], args.threads)
