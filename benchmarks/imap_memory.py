@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, nargs=2, default=(512, 200), metavar=("STAGE1", "STAGE2"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--prepare-into", type=Path, default=None, help=argparse.SUPPRESS)  # the child's job
+    p.add_argument("--prepared", type=Path, default=None, help="folder of a set prepared before (by --prepare-into)")
+    p.add_argument("--prepare-into", type=Path, default=None, help="prepare the set into this folder and stop")
     args = p.parse_args()
     if args.prepare_into is not None:
         load_imap_benchmark().prepare(args.dataset, args.prepare_into, 2000)
@@ -61,10 +62,13 @@ def main() -> None:
     import scembed as se
     from scembed.tl import _imap
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # prepared in a child process: the simulation's own memory must not count in this process's peak
-        subprocess.run([sys.executable, __file__, "--prepare-into", tmp, "--dataset", args.dataset], check=True)
-        adata = bench.load(str(Path(tmp) / f"{args.dataset}.h5ad"))
+    if args.prepared is not None:
+        adata = bench.load(str(args.prepared / f"{args.dataset}.h5ad"))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            # prepared in a child process: the simulation's own memory must not count in this process's peak
+            subprocess.run([sys.executable, __file__, "--prepare-into", tmp, "--dataset", args.dataset], check=True)
+            adata = bench.load(str(Path(tmp) / f"{args.dataset}.h5ad"))
     X = adata.X
     samples: list[tuple[float, int]] = []
     stop = threading.Event()

@@ -35,6 +35,7 @@ from .._utils import (
     seeded_torch,
     shared_docs,
 )
+from .._utils._memory import release_free_memory
 from .._utils._random import seed_int
 
 METRICS = {"angular": "cosine", "cosine": "cosine", "euclidean": "euclidean"}
@@ -310,6 +311,7 @@ def imap_integrate(
             )
     layer_out = None
     if o["max_epochs"][1] > 0:
+        release_free_memory()  # stage II's freed working memory, before the corrected layer is allocated
         t = time.perf_counter()
         layer_out = _assemble(X, lambda rows: engine.correct_rows(source, rows, batch_idx, generators), genes)
         seconds["correct"] = time.perf_counter() - t
@@ -386,6 +388,7 @@ def _train(
             autocast_dtype=autocast1,
         )
         seconds["stage1"] = time.perf_counter() - t
+        release_free_memory()  # stage I's freed working memory, before the codes and stage II are allocated
         t = time.perf_counter()
         codes = engine.apply_in_chunks(encoder, source, np.arange(source.shape[0]))
         seconds["encode"] = time.perf_counter() - t
@@ -580,9 +583,9 @@ def _select_hvg(X, var_names: pd.Index, batch_idx: np.ndarray, n_top_genes: int)
     return np.flatnonzero(np.asarray(df["highly_variable"], dtype=bool))
 
 
-#: entries of the dense row block in which :func:`_assemble` builds the output (32 MiB of float32: 4,194 cells of
-#: 2,000 genes, whose correction also needs only that much working memory)
-ASSEMBLE_BLOCK = 2**23
+#: entries of the dense row block in which :func:`_assemble` builds the output (16 MiB of float32: 2,097 cells of
+#: 2,000 genes); the correction's working memory, the generators' activations of those rows, is a few times that
+ASSEMBLE_BLOCK = 2**22
 #: rows, spread evenly over the data, whose corrected values decide between a sparse and a dense output
 FORMAT_SAMPLE = 2048
 
