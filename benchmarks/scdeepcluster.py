@@ -791,7 +791,8 @@ def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int 
 
 #: data sets of the batch benchmark: simulated (``sim_<batch_scale>``, 2,000 cells × 500 genes, 5 types, 2 batches,
 #: simulated with the run's seed; ``sim_<batch_scale>_unshared``: the same without the first type's cells of the
-#: second batch, a type present in one batch only, which a correction must leave apart) and shared real sets with
+#: second batch, a type present in one batch only, which a correction must leave apart; ``_3b``: three batches of
+#: 1,000 cells, where ``_unshared`` also leaves the second type out of the third batch) and shared real sets with
 #: ``obs["batch"]``
 BATCH_DATASETS = ["sim_0.5", "sim_1.0", "sim_1.0_unshared", "cellbench_3cl_2batches", "kang_ifnb_2batches"]
 #: scembed with ``batch_key`` (default penalty, or none: ``_nopenalty``) and without; tl.autoencoder (+ Leiden)
@@ -807,14 +808,24 @@ def batch_data(dataset: str, seed: int):
     import scembed as se
 
     if dataset.startswith("sim_"):
-        scale, _, unshared = dataset[4:].partition("_")
+        scale, *flags = dataset[4:].split("_")
+        n_batches = 3 if "3b" in flags else 2
         adata = se.datasets.simulate(
-            n_cells=2000, n_genes=500, n_celltypes=5, n_batches=2, batch_scale=float(scale), random_state=seed
+            n_cells=1000 * n_batches,
+            n_genes=500,
+            n_celltypes=5,
+            n_batches=n_batches,
+            batch_scale=float(scale),
+            random_state=seed,
         )
-        if unshared:
-            first = adata.obs["celltype"].cat.categories[0]
-            drop = (adata.obs["celltype"] == first) & (adata.obs["batch"] == adata.obs["batch"].cat.categories[1])
-            adata = adata[~drop.to_numpy()].copy()
+        if "unshared" in flags:
+            # the first type only in the first batch; with three batches also the second type absent from the third
+            types, batches = adata.obs["celltype"].cat.categories, adata.obs["batch"].cat.categories
+            celltype, batch = adata.obs["celltype"].to_numpy(), adata.obs["batch"].to_numpy()
+            drop = (celltype == types[0]) & (batch != batches[0])
+            if n_batches == 3:
+                drop |= (celltype == types[1]) & (batch == batches[2])
+            adata = adata[~drop].copy()
         return adata
     adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
     sc.pp.filter_genes(adata, min_cells=3)
@@ -868,7 +879,10 @@ def batch_run(
             import harmonypy
 
             z = np.asarray(harmonypy.run_harmony(emb, adata.obs, "batch", random_state=seed, verbose=False).Z_corr)
-            emb = z if z.shape[0] == adata.n_obs else z.T  # (d, n) in older harmonypy
+            z = z if z.shape[0] == adata.n_obs else z.T  # (d, n) in older harmonypy
+            if np.array_equal(z, emb):  # harmonypy 2.1 does so on the simulated sets: its rows are then PCA's
+                print(f"  harmonypy returned the PCs unchanged ({dataset}, seed {seed})", flush=True)
+            emb = z
         b.obsm["X_emb"] = emb
         sc.pp.neighbors(b, use_rep="X_emb", random_state=seed)
         sc.tl.leiden(b, resolution=0.2, random_state=seed, flavor="igraph", n_iterations=-1, directed=False)
