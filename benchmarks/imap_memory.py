@@ -6,6 +6,7 @@ the corrected layer) and the seconds of every stage, and what the data themselve
 
     python benchmarks/imap_memory.py                      # sim200k_4b, one epoch per stage, batch_size (512, 200)
     python benchmarks/imap_memory.py --epochs 2 --threads 2 --json benchmarks/results/imap_memory_200k.json
+    python benchmarks/imap_memory.py --block-times 50000 --threads 1   # the correction's time per block size
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1, help="epochs per stage")
     p.add_argument("--batch-size", type=int, nargs=2, default=(512, 200), metavar=("STAGE1", "STAGE2"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--block-times",
+        type=int,
+        default=0,
+        metavar="N_CELLS",
+        help="instead: on the first N_CELLS cells, time the correction into the layer in blocks of 2**23 and 2**22 "
+        "entries, alternated three times in one process",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--prepared", type=Path, default=None, help="folder of a set prepared before (by --prepare-into)")
     p.add_argument("--prepare-into", type=Path, default=None, help="prepare the set into this folder and stop")
@@ -69,6 +78,9 @@ def main() -> None:
             # prepared in a child process: the simulation's own memory must not count in this process's peak
             subprocess.run([sys.executable, __file__, "--prepare-into", tmp, "--dataset", args.dataset], check=True)
             adata = bench.load(str(Path(tmp) / f"{args.dataset}.h5ad"))
+    if args.block_times:
+        block_times(adata[: args.block_times].copy(), args)
+        return
     X = adata.X
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
@@ -131,6 +143,42 @@ def main() -> None:
     )
     print("seconds:", {k: round(v, 1) for k, v in row["seconds"].items()})
     write_json(args.json, [row], script="imap_memory", threads=args.threads)
+
+
+def block_times(adata, args) -> None:
+    """Seconds of ``_assemble`` (the correction written into the layer) per block size, after one epoch per stage."""
+    import numpy as np
+
+    import scembed as se
+    from scembed.tl import _imap
+
+    captured, assemble = {}, _imap._assemble
+
+    def keep_arguments(*a):
+        captured["args"] = a
+        return assemble(*a)
+
+    _imap._assemble = keep_arguments
+    se.tl.imap_integrate(
+        adata, "batch", use_hvg=False, max_epochs=args.epochs, batch_size=tuple(args.batch_size), device="cpu",
+        show_progress=False,
+    )  # fmt: skip
+    _imap._assemble = assemble
+    seconds: dict[int, list[float]] = {2**23: [], 2**22: []}
+    for _ in range(3):
+        for block in seconds:
+            _imap.ASSEMBLE_BLOCK = block
+            start = time.perf_counter()
+            assemble(*captured["args"])
+            seconds[block].append(time.perf_counter() - start)
+    cells, genes = f"{adata.n_obs:,}", f"{adata.n_vars:,}"
+    print(f"| block (entries) | cells of {genes} genes | correction of {cells} cells, median (s) | runs |")
+    print("| --- | --- | --- | --- |")
+    for block, runs in seconds.items():
+        print(f"| 2**{block.bit_length() - 1} | {block // adata.n_vars:,} | {np.median(runs):.2f} | "
+              f"{', '.join(f'{r:.2f}' for r in runs)} |")  # fmt: skip
+    write_json(args.json, [{"n_obs": adata.n_obs, "seconds": {str(k): v for k, v in seconds.items()}}],
+               script="imap_memory", threads=args.threads)  # fmt: skip
 
 
 if __name__ == "__main__":
