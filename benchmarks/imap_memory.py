@@ -100,6 +100,22 @@ def main() -> None:
         return assemble(*a, **k)
 
     _imap._assemble = assemble_noting_rss
+    # the RSS after each step of the run (stage I, the release of freed memory, encoding, stage II), in order
+    after_steps: list[tuple[str, float]] = []
+
+    def noting_rss(name, function):
+        def wrapped(*a, **k):
+            out = function(*a, **k)
+            after_steps.append((name, rss_bytes() / GIB))
+            return out
+
+        return wrapped
+
+    engine = _imap.engine
+    patched = {"train_stage1": engine, "apply_in_chunks": engine, "run_stage2": engine, "release_free_memory": _imap}
+    originals = {name: getattr(module, name) for name, module in patched.items()}
+    for name, module in patched.items():
+        setattr(module, name, noting_rss(name, originals[name]))
     before = rss_bytes()
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -114,6 +130,8 @@ def main() -> None:
     )
     stop.set()
     thread.join()
+    for name, module in patched.items():
+        setattr(module, name, originals[name])
     peak = own_peak_rss_mib() * 2**20
     layer = adata.layers["imap"]
     row = {
@@ -131,6 +149,7 @@ def main() -> None:
         "layer_format": "csr" if hasattr(layer, "indptr") else "dense",
         "codes_gib": adata.obsm["X_imap"].nbytes / GIB,
         "seconds": {k: float(v) for k, v in adata.uns["imap"]["seconds"].items()},
+        "rss_after_gib": after_steps,
         "rss_timeline_gib": [(round(t, 1), round(r / GIB, 3)) for t, r in samples],
     }
     fmt = row["layer_format"]
@@ -142,6 +161,7 @@ def main() -> None:
         f"{row['input_gib']:.2f} | {row['layer_gib']:.2f} | {row['codes_gib']:.2f} |"
     )
     print("seconds:", {k: round(v, 1) for k, v in row["seconds"].items()})
+    print("RSS (GiB) after:", ", ".join(f"{name} {gib:.2f}" for name, gib in after_steps))
     write_json(args.json, [row], script="imap_memory", threads=args.threads)
 
 
