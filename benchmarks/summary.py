@@ -490,6 +490,7 @@ SCDC_VARIANTS = [
     ('scale="global"', "scdeepcluster_scale_global_3sets.json"),
     ('scale="floor"', "scdeepcluster_scale_floor_3sets.json"),
     ("noise=0.5", "scdeepcluster_noise05_3sets.json"),
+    ("tol=1e-4", "scdeepcluster_tol1e-4_3sets.json"),
 ]
 
 
