@@ -286,6 +286,49 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def print_means(files: list[Path]) -> None:
+    """Mean (± sd) over seeds of 10-NN accuracy, ARI at the true K and ARI at resolution 0.8, per set and method."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for path in files:
+        data = json.loads(path.read_text())
+        for r in data["rows"] if isinstance(data, dict) else data:
+            groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    print("| data | method | seeds | 10-NN acc. | ARI (true K) | ARI 0.8 | K at 0.8 |")
+    print("|" + " --- |" * 7)
+    for (name, method), runs in sorted(groups.items()):
+        cells = []
+        for key in ("knn_acc", "ari_k", "ari_08"):
+            v = np.array([r[key] for r in runs], dtype=float)
+            cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        ks = "/".join(str(r.get("k_08", "–")) for r in runs)
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        print(f"| {name} | {method} | {seeds} | {' | '.join(cells)} | {ks} |")
+
+
+def gene_spread(names: list[str], data_dir: Path) -> None:
+    """Each gene's standard deviation in the encoder input of ``scale="global"``, in units of their root mean square.
+
+    The input noise of ``tl.autoencoder`` is in the same units; the table says how many genes vary more than a noise
+    of 1 (the default) and of 2.5 (scDeepCluster's, set for z-scored genes).
+    """
+    import anndata as ad
+
+    from scembed._engine.counts import CountData
+
+    print("| data | genes | median gene sd | 90th percentile | genes with sd > 1 | genes with sd > 2.5 |")
+    print("|" + " --- |" * 6)
+    for name in names:
+        adata = ad.read_h5ad(data_dir / f"{name}.h5ad")
+        X = adata.X if sparse.issparse(adata.X) else np.asarray(adata.X)
+        per_gene = CountData.fit(X, np.arange(adata.n_vars), scale="gene")  # every gene's own sd
+        sd = per_gene.gene_std.astype(np.float64)
+        sd = sd / np.sqrt(np.mean(sd**2))  # scale="global" divides every gene by the root mean gene variance
+        print(
+            f"| {name} | {adata.n_vars:,} | {np.median(sd):.2f} | {np.quantile(sd, 0.9):.2f} | {np.mean(sd > 1):.1%} "
+            f"| {np.mean(sd > 2.5):.1%} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=DATA, help="folder of .h5ad files (default ../shared/data)")
@@ -313,6 +356,12 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=None, help="simulated N-cell run (time per epoch, peak RSS)")
     parser.add_argument("--backed", type=Path, default=None, help="with --scale: write the cells here, train backed")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--means", type=Path, nargs="+", default=None, help="print the mean over seeds of these --json files and exit"
+    )
+    parser.add_argument(
+        "--gene-spread", action="store_true", help="print each set's gene spreads under scale='global' and exit"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -322,6 +371,12 @@ def main() -> None:
         return
     if args.rescore:
         rescore(args.rescore, args.data_dir)
+        return
+    if args.means:
+        print_means(args.means)
+        return
+    if args.gene_spread:
+        gene_spread(args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad")), args.data_dir)
         return
     common = {"seed": args.seeds[0], "threads": args.threads, "device": args.device}
     if args.scale:

@@ -152,7 +152,8 @@ def test_scdeepcluster_pretraining_and_autoencoder_share_the_engine(sim, batched
 def test_scdeepcluster_early_stopped_pretraining_is_the_autoencoders(sim):
     # with held-out cells, tl.scdeepcluster's pretraining stops where tl.autoencoder (same engine, same settings)
     # stops, on the same held-out loss, and keeps the same best weights: identical latent coordinates and curves
-    settings = dict(hidden=(32, 16), batch_size=64, validation_fraction=0.2, patience=5, random_state=5)
+    # scDeepCluster's input: z-scored genes and its noise of 2.5 (tl.autoencoder's defaults are "global" and 1)
+    settings = dict(hidden=(32, 16), batch_size=64, validation_fraction=0.2, patience=5, random_state=5, noise=2.5)
     a, b = sim.copy(), sim.copy()
     se.tl.scdeepcluster(a, 4, n_latent=6, max_epochs=(100, 0), show_progress=False, **settings)
     se.tl.autoencoder(b, 6, scale="gene", max_epochs=100, show_progress=False, **settings)
@@ -451,6 +452,8 @@ def test_global_scale_keeps_relative_gene_variances(sim):
     adata = sim.copy()
     model = se.tl.autoencoder(adata, n_latent=4, return_model=True, **FAST)
     assert adata.uns["autoencoder"]["params"]["scale"] == "global"
+    # the default noise is the root mean square spread of the genes of that input (docstring of `noise`)
+    assert adata.uns["autoencoder"]["params"]["noise"] == pytest.approx(np.sqrt(var.mean()), rel=1e-3)
     std = np.asarray(model.metadata["gene_std"])
     np.testing.assert_allclose(std, common.gene_std, rtol=1e-5)
 

@@ -105,7 +105,7 @@ def autoencoder(
     likelihood: str = "zinb",
     hidden: Sequence[int] = (256, 64),
     batch_encoder: bool = False,
-    noise: float = 2.5,
+    noise: float = 1.0,
     scale: str = "global",
     max_epochs: int | None = None,
     batch_size: int = 256,
@@ -180,7 +180,13 @@ def autoencoder(
         with mutual nearest neighbours in the other batch). The default 1 lets the two terms count alike; 0
         turns it off.
     noise
-        Standard deviation of the Gaussian noise on the scaled encoder input in training (scDeepCluster: 2.5).
+        Standard deviation of the Gaussian noise on the scaled encoder input in training. The default 1 is the
+        root mean square spread of the genes under ``scale="global"``: genes more variable than the average stay
+        above the corruption, the others are masked by it. scDeepCluster's 2.5 was set for z-scored genes (every
+        gene of spread 1); on the globally scaled input it exceeds the spread of 97 % or more of the genes on
+        every count set of the benchmarks (``python benchmarks/autoencoder.py --gene-spread``; 1 leaves 20–45 %
+        above it), and the latent space then rests on the few most variable genes. Measured against 0.5 and 2.5
+        in ``benchmarks/README.md`` (``tl.autoencoder``, "Input noise at the defaults").
     scale
         Scaling of the centred log-normalised encoder input. ``"global"`` (default): every gene divided by the
         same number, the root mean gene variance, so that genes keep their relative variances, as in PCA of
