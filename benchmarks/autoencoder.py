@@ -293,8 +293,8 @@ def print_means(files: list[Path]) -> None:
         data = json.loads(path.read_text())
         for r in data["rows"] if isinstance(data, dict) else data:
             groups.setdefault((r["dataset"], r["method"]), []).append(r)
-    print("| data | method | seeds | 10-NN acc. | ARI (true K) | ARI 0.8 | K at 0.8 |")
-    print("|" + " --- |" * 7)
+    print("| data | method | seeds | 10-NN acc. | ARI (true K) | ARI 0.8 | K at 0.8 | s / epoch |")
+    print("|" + " --- |" * 8)
     for (name, method), runs in sorted(groups.items()):
         cells = []
         for key in ("knn_acc", "ari_k", "ari_08"):
@@ -302,7 +302,9 @@ def print_means(files: list[Path]) -> None:
             cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v[0]:.3f}")
         ks = "/".join(str(r.get("k_08", "–")) for r in runs)
         seeds = ",".join(str(r["seed"]) for r in runs)
-        print(f"| {name} | {method} | {seeds} | {' | '.join(cells)} | {ks} |")
+        per_epoch = [r["time"] / r["epochs"] for r in runs if r.get("epochs")]
+        speed = f"{np.mean(per_epoch):.2f}" if per_epoch else "–"
+        print(f"| {name} | {method} | {seeds} | {' | '.join(cells)} | {ks} | {speed} |")
 
 
 def gene_spread(names: list[str], data_dir: Path) -> None:
