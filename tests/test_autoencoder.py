@@ -234,6 +234,36 @@ def test_transform_save_load_and_gene_check(fitted, tmp_path):
         se.tl.AutoencoderModel.load(tmp_path / "x.pt")
 
 
+def test_encoding_many_genes_reads_bounded_rows(fitted, monkeypatch):
+    """Encoding takes at most INFER_ELEMENTS dense entries per pass and never forms the dense counts."""
+    from scembed._engine import counts
+
+    adata, model = fitted
+    n_genes = adata.n_vars
+    assert counts.infer_rows(n_genes) == min(counts.INFER_BATCH, counts.INFER_ELEMENTS // n_genes)
+    assert counts.infer_rows(10**9) == 1
+    monkeypatch.setattr(counts, "INFER_ELEMENTS", 64 * n_genes)  # 64 rows per pass
+    seen = []
+    batch = CountData.batch
+
+    def spy(self, rows, device, **kw):
+        mb = batch(self, rows, device, **kw)
+        seen.append((mb.xin.shape[0], mb.counts))
+        return mb
+
+    monkeypatch.setattr(CountData, "batch", spy)
+    z = model.transform(adata)
+    assert len(seen) == -(-adata.n_obs // 64) and max(n for n, _ in seen) == 64
+    assert all(c is None for _, c in seen)
+    np.testing.assert_allclose(z, adata.obsm["X_autoencoder"], rtol=1e-5, atol=1e-6)
+    # the encoder input is the same with or without the counts
+    data = model._data(adata, None)
+    cpu = torch.device("cpu")
+    full, lean = batch(data, slice(0, 50), cpu), batch(data, slice(0, 50), cpu, counts=False)
+    torch.testing.assert_close(full.xin, lean.xin, rtol=0, atol=0)
+    assert lean.counts is None and full.counts is not None
+
+
 def test_early_stopping_and_best_weights(sim):
     # converged fixture: with a vanishing learning rate the validation loss cannot improve, so training stops
     # after `patience` epochs without improvement

@@ -132,13 +132,14 @@ def encode_all(
 ) -> torch.Tensor:
     """Latent coordinates of every cell (or of the cells in ``rows``; no noise), in batches; float32 on ``device``.
 
-    The matrix is read in contiguous slices of ``batch_size`` rows (default :data:`~.counts.INFER_BATCH`).
+    The matrix is read in contiguous slices of ``batch_size`` rows (default :func:`~.counts.infer_rows`: 8,192,
+    fewer for many genes).
     """
-    batch_size = batch_size or counts.INFER_BATCH
+    batch_size = batch_size or counts.infer_rows(len(data.genes))
     out = []
     first, last = (0, data.n_obs) if rows is None else (rows.start, rows.stop)
     for start in range(first, last, batch_size):
-        mb = data.batch(slice(start, min(start + batch_size, last)), device)
+        mb = data.batch(slice(start, min(start + batch_size, last)), device, counts=False)
         out.append(net.encode(mb.xin, mb.onehot))
     return torch.cat(out) if out else torch.empty(0, net.n_latent, device=device)
 

@@ -26,6 +26,9 @@ from .distributed import World, all_gather_rows, all_reduce_sum, rank_share, sha
 
 #: rows handled at once outside training (statistics, encoding, target distribution): the largest slice read
 INFER_BATCH = 8192
+#: dense entries (rows × genes) of one encoding batch at most: 64 MiB per float32 array, so that encoding many
+#: genes takes fewer rows at a time (8,192 rows × 14,000 genes would be 460 MB per array)
+INFER_ELEMENTS = 1 << 24
 #: contiguous rows of one block: training reads the cells block by block and shuffles them within a read
 BLOCK_ROWS = 512
 #: blocks per read in training (more when one mini-batch needs more rows): 8,192 rows in memory at a time
@@ -221,11 +224,16 @@ def select_genes_by_variance(X, n: int) -> np.ndarray:
     return np.sort(np.argsort(-var, kind="stable")[:n])
 
 
+def infer_rows(n_genes: int) -> int:
+    """Rows encoded at once: :data:`INFER_BATCH`, fewer where rows × ``n_genes`` would exceed :data:`INFER_ELEMENTS`."""
+    return int(max(1, min(INFER_BATCH, INFER_ELEMENTS // max(int(n_genes), 1))))
+
+
 class MiniBatch(NamedTuple):
     """What the network and the loss need of some cells (see :meth:`CountData.batch`)."""
 
     xin: torch.Tensor  #: encoder input: z-scored log1p of the normalised counts (or z-scored data), rows × genes
-    counts: torch.Tensor  #: raw counts (or the data as given), dense rows × genes
+    counts: torch.Tensor | None  #: raw counts (or the data as given), dense rows × genes; None if not asked for
     size_factors: torch.Tensor  #: per row (ones when the data is not normalised)
     onehot: torch.Tensor | None  #: batch one-hot (batch-aware model), else None
     nonzero: torch.Tensor | None  #: flat indices of the non-zero counts when known (sparse input), else None
@@ -269,12 +277,13 @@ class CountData:
     def n_obs(self) -> int:
         return self.X.shape[0]
 
-    def batch(self, rows, device: torch.device) -> MiniBatch:
+    def batch(self, rows, device: torch.device, *, counts: bool = True) -> MiniBatch:
         """Encoder input, raw counts, size factors, batch one-hot (and, from sparse counts, non-zeros) of ``rows``.
 
         From a sparse matrix only the non-zero counts are transformed (log1p of zero is zero, so a zero's
         input is −mean / std) and sent to the device, and their flat indices come for free from the CSR
-        structure; dense counts are densified rows as they are.
+        structure; dense counts are densified rows as they are. ``counts=False`` (encoding only): a sparse
+        matrix's dense counts are not formed, and ``counts`` is None.
         """
         sf = torch.from_numpy(self.size_factors[rows]).to(device)
         codes = None
@@ -303,8 +312,10 @@ class CountData:
             row_t = torch.from_numpy(row_of).to(device)
             col_t = torch.from_numpy(col_of).to(device)
             nonzero = row_t * n_genes + col_t
-            raw = torch.zeros(n_rows, n_genes, device=device)
-            raw.view(-1).index_copy_(0, nonzero, values_t)
+            raw = None
+            if counts:
+                raw = torch.zeros(n_rows, n_genes, device=device)
+                raw.view(-1).index_copy_(0, nonzero, values_t)
             xin = mean.div(std).neg_().expand(n_rows, n_genes).clone()
             if self.normalize:
                 values_t = torch.log1p(values_t * sf.reciprocal().index_select(0, row_t))

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..._utils._model_data import batch_codes, check_expression, counts_of
 from ..autoencoder import Autoencoder, encode_all
-from ..counts import INFER_BATCH, CountData
+from ..counts import CountData
 from .base import Model, check_batch_size
 
 
@@ -99,7 +99,7 @@ class AutoencoderModel(Model):
         self,
         adata: Any,
         *,
-        batch_size: int = INFER_BATCH,
+        batch_size: int | None = None,
         device: str | torch.device | None = None,
         layer: str | None = None,
     ) -> np.ndarray:
@@ -113,7 +113,8 @@ class AutoencoderModel(Model):
             expression for MSE) and, for a batch-aware model, the batch column with batches seen in training.
             ``X`` may be on disk (``anndata.read_h5ad(path, backed="r")``): it is read ``batch_size`` rows at a time.
         batch_size
-            Cells per forward pass; the default reproduces the training call's ``obsm`` exactly.
+            Cells per forward pass. ``None`` (default): as the training call encoded them, 8,192, or fewer when
+            the genes are many (at most 2²⁴ dense entries per pass); this reproduces its ``obsm`` exactly.
         device
             ``"auto"``, ``"cpu"``, ``"cuda"``…; ``None`` (default): where the model is.
         layer
@@ -123,7 +124,7 @@ class AutoencoderModel(Model):
         -------
         Cells × ``n_latent`` float32 array.
         """
-        batch_size = check_batch_size(batch_size)
+        batch_size = None if batch_size is None else check_batch_size(batch_size)
         data = self._data(adata, layer)
         with self._on(device) as dev:
             self.net.eval()
