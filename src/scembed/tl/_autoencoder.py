@@ -157,9 +157,10 @@ def autoencoder(
         Annotated data matrix: raw counts (non-negative integers) in ``X`` or ``layer`` for ``"zinb"`` and
         ``"nb"``; log-normalised expression (non-negative, finite) for ``"mse"``. ``X`` may be on disk
         (``anndata.read_h5ad(path, backed="r")``, CSR or dense): it is read in row slices only, so memory is set
-        by reads of at most 8,192 rows × genes (and their dense working copies) plus the network, and grows with
-        the number of cells only by a few numbers per cell; the results go to the in-memory ``obsm`` and ``uns``
-        of ``adata``, and ``copy=True`` is refused (the copy would load ``X``).
+        by reads of at most 8,192 rows × genes as stored (CSR stays sparse), dense mini-batches, dense encoding
+        blocks of at most 2²⁴ entries (8,192 rows of up to 2,048 genes, fewer rows of more genes) and the network,
+        and grows with the number of cells only by a few numbers per cell; the results go to the in-memory
+        ``obsm`` and ``uns`` of ``adata``, and ``copy=True`` is refused (the copy would load ``X``).
     n_latent
         Dimension of the embedding.
     layer
