@@ -1056,6 +1056,13 @@ def main() -> None:
                 key = (row["dataset"], row["method"])
                 pooled.setdefault(key, {"dataset": key[0], "method": key[1], "runs": []})["runs"] += row["runs"]
         report(list(pooled.values()), pretrain, maxiter)
+        by_method: dict[str, list[float]] = {}
+        for row in pooled.values():  # each set's mean over its seeds, then the mean over the sets
+            aris = [run["ari"] for run in row["runs"] if "ari" in run]
+            if aris:
+                by_method.setdefault(row["method"], []).append(float(np.mean(aris)))
+        for method, means in by_method.items():
+            print(f"{method}: mean ARI over {len(means)} sets {np.mean(means):.3f}")
         return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     if args.batch:
