@@ -162,6 +162,7 @@ def main() -> None:
     )
     print("seconds:", {k: round(v, 1) for k, v in row["seconds"].items()})
     print("RSS (GiB) after:", ", ".join(f"{name} {gib:.2f}" for name, gib in after_steps))
+    print(f"peak: {row['peak_gib']:.2f} GiB = {row['peak_gib'] * GIB / 1e9:.2f} GB")
     write_json(args.json, [row], script="imap_memory", threads=args.threads)
 
 

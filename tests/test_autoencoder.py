@@ -234,6 +234,10 @@ def test_transform_save_load_and_gene_check(fitted, tmp_path):
         se.tl.AutoencoderModel.load(tmp_path / "x.pt")
 
 
+def test_trained_network_keeps_no_gradients(fitted):
+    assert all(p.grad is None for p in fitted[1].net.parameters())
+
+
 def test_encoding_many_genes_reads_bounded_rows(fitted, monkeypatch):
     """Encoding takes at most INFER_ELEMENTS dense entries per pass and never forms the dense counts."""
     from scembed._engine import counts

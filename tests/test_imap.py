@@ -59,6 +59,14 @@ def _lisi(Z, labels, k=30):
 
 
 # ---------------------------------------------------------------- engine pieces against independent references
+def test_trained_networks_keep_no_gradients(run):
+    # the last step's gradients are as large as the networks: freed before the corrected layer is allocated
+    model = run[2]
+    networks = [model.encoder, model.decoder, *model.generators.values()]
+    assert len(networks) == 3
+    assert all(p.grad is None for net in networks for p in net.parameters())
+
+
 def test_stage1_losses_decrease(run):
     hist = run[1].uns["imap"]["stage1"]
     assert len(hist["loss"]) == FAST["max_epochs"]

@@ -277,7 +277,7 @@ def train_autoencoder(
 
     # under torchrun: the wide layers' gradients are averaged while the backward pass goes on (one backward per step)
     with averaged_gradients(opt, overlap=True):
-        return train(
+        result = train(
             step,
             max_epochs,
             desc=desc,
@@ -287,6 +287,8 @@ def train_autoencoder(
             module=net,
             keep_best=validate,
         )
+    net.zero_grad(set_to_none=True)  # the last step's gradients (as large as the network) are training state only
+    return result
 
 
 def _twice(onehot: torch.Tensor | None) -> torch.Tensor | None:

@@ -467,6 +467,10 @@ def train_stage1(
     except FloatingPointError as err:
         raise _diverged("stage I", epoch_now[0], err, vmax) from err
     average_buffers_(encoder, decoder)  # under torchrun: one set of BatchNorm statistics on every rank
+    # the last step's gradients, as large as the networks, are training state: freed before the codes, stage II and
+    # the corrected layer are allocated
+    encoder.zero_grad(set_to_none=True)
+    decoder.zero_grad(set_to_none=True)
     encoder.eval()
     decoder.eval()
     history["batch_size"] = [float(batch_size)] * len(history.get("loss", []))
@@ -483,16 +487,22 @@ def correct_rows(
     anchor) are returned as they are. Computed on demand, so that no corrected copy of the whole matrix is kept.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((len(rows), source.shape[1]), dtype=np.float32)
-    for start in range(0, len(rows), CHUNK):
-        part = rows[start : start + CHUNK]
+
+    def corrected(part: np.ndarray) -> torch.Tensor:
         x, of = source(part), batch_of[part]
         for b, gen in generators.items():
             mine = torch.from_numpy(np.flatnonzero(of == b)).to(x.device)
             if len(mine):
                 gen.eval()
                 x[mine] = gen(x[mine]).float()
-        out[start : start + len(part)] = x.cpu().numpy()
+        return x
+
+    if len(rows) <= CHUNK:  # one chunk: its dense rows are the result (no second copy of them)
+        return corrected(rows).cpu().numpy()
+    out = np.empty((len(rows), source.shape[1]), dtype=np.float32)
+    for start in range(0, len(rows), CHUNK):
+        part = rows[start : start + CHUNK]
+        out[start : start + len(part)] = corrected(part).cpu().numpy()
     return out
 
 
@@ -729,6 +739,7 @@ def train_generator(
     except FloatingPointError as err:
         raise _diverged(stage, epoch_now[0], err, None) from err
     average_buffers_(gen, critic)  # under torchrun: one set of BatchNorm statistics on every rank
+    gen.zero_grad(set_to_none=True)  # training state only: freed before the corrected layer is allocated
     gen.eval()
     history["batch_size"] = [float(batch_size)] * len(history.get("critic", []))
     return gen, history

@@ -302,6 +302,7 @@ def cluster(
     # backward pass goes on (one backward per step)
     with averaged_gradients(opt, overlap=True):
         history, _ = train(step, maxiter, desc="scDeepCluster clustering", show_progress=show_progress, stop=stop)
+    net.zero_grad(set_to_none=True)  # the last step's gradients are training state only
     history["delta_label"] = deltas
     return history, bool(state["converged"])
 
