@@ -113,6 +113,8 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     adata = ad.read_h5ad(spec["path"])
+    if spec.get("dense") and hasattr(adata.X, "toarray"):  # every method gets the same dense matrix
+        adata.X = adata.X.toarray()
     ae_kwargs = spec.get("ae_kwargs") or {}
     truth = adata.obs["celltype"].astype(str).to_numpy()
     batch_key = "batch" if "batch" in adata.obs and adata.obs["batch"].nunique() > 1 else None
@@ -366,6 +368,7 @@ def main() -> None:
         help="scVI's epochs without --max-epochs: those tl.autoencoder ran on the set (default) or scVI's own rule",
     )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run every method in this process")
+    parser.add_argument("--dense", action="store_true", help="give every method the counts as a dense array")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=int, default=None, help="simulated N-cell run (time per epoch, peak RSS)")
@@ -435,7 +438,7 @@ def main() -> None:
                     max_epochs = ae_epochs
                 spec = {
                     **common, "seed": seed, "path": str(path), "method": method, "max_epochs": max_epochs,
-                    "label": label, "embed": not args.no_embed,
+                    "label": label, "embed": not args.no_embed, "dense": args.dense,
                     "save_latents": None if args.save_latents is None else str(args.save_latents),
                 }  # fmt: skip
                 res = _run({**spec, "ae_kwargs": kwargs}, args.in_process)

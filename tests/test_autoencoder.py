@@ -234,6 +234,36 @@ def test_transform_save_load_and_gene_check(fitted, tmp_path):
         se.tl.AutoencoderModel.load(tmp_path / "x.pt")
 
 
+def test_passes_over_dense_counts_read_bounded_slices(monkeypatch):
+    """Dense storage is read at most INFER_ELEMENTS entries at a time; the statistics equal a one-shot reference."""
+    from scembed._engine import counts
+
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.8, size=(300, 40)).astype(np.float32)
+    X[:, 0] += 1  # every cell has counts
+    assert counts._pass_rows(sparse.csr_matrix(X), 10**6) == counts.INFER_BATCH
+    assert counts._pass_rows(X, 10**6) == counts.infer_rows(10**6) < counts.INFER_BATCH
+    monkeypatch.setattr(counts, "INFER_ELEMENTS", 32 * X.shape[1])  # 32 rows per slice of the dense matrix
+    seen = []
+    read = counts._read
+
+    def spy(M, rows, genes=None):
+        seen.append((sparse.issparse(M), rows.stop - rows.start))
+        return read(M, rows, genes)
+
+    monkeypatch.setattr(counts, "_read", spy)
+    genes = np.arange(X.shape[1])
+    dense = CountData.fit(X, genes, scale="gene")
+    assert seen and max(n for is_sparse, n in seen if not is_sparse) == 32
+    sparse_fit = CountData.fit(sparse.csr_matrix(X), genes, scale="gene")
+    lib = X.sum(1)
+    logn = np.log1p(X / lib[:, None] * np.median(lib))
+    np.testing.assert_allclose(dense.gene_mean, logn.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(dense.gene_std, logn.std(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(dense.gene_mean, sparse_fit.gene_mean, rtol=1e-6)
+    np.testing.assert_allclose(dense.size_factors, sparse_fit.size_factors, rtol=1e-6)
+
+
 def test_trained_network_keeps_no_gradients(fitted):
     assert all(p.grad is None for p in fitted[1].net.parameters())
 

@@ -4,7 +4,8 @@
 ``X`` of a backed ``.h5ad``) and turns the rows of one mini-batch at a time into what the network and the loss
 need (:class:`MiniBatch`), so the whole matrix is never densified, and never read at once. Every pass reads
 contiguous row slices: the checks and gene statistics (:func:`scan`), library sizes and :meth:`CountData.fit`
-read :data:`INFER_BATCH` rows at a time, training reads blocks of :data:`BLOCK_ROWS` rows, :data:`READ_BLOCKS`
+read :data:`INFER_BATCH` rows of sparse storage at a time (of dense storage at most :data:`INFER_ELEMENTS`
+entries), training reads blocks of :data:`BLOCK_ROWS` rows, :data:`READ_BLOCKS`
 of them at a time (:class:`RowBlocks`, :meth:`CountData.take`). Under ``torchrun`` each rank makes those passes
 over its own contiguous share of the rows (:func:`~scembed._engine.distributed.shard`) and the sums are added
 up across ranks (``across_ranks``), so that every rank ends with the statistics of all cells.
@@ -86,6 +87,16 @@ def _slices(rows: slice, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, rows.stop))
 
 
+def _pass_rows(X: Any, n_cols: int) -> int:
+    """Rows per slice of a pass over ``X``: :data:`INFER_BATCH` of sparse storage, :func:`infer_rows` of dense.
+
+    A dense slice becomes float64 working copies (8,192 rows × 14,000 genes: 0.9 GB each); a sparse one holds only
+    its non-zeros. ``format`` marks anndata's backed sparse matrices as well as scipy's.
+    """
+    stored_sparse = sparse.issparse(X) or getattr(X, "format", None) in ("csr", "csc")
+    return INFER_BATCH if stored_sparse else infer_rows(n_cols)
+
+
 def _add_over_ranks(*arrays: np.ndarray) -> list[np.ndarray]:
     """The element-wise sums over ranks of float64 ``arrays`` (one all-reduce); the arrays themselves for one rank."""
     if not world().distributed:
@@ -112,7 +123,8 @@ def library_sizes(X, genes: np.ndarray | None = None, *, across_ranks: bool = Fa
     """
     own = _own_rows(X.shape[0], across_ranks)
     # summed in float64 whatever the input's dtype (a float16 sum rounds library sizes of a few thousand counts)
-    parts = [_row_sums(_read(X, rows, genes)) for rows in _slices(own, INFER_BATCH)]
+    step = _pass_rows(X, X.shape[1] if genes is None else len(genes))
+    parts = [_row_sums(_read(X, rows, genes)) for rows in _slices(own, step)]
     lib = np.concatenate(parts) if parts else np.zeros(0)
     return all_gather_rows(lib) if across_ranks else lib
 
@@ -146,7 +158,7 @@ def scan(X, *, log2: bool = False, moments: bool = False, across_ranks: bool = T
     total = np.zeros(n_genes) if moments else None
     squares = np.zeros(n_genes) if moments else None
     library = np.zeros(own.stop - own.start)
-    for rows in _slices(own, INFER_BATCH):
+    for rows in _slices(own, _pass_rows(X, n_genes)):
         block = _read(X, rows)
         facts += ValueFacts.of(block)
         library[rows.start - own.start : rows.stop - own.start] = _row_sums(block)
@@ -362,7 +374,7 @@ class CountData:
         (``n_batches`` × genes; with ``"global"`` one number per batch), and every cell's input is standardised
         with its own batch's.
 
-        ``X`` is read in row slices of :data:`INFER_BATCH` rows: the library sizes over ``genes`` (unless given
+        ``X`` is read in row slices (:func:`_pass_rows`): the library sizes over ``genes`` (unless given
         as ``library``), then the statistics. With ``across_ranks``, under ``torchrun`` each rank reads its own
         share of the rows and the sums are added up across ranks (a collective: call it on every rank).
         """
@@ -378,7 +390,7 @@ class CountData:
         n_groups = n_batches if per_batch else 1
         s1 = np.zeros((n_groups, len(genes)))
         s2 = np.zeros((n_groups, len(genes)))
-        for rows in _slices(_own_rows(X.shape[0], across_ranks), INFER_BATCH):
+        for rows in _slices(_own_rows(X.shape[0], across_ranks), _pass_rows(X, len(genes))):
             block = _read(X, rows, genes)
             factor = target / lib[rows]
             if sparse.issparse(block):
