@@ -264,6 +264,27 @@ def test_passes_over_dense_counts_read_bounded_slices(monkeypatch):
     np.testing.assert_allclose(dense.size_factors, sparse_fit.size_factors, rtol=1e-6)
 
 
+def test_take_of_dense_counts_in_memory_equals_the_read():
+    """A dense array in memory is indexed where it is; its mini-batches equal those of the copying read."""
+    from scembed._engine import counts
+
+    rng = np.random.default_rng(1)
+    X = rng.poisson(0.8, size=(120, 30)).astype(np.float32)
+    X[:, 0] += 1
+    genes = np.array([0, 2, 3, 5, 7, 11, 13, 17, 19, 23])
+    data = CountData.fit(X, genes, scale="global")
+    rows = rng.permutation(120)[:70]
+    taken = data.take(rows, 16)
+    assert isinstance(taken.X, counts._DenseRows) and taken.X.shape == (70, len(genes))
+    read = counts._read_rows(X, rows, genes, 16)
+    idx = rng.permutation(70)[:25]
+    np.testing.assert_array_equal(taken.X[idx], read[idx])
+    copied = CountData(**{**taken.__dict__, "X": read})
+    a, b = taken.batch(idx, torch.device("cpu")), copied.batch(idx, torch.device("cpu"))
+    torch.testing.assert_close(a.xin, b.xin, rtol=0, atol=0)
+    torch.testing.assert_close(a.counts, b.counts, rtol=0, atol=0)
+
+
 def test_trained_network_keeps_no_gradients(fitted):
     assert all(p.grad is None for p in fitted[1].net.parameters())
 

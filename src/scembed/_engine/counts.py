@@ -464,22 +464,14 @@ class CountData:
         """The cells ``rows``, in this order, read into memory: the genes used only (``genes`` becomes 0 … G − 1).
 
         ``X`` is read in contiguous slices, one per run of ascending rows within an aligned window of ``span``
-        rows, so that no read covers more than ``span`` rows; the cells' size factors and batches come along.
+        rows, so that no read covers more than ``span`` rows; the cells' size factors and batches come along. A
+        dense array already in memory is not copied: the result indexes its rows where they are.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        parts = []
-        if len(rows):
-            cuts = np.flatnonzero((np.diff(rows) <= 0) | (np.diff(rows // span) != 0)) + 1
-            for run in np.split(rows, cuts):
-                first = int(run[0])
-                block = _read(self.X, slice(first, int(run[-1]) + 1), self.genes)
-                parts.append(block if len(run) == block.shape[0] else block[run - first])
-        if not parts:
-            X = _read(self.X, slice(0, 0), self.genes)
-        elif sparse.issparse(parts[0]):
-            X = sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        if isinstance(self.X, np.ndarray):
+            X = _DenseRows(self.X, rows, self.genes)
         else:
-            X = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+            X = _read_rows(self.X, rows, self.genes, span)
         return CountData(
             X=X,
             genes=np.arange(len(self.genes)),
@@ -491,6 +483,39 @@ class CountData:
             n_batches=self.n_batches,
             normalize=self.normalize,
         )
+
+
+def _read_rows(X: Any, rows: np.ndarray, genes: np.ndarray, span: int) -> np.ndarray | sparse.csr_matrix:
+    """Rows ``rows`` (in this order) and columns ``genes`` of ``X``, read in contiguous slices of at most ``span``."""
+    parts = []
+    if len(rows):
+        cuts = np.flatnonzero((np.diff(rows) <= 0) | (np.diff(rows // span) != 0)) + 1
+        for run in np.split(rows, cuts):
+            first = int(run[0])
+            block = _read(X, slice(first, int(run[-1]) + 1), genes)
+            parts.append(block if len(run) == block.shape[0] else block[run - first])
+    if not parts:
+        return _read(X, slice(0, 0), genes)
+    if sparse.issparse(parts[0]):
+        return sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+    return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+
+
+class _DenseRows:
+    """Rows ``rows`` and columns ``genes`` of an in-memory dense matrix, indexed without copying them first.
+
+    What :meth:`CountData.take` gives for a dense array in memory: indexing returns the selected rows (a copy of
+    those only), as the read would have held them.
+    """
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray, genes: np.ndarray) -> None:
+        self.base, self.rows = base, rows
+        self.genes = None if len(genes) == base.shape[1] and np.array_equal(genes, np.arange(len(genes))) else genes
+        self.shape = (len(rows), len(genes))
+
+    def __getitem__(self, index) -> np.ndarray:
+        block = self.base[self.rows[index]]
+        return block if self.genes is None else block[:, self.genes]
 
 
 def training_blocks(rows: np.ndarray, batch_size: int) -> RowBlocks:
