@@ -27,8 +27,8 @@ from .distributed import World, all_gather_rows, all_reduce_sum, rank_share, sha
 
 #: rows handled at once outside training (statistics, encoding, target distribution): the largest slice read
 INFER_BATCH = 8192
-#: dense entries (rows × genes) of one encoding batch at most: 64 MiB per float32 array, so that encoding many
-#: genes takes fewer rows at a time (8,192 rows × 14,000 genes would be 460 MB per array)
+#: dense entries (rows × genes) at most of one encoding batch and of one slice of a pass over dense storage: 64 MiB
+#: per float32 array, so that many genes take fewer rows at a time (8,192 rows × 14,000 genes: 460 MB per array)
 INFER_ELEMENTS = 1 << 24
 #: contiguous rows of one block: training reads the cells block by block and shuffles them within a read
 BLOCK_ROWS = 512
