@@ -200,12 +200,23 @@ class _ZINBLogits(torch.autograd.Function):
                 torch.add(log_pi.exp_(), rho, out=grads[2]).sub_(1.0)
             ctx.save_for_backward(grad.view(n_rows, n_heads * n_genes))
         ctx.numel = x.numel()
+        ctx.scaled_by = None
         return total / ctx.numel
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_output / ctx.numel), None, None, None, None
+        scale = grad_output / ctx.numel
+        if ctx.scaled_by is not None:  # a second backward through a retained graph: the buffer holds grad × the first
+            return grad * (scale / ctx.scaled_by), None, None, None, None
+        if grad.device.type == "cpu" and bool(scale != 0):
+            # scaled in place on a CPU: a new rows × heads·G tensor would be fresh memory every step, and beyond
+            # glibc's 32 MB mmap threshold (~11,000 genes at 256 cells) every one of its pages would fault anew
+            # (through .data, so that a second backward may still read the saved tensor: ``scaled_by`` undoes it)
+            ctx.scaled_by = scale
+            grad.data.mul_(scale)
+            return grad, None, None, None, None
+        return grad * scale, None, None, None, None
 
 
 def _near_clamp(t: torch.Tensor, low: float, high: float, margin: float = 1e-2) -> bool:
