@@ -118,6 +118,54 @@ def test_fused_gradient_through_a_retained_graph(likelihood):
         np.testing.assert_allclose(lg.grad.numpy(), ref.grad.numpy(), rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_loss_of_separate_heads_equals_the_stacked_logits(likelihood):
+    # the decoder's heads arrive as separate rows × G tensors; the same numbers stacked side by side give the
+    # same loss and, column block by column block, the same gradient
+    heads = zinb.N_HEADS[likelihood]
+    x, logits, sf = _random_counts(5, heads=heads)
+    fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
+    stacked = logits.clone().requires_grad_()
+    parts = [p.clone().requires_grad_() for p in logits.split(x.shape[1], dim=1)]
+    fused(stacked, x, sf).backward()
+    fused(parts, x, sf).backward()
+    # (a strided view and a contiguous tensor may take different vector paths: equal to the last few bits)
+    np.testing.assert_allclose(torch.cat([p.grad for p in parts], 1).numpy(), stacked.grad.numpy(), rtol=1e-12)
+    assert fused(parts, x, sf).item() == pytest.approx(fused(logits, x, sf).item(), rel=1e-13)
+    with pytest.raises(ValueError, match=f"expected {heads} heads"):
+        fused(parts[:1], x, sf)
+    with pytest.raises(ValueError, match="shape"):
+        fused(logits[:, :-1], x, sf)
+
+
+def test_heads_are_one_stacked_linear_layer():
+    # the heads' initial weights are those of one Linear(16, 3G) from the same random state, their outputs that
+    # layer's column blocks, and the state dict holds them stacked (loading splits them back; strict checks)
+    g, hidden = 7, 16
+    torch.manual_seed(3)
+    heads = ae.Heads(hidden, g, 3)
+    torch.manual_seed(3)
+    one = torch.nn.Linear(hidden, 3 * g)
+    state = heads.state_dict()
+    assert sorted(state) == ["bias", "weight"] and heads.out_features == 3 * g
+    np.testing.assert_array_equal(state["weight"].numpy(), one.weight.detach().numpy())
+    np.testing.assert_array_equal(state["bias"].numpy(), one.bias.detach().numpy())
+    h = torch.randn(5, hidden)
+    for got, want in zip(heads(h), one(h).split(g, dim=1)):
+        np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-6, atol=1e-6)
+    # each head is its own parameter, so that its gradient is its own rows × G block
+    assert [tuple(p.shape) for p in heads.parameters()] == [(g, hidden), (g,)] * 3
+    other = ae.Heads(hidden, g, 3)
+    other.load_state_dict({"weight": state["weight"] * 2, "bias": state["bias"]})
+    np.testing.assert_array_equal(other.weight_2.detach().numpy(), 2 * one.weight.detach()[2 * g :].numpy())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({"weight": state["weight"]})
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        other.load_state_dict({**state, "weight_0": state["bias"]})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict({"weight": state["weight"][:-1], "bias": state["bias"]})
+
+
 def test_mse_and_dispatch():
     gen = torch.Generator().manual_seed(0)
     out, x = torch.randn(5, 7, generator=gen), torch.rand(5, 7, generator=gen)
@@ -458,7 +506,7 @@ def test_batch_one_hot(batch_encoder):
     with torch.no_grad():
         a, b = data.batch(np.arange(10), "cpu"), other.batch(np.arange(10), "cpu")
         assert torch.equal(net.encode(a.xin, a.onehot), net.encode(b.xin, b.onehot)) != batch_encoder
-        assert not torch.equal(net(a.xin, a.onehot), net(b.xin, b.onehot))
+        assert not torch.equal(torch.cat(net(a.xin, a.onehot), 1), torch.cat(net(b.xin, b.onehot), 1))
     bad = adata.copy()
     bad.obs["batch"] = bad.obs["batch"].astype(str).replace({bad.obs["batch"].astype(str).iloc[0]: "new"})
     with pytest.raises(ValueError, match="not trained on"):

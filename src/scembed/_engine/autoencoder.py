@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import counts
@@ -67,13 +68,64 @@ def default_max_epochs(n_train: int, batch_size: int) -> int:
     return int(np.clip(round(TARGET_STEPS * batch_size / n_train), MIN_EPOCHS, MAX_EPOCHS))
 
 
+class Heads(nn.Module):
+    """``n_heads`` Linear layers ``in_features`` → G side by side; the output is one rows × G tensor per head.
+
+    Mathematically one Linear layer of width ``n_heads`` · G, and saved as one: the state dict holds ``weight``
+    (``n_heads`` · G × ``in_features``) and ``bias`` with the heads stacked in order, and the initial weights are
+    drawn as that one layer's. Kept apart because at many genes the stacked block (and its weight gradient)
+    would exceed glibc's 32 MB mmap threshold (256 cells × 3 heads × ~11,000 genes) and be fresh memory every
+    training step, every page of it faulting anew; each head's own rows × G block stays below it up to three
+    times as many genes.
+    """
+
+    def __init__(self, in_features: int, n_genes: int, n_heads: int):
+        super().__init__()
+        self.in_features, self.n_genes, self.n_heads = in_features, n_genes, n_heads
+        stacked = nn.Linear(in_features, n_heads * n_genes)  # the one layer's initial weights, same draws
+        for i, (w, b) in enumerate(zip(stacked.weight.detach().split(n_genes), stacked.bias.detach().split(n_genes))):
+            self.register_parameter(f"weight_{i}", nn.Parameter(w.clone()))
+            self.register_parameter(f"bias_{i}", nn.Parameter(b.clone()))
+
+    @property
+    def out_features(self) -> int:
+        return self.n_heads * self.n_genes
+
+    def _parts(self, name: str) -> list[nn.Parameter]:
+        return [getattr(self, f"{name}_{i}") for i in range(self.n_heads)]
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(F.linear(h, w, b) for w, b in zip(self._parts("weight"), self._parts("bias")))
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for name in ("weight", "bias"):
+            destination[prefix + name] = torch.cat([p.detach() for p in self._parts(name)])
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        shapes = {"weight": (self.out_features, self.in_features), "bias": (self.out_features,)}
+        for name, shape in shapes.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: copying {tuple(value.shape)}, expected {shape}.")
+                continue
+            with torch.no_grad():
+                for p, part in zip(self._parts(name), value.split(self.n_genes)):
+                    p.copy_(part)
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in shapes)
+
+
 class Autoencoder(nn.Module):
     """Encoder G(+B) → hidden → latent (linear bottleneck); decoder latent(+B) → reversed hidden → heads.
 
-    The heads are one Linear layer of width ``N_HEADS[likelihood]`` × G: stacked logits of the mean,
-    dispersion and dropout (ZINB), of the mean and dispersion (NB), or the reconstruction itself (MSE). With
-    ``n_batches`` > 0 the one-hot batch is appended to the decoder's input and, if ``batch_encoder``, to the
-    encoder's.
+    The heads (:class:`Heads`) give per gene the logits of the mean, dispersion and dropout (ZINB), of the mean
+    and dispersion (NB), or the reconstruction itself (MSE), each rows × G. With ``n_batches`` > 0 the one-hot
+    batch is appended to the decoder's input and, if ``batch_encoder``, to the encoder's.
     """
 
     def __init__(
@@ -95,7 +147,7 @@ class Autoencoder(nn.Module):
         self.encoder = mlp([n_genes + (n_batches if self.batch_encoder else 0), *hidden, n_latent], batchnorm=False)
         dec = [n_latent + n_batches, *reversed(self.hidden)]
         self.decoder = mlp(dec, batchnorm=False, final_activation=True)
-        self.heads = nn.Linear(dec[-1], N_HEADS[likelihood] * n_genes)
+        self.heads = Heads(dec[-1], n_genes, N_HEADS[likelihood])
 
     @property
     def z_dim(self) -> int:
@@ -106,11 +158,11 @@ class Autoencoder(nn.Module):
         """Latent coordinates of the encoder input ``x`` (the batch one-hot is used if ``batch_encoder``)."""
         return self.encoder(x if onehot is None or not self.batch_encoder else torch.cat([x, onehot], 1))
 
-    def decode(self, z: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
-        """The heads' output, rows × ``N_HEADS[likelihood]`` · G (for the ZINB: ``[a | b | c]``)."""
+    def decode(self, z: torch.Tensor, onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The heads' outputs, ``N_HEADS[likelihood]`` tensors of rows × G (for the ZINB: ``a, b, c``)."""
         return self.heads(self.decoder(z if onehot is None else torch.cat([z, onehot], 1)))
 
-    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         return self.decode(self.encode(x, onehot), onehot)
 
 

@@ -109,7 +109,7 @@ class ZINBAutoencoder(Autoencoder):
         self.centroids = nn.Parameter(torch.zeros(0, z_dim))
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
-        self.centroids = nn.Parameter(centroids.to(self.heads.weight))
+        self.centroids = nn.Parameter(centroids.to(self.heads.weight_0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,17 @@
 """Likelihoods of a count autoencoder's output: ZINB, NB (ZINB without zero inflation) and MSE.
 
-The decoder of a count autoencoder ends in one Linear layer whose output stacks the logits of the likelihood's
-parameters per gene: ``[a | b | c]`` (rows × 3G) for the zero-inflated negative binomial (mean = exp(a),
-inverse dispersion θ = softplus(b), dropout π = sigmoid(c)), ``[a | b]`` (rows × 2G) for the negative binomial,
-and the reconstruction itself (rows × G) for the mean squared error. :func:`reconstruction_loss` dispatches on
-the likelihood's name. The NB loss is the ZINB code path with π = 0: one fused autograd function
-(:class:`_ZINBLogits`) serves both.
+The decoder of a count autoencoder ends in one Linear head per parameter of the likelihood, each rows × G: the
+logits ``a, b, c`` for the zero-inflated negative binomial (mean = exp(a), inverse dispersion θ = softplus(b),
+dropout π = sigmoid(c)), ``a, b`` for the negative binomial, and the reconstruction itself for the mean squared
+error. The loss functions take the heads as a sequence, or stacked side by side in one tensor (``[a | b | c]``,
+rows × 3G). :func:`reconstruction_loss` dispatches on the likelihood's name. The NB loss is the ZINB code path
+with π = 0: one fused autograd function (:class:`_ZINBLogits`) serves both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -67,15 +68,17 @@ def nb_nll(
     return -nb_log_prob(x, m, disp)
 
 
-def zinb_heads(logits: torch.Tensor, n_genes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three output heads (normalised mean, dispersion, dropout probability) from the decoder's logits."""
-    a, b, c = logits.view(logits.shape[0], 3, n_genes).unbind(1)
+def zinb_heads(
+    logits: torch.Tensor | Sequence[torch.Tensor], n_genes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The normalised mean, dispersion and dropout probability from the decoder's heads (or ``[a | b | c]``)."""
+    a, b, c = _split_heads(logits, 3, n_genes)
     return torch.exp(a).clamp(MEAN_MIN, MEAN_MAX), F.softplus(b).clamp(DISP_MIN, DISP_MAX), torch.sigmoid(c)
 
 
-def nb_heads(logits: torch.Tensor, n_genes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two output heads (normalised mean, dispersion) of the NB likelihood from the decoder's logits."""
-    a, b = logits.view(logits.shape[0], 2, n_genes).unbind(1)
+def nb_heads(logits: torch.Tensor | Sequence[torch.Tensor], n_genes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised mean and dispersion of the NB likelihood from the decoder's heads (or ``[a | b]``)."""
+    a, b = _split_heads(logits, 2, n_genes)
     return torch.exp(a).clamp(MEAN_MIN, MEAN_MAX), F.softplus(b).clamp(DISP_MIN, DISP_MAX)
 
 
@@ -83,10 +86,10 @@ def nb_heads(logits: torch.Tensor, n_genes: int) -> tuple[torch.Tensor, torch.Te
 # Fused loss
 # ----------------------------------------------------------------------------------------------------------------
 class _ZINBLogits(torch.autograd.Function):
-    """Mean ZINB (or NB) NLL of counts ``x`` given the stacked head logits and the size factors.
+    """Mean ZINB (or NB) NLL of counts ``x`` given the head logits and the size factors.
 
-    The logits are ``[a | b | c]`` (rows × 3G) for the ZINB, ``[a | b]`` (rows × 2G) for the NB, which is the
-    ZINB with π = 0 (c → −∞): then ρ = 1, log(π + (1 − π) NB(0)) = log NB(0) and there is no ∂ℓ/∂c.
+    The heads are ``a, b, c`` (each rows × G) for the ZINB and ``a, b`` for the NB (``c`` is ``None``), which is
+    the ZINB with π = 0 (c → −∞): then ρ = 1, log(π + (1 − π) NB(0)) = log NB(0) and there is no ∂ℓ/∂c.
 
     The gradient is formed analytically while the loss is evaluated (with ρ the posterior probability of the
     negative-binomial component, 1 for non-zero counts; the terms in x vanish where x = 0):
@@ -102,28 +105,28 @@ class _ZINBLogits(torch.autograd.Function):
     are as few of them as the maths allows (about 26), mostly in place; the terms of the non-zero counts
     (typically 5–15 % of a count matrix) are gathered once; ``nonzero`` (flat indices of the non-zero counts,
     known from a sparse matrix for free) spares the search for them; and on a CPU the clamps' masks are only
-    built when a logit is near a clamp, which two reductions tell.
+    built when a logit is near a clamp, which two reductions tell. Each head's gradient is its own rows × G
+    tensor, as each head is its own layer: a block three times as wide would, beyond glibc's 32 MB mmap
+    threshold (~11,000 genes at 256 cells), be fresh memory every step, every page of it faulting anew.
     """
 
     @staticmethod
     def forward(
         ctx,
-        logits: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor | None,
         x: torch.Tensor,
         size_factors: torch.Tensor,
         nonzero: torch.Tensor | None,
-        zero_inflated: bool,
     ) -> torch.Tensor:
-        logits, x = logits.contiguous(), x.contiguous()
-        n_rows, n_genes = x.shape
-        n_heads = 3 if zero_inflated else 2
-        if logits.shape != (n_rows, n_heads * n_genes):
-            raise ValueError(
-                f"expected logits of shape {(n_rows, n_heads * n_genes)} for counts {tuple(x.shape)}, "
-                f"got {tuple(logits.shape)}"
-            )
-        heads = logits.view(n_rows, n_heads, n_genes).unbind(1)
-        a, b = heads[0], heads[1]
+        x = x.contiguous()
+        zero_inflated = c is not None
+        for name, head in (("a", a), ("b", b), ("c", c)):
+            if head is not None and head.shape != x.shape:
+                raise ValueError(
+                    f"expected the head {name} of shape {tuple(x.shape)} as the counts, got {tuple(head.shape)}"
+                )
         # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
         on_cpu = x.device.type == "cpu"
         clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
@@ -137,7 +140,6 @@ class _ZINBLogits(torch.autograd.Function):
         r = m / theta
         log1p_r = torch.log1p(r)  # log(θ + m) − log θ
         if zero_inflated:
-            c = heads[2]
             sp_c = F.softplus(c)  # −log(1 − π); log π = c − softplus(c)
             log_zero_nb = torch.addcmul(sp_c, theta, log1p_r).neg_()  # log((1 − π) NB(0)) = −softplus(c) − θ log1p_r
             log_pi = c - sp_c
@@ -165,12 +167,10 @@ class _ZINBLogits(torch.autograd.Function):
         )
         # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
         total = (loss_nz.sum() - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty(n_rows, n_heads, n_genes, dtype=logits.dtype, device=logits.device)
-            grads = grad.unbind(1)
-            ga, gb = grads[0], grads[1]
-            # the same entries in grad's (rows, heads, G) layout
-            flat_a = flat + (flat // n_genes) * ((n_heads - 1) * n_genes)
+        heads = (a, b, c) if zero_inflated else (a, b)
+        if any(ctx.needs_input_grad[: len(heads)]):
+            fmt = torch.contiguous_format
+            ga, gb = torch.empty_like(a, memory_format=fmt), torch.empty_like(b, memory_format=fmt)
             if zero_inflated:
                 rho = log_zero_nb.sub_(log_d).exp_()  # posterior of the NB component at x = 0
                 rho.view(-1).index_fill_(0, flat, 1.0)
@@ -182,7 +182,7 @@ class _ZINBLogits(torch.autograd.Function):
             torch.mul(m, inv_1p_r, out=ga)
             if rho is not None:
                 ga.mul_(rho)
-            grad.view(-1).index_add_(0, flat_a, -x_nz * at_nz(inv_1p_r))
+            ga.view(-1).index_add_(0, flat, -x_nz * at_nz(inv_1p_r))
             if clamp_a:
                 ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
             # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
@@ -195,28 +195,33 @@ class _ZINBLogits(torch.autograd.Function):
             torch.sigmoid(b, out=gb).mul_(gtheta)
             if clamp_b:
                 gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
+            grads = [ga, gb]
             if zero_inflated:
                 # ∂ℓ/∂c = π − 1 + ρ
-                torch.add(log_pi.exp_(), rho, out=grads[2]).sub_(1.0)
-            ctx.save_for_backward(grad.view(n_rows, n_heads * n_genes))
+                grads.append(torch.add(log_pi.exp_(), rho).sub_(1.0))
+            ctx.save_for_backward(*grads)
         ctx.numel = x.numel()
         ctx.scaled_by = None
         return total / ctx.numel
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
+        grads = ctx.saved_tensors
         scale = grad_output / ctx.numel
-        if ctx.scaled_by is not None:  # a second backward through a retained graph: the buffer holds grad × the first
-            return grad * (scale / ctx.scaled_by), None, None, None, None
-        if grad.device.type == "cpu" and bool(scale != 0):
-            # scaled in place on a CPU: a new rows × heads·G tensor would be fresh memory every step, and beyond
-            # glibc's 32 MB mmap threshold (~11,000 genes at 256 cells) every one of its pages would fault anew
-            # (through .data, so that a second backward may still read the saved tensor: ``scaled_by`` undoes it)
+        if ctx.scaled_by is not None:  # a second backward through a retained graph: the buffers hold grad × the first
+            out = [g * (scale / ctx.scaled_by) for g in grads]
+        elif grads[0].device.type == "cpu" and bool(scale != 0):
+            # scaled in place on a CPU (through .data, so that a second backward may still read the saved tensors:
+            # ``scaled_by`` undoes it): new rows × G tensors would be fresh memory every step
             ctx.scaled_by = scale
-            grad.data.mul_(scale)
-            return grad, None, None, None, None
-        return grad * scale, None, None, None, None
+            for g in grads:
+                g.data.mul_(scale)
+            out = list(grads)
+        else:
+            out = [g * scale for g in grads]
+        if len(out) == 2:
+            out.append(None)
+        return *out, None, None, None
 
 
 def _near_clamp(t: torch.Tensor, low: float, high: float, margin: float = 1e-2) -> bool:
@@ -227,22 +232,45 @@ def _near_clamp(t: torch.Tensor, low: float, high: float, margin: float = 1e-2) 
     return bool(lo < low + margin) or bool(hi > high - margin)
 
 
-def zinb_nll_logits(
-    logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor, nonzero: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean ZINB negative log-likelihood over rows × genes, from the decoder's stacked logits (fused, fast).
+def _split_heads(logits: torch.Tensor | Sequence[torch.Tensor], n_heads: int, n_genes: int) -> list[torch.Tensor]:
+    """The heads as a list: a sequence as given, or the column blocks of one stacked rows × (n_heads · G) tensor."""
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() != 2 or logits.shape[1] != n_heads * n_genes:
+            raise ValueError(
+                f"expected logits of shape (rows, {n_heads * n_genes}) for {n_genes} genes, got {tuple(logits.shape)}"
+            )
+        return list(logits.view(logits.shape[0], n_heads, n_genes).unbind(1))
+    heads = list(logits)
+    if len(heads) != n_heads:
+        raise ValueError(f"expected {n_heads} heads, got {len(heads)}")
+    return heads
 
+
+def zinb_nll_logits(
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    x: torch.Tensor,
+    size_factors: torch.Tensor,
+    nonzero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean ZINB negative log-likelihood over rows × genes, from the decoder's heads (fused, fast).
+
+    ``logits``: the heads ``(a, b, c)``, each rows × G, or ``[a | b | c]`` stacked in one rows × 3G tensor.
     ``nonzero``, if given, holds the flat indices (into ``x.view(-1)``) of exactly the non-zero counts, as
     :meth:`~scembed._engine.counts.CountData.batch` returns them; otherwise they are searched for.
     """
-    return _ZINBLogits.apply(logits, x, size_factors, nonzero, True)
+    a, b, c = _split_heads(logits, 3, x.shape[1])
+    return _ZINBLogits.apply(a, b, c, x, size_factors, nonzero)
 
 
 def nb_nll_logits(
-    logits: torch.Tensor, x: torch.Tensor, size_factors: torch.Tensor, nonzero: torch.Tensor | None = None
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    x: torch.Tensor,
+    size_factors: torch.Tensor,
+    nonzero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean NB negative log-likelihood over rows × genes from the logits ``[a | b]`` (the ZINB's code, π = 0)."""
-    return _ZINBLogits.apply(logits, x, size_factors, nonzero, False)
+    """Mean NB negative log-likelihood over rows × genes from the heads ``(a, b)`` or ``[a | b]`` (π = 0)."""
+    a, b = _split_heads(logits, 2, x.shape[1])
+    return _ZINBLogits.apply(a, b, None, x, size_factors, nonzero)
 
 
 def mse_loss(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -252,16 +280,16 @@ def mse_loss(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def reconstruction_loss(
     likelihood: str,
-    output: torch.Tensor,
+    output: torch.Tensor | Sequence[torch.Tensor],
     x: torch.Tensor,
     size_factors: torch.Tensor,
     nonzero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean loss of ``likelihood`` ("zinb", "nb" or "mse") over rows × genes of the decoder's ``output``."""
+    """Mean loss of ``likelihood`` ("zinb", "nb" or "mse") over rows × genes of the decoder's heads ``output``."""
     if likelihood == "zinb":
         return zinb_nll_logits(output, x, size_factors, nonzero)
     if likelihood == "nb":
         return nb_nll_logits(output, x, size_factors, nonzero)
     if likelihood == "mse":
-        return mse_loss(output, x)
+        return mse_loss(output if isinstance(output, torch.Tensor) else _split_heads(output, 1, x.shape[1])[0], x)
     raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
