@@ -79,20 +79,24 @@ def test_zinb_matches_scipy_mixture():
     )
 
 
+def _losses(likelihood: str):
+    """The fused loss, the plain element-wise expression and the head split of ``likelihood`` ("zinb" or "nb")."""
+    if likelihood == "zinb":
+        return zinb.zinb_nll_logits, zinb.zinb_nll, zinb.zinb_heads
+    return zinb.nb_nll_logits, zinb.nb_nll, zinb.nb_heads
+
+
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_fused_gradient_matches_autograd(likelihood):
     heads = zinb.N_HEADS[likelihood]
     x, logits, sf = _random_counts(2, heads=heads)
-    fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
+    fused, plain, split = _losses(likelihood)
     # against autograd through the plain expression
     lg = logits.clone().requires_grad_()
     fused(lg, x, sf).mul(2.0).backward()
     got = lg.grad.clone()
     lg.grad = None
-    if likelihood == "zinb":
-        zinb.zinb_nll(x, *zinb.zinb_heads(lg, x.shape[1]), sf).mean().mul(2.0).backward()
-    else:
-        zinb.nb_nll(x, *zinb.nb_heads(lg, x.shape[1]), sf).mean().mul(2.0).backward()
+    plain(x, *split(lg, x.shape[1]), sf).mean().mul(2.0).backward()
     np.testing.assert_allclose(got.numpy(), lg.grad.numpy(), rtol=1e-7, atol=1e-12)
     # and finite differences (float64, tiny)
     small = logits.view(x.shape[0], heads, -1)[:4, :, :3].reshape(4, heads * 3).clone().requires_grad_()
@@ -106,9 +110,7 @@ def test_fused_gradient_through_a_retained_graph(likelihood):
     # must still equal autograd's through the plain expression
     heads = zinb.N_HEADS[likelihood]
     x, logits, sf = _random_counts(3, heads=heads)
-    fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
-    plain = zinb.zinb_nll if likelihood == "zinb" else zinb.nb_nll
-    split = zinb.zinb_heads if likelihood == "zinb" else zinb.nb_heads
+    fused, plain, split = _losses(likelihood)
     lg, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     loss = fused(lg, x, sf)
     expected = plain(x, *split(ref, x.shape[1]), sf).mean()
@@ -124,7 +126,7 @@ def test_loss_of_separate_heads_equals_the_stacked_logits(likelihood):
     # same loss and, column block by column block, the same gradient
     heads = zinb.N_HEADS[likelihood]
     x, logits, sf = _random_counts(5, heads=heads)
-    fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
+    fused = _losses(likelihood)[0]
     stacked = logits.clone().requires_grad_()
     parts = [p.clone().requires_grad_() for p in logits.split(x.shape[1], dim=1)]
     fused(stacked, x, sf).backward()
@@ -630,7 +632,7 @@ def test_gpu_matches_cpu(sim):
     # the fused NB/ZINB loss on CUDA (clamp masks always built there) equals the CPU's; training runs there
     for likelihood in ("zinb", "nb"):
         x, logits, sf = _random_counts(4, heads=zinb.N_HEADS[likelihood])
-        fused = zinb.zinb_nll_logits if likelihood == "zinb" else zinb.nb_nll_logits
+        fused = _losses(likelihood)[0]
         cpu = fused(logits, x, sf).item()
         np.testing.assert_allclose(fused(logits.cuda(), x.cuda(), sf.cuda()).item(), cpu, rtol=1e-10)
     adata = sim.copy()

@@ -167,8 +167,7 @@ class _ZINBLogits(torch.autograd.Function):
         )
         # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
         total = (loss_nz.sum() - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
-        heads = (a, b, c) if zero_inflated else (a, b)
-        if any(ctx.needs_input_grad[: len(heads)]):
+        if any(ctx.needs_input_grad[: 3 if zero_inflated else 2]):
             fmt = torch.contiguous_format
             ga, gb = torch.empty_like(a, memory_format=fmt), torch.empty_like(b, memory_format=fmt)
             if zero_inflated:
