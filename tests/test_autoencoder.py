@@ -120,6 +120,64 @@ def test_fused_gradient_through_a_retained_graph(likelihood):
         np.testing.assert_allclose(lg.grad.numpy(), ref.grad.numpy(), rtol=1e-7, atol=1e-12)
 
 
+def _wide_range_counts(dtype: torch.dtype, seed: int = 7, n: int = 64, g: int = 50):
+    """Counts 0–3,000 (every value 1–17 present, some non-integer ones), θ 1e-4–1e4 and means 1e-5–1e5."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.exp(torch.randn(n, g, generator=gen, dtype=torch.float64) * 1.5), generator=gen)
+    x[0, :17] = torch.arange(1, 18, dtype=torch.float64)
+    x[1, :6] = torch.tensor([0.5, 2.7, 16.0, 17.0, 300.0, 3000.0], dtype=torch.float64)
+    a = torch.rand(n, g, generator=gen, dtype=torch.float64) * 23 - 11.5  # log means
+    theta = 10 ** (torch.rand(n, g, generator=gen, dtype=torch.float64) * 8 - 4)
+    b = theta + torch.log(-torch.expm1(-theta))  # softplus⁻¹
+    c = torch.randn(n, g, generator=gen, dtype=torch.float64) * 2
+    sf = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    return [t.to(dtype) for t in (x, a, b, c, sf)]
+
+
+def _loss_and_grads(heads, x, sf, likelihood):
+    heads = [h.clone().requires_grad_() for h in heads]
+    loss = _losses(likelihood)[0](heads, x, sf)
+    loss.backward()
+    return loss.item(), [h.grad.double() for h in heads]
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_count_terms_as_finite_sums_equal_the_special_functions(likelihood, monkeypatch):
+    # on a CPU the gamma and digamma differences of counts ≤ SMALL_COUNT_MAX are finite sums of small terms; larger
+    # and non-integer counts, and other devices, use lgamma and digamma in float64: both ways must agree, in
+    # float64 to rounding, and the sums in float32 with the float64 result
+    assert zinb.SMALL_COUNT_MAX == 16  # the counts below straddle it
+    x, a, b, c, sf = _wide_range_counts(torch.float64)
+    heads = [a, b, c] if likelihood == "zinb" else [a, b]
+    loss_sums, grads_sums = _loss_and_grads(heads, x, sf, likelihood)
+    monkeypatch.setattr(zinb, "TERM_SUMS_ON_CPU", False)
+    loss_special, grads_special = _loss_and_grads(heads, x, sf, likelihood)
+    np.testing.assert_allclose(loss_sums, loss_special, rtol=1e-12)
+    for got, ref in zip(grads_sums, grads_special, strict=True):
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-9, atol=1e-15)
+    # and against the plain expression (autograd through lgamma and digamma), on the terms of the non-zero counts
+    plain_heads = [h.clone().requires_grad_() for h in heads]
+    _losses(likelihood)[1](x, *_losses(likelihood)[2](plain_heads, x.shape[1]), sf).mean().backward()
+    np.testing.assert_allclose(grads_sums[1].numpy(), plain_heads[1].grad.numpy(), rtol=1e-6, atol=1e-15)
+    monkeypatch.setattr(zinb, "TERM_SUMS_ON_CPU", True)
+    x32, a32, b32, c32, sf32 = _wide_range_counts(torch.float32)
+    loss32, grads32 = _loss_and_grads([a32, b32, c32] if likelihood == "zinb" else [a32, b32], x32, sf32, likelihood)
+    np.testing.assert_allclose(loss32, loss_special, rtol=1e-6)
+    for got, ref in zip(grads32, grads_special, strict=True):
+        assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_count_terms_of_a_block_without_small_or_without_large_counts():
+    # only counts above SMALL_COUNT_MAX, only small ones, or a single non-zero: either way of evaluating the
+    # terms may cover the whole block alone, and the loss must still be the plain expression's
+    x, a, b, c, sf = _wide_range_counts(torch.float64, n=8, g=20)
+    one = torch.zeros_like(x)
+    one[2, 5] = 4.0
+    for counts in (torch.where(x > 0, x + 40, x), x.clamp(max=3), one):
+        ref = zinb.zinb_nll(counts, *zinb.zinb_heads([a, b, c], counts.shape[1]), sf).mean()
+        np.testing.assert_allclose(zinb.zinb_nll_logits([a, b, c], counts, sf).item(), ref.item(), rtol=1e-10)
+
+
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_loss_of_separate_heads_equals_the_stacked_logits(likelihood):
     # the decoder's heads arrive as separate rows × G tensors; the same numbers stacked side by side give the

@@ -85,6 +85,98 @@ def nb_heads(logits: torch.Tensor | Sequence[torch.Tensor], n_genes: int) -> tup
 # ----------------------------------------------------------------------------------------------------------------
 # Fused loss
 # ----------------------------------------------------------------------------------------------------------------
+#: on a CPU, the non-zero counts up to this are handled by :func:`_summed_count_terms` (finite sums), the larger
+#: and the non-integer ones by lgamma and digamma in float64 (:func:`_special_count_terms`); elsewhere all by the
+#: latter, whose functions a GPU evaluates at little cost and whose sizes need no host-side count
+SMALL_COUNT_MAX = 16
+#: whether a CPU uses :func:`_summed_count_terms` (tests switch it off to check the other way against it)
+TERM_SUMS_ON_CPU = True
+
+
+def _special_count_terms(
+    x: torch.Tensor, theta: torch.Tensor, m: torch.Tensor, wide: torch.dtype, *, beyond_zero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-zero counts' loss terms, summed, and their ∂ℓ/∂θ, by lgamma and digamma in ``wide`` (float64).
+
+    The sum over the counts ``x`` of x log((θ + m)/m) − log Γ(x + θ) + log Γ(θ) + log Γ(x + 1), and per count
+    ∂ℓ/∂θ = log(1 + m/θ) − m/(θ + m) + [x/(θ + m) + ψ(θ) − ψ(x + θ)] (``beyond_zero``: the bracket only, the part
+    beyond a zero count's). In float64 because log Γ(x + θ) − log Γ(θ) and ψ(θ) − ψ(x + θ) nearly cancel when
+    θ ≫ x.
+    """
+    x64, th64, m64 = x.to(wide), theta.to(wide), m.to(wide)
+    log1p_r64 = torch.log1p(m64 / th64)
+    loss = (
+        x64 * (log1p_r64 - torch.log(m64 / th64))
+        - torch.lgamma(x64 + th64)
+        + torch.lgamma(th64)
+        + torch.lgamma(x64 + 1)
+    )
+    digammas = torch.digamma(th64) - torch.digamma(x64 + th64)
+    if beyond_zero:
+        return loss.sum(), x64 / (th64 + m64) + digammas
+    return loss.sum(), log1p_r64 + (x64 - m64) / (th64 + m64) + digammas
+
+
+def _summed_count_terms(
+    x: torch.Tensor, flat: torch.Tensor, theta: torch.Tensor, m: torch.Tensor, wide: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`_special_count_terms` gives (``beyond_zero``), from finite sums where the counts are small.
+
+    The loss terms are summed over the non-zero counts ``x`` (at the flat indices ``flat`` of ``theta`` and
+    ``m``); the gradient part x/(θ + m) + ψ(θ) − ψ(x + θ) comes per count at the flat indices returned with it
+    (``flat`` reordered).
+
+    For an integer count x the gamma functions are finite sums over j = 0 … x − 1:
+    log Γ(x + θ) − log Γ(θ) = Σ log(θ + j) and ψ(x + θ) − ψ(θ) = Σ 1/(θ + j), so with u_j = (m − j)/(θ + j)
+    the bracket is Σ log1p(u_j) − x log m + log x! and the gradient part is −Σ u_j/(θ + m): every term is
+    small where θ ≫ x, m, and nothing cancels, so the input's precision (float32) suffices. The counts are
+    sorted by value once, so that the counts above j are a contiguous tail for every j. Counts above
+    :data:`SMALL_COUNT_MAX` (a few per cent of the non-zeros in UMI data) and non-integer values go through
+    :func:`_special_count_terms`. A CPU evaluates lgamma and digamma one value at a time, far more slowly than
+    these sums (``benchmarks/README.md``, "tl.autoencoder": the loss on data with many non-zero counts).
+    """
+    whole = x.to(torch.int32)
+    small = (whole <= SMALL_COUNT_MAX) & (whole.to(x.dtype) == x)
+    key = torch.where(small, whole, SMALL_COUNT_MAX + 1).to(torch.uint8)
+    # stable: each value's counts keep their order in memory, so the gathers below run forward through it
+    key_sorted, order = torch.sort(key, stable=True)
+    values = torch.arange(SMALL_COUNT_MAX + 2, dtype=key_sorted.dtype, device=x.device)
+    ends = torch.searchsorted(key_sorted, values, right=True).tolist()  # the counts ≤ v end at ends[v]
+    n_small = ends[SMALL_COUNT_MAX]
+    flat_sorted = flat.index_select(0, order)
+    head = flat_sorted[:n_small]
+    th_s, m_s = torch.take(theta, head), torch.take(m, head)
+    inv_tm = torch.add(th_s, m_s).reciprocal_()
+    log_terms = torch.zeros_like(th_s)
+    g_extra = torch.zeros_like(th_s)
+    for j in range(SMALL_COUNT_MAX):
+        start = ends[j]  # the counts above j: [start, n_small)
+        if start >= n_small:
+            break
+        u = torch.sub(m_s[start:], j).div_(torch.add(th_s[start:], j))
+        g_extra[start:].addcmul_(u, inv_tm[start:], value=-1.0)
+        log_terms[start:].add_(u.log1p_())
+    n_of_value = torch.tensor(ends[: SMALL_COUNT_MAX + 1], dtype=wide).diff(prepend=torch.zeros(1, dtype=wide))
+    log_factorials = torch.lgamma(torch.arange(1, SMALL_COUNT_MAX + 2, dtype=wide))
+    loss = (
+        log_terms.sum(dtype=wide)
+        - (key_sorted[:n_small].to(x.dtype) * torch.log(m_s)).sum(dtype=wide)
+        + (n_of_value * log_factorials).sum().to(x.device)
+    )
+    if n_small < x.numel():
+        rest = flat_sorted[n_small:]
+        loss_rest, g_rest = _special_count_terms(
+            x.index_select(0, order[n_small:]),
+            torch.take(theta, rest),
+            torch.take(m, rest),
+            wide,
+            beyond_zero=True,
+        )
+        loss = loss + loss_rest
+        g_extra = torch.cat([g_extra, g_rest.to(x.dtype)])
+    return loss, g_extra, flat_sorted
+
+
 class _ZINBLogits(torch.autograd.Function):
     """Mean ZINB (or NB) NLL of counts ``x`` given the head logits and the size factors.
 
@@ -97,9 +189,10 @@ class _ZINBLogits(torch.autograd.Function):
     ∂ℓ/∂c = π − 1 + ρ.
 
     Written so that float32 keeps its precision where θ ≫ m (near-Poisson genes, θ up to 1e4): log(1 + m/θ) comes
-    from log1p rather than a difference of two logarithms, and the terms of the non-zero counts are evaluated in
-    float64. Differences of nearly equal float32 logarithms there would leave ∂ℓ/∂θ as rounding noise
-    (≫ 100 % relative error at θ > 1e3) and log NB(0) = −θ log(1 + m/θ) off by ~1e-2.
+    from log1p rather than a difference of two logarithms, and the gamma and digamma differences of the non-zero
+    counts come from finite sums of small terms (:func:`_summed_count_terms`, on a CPU) or are evaluated in
+    float64 (:func:`_special_count_terms`). Differences of nearly equal float32 logarithms there would leave
+    ∂ℓ/∂θ as rounding noise (≫ 100 % relative error at θ > 1e3) and log NB(0) = −θ log(1 + m/θ) off by ~1e-2.
 
     Written for a CPU's memory bandwidth: every operation over the full rows × G block is one pass, so there
     are as few of them as the maths allows (about 26), mostly in place; the terms of the non-zero counts
@@ -129,6 +222,7 @@ class _ZINBLogits(torch.autograd.Function):
                 )
         # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
         on_cpu = x.device.type == "cpu"
+        term_sums_on_cpu = TERM_SUMS_ON_CPU
         clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
         clamp_b = not on_cpu or _near_clamp(b, _SOFTPLUS_INV_DISP_MIN, DISP_MAX)
         m = torch.exp(a)
@@ -155,18 +249,14 @@ class _ZINBLogits(torch.autograd.Function):
             return torch.take(t, flat)
 
         wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
-        x64, th64, m64 = x_nz.to(wide), at_nz(theta).to(wide), at_nz(m).to(wide)
-        log1p_r64 = torch.log1p(m64 / th64)
-        # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) − x log(m/(θ + m)) − log Γ(x + θ) + log Γ(θ)
-        # + log Γ(x + 1); log Γ(x + θ) − log Γ(θ) nearly cancel when θ ≫ x, hence float64
-        loss_nz = (
-            x64 * (log1p_r64 - torch.log(m64 / th64))
-            - torch.lgamma(x64 + th64)
-            + torch.lgamma(th64)
-            + torch.lgamma(x64 + 1)
-        )
+        # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) + [x log((θ + m)/m) − log Γ(x + θ) + log Γ(θ)
+        # + log Γ(x + 1)]: the bracket, summed over the non-zeros, and its part of ∂ℓ/∂θ beyond the zeros' one
+        if on_cpu and term_sums_on_cpu:
+            loss_nz_sum, g_extra, flat_g = _summed_count_terms(x_nz, flat, theta, m, wide)
+        else:
+            loss_nz_sum, g_nz = _special_count_terms(x_nz, at_nz(theta), at_nz(m), wide)
         # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
-        total = (loss_nz.sum() - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
+        total = (loss_nz_sum - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
         if any(ctx.needs_input_grad[: 3 if zero_inflated else 2]):
             fmt = torch.contiguous_format
             ga, gb = torch.empty_like(a, memory_format=fmt), torch.empty_like(b, memory_format=fmt)
@@ -181,16 +271,19 @@ class _ZINBLogits(torch.autograd.Function):
             torch.mul(m, inv_1p_r, out=ga)
             if rho is not None:
                 ga.mul_(rho)
-            ga.view(-1).index_add_(0, flat, -x_nz * at_nz(inv_1p_r))
+            ga.view(-1).scatter_add_(0, flat, -x_nz * at_nz(inv_1p_r))  # scatter_add_: faster than index_add_
             if clamp_a:
                 ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
             # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
-            # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x, so that part is summed in float64
+            # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x: that part comes from the finite sums
+            # (CPU) or in float64
             gtheta = log1p_r.sub_(m_w)
             if rho is not None:
                 gtheta.mul_(rho)
-            g_nz = log1p_r64 + (x64 - m64) / (th64 + m64) + torch.digamma(th64) - torch.digamma(x64 + th64)
-            gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
+            if on_cpu and term_sums_on_cpu:  # ρ = 1 where x > 0: add x/(θ + m) + ψ(θ) − ψ(x + θ) there
+                gtheta.view(-1).scatter_add_(0, flat_g, g_extra)
+            else:
+                gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
             torch.sigmoid(b, out=gb).mul_(gtheta)
             if clamp_b:
                 gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
