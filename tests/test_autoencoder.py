@@ -167,6 +167,26 @@ def test_count_terms_as_finite_sums_equal_the_special_functions(likelihood, monk
         assert float((got - ref).norm() / ref.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_loss_in_blocks_of_rows_equals_one_pass(likelihood, monkeypatch):
+    # on a CPU the loss runs over blocks of rows (BLOCK_ENTRIES entries); blocks of a few rows, an uneven last block
+    # and the non-zeros' indices given in another order than row by row must give the one-pass loss and gradients
+    x, a, b, c, sf = _wide_range_counts(torch.float64, n=23, g=30)
+    heads = [a, b, c] if likelihood == "zinb" else [a, b]
+    fused = _losses(likelihood)[0]
+    assert zinb.BLOCK_ENTRIES > x.numel()
+    whole_loss, whole_grads = _loss_and_grads(heads, x, sf, likelihood)
+    flat = x.view(-1).nonzero().squeeze(1)
+    monkeypatch.setattr(zinb, "BLOCK_ENTRIES", 4 * x.shape[1])  # 4 rows per block: 6 blocks, the last of 3 rows
+    for nonzero in (None, flat, flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))]):
+        hs = [h.clone().requires_grad_() for h in heads]
+        loss = fused(hs, x, sf, nonzero)
+        loss.backward()
+        np.testing.assert_allclose(loss.item(), whole_loss, rtol=1e-12)
+        for h, ref in zip(hs, whole_grads, strict=True):
+            np.testing.assert_allclose(h.grad.numpy(), ref.numpy(), rtol=1e-12, atol=1e-300)
+
+
 def test_count_terms_of_a_block_without_small_or_without_large_counts():
     # only counts above SMALL_COUNT_MAX, only small ones, or a single non-zero: either way of evaluating the
     # terms may cover the whole block alone, and the loss must still be the plain expression's

@@ -177,6 +177,93 @@ def _summed_count_terms(
     return loss, g_extra, flat_sorted
 
 
+#: on a CPU the loss runs over blocks of rows of about this many entries (2 MB in float32), so that its ~26 passes
+#: over a block find it in the cache rather than in memory
+BLOCK_ENTRIES = 1 << 19
+
+
+def _zinb_block(
+    heads: list[torch.Tensor],
+    x: torch.Tensor,
+    size_factors: torch.Tensor,
+    flat: torch.Tensor,
+    grads: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """The summed loss of one block of rows (:class:`_ZINBLogits`); writes the heads' gradients into ``grads``."""
+    zero_inflated = len(heads) == 3
+    a, b = heads[0], heads[1]
+    c = heads[2] if zero_inflated else None
+    # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
+    on_cpu = x.device.type == "cpu"
+    term_sums_on_cpu = TERM_SUMS_ON_CPU
+    clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
+    clamp_b = not on_cpu or _near_clamp(b, _SOFTPLUS_INV_DISP_MIN, DISP_MAX)
+    m = torch.exp(a)
+    if clamp_a:
+        m.clamp_(MEAN_MIN, MEAN_MAX)
+    m.mul_(size_factors[:, None])
+    sp_b = F.softplus(b)
+    theta = sp_b.clamp(DISP_MIN, DISP_MAX) if clamp_b else sp_b
+    r = m / theta
+    log1p_r = torch.log1p(r)  # log(θ + m) − log θ
+    if zero_inflated:
+        sp_c = F.softplus(c)  # −log(1 − π); log π = c − softplus(c)
+        log_zero_nb = torch.addcmul(sp_c, theta, log1p_r).neg_()  # log((1 − π) NB(0)) = −softplus(c) − θ log1p_r
+        log_pi = c - sp_c
+        log_d = torch.logaddexp(log_pi, log_zero_nb)  # log(π + (1 − π) NB(0)): ℓ = −log_d where x = 0
+    else:
+        log_zero_nb = torch.mul(theta, log1p_r).neg_()  # log NB(0) = −θ log1p_r
+        log_d = log_zero_nb
+    # where x > 0, ℓ = −log(1 − π) − log NB(x); evaluated on the non-zero entries only
+    x_nz = torch.take(x, flat)
+
+    def at_nz(t: torch.Tensor) -> torch.Tensor:
+        return torch.take(t, flat)
+
+    wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
+    # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) + [x log((θ + m)/m) − log Γ(x + θ) + log Γ(θ)
+    # + log Γ(x + 1)]: the bracket, summed over the non-zeros, and its part of ∂ℓ/∂θ beyond the zeros' one
+    if on_cpu and term_sums_on_cpu:
+        loss_nz_sum, g_extra, flat_g = _summed_count_terms(x_nz, flat, theta, m, wide)
+    else:
+        loss_nz_sum, g_nz = _special_count_terms(x_nz, at_nz(theta), at_nz(m), wide)
+    # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
+    total = (loss_nz_sum - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
+    if grads is not None:
+        ga, gb = grads[0], grads[1]
+        if zero_inflated:
+            rho = log_zero_nb.sub_(log_d).exp_()  # posterior of the NB component at x = 0
+            rho.view(-1).index_fill_(0, flat, 1.0)
+        else:
+            rho = None  # 1 everywhere
+        inv_1p_r = torch.add(r, 1.0).reciprocal_()  # θ / (θ + m)
+        m_w = r.mul_(inv_1p_r)  # m / (θ + m), formed directly: 1 − θ/(θ + m) would lose its precision
+        # ∂ℓ/∂a = ρ m θ/(θ + m) (− x θ/(θ + m) where x > 0), zero where exp(a) is clamped
+        torch.mul(m, inv_1p_r, out=ga)
+        if rho is not None:
+            ga.mul_(rho)
+        ga.view(-1).scatter_add_(0, flat, -x_nz * at_nz(inv_1p_r))  # scatter_add_: faster than index_add_
+        if clamp_a:
+            ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
+        # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
+        # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x: that part comes from the finite sums
+        # (CPU) or in float64
+        gtheta = log1p_r.sub_(m_w)
+        if rho is not None:
+            gtheta.mul_(rho)
+        if on_cpu and term_sums_on_cpu:  # ρ = 1 where x > 0: add x/(θ + m) + ψ(θ) − ψ(x + θ) there
+            gtheta.view(-1).scatter_add_(0, flat_g, g_extra)
+        else:
+            gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
+        torch.sigmoid(b, out=gb).mul_(gtheta)
+        if clamp_b:
+            gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
+        if zero_inflated:
+            # ∂ℓ/∂c = π − 1 + ρ
+            torch.add(log_pi.exp_(), rho, out=grads[2]).sub_(1.0)
+    return total
+
+
 class _ZINBLogits(torch.autograd.Function):
     """Mean ZINB (or NB) NLL of counts ``x`` given the head logits and the size factors.
 
@@ -195,8 +282,10 @@ class _ZINBLogits(torch.autograd.Function):
     ∂ℓ/∂θ as rounding noise (≫ 100 % relative error at θ > 1e3) and log NB(0) = −θ log(1 + m/θ) off by ~1e-2.
 
     Written for a CPU's memory bandwidth: every operation over the full rows × G block is one pass, so there
-    are as few of them as the maths allows (about 26), mostly in place; the terms of the non-zero counts
-    (typically 5–15 % of a count matrix) are gathered once; ``nonzero`` (flat indices of the non-zero counts,
+    are as few of them as the maths allows (about 26), mostly in place, and a CPU makes them over blocks of rows
+    of :data:`BLOCK_ENTRIES` entries, each block staying in the cache through its passes; the terms of the
+    non-zero counts (typically 5–15 % of a count matrix) are gathered once; ``nonzero`` (flat indices of the
+    non-zero counts,
     known from a sparse matrix for free) spares the search for them; and on a CPU the clamps' masks are only
     built when a logit is near a clamp, which two reductions tell. Each head's gradient is its own rows × G
     tensor, as each head is its own layer: a block three times as wide would, beyond glibc's 32 MB mmap
@@ -214,83 +303,38 @@ class _ZINBLogits(torch.autograd.Function):
         nonzero: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x.contiguous()
-        zero_inflated = c is not None
         for name, head in (("a", a), ("b", b), ("c", c)):
             if head is not None and head.shape != x.shape:
                 raise ValueError(
                     f"expected the head {name} of shape {tuple(x.shape)} as the counts, got {tuple(head.shape)}"
                 )
-        # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
         on_cpu = x.device.type == "cpu"
-        term_sums_on_cpu = TERM_SUMS_ON_CPU
-        clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
-        clamp_b = not on_cpu or _near_clamp(b, _SOFTPLUS_INV_DISP_MIN, DISP_MAX)
-        m = torch.exp(a)
-        if clamp_a:
-            m.clamp_(MEAN_MIN, MEAN_MAX)
-        m.mul_(size_factors[:, None])
-        sp_b = F.softplus(b)
-        theta = sp_b.clamp(DISP_MIN, DISP_MAX) if clamp_b else sp_b
-        r = m / theta
-        log1p_r = torch.log1p(r)  # log(θ + m) − log θ
-        if zero_inflated:
-            sp_c = F.softplus(c)  # −log(1 − π); log π = c − softplus(c)
-            log_zero_nb = torch.addcmul(sp_c, theta, log1p_r).neg_()  # log((1 − π) NB(0)) = −softplus(c) − θ log1p_r
-            log_pi = c - sp_c
-            log_d = torch.logaddexp(log_pi, log_zero_nb)  # log(π + (1 − π) NB(0)): ℓ = −log_d where x = 0
-        else:
-            log_zero_nb = torch.mul(theta, log1p_r).neg_()  # log NB(0) = −θ log1p_r
-            log_d = log_zero_nb
-        # where x > 0, ℓ = −log(1 − π) − log NB(x); evaluated on the non-zero entries only
         flat = x.view(-1).nonzero().squeeze(1) if nonzero is None else nonzero
-        x_nz = torch.take(x, flat)
-
-        def at_nz(t: torch.Tensor) -> torch.Tensor:
-            return torch.take(t, flat)
-
-        wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
-        # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) + [x log((θ + m)/m) − log Γ(x + θ) + log Γ(θ)
-        # + log Γ(x + 1)]: the bracket, summed over the non-zeros, and its part of ∂ℓ/∂θ beyond the zeros' one
-        if on_cpu and term_sums_on_cpu:
-            loss_nz_sum, g_extra, flat_g = _summed_count_terms(x_nz, flat, theta, m, wide)
+        heads = [a, b] if c is None else [a, b, c]
+        grads = None
+        if any(ctx.needs_input_grad[: len(heads)]):
+            grads = [torch.empty_like(h, memory_format=torch.contiguous_format) for h in heads]
+        n_rows, n_genes = x.shape
+        step = max(1, BLOCK_ENTRIES // max(n_genes, 1)) if on_cpu else n_rows
+        if step >= n_rows:
+            total = _zinb_block(heads, x, size_factors, flat, grads)
         else:
-            loss_nz_sum, g_nz = _special_count_terms(x_nz, at_nz(theta), at_nz(m), wide)
-        # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
-        total = (loss_nz_sum - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
-        if any(ctx.needs_input_grad[: 3 if zero_inflated else 2]):
-            fmt = torch.contiguous_format
-            ga, gb = torch.empty_like(a, memory_format=fmt), torch.empty_like(b, memory_format=fmt)
-            if zero_inflated:
-                rho = log_zero_nb.sub_(log_d).exp_()  # posterior of the NB component at x = 0
-                rho.view(-1).index_fill_(0, flat, 1.0)
-            else:
-                rho = None  # 1 everywhere
-            inv_1p_r = torch.add(r, 1.0).reciprocal_()  # θ / (θ + m)
-            m_w = r.mul_(inv_1p_r)  # m / (θ + m), formed directly: 1 − θ/(θ + m) would lose its precision
-            # ∂ℓ/∂a = ρ m θ/(θ + m) (− x θ/(θ + m) where x > 0), zero where exp(a) is clamped
-            torch.mul(m, inv_1p_r, out=ga)
-            if rho is not None:
-                ga.mul_(rho)
-            ga.view(-1).scatter_add_(0, flat, -x_nz * at_nz(inv_1p_r))  # scatter_add_: faster than index_add_
-            if clamp_a:
-                ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
-            # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
-            # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x: that part comes from the finite sums
-            # (CPU) or in float64
-            gtheta = log1p_r.sub_(m_w)
-            if rho is not None:
-                gtheta.mul_(rho)
-            if on_cpu and term_sums_on_cpu:  # ρ = 1 where x > 0: add x/(θ + m) + ψ(θ) − ψ(x + θ) there
-                gtheta.view(-1).scatter_add_(0, flat_g, g_extra)
-            else:
-                gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
-            torch.sigmoid(b, out=gb).mul_(gtheta)
-            if clamp_b:
-                gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
-            grads = [ga, gb]
-            if zero_inflated:
-                # ∂ℓ/∂c = π − 1 + ρ
-                grads.append(torch.add(log_pi.exp_(), rho).sub_(1.0))
+            if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
+                flat = flat.sort().values  # given in another order than row by row
+            starts = list(range(0, n_rows, step))
+            bounds = torch.tensor([*starts, n_rows], dtype=flat.dtype, device=flat.device) * n_genes
+            cuts = torch.searchsorted(flat, bounds).tolist()
+            total = x.new_zeros(())
+            for k, r0 in enumerate(starts):
+                rows = slice(r0, min(r0 + step, n_rows))
+                total += _zinb_block(
+                    [h[rows] for h in heads],
+                    x[rows],
+                    size_factors[rows],
+                    flat[cuts[k] : cuts[k + 1]] - r0 * n_genes,
+                    None if grads is None else [g[rows] for g in grads],
+                )
+        if grads is not None:
             ctx.save_for_backward(*grads)
         ctx.numel = x.numel()
         ctx.scaled_by = None
