@@ -783,6 +783,11 @@ def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int 
         epoch()
     per_epoch = (time.perf_counter() - t0) / n_epochs
     print(f"{dataset}, {threads} thread(s), batch {batch_size}: {per_epoch:.3f} s per pretraining epoch")
+    counts = X.data[X.data > 0]
+    print(
+        f"non-zero counts: {counts.size / (X.shape[0] * X.shape[1]):.1%} of the entries; "
+        f"{(counts <= 16).mean():.1%} of them at most 16 (the loss's finite sums, on a CPU)"
+    )
     print("| " + " | ".join(parts) + " | step |")
     print("|" + " --- |" * (len(parts) + 1))
     ms = totals / n_steps * 1e3
