@@ -185,6 +185,12 @@ def test_loss_in_blocks_of_rows_equals_one_pass(likelihood, monkeypatch):
         np.testing.assert_allclose(loss.item(), whole_loss, rtol=1e-12)
         for h, ref in zip(hs, whole_grads, strict=True):
             np.testing.assert_allclose(h.grad.numpy(), ref.numpy(), rtol=1e-12, atol=1e-300)
+    # the heads stacked side by side in one tensor (strided column blocks) go through the blocks alike
+    stacked = torch.cat(heads, 1).requires_grad_()
+    loss = fused(stacked, x, sf)
+    loss.backward()
+    np.testing.assert_allclose(loss.item(), whole_loss, rtol=1e-12)
+    np.testing.assert_allclose(stacked.grad.numpy(), torch.cat(whole_grads, 1).numpy(), rtol=1e-12, atol=1e-300)
 
 
 def test_count_terms_of_a_block_without_small_or_without_large_counts():
