@@ -94,33 +94,28 @@ TERM_SUMS_ON_CPU = True
 
 
 def _special_count_terms(
-    x: torch.Tensor, theta: torch.Tensor, m: torch.Tensor, wide: torch.dtype, *, beyond_zero: bool = False
+    x: torch.Tensor, theta: torch.Tensor, m: torch.Tensor, wide: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The non-zero counts' loss terms, summed, and their ∂ℓ/∂θ, by lgamma and digamma in ``wide`` (float64).
+    """The non-zero counts' loss terms, summed, and their part of ∂ℓ/∂θ, by lgamma and digamma in ``wide``.
 
     The sum over the counts ``x`` of x log((θ + m)/m) − log Γ(x + θ) + log Γ(θ) + log Γ(x + 1), and per count
-    ∂ℓ/∂θ = log(1 + m/θ) − m/(θ + m) + [x/(θ + m) + ψ(θ) − ψ(x + θ)] (``beyond_zero``: the bracket only, the part
-    beyond a zero count's). In float64 because log Γ(x + θ) − log Γ(θ) and ψ(θ) − ψ(x + θ) nearly cancel when
-    θ ≫ x.
+    the part of ∂ℓ/∂θ beyond a zero count's, x/(θ + m) + ψ(θ) − ψ(x + θ). In float64 because log Γ(x + θ) −
+    log Γ(θ) and ψ(θ) − ψ(x + θ) nearly cancel when θ ≫ x.
     """
     x64, th64, m64 = x.to(wide), theta.to(wide), m.to(wide)
-    log1p_r64 = torch.log1p(m64 / th64)
     loss = (
-        x64 * (log1p_r64 - torch.log(m64 / th64))
+        x64 * (torch.log1p(m64 / th64) - torch.log(m64 / th64))
         - torch.lgamma(x64 + th64)
         + torch.lgamma(th64)
         + torch.lgamma(x64 + 1)
     )
-    digammas = torch.digamma(th64) - torch.digamma(x64 + th64)
-    if beyond_zero:
-        return loss.sum(), x64 / (th64 + m64) + digammas
-    return loss.sum(), log1p_r64 + (x64 - m64) / (th64 + m64) + digammas
+    return loss.sum(), x64 / (th64 + m64) + torch.digamma(th64) - torch.digamma(x64 + th64)
 
 
 def _summed_count_terms(
     x: torch.Tensor, flat: torch.Tensor, theta: torch.Tensor, m: torch.Tensor, wide: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What :func:`_special_count_terms` gives (``beyond_zero``), from finite sums where the counts are small.
+    """What :func:`_special_count_terms` gives, from finite sums where the counts are small.
 
     The loss terms are summed over the non-zero counts ``x`` (at the flat indices ``flat`` of ``theta`` and
     ``m``); the gradient part x/(θ + m) + ψ(θ) − ψ(x + θ) comes per count at the flat indices returned with it
@@ -170,7 +165,6 @@ def _summed_count_terms(
             torch.take(theta, rest),
             torch.take(m, rest),
             wide,
-            beyond_zero=True,
         )
         loss = loss + loss_rest
         g_extra = torch.cat([g_extra, g_rest.to(x.dtype)])
@@ -195,7 +189,6 @@ def _zinb_block(
     c = heads[2] if zero_inflated else None
     # elsewhere than on a CPU the extra passes cost little and a host-side test would synchronise
     on_cpu = x.device.type == "cpu"
-    term_sums_on_cpu = TERM_SUMS_ON_CPU
     clamp_a = not on_cpu or _near_clamp(a, _LOG_MEAN_MIN, _LOG_MEAN_MAX)
     clamp_b = not on_cpu or _near_clamp(b, _SOFTPLUS_INV_DISP_MIN, DISP_MAX)
     m = torch.exp(a)
@@ -223,10 +216,11 @@ def _zinb_block(
     wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64: keep float32 there
     # −log NB(x) − log(1 − π) = softplus(c) + θ log(1 + m/θ) + [x log((θ + m)/m) − log Γ(x + θ) + log Γ(θ)
     # + log Γ(x + 1)]: the bracket, summed over the non-zeros, and its part of ∂ℓ/∂θ beyond the zeros' one
-    if on_cpu and term_sums_on_cpu:
+    if on_cpu and TERM_SUMS_ON_CPU:
         loss_nz_sum, g_extra, flat_g = _summed_count_terms(x_nz, flat, theta, m, wide)
     else:
-        loss_nz_sum, g_nz = _special_count_terms(x_nz, at_nz(theta), at_nz(m), wide)
+        loss_nz_sum, g_extra = _special_count_terms(x_nz, at_nz(theta), at_nz(m), wide)
+        flat_g = flat
     # Σ over the zeros of −log_d, as the sum over all entries minus that over the non-zeros
     total = (loss_nz_sum - at_nz(log_zero_nb).sum(dtype=wide)).to(x.dtype) - log_d.sum() + at_nz(log_d).sum()
     if grads is not None:
@@ -246,15 +240,12 @@ def _zinb_block(
         if clamp_a:
             ga.masked_fill_((a < _LOG_MEAN_MIN) | (a > _LOG_MEAN_MAX), 0.0)
         # ∂ℓ/∂θ = ρ (log(1 + m/θ) − m/(θ + m)) (+ x/(θ + m) + ψ(θ) − ψ(x + θ) where x > 0), times softplus' =
-        # sigmoid; where x > 0 (ρ = 1) its terms nearly cancel for θ ≫ x: that part comes from the finite sums
-        # (CPU) or in float64
+        # sigmoid; where x > 0 (ρ = 1) the bracket's terms nearly cancel for θ ≫ x: it comes from the finite sums
+        # (CPU) or in float64, added there
         gtheta = log1p_r.sub_(m_w)
         if rho is not None:
             gtheta.mul_(rho)
-        if on_cpu and term_sums_on_cpu:  # ρ = 1 where x > 0: add x/(θ + m) + ψ(θ) − ψ(x + θ) there
-            gtheta.view(-1).scatter_add_(0, flat_g, g_extra)
-        else:
-            gtheta.view(-1).index_copy_(0, flat, g_nz.to(x.dtype))
+        gtheta.view(-1).scatter_add_(0, flat_g, g_extra.to(x.dtype))
         torch.sigmoid(b, out=gb).mul_(gtheta)
         if clamp_b:
             gb.masked_fill_((sp_b < DISP_MIN) | (sp_b > DISP_MAX), 0.0)
@@ -285,10 +276,9 @@ class _ZINBLogits(torch.autograd.Function):
     are as few of them as the maths allows (about 26), mostly in place, and a CPU makes them over blocks of rows
     of :data:`BLOCK_ENTRIES` entries, each block staying in the cache through its passes; the terms of the
     non-zero counts (typically 5–15 % of a count matrix) are gathered once; ``nonzero`` (flat indices of the
-    non-zero counts,
-    known from a sparse matrix for free) spares the search for them; and on a CPU the clamps' masks are only
-    built when a logit is near a clamp, which two reductions tell. Each head's gradient is its own rows × G
-    tensor, as each head is its own layer: a block three times as wide would, beyond glibc's 32 MB mmap
+    non-zero counts, known from a sparse matrix for free) spares the search for them; and on a CPU the clamps'
+    masks are only built when a logit is near a clamp, which two reductions tell. Each head's gradient is its own
+    rows × G tensor, as each head is its own layer: a block three times as wide would, beyond glibc's 32 MB mmap
     threshold (~11,000 genes at 256 cells), be fresh memory every step, every page of it faulting anew.
     """
 
