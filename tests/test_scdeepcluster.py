@@ -11,6 +11,7 @@ from scipy import sparse, stats
 from sklearn.metrics import adjusted_rand_score
 
 import scembed as se
+from scembed._engine import counts
 from scembed._engine import scdeepcluster as eng
 
 FAST = dict(max_epochs=(25, 40), batch_size=128)
@@ -100,9 +101,12 @@ def test_zinb_given_nonzero_equals_searched_and_clamp_paths_agree():
             np.testing.assert_allclose(grad.numpy(), ref.grad.numpy(), rtol=1e-7, atol=1e-14)
 
 
-def test_sparse_minibatch_equals_dense():
-    # sparse counts: only the non-zeros are transformed and sent, their flat indices from the CSR structure; the
-    # result must equal the dense path, with explicit zeros dropped and a gene subset applied
+@pytest.mark.parametrize("dense_share", [1.0, 0.0])
+def test_sparse_minibatch_equals_dense(monkeypatch, dense_share):
+    # sparse counts: only the non-zeros are transformed and sent, their flat indices from the CSR structure (or,
+    # past DENSE_SHARE non-zeros, the rows densified first: dense_share 0 always, 1 never); the result must
+    # equal the dense path, with explicit zeros dropped and a gene subset applied
+    monkeypatch.setattr(counts, "DENSE_SHARE", dense_share)
     gen = np.random.default_rng(0)
     dense = gen.poisson(0.3, size=(60, 40)).astype(np.float32)
     dense[:, [0, 3]] += 1.0  # every cell has counts in the gene subset below (as the callers require)
@@ -128,6 +132,42 @@ def test_sparse_minibatch_equals_dense():
         expected = np.flatnonzero(dense[rows][:, g])
         np.testing.assert_array_equal(np.sort(sp.nonzero.numpy()), expected)
         assert sp.counts.dtype == sp.xin.dtype == torch.float32
+
+
+def test_dense_ish_minibatch_same_bits_either_way(monkeypatch):
+    # a sparse mini-batch with many non-zeros is densified before its transform (cheaper per entry than the
+    # per-non-zero gathers): the two ways must give the same encoder input, counts and non-zeros to the bit,
+    # so that training does not depend on the data's density; also with statistics per batch, unnormalised
+    # values, a gene subset, explicit zeros and without counts (encoding)
+    gen = np.random.default_rng(1)
+    dense = gen.poisson(0.6, size=(90, 50)).astype(np.float32)
+    dense[:, [1, 4]] += 1.0  # every cell has counts in the gene subset below (as the callers require)
+    X = sparse.csr_matrix(dense)
+    X.data[::11] = 0.0  # stored zeros
+    codes = np.repeat([0, 1, 2], 30)
+    rows = gen.permutation(90)[:40]
+    density = X[rows].count_nonzero() / (40 * 50)
+    assert counts.DENSE_SHARE < density < 1.0
+    cases = [
+        {},
+        {"batch_codes": codes, "n_batches": 3, "standardize_per_batch": True, "scale": "gene"},
+        {"normalize": False, "scale": "floor"},
+    ]
+    for kwargs in cases:
+        for genes in (np.arange(50), np.array([1, 4, 5, 17, 30, 49])):
+            data = eng.CountData.fit(X, genes, **kwargs)
+            for with_counts in (True, False):
+                out = {}
+                for share in (0.0, 1.0):
+                    monkeypatch.setattr(counts, "DENSE_SHARE", share)
+                    out[share] = data.batch(rows, torch.device("cpu"), counts=with_counts)
+                dense_way, sparse_way = out[0.0], out[1.0]
+                assert torch.equal(dense_way.xin, sparse_way.xin)
+                assert torch.equal(dense_way.nonzero, sparse_way.nonzero)
+                if with_counts:
+                    assert torch.equal(dense_way.counts, sparse_way.counts)
+                else:
+                    assert dense_way.counts is None and sparse_way.counts is None
 
 
 def test_zinb_float32_keeps_precision_for_near_poisson_genes():

@@ -34,6 +34,11 @@ INFER_ELEMENTS = 1 << 24
 BLOCK_ROWS = 512
 #: blocks per read in training (more when one mini-batch needs more rows): 8,192 rows in memory at a time
 READ_BLOCKS = 16
+#: share of non-zero entries above which a sparse mini-batch is densified before it is transformed: the sparse
+#: route gathers and scatters per non-zero (~15 ns each on a CPU), the dense one makes a few passes over every
+#: entry (~1.5 ns each); they cost the same at about one entry in eight (``benchmarks/README.md``,
+#: "tl.autoencoder": reading dense-ish counts)
+DENSE_SHARE = 0.125
 
 
 def _rows(X, rows) -> np.ndarray:
@@ -294,8 +299,10 @@ class CountData:
 
         From a sparse matrix only the non-zero counts are transformed (log1p of zero is zero, so a zero's
         input is −mean / std) and sent to the device, and their flat indices come for free from the CSR
-        structure; dense counts are densified rows as they are. ``counts=False`` (encoding only): a sparse
-        matrix's dense counts are not formed, and ``counts`` is None.
+        structure; dense counts are densified rows as they are. Where more than :data:`DENSE_SHARE` of a sparse
+        mini-batch's entries are non-zero, its rows are densified and transformed as dense rows (the same values
+        to the bit), the flat indices still taken from the CSR structure. ``counts=False`` (encoding only): a
+        sparse matrix's dense counts are not formed, and ``counts`` is None.
         """
         sf = torch.from_numpy(self.size_factors[rows]).to(device)
         codes = None
@@ -305,7 +312,7 @@ class CountData:
         std = torch.as_tensor(self.gene_std, device=device)
         if mean.ndim == 2:  # statistics per batch: every row is standardised with those of its batch
             mean, std = mean.index_select(0, codes), std.index_select(0, codes)
-        nonzero = None
+        nonzero, densify = None, False
         block = self.X[rows]  # a matrix on disk is read in slices only (training reads through take)
         if sparse.issparse(block):
             # canonical: the scatter below would not add up duplicate entries
@@ -320,10 +327,14 @@ class CountData:
             if stored_zero.any():  # explicit zeros are zeros: the loss needs exactly the non-zero counts
                 keep = ~stored_zero
                 values, row_of, col_of = values[keep], row_of[keep], col_of[keep]
+            nonzero = torch.from_numpy(row_of * n_genes + col_of).to(device)
+            densify = len(values) > DENSE_SHARE * n_rows * n_genes
+            if densify:
+                block = block.toarray()  # transformed below as dense rows
+        if sparse.issparse(block):
             values_t = torch.from_numpy(values).to(device)
             row_t = torch.from_numpy(row_of).to(device)
             col_t = torch.from_numpy(col_of).to(device)
-            nonzero = row_t * n_genes + col_t
             raw = None
             if counts:
                 raw = torch.zeros(n_rows, n_genes, device=device)
@@ -342,6 +353,8 @@ class CountData:
             raw = raw.to(device, non_blocking=True)
             xin = torch.log1p(raw * (1.0 / sf)[:, None]) if self.normalize else raw.clone()
             xin.sub_(mean).div_(std)
+            if densify and not counts:
+                raw = None
         onehot = None
         if self.n_batches:
             onehot = F.one_hot(codes, self.n_batches).to(torch.float32)
