@@ -15,6 +15,8 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
     python benchmarks/scdeepcluster.py --k-seed-consensus --seeds 0 1 2
                                                         # K from three pretraining seeds together
     python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
+    python benchmarks/scdeepcluster.py --minibatch-routes --threads 2 --datasets cellbench_3cl_2batches pbmc_10x_4k
+                                                        # ms per sparse mini-batch, per non-zero vs densified
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
     python benchmarks/scdeepcluster.py --quick --original-dir ORIGINAL_DIR \
@@ -794,6 +796,56 @@ def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int 
     print("| " + " | ".join(f"{v:.2f}" for v in ms) + f" | {ms.sum():.2f} |  (ms per step)")
 
 
+def minibatch_routes(datasets: list[str], threads: int, n_reps: int = 20, batch_size: int = 256) -> None:
+    """ms per mini-batch read from sparse counts, per non-zero (gathers and scatters) and densified first, on every
+    gene of each data set and on its 2,000 most variable genes; the same cells both ways, alternated in one process.
+
+    The two ways give the same bits (tests); ``counts.DENSE_SHARE`` picks the densified way above its share of
+    non-zeros. The last columns fit ``ms = a · non-zeros + b · entries`` per way over all the rows printed.
+    """
+    import anndata as ad
+    import scanpy as sc
+    import torch
+    from scipy import sparse
+
+    from scembed._engine import counts
+
+    torch.set_num_threads(threads)
+    rows_out = []
+    print("| data set | genes | non-zero share | per non-zero (ms) | densified (ms) |")
+    print("| --- | --- | --- | --- | --- |")
+    for dataset in datasets:
+        adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+        X = sparse.csr_matrix(adata.X)
+        log = sparse.csr_matrix(sc.pp.normalize_total(adata, inplace=False)["X"])
+        log.data = np.log1p(log.data)
+        mean = np.asarray(log.mean(0)).ravel()
+        variable = np.argsort(-(np.asarray(log.power(2).mean(0)).ravel() - mean**2))
+        for genes in (np.arange(X.shape[1]), np.sort(variable[:2000])):
+            sub = X[:, genes]
+            data = counts.CountData.fit(sub, np.arange(len(genes)))
+            chunk = data.take(np.arange(min(sub.shape[0], counts.INFER_BATCH)), counts.BLOCK_ROWS)
+            idx = np.random.default_rng(0).permutation(chunk.n_obs)[:batch_size]
+            ms = {}
+            for share in (1.0, 0.0) * 2:  # 1: never densified; 0: always
+                counts.DENSE_SHARE = share
+                for _ in range(3):
+                    chunk.batch(idx, torch.device("cpu"))
+                t0 = time.perf_counter()
+                for _ in range(n_reps):
+                    chunk.batch(idx, torch.device("cpu"))
+                ms.setdefault(share, []).append((time.perf_counter() - t0) / n_reps * 1e3)
+            nnz = chunk.X[idx].count_nonzero()
+            entries = len(idx) * len(genes)
+            sparse_ms, dense_ms = min(ms[1.0]), min(ms[0.0])
+            print(f"| {dataset} | {len(genes)} | {nnz / entries:.3f} | {sparse_ms:.2f} | {dense_ms:.2f} |")
+            rows_out.append((nnz, entries, sparse_ms, dense_ms))
+    A = np.array([[r[0], r[1]] for r in rows_out], dtype=float)
+    for name, col in (("per non-zero", 2), ("densified", 3)):
+        (a, b), *_ = np.linalg.lstsq(A, np.array([r[col] for r in rows_out]), rcond=None)
+        print(f"{name}: {a * 1e6:.2f} ns per non-zero + {b * 1e6:.2f} ns per entry")
+
+
 #: data sets of the batch benchmark: simulated (``sim_<batch_scale>``, 2,000 cells × 500 genes, 5 types, 2 batches,
 #: simulated with the run's seed; ``sim_<batch_scale>_unshared``: the same without the first type's cells of the
 #: second batch, a type present in one batch only, which a correction must leave apart; ``_3b``: three batches of
@@ -995,6 +1047,9 @@ def main() -> None:
     parser.add_argument("--step-profile", action="store_true", help="ms per part of scembed's pretraining step")
     parser.add_argument("--penalty-step", action="store_true", help="ms per batch-penalty call, mutual vs plain")
     parser.add_argument(
+        "--minibatch-routes", action="store_true", help="ms per sparse mini-batch, per non-zero vs densified"
+    )
+    parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, help="print the table of runs saved with --json (seeds pooled)"
     )
     parser.add_argument(
@@ -1047,6 +1102,9 @@ def main() -> None:
         return
     if args.step_profile:
         step_profile(args.datasets[0], args.threads)
+        return
+    if args.minibatch_routes:
+        minibatch_routes(args.datasets, args.threads)
         return
     if args.scale:
         scale(args.scale, args.scale_genes, args.scale_epochs, args.device)

@@ -35,9 +35,9 @@ BLOCK_ROWS = 512
 #: blocks per read in training (more when one mini-batch needs more rows): 8,192 rows in memory at a time
 READ_BLOCKS = 16
 #: share of non-zero entries above which a sparse mini-batch is densified before it is transformed: the sparse
-#: route gathers and scatters per non-zero (~15 ns each on a CPU), the dense one makes a few passes over every
-#: entry (~1.5 ns each); they cost the same at about one entry in eight (``benchmarks/README.md``,
-#: "tl.autoencoder": reading dense-ish counts)
+#: route gathers and scatters per non-zero (~12 ns each on a CPU), the dense one makes a few passes over every
+#: entry (~1.2 ns each, plus ~6 ns per non-zero); they cost the same at about one entry in eight
+#: (``benchmarks/README.md``, "tl.autoencoder": reading dense-ish counts)
 DENSE_SHARE = 0.125
 
 
