@@ -786,9 +786,13 @@ def step_profile(dataset: str, threads: int, n_epochs: int = 8, batch_size: int 
     per_epoch = (time.perf_counter() - t0) / n_epochs
     print(f"{dataset}, {threads} thread(s), batch {batch_size}: {per_epoch:.3f} s per pretraining epoch")
     counts = X.data[X.data > 0]
+    try:
+        from scembed._engine.zinb import SMALL_COUNT_MAX as small_max
+    except ImportError:  # older versions: the loss's lgamma/digamma for every count; 16 for comparison
+        small_max = 16
     print(
         f"non-zero counts: {counts.size / (X.shape[0] * X.shape[1]):.1%} of the entries; "
-        f"{(counts <= 16).mean():.1%} of them at most 16 (the loss's finite sums, on a CPU)"
+        f"{(counts <= small_max).mean():.1%} of them at most {small_max} (the loss's finite sums, on a CPU)"
     )
     print("| " + " | ".join(parts) + " | step |")
     print("|" + " --- |" * (len(parts) + 1))
