@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -259,10 +260,13 @@ def rescore(folder: Path, data_dir: Path) -> None:
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME:KEY=VALUE,KEY=VALUE`` → (name, keyword arguments); values as JSON where they parse, else strings."""
+    """``NAME:KEY=VALUE,KEY=VALUE`` → (name, keyword arguments); values as JSON where they parse, else strings.
+
+    Commas inside brackets belong to the value (``hidden=[512,128]``).
+    """
     name, _, body = text.partition(":")
     kwargs = {}
-    for item in filter(None, body.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", body)):
         key, _, value = item.partition("=")
         try:
             kwargs[key.strip()] = json.loads(value)
