@@ -815,6 +815,7 @@ def minibatch_routes(datasets: list[str], threads: int, n_reps: int = 20, batch_
     from scembed._engine import counts
 
     torch.set_num_threads(threads)
+    default_share = counts.DENSE_SHARE
     rows_out = []
     print("| data set | genes | non-zero share | per non-zero (ms) | densified (ms) |")
     print("| --- | --- | --- | --- | --- |")
@@ -844,6 +845,7 @@ def minibatch_routes(datasets: list[str], threads: int, n_reps: int = 20, batch_
             sparse_ms, dense_ms = min(ms[1.0]), min(ms[0.0])
             print(f"| {dataset} | {len(genes)} | {nnz / entries:.3f} | {sparse_ms:.2f} | {dense_ms:.2f} |")
             rows_out.append((nnz, entries, sparse_ms, dense_ms))
+    counts.DENSE_SHARE = default_share
     A = np.array([[r[0], r[1]] for r in rows_out], dtype=float)
     for name, col in (("per non-zero", 2), ("densified", 3)):
         (a, b), *_ = np.linalg.lstsq(A, np.array([r[col] for r in rows_out]), rcond=None)

@@ -153,9 +153,9 @@ def test_dense_ish_minibatch_same_bits_either_way(monkeypatch):
         {"batch_codes": codes, "n_batches": 3, "standardize_per_batch": True, "scale": "gene"},
         {"normalize": False, "scale": "floor"},
     ]
-    for kwargs in cases:
+    for kwargs, matrix in [(kw, X) for kw in cases] + [({}, X.astype(np.int64))]:  # integer counts too
         for genes in (np.arange(50), np.array([1, 4, 5, 17, 30, 49])):
-            data = eng.CountData.fit(X, genes, **kwargs)
+            data = eng.CountData.fit(matrix, genes, **kwargs)
             for with_counts in (True, False):
                 out = {}
                 for share in (0.0, 1.0):

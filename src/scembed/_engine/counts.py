@@ -329,8 +329,8 @@ class CountData:
                 values, row_of, col_of = values[keep], row_of[keep], col_of[keep]
             nonzero = torch.from_numpy(row_of * n_genes + col_of).to(device)
             densify = len(values) > DENSE_SHARE * n_rows * n_genes
-            if densify:
-                block = block.toarray()  # transformed below as dense rows
+            if densify:  # transformed below as dense rows; float32 first, so the dense copy is never wider
+                block = block.astype(np.float32, copy=False).toarray()
         if sparse.issparse(block):
             values_t = torch.from_numpy(values).to(device)
             row_t = torch.from_numpy(row_of).to(device)
