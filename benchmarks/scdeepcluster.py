@@ -17,6 +17,10 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
     python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
     python benchmarks/scdeepcluster.py --minibatch-routes --threads 2 --datasets cellbench_3cl_2batches pbmc_10x_4k
                                                         # ms per sparse mini-batch, per non-zero vs densified
+    python benchmarks/scdeepcluster.py --seeds 0 1 2 3 4 5 --methods scembed_k --datasets cite_pbmc_3762 \\
+        --scembed-options '{"max_epochs": null, "validation_fraction": 0.1, "patience": 20}' \\
+        --variant 'floor_noise1:{"scale": "floor", "noise": 1.0}'
+                                                        # settings side by side in one run, paired by seed
     python benchmarks/scdeepcluster.py --quick --methods scembed_k scembed_k_float64 --datasets pbmc_10x_2100
                                                         # the same with everything in float64 (as the original)
     python benchmarks/scdeepcluster.py --quick --original-dir ORIGINAL_DIR \
@@ -596,6 +600,23 @@ def run_method(
     return r["result"], r["peak_rss_mib"]
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, dict]]:
+    """``--variant LABEL:JSON`` values as (label, keywords); the label may not hold ':' or brackets."""
+    out = []
+    for spec in specs:
+        label, sep, text = spec.partition(":")
+        if not sep or not label or any(c in label for c in "[]"):
+            raise SystemExit(f"--variant {spec!r}: expected LABEL:JSON, e.g. 'noise1:{{\"noise\": 1.0}}'")
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--variant {spec!r}: the keywords are not JSON ({err})") from None
+        if not isinstance(options, dict):
+            raise SystemExit(f"--variant {spec!r}: expected a JSON object of tl.scdeepcluster keywords")
+        out.append((label, options))
+    return out
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -1093,6 +1114,14 @@ def main() -> None:
         default=None,
         help="JSON of tl.scdeepcluster keywords for the scembed methods, e.g. '{\"max_epochs\": null}'",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:JSON",
+        help="also run the scembed methods with these keywords on top of --scembed-options, in the same run, as "
+        'rows named \'method[LABEL]\' (repeatable), e.g. \'floor_noise1:{"scale": "floor", "noise": 1.0}\'',
+    )
     parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -1174,22 +1203,30 @@ def main() -> None:
     print(f"budget: max_epochs=({pretrain}, {maxiter}); seeds {seeds}; {args.threads} thread(s)")
     if args.scembed_options:
         print(f"scembed: tl.scdeepcluster(..., **{args.scembed_options})")
+    base_options = json.loads(args.scembed_options or "{}")
+    variants = [("", base_options)]
+    variants += [(label, {**base_options, **opts}) for label, opts in parse_variants(args.variant)]
     rows = []
     for dataset in args.datasets:
         for method in args.methods:
-            runs = []
-            for seed in seeds:
-                extra = [args.scembed_options] if args.scembed_options and method.startswith("scembed") else []
-                res, rss = run_method(
-                    [method, dataset, str(seed), str(pretrain), str(maxiter), str(args.threads), *extra],
-                    args.threads,
-                    None if args.original_dir is None else Path(args.original_dir),
-                    args.original_python,
-                )
-                res["peak_mib"] = rss
-                runs.append(res)
-                print(f"  {dataset} {method} seed {seed}: {res}", flush=True)
-            rows.append({"dataset": dataset, "method": method, "runs": runs})
+            for label, options in variants if method.startswith("scembed") else variants[:1]:
+                name = f"{method}[{label}]" if label else method
+                extra = [json.dumps(options)] if options and method.startswith("scembed") else []
+                runs = []
+                for seed in seeds:
+                    res, rss = run_method(
+                        [method, dataset, str(seed), str(pretrain), str(maxiter), str(args.threads), *extra],
+                        args.threads,
+                        None if args.original_dir is None else Path(args.original_dir),
+                        args.original_python,
+                    )
+                    res["peak_mib"] = rss
+                    runs.append(res)
+                    print(f"  {dataset} {name} seed {seed}: {res}", flush=True)
+                row = {"dataset": dataset, "method": name, "runs": runs}
+                if label:
+                    row["options"] = options
+                rows.append(row)
             # written as it goes: a long run that is stopped keeps what it finished
             write_json(
                 args.json,
@@ -1237,6 +1274,16 @@ def report(rows: list[dict], pretrain: int, maxiter: int) -> None:
                 f"{mean(mine, 'nmi') - mean(orig, 'nmi'):+.3f} | {mean(mine, 'time') / mean(orig, 'time'):.2f} | "
                 f"{mean(mine, 'peak_mib') / mean(orig, 'peak_mib'):.2f} |"
             )
+    variant_keys = [(d, m) for (d, m) in by if "[" in m and (d, m.split("[")[0]) in by]
+    if variant_keys:
+        print("\nvariants against the same method without them in this run, paired by seed: ARI difference")
+        print("| data set | method | ΔARI (mean) | ΔARI per seed | K per seed, without → with |")
+        print("| --- | --- | --- | --- | --- |")
+        for dataset, method in variant_keys:
+            with_, without = by[(dataset, method)], by[(dataset, method.split("[")[0])]
+            diffs = [a["ari"] - b["ari"] for a, b in zip(with_, without, strict=True)]
+            ks = f"{'/'.join(str(x['k']) for x in without)} → {'/'.join(str(x['k']) for x in with_)}"
+            print(f"| {dataset} | {method} | {np.mean(diffs):+.3f} | {', '.join(f'{d:+.3f}' for d in diffs)} | {ks} |")
     if pretrain == 50 and maxiter == 200:
         for (dataset, mode), ref in REFERENCE_ORIGINAL.items():
             mine = by.get((dataset, f"scembed_{mode}"))
