@@ -150,8 +150,8 @@ def scdeepcluster(
         default stays the z-score (``benchmarks/README.md``, "tl.scdeepcluster": one choice at a time).
         ``scale="global", noise=1`` (:func:`scembed.tl.autoencoder`'s input) raised the ARI on the two sparse
         sci-RNA-seq worm neuron sets by 0.03–0.09 and lowered it on the PBMC sets by up to 0.04 (seeds 0–2, five
-        sets, the same section). Over six seeds with both settings in one run it gained 0.125 with K given on
-        worm_neuron_2100, was level on pbmc_10x_4k (−0.005) and lost 0.040 on cite_pbmc_3762.
+        sets, the same section). Over six seeds with both settings in one run it gained 0.12 with K given on
+        worm_neuron_2100, was level on pbmc_10x_4k and lost 0.04 on cite_pbmc_3762.
         ``scale="floor", noise=1`` left the mean ARI with K given unchanged over the five sets (+0.02 on
         worm_neuron_2100, −0.05 on cite_pbmc_3762) and lowered it with K estimated.
     gamma
