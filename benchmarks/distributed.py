@@ -41,6 +41,8 @@ others), the most a data-parallel run on the same machine could reach.
     python benchmarks/distributed.py --method scdeepcluster --n-cells 200000 --epochs 2
     python benchmarks/distributed.py --n-cells 200000 --epochs 3 --independent   # what sharing the machine costs
     python benchmarks/distributed.py --allreduce-mb 8.4       # one gradient all-reduce of 8.4 MB, 2 processes
+    python benchmarks/distributed.py --allreduce-mb 8.4 --allreduce-dtypes float32 bfloat16 float16
+                                                              # the same sent as 16-bit floats (compression)
     python benchmarks/distributed.py --method autoencoder --n-cells 50000 --epochs 1 --step-times [--no-overlap]
 
 The runs are started with ``python -m torch.distributed.run --standalone --nproc-per-node W`` (torchrun); one
@@ -241,7 +243,11 @@ class time_steps:
 
 
 def allreduce_worker(out: Path, opts: dict) -> None:
-    """One rank: the gradient all-reduce of the trainers (``all_reduce_mean_``) on a buffer of the given size, timed."""
+    """One rank: the gradient all-reduce of the trainers (``all_reduce_mean_``) on a buffer of the given size, timed.
+
+    With a 16-bit ``dtype`` the float32 gradients are cast to it, all-reduced and cast back (what DDP's
+    ``bf16_compress_hook`` / ``fp16_compress_hook`` do): half the bytes sent, two casts more.
+    """
     import torch
 
     from scembed._engine import distributed
@@ -249,26 +255,43 @@ def allreduce_worker(out: Path, opts: dict) -> None:
     torch.set_num_threads(1)
     w = distributed.init_from_env()
     grads = [torch.randn(int(opts["floats"]), generator=torch.Generator().manual_seed(w.rank))]
+    dtype = getattr(torch, opts.get("dtype", "float32"))
+
+    def reduce() -> None:
+        if dtype == torch.float32:
+            distributed.all_reduce_mean_(grads)
+            return
+        sent = grads[0].to(dtype)
+        torch.distributed.all_reduce(sent, op=torch.distributed.ReduceOp.SUM)
+        grads[0].copy_(sent).div_(w.size)
+
     for _ in range(3):  # warm-up: connections and buffers
-        distributed.all_reduce_mean_(grads)
+        reduce()
     torch.distributed.barrier()
     t0 = time.perf_counter()
     repeats = 50
     for _ in range(repeats):
-        distributed.all_reduce_mean_(grads)
+        reduce()
     seconds = (time.perf_counter() - t0) / repeats
     (out / f"rank{w.rank}.json").write_text(json.dumps({"rank": w.rank, "ms": 1000 * seconds}))
     torch.distributed.destroy_process_group()
 
 
-def allreduce_main(n_ranks: int, mb: float, timeout: float) -> None:
-    """Print the time of one gradient all-reduce of ``mb`` MB (float32) over ``n_ranks`` gloo processes."""
+def allreduce_main(n_ranks: int, mb: float, timeout: float, dtypes: list[str]) -> None:
+    """Print the time of one gradient all-reduce of ``mb`` MB (float32) over ``n_ranks`` gloo processes.
+
+    One run per entry of ``dtypes``, the dtype the gradients travel in, one after the other.
+    """
     floats = int(mb * 1e6 / 4)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        launch(n_ranks, out, out, {"method": "allreduce", "floats": floats}, timeout)
-        ms = max(json.loads((out / f"rank{r}.json").read_text())["ms"] for r in range(n_ranks))
-    print(f"all-reduce of {mb:g} MB of gradients over {n_ranks} processes (gloo, one machine): {ms:.1f} ms")
+    for dtype in dtypes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            launch(n_ranks, out, out, {"method": "allreduce", "floats": floats, "dtype": dtype}, timeout)
+            ms = max(json.loads((out / f"rank{r}.json").read_text())["ms"] for r in range(n_ranks))
+        print(
+            f"all-reduce of {mb:g} MB of float32 gradients sent as {dtype} over {n_ranks} processes "
+            f"(gloo, one machine): {ms:.1f} ms"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -345,13 +368,20 @@ def main() -> None:
         help="only time the trainers' gradient all-reduce of this many MB over the largest --ranks (e.g. 8.4: the "
         "count autoencoder's gradients at 2,000 genes)",
     )
+    p.add_argument(
+        "--allreduce-dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16", "float16"],
+        help="with --allreduce-mb: the dtypes the gradients are sent in, each timed in turn (16-bit: compressed)",
+    )
     args = p.parse_args()
     if args.worker:
         data, out, opts = args.worker
         worker(Path(data), Path(out), json.loads(opts))
         return
     if args.allreduce_mb is not None:
-        allreduce_main(max(args.ranks), args.allreduce_mb, args.timeout)
+        allreduce_main(max(args.ranks), args.allreduce_mb, args.timeout, args.allreduce_dtypes)
         return
     if args.smoke:
         args.n_cells, args.epochs, args.batch_size, args.perplexity = 600, 1, 100, 10.0

@@ -148,10 +148,11 @@ def scdeepcluster(
         On the project's benchmark sets ``"global"`` raised the ARI on sparse sci-RNA-seq worm neurons beyond
         the seeds' spread but lowered it on 10x PBMCs, most with K estimated, and lowered the mean, so the
         default stays the z-score (``benchmarks/README.md``, "tl.scdeepcluster": one choice at a time).
-        ``scale="global", noise=1`` (:func:`scembed.tl.autoencoder`'s input) raised the ARI on the two sparse
-        sci-RNA-seq worm neuron sets by 0.03–0.09 and lowered it on the PBMC sets by up to 0.04 (seeds 0–2, five
-        sets, the same section). Over six seeds with both settings in one run it gained 0.12 with K given on
-        worm_neuron_2100, was level on pbmc_10x_4k and lost 0.04 on cite_pbmc_3762.
+        ``scale="global", noise=1`` (:func:`scembed.tl.autoencoder`'s input), against the defaults over six seeds
+        on the five count sets, each set's two settings in one run: with K given +0.12 on the sparse sci-RNA-seq
+        worm neurons of 2,100 cells (every seed higher), level on pbmc_10x_4k and worm_neuron_4k, −0.04 on
+        pbmc_10x_2100 and cite_pbmc_3762 (five of six seeds lower on each), so it is an option, not the default
+        (the same section).
         ``scale="floor", noise=1`` left the mean ARI with K given unchanged over the five sets (+0.02 on
         worm_neuron_2100, −0.05 on cite_pbmc_3762) and lowered it with K estimated.
     gamma
