@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -300,18 +299,14 @@ def train_autoencoder(
         total = all_reduce_sum(torch.tensor([loss * held_out.n_obs, held_out.n_obs], dtype=torch.float64))
         return float(total[0] / total[1])
 
-    def corrupted(batch: Any) -> Any:
-        """A mini-batch with its noisy encoder input, or None after the last one."""
-        return None if batch is None else (batch, _with_noise(batch[1][0], noise, noise_generator))
-
     def step(epoch: int) -> dict[str, float]:
         net.train()
         total = torch.zeros((), device=device)
         n_seen = 0
-        batches = iter(epoch_batches(data, blocks, batch_size, generator, row_generator, device))
-        upcoming = corrupted(next(batches, None))
-        while upcoming is not None:
-            (rows_now, (xin, raw, sf, onehot, nonzero)), noisy = upcoming
+        for rows_now, (xin, raw, sf, onehot, nonzero) in epoch_batches(
+            data, blocks, batch_size, generator, row_generator, device
+        ):
+            noisy = _with_noise(xin, noise, noise_generator)
             if penalty.active:  # the penalty reads the codes of the clean input: one pass over both
                 z_noisy, z_clean = net.encode(torch.cat([noisy, xin]), _twice(onehot)).chunk(2)
                 out = net.decode(z_noisy, onehot)
@@ -322,9 +317,6 @@ def train_autoencoder(
                 objective = loss = reconstruction_loss(net.likelihood, out, raw, sf, nonzero)
             opt.zero_grad(set_to_none=True)
             objective.backward()
-            # the next mini-batch is read and corrupted before the update: under torchrun the gradients'
-            # all-reduces are still on their way, and this work fills the wait (the same draws, in the same order)
-            upcoming = corrupted(next(batches, None))
             opt.step()
             total += loss.detach() * len(rows_now)
             n_seen += len(rows_now)
