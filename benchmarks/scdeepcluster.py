@@ -1234,7 +1234,7 @@ def main() -> None:
                 script="scdeepcluster",
                 max_epochs=[pretrain, maxiter],
                 threads=args.threads,
-                scembed_options=json.loads(args.scembed_options or "{}"),
+                scembed_options=base_options,
             )
     report(rows, pretrain, maxiter)
 
