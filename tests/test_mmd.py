@@ -206,3 +206,15 @@ def test_penalty_inactive_without_weight_or_second_batch():
     assert not mmd.BatchPenalty(0.0, 2, 4, torch.device("cpu")).active
     assert not mmd.BatchPenalty(1.0, 1, 4, torch.device("cpu")).active
     assert mmd.BatchPenalty(0.5, 3, 4, torch.device("cpu")).active
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000, 4097])
+def test_median_bandwidth_is_torch_median_of_the_masked_entries(n):
+    gen = torch.Generator().manual_seed(n)
+    d2 = torch.rand(n, generator=gen) * torch.randint(0, 3, (n,), generator=gen).float()
+    d2.requires_grad_(True)
+    mask = torch.rand(n, generator=gen) > 0.3
+    values = d2.detach()[mask]
+    expected = 1.0 if values.numel() == 0 or values.median() == 0 else float(values.median())
+    assert float(mmd.median_bandwidth(d2, mask)) == expected
+    assert float(mmd.median_bandwidth(d2)) == (float(d2.detach().median()) or 1.0)

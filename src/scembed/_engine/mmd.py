@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 #: bandwidths of the multi-scale kernel, as multiples of the median squared distance: from a quarter (local
@@ -73,7 +74,12 @@ def median_bandwidth(d2: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     values = d2 if mask is None else d2[mask]
     if values.numel() == 0:
         return torch.ones((), dtype=d2.dtype, device=d2.device)
-    h = values.median()
+    if values.device.type == "cpu":
+        # the same value as torch.median (the lower middle one), by a selection ~8x faster on a CPU
+        middle = (values.numel() - 1) // 2
+        h = torch.as_tensor(np.partition(values.detach().reshape(-1).numpy(), middle)[middle])
+    else:
+        h = values.median()
     return torch.where(h > 0, h, torch.ones_like(h))
 
 
