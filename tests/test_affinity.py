@@ -57,6 +57,23 @@ def test_exact_matches_float64_brute_force(small: AnnData, perplexity: float) ->
     assert np.abs(P.toarray() - ref).max() / ref.max() < 1e-4
 
 
+@pytest.mark.parametrize("with_query", [False, True])
+def test_exact_search_far_from_the_origin(with_query: bool) -> None:
+    """Cells 300 units from the origin, 0.05 apart: the ‖x‖² + ‖y‖² − 2x·y expansion in float32 errs by more than
+    the squared distances there, so the neighbours must be found as if by a float64 brute force all the same."""
+    rng = np.random.default_rng(0)
+    X = (300 + 0.05 * rng.normal(size=(400, 10))).astype(np.float32)
+    Q = (300 + 0.05 * rng.normal(size=(50, 10))).astype(np.float32) if with_query else None
+    idx, dist, _ = nearest_neighbors(X, 12, method="exact", query=Q)
+    rows = (X if Q is None else Q).astype(np.float64)
+    D = np.sqrt(((rows[:, None, :] - X[None, :, :].astype(np.float64)) ** 2).sum(-1))
+    if Q is None:
+        np.fill_diagonal(D, np.inf)
+    ref_idx = np.argsort(D, axis=1, kind="stable")[:, :12]
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, np.take_along_axis(D, ref_idx, 1), rtol=1e-6)
+
+
 def test_invariants(small: AnnData) -> None:
     se.pp.affinity(small, perplexity=20)
     P = small.obsp["affinity"]

@@ -20,6 +20,8 @@ _ANNOY_SEARCH_FACTOR = 3
 _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH = 32, 80, 128
 #: bytes of the distance block that the exact search holds at once
 _CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+#: the exact search shortlists k + max(this, k / 4) candidates by the fast expansion, then keeps the k nearest
+_EXACT_MARGIN_MIN = 8
 
 
 def resolve_n_jobs(n_jobs: int | None) -> int:
@@ -115,48 +117,67 @@ def nearest_neighbors(
 def _exact(
     X: np.ndarray, k: int, *, metric: str, device: torch.device, n_jobs: int, query: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force in row chunks so that memory stays O(chunk · n), never n²."""
+    """Brute force in row chunks so that memory stays O(chunk · n), never n².
+
+    The ‖x‖² + ‖y‖² − 2x·y expansion only shortlists candidates: its rounding error grows with the norms, not the
+    distances, and can swap neighbours whose distances differ by less than it. So ``k + margin`` candidates are
+    kept and the ``k`` nearest are chosen by their distances recomputed directly, in float64 on a CPU.
+    """
     n = X.shape[0]
     n_rows = n if query is None else query.shape[0]
+    n_candidates = min(k + max(_EXACT_MARGIN_MIN, k // 4), n - 1 if query is None else n)
+    on_cpu = device.type == "cpu"
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if on_cpu:
         torch.set_num_threads(n_jobs)
     try:
         data = torch.from_numpy(X).to(device)
         if metric == "cosine":
             data = torch.nn.functional.normalize(data, dim=1)
+        # distances do not depend on the origin: centring shrinks the norms and so the expansion's rounding error
+        centre = data.mean(0)
+        rows_data = data if query is None else torch.from_numpy(query).to(device)
+        if query is not None and metric == "cosine":
+            rows_data = torch.nn.functional.normalize(rows_data, dim=1)
+        data, rows_data = data - centre, rows_data - centre
         sq_norms = (data * data).sum(1)
-        rows_data = data
-        if query is not None:
-            rows_data = torch.from_numpy(query).to(device)
-            if metric == "cosine":
-                rows_data = torch.nn.functional.normalize(rows_data, dim=1)
         rows_sq = (rows_data * rows_data).sum(1)
-        chunk = max(1, min(n_rows, _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"]) // (4 * n)))
-        indices = torch.empty((n_rows, k), dtype=torch.int64)
-        distances = torch.empty((n_rows, k), dtype=torch.float32)
+        chunk_bytes = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
+        # the distance block (chunk × n floats) and the recomputation's differences (chunk × candidates × features)
+        chunk = min(chunk_bytes // (4 * n), chunk_bytes // (8 * n_candidates * data.shape[1]))
+        chunk = max(1, min(n_rows, chunk))
+        # the direct recomputation on a CPU runs in numpy, in float64, in the calling thread
+        data_np, rows_np = (data.numpy(), rows_data.numpy()) if on_cpu else (None, None)
+        indices = np.empty((n_rows, k), dtype=np.int64)
+        distances = np.empty((n_rows, k), dtype=np.float32)
         for start in range(0, n_rows, chunk):
             stop = min(start + chunk, n_rows)
-            block = rows_data[start:stop]
-            d2 = torch.addmm(sq_norms[None, :], block, data.T, alpha=-2.0)
+            d2 = torch.addmm(sq_norms[None, :], rows_data[start:stop], data.T, alpha=-2.0)
             d2.add_(rows_sq[start:stop, None])
             if query is None:
                 rows = torch.arange(stop - start, device=device)
                 d2[rows, rows + start] = float("inf")  # a cell is not its own neighbour, duplicates are
-            _, nn_idx = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-            # recompute the chosen distances directly: the expansion above loses precision for close pairs
-            exact_d2 = ((block[:, None, :] - data[nn_idx]) ** 2).sum(-1)
-            exact_d2, order = torch.sort(exact_d2, dim=1)
-            nn_idx = torch.gather(nn_idx, 1, order)
-            indices[start:stop] = nn_idx.cpu()
-            distances[start:stop] = exact_d2.clamp_min_(0).cpu()
+            _, candidates = torch.topk(d2, n_candidates, dim=1, largest=False, sorted=True)
+            del d2
+            if on_cpu:
+                candidates = candidates.numpy()
+                diff = rows_np[start:stop, None, :].astype(np.float64) - data_np[candidates]
+                exact_d2 = np.einsum("ijk,ijk->ij", diff, diff)
+                del diff
+            else:
+                exact_d2 = ((rows_data[start:stop, None, :] - data[candidates]) ** 2).sum(-1)
+                candidates, exact_d2 = candidates.cpu().numpy(), exact_d2.cpu().numpy()
+            # stable: equally distant candidates keep the shortlist's order
+            order = np.argsort(exact_d2, axis=1, kind="stable")[:, :k]
+            indices[start:stop] = np.take_along_axis(candidates, order, 1)
+            distances[start:stop] = np.maximum(np.take_along_axis(exact_d2, order, 1), 0)
     finally:
         torch.set_num_threads(threads)
     if metric == "cosine":
-        distances = distances / 2  # ‖a − b‖² / 2 = 1 − cos(a, b) for unit vectors
+        distances /= 2  # ‖a − b‖² / 2 = 1 − cos(a, b) for unit vectors
     else:
-        distances = distances.sqrt_()
-    return indices.numpy(), distances.numpy()
+        np.sqrt(distances, out=distances)
+    return indices, distances
 
 
 def _drop_self(
