@@ -88,6 +88,49 @@ def test_bank_statistic_matches_loops():
     assert float(value) == pytest.approx(expected, rel=1e-10)
 
 
+def test_bank_null_is_the_statistic_of_shuffled_labels():
+    """Each null draw is the statistic with the current cells' batch labels shuffled (three batches: three pairs),
+    recomputed by loops over cell pairs for the same shuffles."""
+    rng = np.random.default_rng(2)
+    stored, current = rng.normal(size=(40, 3)), rng.normal(size=(18, 3))
+    s_codes, c_codes = rng.integers(0, 3, 40), rng.integers(0, 3, 18)
+    s_codes[:3], c_codes[:3] = [0, 1, 2], [0, 1, 2]
+    s_rows, c_rows = np.arange(40), np.arange(35, 53)  # rows 35..39 on both sides
+    bank = mmd.LatentBank(100, 3, torch.device("cpu"), mutual=False)
+    oh = torch.nn.functional.one_hot
+    bank.push(torch.as_tensor(stored), oh(torch.as_tensor(s_codes), 3).double(), torch.as_tensor(s_rows))
+    _, null = bank.statistic(
+        torch.as_tensor(current),
+        oh(torch.as_tensor(c_codes), 3).double(),
+        torch.as_tensor(c_rows),
+        4,
+        torch.Generator().manual_seed(7),
+    )
+    d2 = ((current[:, None] - stored[None]) ** 2).sum(-1)
+    bandwidth = np.median(d2[c_rows[:, None] != s_rows[None, :]])
+
+    def statistic(codes):
+        def mean(b, c):
+            return np.mean([
+                _kernel(current[i], stored[j], bandwidth)
+                for i in np.flatnonzero(codes == b)
+                for j in np.flatnonzero(s_codes == c)
+                if c_rows[i] != s_rows[j]
+            ])  # fmt: skip
+
+        num = den = 0.0
+        for b, c in itertools.combinations(range(3), 2):
+            w = (codes == b).sum() * (codes == c).sum()
+            num += w * (mean(b, b) + mean(c, c) - mean(b, c) - mean(c, b))
+            den += w
+        return num / den
+
+    generator = torch.Generator().manual_seed(7)
+    orders = [torch.randperm(18, generator=generator).numpy() for _ in range(4)]
+    expected = [statistic(c_codes[order]) for order in orders]
+    np.testing.assert_allclose(null.numpy(), expected, rtol=1e-10)
+
+
 def test_mutual_neighbour_weights_match_loops():
     """A current cell of batch b weighs 1 towards batch c where one of its ⌈share·m_c⌉ nearest stored cells of c has
     it among its own ⌈share·n_b⌉ nearest current cells of b; the pairs of a cell with its own code never count."""

@@ -59,9 +59,10 @@ def gaussian_kernel(
     Exponents are floored at :data:`EXPONENT_FLOOR`: below it exp() gives subnormal floats, which are many times
     slower to compute with on CPUs, for values (< 1e-21) that change no discrepancy.
     """
-    k = torch.zeros_like(d2)
+    k = None
     for s in scales:
-        k = k + torch.exp((d2 / (-s * bandwidth)).clamp_min(EXPONENT_FLOOR))
+        term = torch.mul(d2, -1.0 / (s * bandwidth)).clamp_min_(EXPONENT_FLOOR).exp_()
+        k = term if k is None else k + term  # out of place: autograd keeps each exp() for its gradient
     return k / len(scales)
 
 
@@ -71,15 +72,17 @@ def median_bandwidth(d2: torch.Tensor, mask: torch.Tensor | None = None) -> torc
 
     Computed without gradient: the kernel is chosen from the data, and the penalty is that kernel's discrepancy.
     """
-    values = d2 if mask is None else d2[mask]
-    if values.numel() == 0:
+    n_values = d2.numel() if mask is None else int(mask.sum())
+    if n_values == 0:
         return torch.ones((), dtype=d2.dtype, device=d2.device)
-    if values.device.type == "cpu":
-        # the same value as torch.median (the lower middle one), by a selection ~8x faster on a CPU
-        middle = (values.numel() - 1) // 2
-        h = torch.as_tensor(np.partition(values.detach().reshape(-1).numpy(), middle)[middle])
+    if d2.device.type == "cpu":
+        # the same value as torch.median (the lower middle one), by a selection ~8x faster on a CPU; the entries
+        # outside the mask become +inf, which sorts them after every kept one
+        values = d2.detach() if mask is None else d2.detach().masked_fill(~mask, float("inf"))
+        middle = (n_values - 1) // 2
+        h = torch.as_tensor(np.partition(values.reshape(-1).numpy(), middle)[middle])
     else:
-        h = values.median()
+        h = (d2 if mask is None else d2[mask]).median()
     return torch.where(h > 0, h, torch.ones_like(h))
 
 
@@ -195,44 +198,47 @@ class LatentBank:
         present = torch.nonzero(both).flatten().tolist()
         pairs = [(b, c) for b in present for c in present if b < c]
         cur_w, sto_w = self._last_weights, self.weights.to(z.dtype)
-        value = self._weighted(current, cur_w, stored, sto_w, k, keepf, pairs)
+        # per pair (b, c): the kernel's and the kept pairs' sums over the stored cells of b and of c, each stored
+        # cell weighted towards the other batch; a shuffle of the current cells' labels leaves them unchanged
+        stored_sums = []
+        for b, c in pairs:
+            sw = stored[:, [b, c]] * sto_w[:, [c, b]]
+            stored_sums.append((k @ sw, keepf @ sw))
+        value = self._weighted(current, cur_w, stored_sums, pairs)
         if not permutations:
             return value, none
         with torch.no_grad():
-            kd = k.detach()
-            null = []
-            for _ in range(permutations):
-                order = torch.randperm(len(z), generator=generator).to(z.device)
-                null.append(self._weighted(current[order], cur_w[order], stored, sto_w, kd, keepf, pairs))
-        return value, torch.stack(null)
+            orders = torch.stack([torch.randperm(len(z), generator=generator) for _ in range(permutations)])
+            orders = orders.to(z.device)
+            detached = [(ks.detach(), kept) for ks, kept in stored_sums]
+            null = self._weighted(current[orders], cur_w[orders], detached, pairs)
+        return value, null
 
     @staticmethod
     def _weighted(
         current: torch.Tensor,
         current_weights: torch.Tensor,
-        stored: torch.Tensor,
-        stored_weights: torch.Tensor,
-        k: torch.Tensor,
-        keep: torch.Tensor,
+        stored_sums: list[tuple[torch.Tensor, torch.Tensor]],
         pairs: list[tuple[int, int]],
     ) -> torch.Tensor:
         """Σ over batch pairs of n_b n_c MMD²_bc / Σ n_b n_c, from weighted kernel means.
 
         In pair (b, c) a cell of b counts with its weight towards c and a cell of c with its weight towards b, on
-        both sides.
+        both sides. ``stored_sums``: per pair, the kernel and the kept-pair indicator (current × stored) times the
+        stored cells' weights (stored × 2). ``current`` and ``current_weights`` may carry leading dimensions
+        (shuffles of the labels), which the result keeps.
         """
-        n = current.sum(0)  # every batch of ``pairs`` holds current cells, so the pair weights are positive
+        n = current.sum(-2)  # every batch of ``pairs`` holds current cells, so the pair weights are positive
         terms, pair_weights = [], []
-        for b, c in pairs:
-            cols = [b, c]
-            # each cell of b weighted towards c and each of c towards b: (cells × 2)
-            cw = current[:, cols] * current_weights[:, [c, b]]
-            sw = stored[:, cols] * stored_weights[:, [c, b]]
-            means = (cw.T @ k @ sw) / (cw.T @ keep @ sw).clamp_min(1.0)
-            terms.append(means[0, 0] + means[1, 1] - means[0, 1] - means[1, 0])
-            pair_weights.append(n[b] * n[c])
-        pair_weights = torch.stack(pair_weights)
-        return (pair_weights * torch.stack(terms)).sum() / pair_weights.sum()
+        for (b, c), (kernel_sums, kept_sums) in zip(pairs, stored_sums):
+            # each cell of b weighted towards c and each of c towards b: (... × cells × 2)
+            cw = current[..., [b, c]] * current_weights[..., [c, b]]
+            cw_t = cw.transpose(-1, -2)
+            means = (cw_t @ kernel_sums) / (cw_t @ kept_sums).clamp_min(1.0)
+            terms.append(means[..., 0, 0] + means[..., 1, 1] - means[..., 0, 1] - means[..., 1, 0])
+            pair_weights.append(n[..., b] * n[..., c])
+        pair_weights = torch.stack(pair_weights, -1)
+        return (pair_weights * torch.stack(terms, -1)).sum(-1) / pair_weights.sum(-1)
 
     @torch.no_grad()
     def push(self, z: torch.Tensor, onehot: torch.Tensor, rows: torch.Tensor) -> None:
@@ -249,6 +255,18 @@ class LatentBank:
         self.direct = (direct if self.direct is None else torch.cat([self.direct, direct]))[-self.size :]
         self.rows = torch.cat([self.rows, rows])[-self.size :]
         self._last_weights = self._last_direct = None
+
+
+def _nearest(d2: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the ``k`` smallest entries of every row of ``d2``, in no particular order.
+
+    On a CPU by numpy's introselect, which is faster there than ``torch.topk`` for blocks of this size.
+    """
+    if d2.device.type == "cpu":
+        if k >= d2.shape[1]:
+            return torch.arange(d2.shape[1]).expand(d2.shape[0], -1).contiguous()
+        return torch.from_numpy(np.argpartition(d2.numpy(), k - 1, axis=1)[:, :k])
+    return d2.topk(k, dim=1, largest=False, sorted=False).indices
 
 
 @torch.no_grad()
@@ -275,8 +293,8 @@ def mutual_neighbour_weights(
             block = rows.index_select(1, sto)  # (current of b) × (stored of c)
             k_sto = min(len(sto), max(1, math.ceil(share * len(sto))))
             k_cur = min(len(cur), max(1, math.ceil(share * len(cur))))
-            near_sto = block.topk(k_sto, dim=1, largest=False).indices  # each current cell's nearest stored
-            near_cur = block.T.contiguous().topk(k_cur, dim=1, largest=False).indices  # each stored cell's nearest
+            near_sto = _nearest(block, k_sto)  # each current cell's nearest stored
+            near_cur = _nearest(block.T.contiguous(), k_cur)  # each stored cell's nearest
             back = torch.zeros(len(sto), len(cur), dtype=torch.bool, device=d2.device)
             back.scatter_(1, near_cur, True)
             # i and j mutual: j among i's nearest, i among j's nearest, and the pair counts (finite distance)
@@ -313,7 +331,8 @@ def spread_to_neighbours(
         cur = torch.nonzero(current[:, b] > 0).flatten()
         block = d2.index_select(0, cur).index_select(1, sto)
         k = min(len(sto), max(1, math.ceil(share * len(sto))))
-        dist, near = block.topk(k, dim=1, largest=False)
+        near = _nearest(block, k)
+        dist = block.gather(1, near)
         flags = stored_direct[sto][near] * torch.isfinite(dist)[..., None]  # (cells, k, batches)
         weights[cur] = torch.maximum(weights[cur], flags.sum(1) / k)
     return weights
