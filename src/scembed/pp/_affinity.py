@@ -178,8 +178,8 @@ def affinity(
         Neighbours per cell, *k*. Default ``min(3 · perplexity, n_obs − 1)`` as in t-SNE/openTSNE.
     knn_method
         Nearest-neighbour search: ``"exact"`` (chunked brute force in torch, on the GPU when present: a float32
-        shortlist of k + max(8, k/4) candidates, of which the k nearest by distances recomputed directly, in float64
-        on a CPU),
+        shortlist of k + max(8, k/4) candidates per cell, from which the k nearest are chosen by their distances
+        recomputed directly, in float64 on a CPU),
         ``"faiss"`` (faiss's HNSW graph), ``"annoy"``, ``"pynndescent"``, or ``"auto"`` (exact on a GPU or up to
         20,000 cells, faiss beyond: the fastest of the three approximate searches at 300,000 cells, with a recall
         of the exact neighbours above annoy's).
