@@ -219,7 +219,7 @@ def affinity() -> Table:
             "rel. err.",
         ],
     )
-    for name in ("affinity_pbmc4k.json", "affinity_100k.json"):
+    for name in ("affinity_xeon.json",):
         src, rows = t.rows_of(name)
         for r in rows:
             t.add(
