@@ -243,7 +243,7 @@ def effective_dimension(latent: np.ndarray) -> float:
     return float(eig.sum() ** 2 / (eig**2).sum())
 
 
-def rescore(folder: Path, data_dir: Path, pca_dims: list[int]) -> None:
+def rescore(folder: Path, data_dir: Path, pca_dims: list[int], controls: bool = False) -> None:
     """Leiden at resolution 0.8 on every latent space saved by ``--save-latents``: K, ARI, homogeneity, completeness.
 
     Homogeneity is high when every cluster holds one cell type, completeness when every cell type is one cluster:
@@ -251,6 +251,13 @@ def rescore(folder: Path, data_dir: Path, pca_dims: list[int]) -> None:
     "eff. dims" is the space's :func:`effective_dimension`. Each PCA-50 space is also scored on its first d
     components for every d in ``pca_dims`` (rows ``pca[:d]``), to show how Leiden at a fixed resolution cuts a space
     of few effective dimensions.
+
+    ``controls``: spaces with variance that has no structure added, to test whether that alone makes Leiden cut a
+    graph coarser at a fixed resolution. Each PCA-50 space's first 10 components with the other 40 replaced by the
+    same 40 columns each shuffled across cells (``pca[:10]+shuffled[10:]``: the same variances, no structure) or by
+    isotropic Gaussian noise of the same total variance (``pca[:10]+noise40``); every other space with isotropic
+    Gaussian noise added whose total variance is 10, 30 or 100 % of the space's (``+noise0.3`` ...). Seeded by the
+    run's seed.
     """
     import anndata as ad
     from sklearn.metrics import adjusted_rand_score, completeness_score, homogeneity_score
@@ -269,6 +276,8 @@ def rescore(folder: Path, data_dir: Path, pca_dims: list[int]) -> None:
         spaces = [(method, latent)]
         if method == "pca":
             spaces += [(f"pca[:{d}]", latent[:, :d]) for d in pca_dims if d < latent.shape[1]]
+        if controls:
+            spaces += _control_spaces(method, latent, int(seed))
         for label, space in spaces:
             labels = _leiden_on(space, int(seed))(0.8)
             print(
@@ -276,6 +285,25 @@ def rescore(folder: Path, data_dir: Path, pca_dims: list[int]) -> None:
                 f"| {len(set(labels))} | {adjusted_rand_score(truth, labels):.3f} "
                 f"| {homogeneity_score(truth, labels):.3f} | {completeness_score(truth, labels):.3f} |"
             )
+
+
+def _control_spaces(method: str, latent: np.ndarray, seed: int) -> list[tuple[str, np.ndarray]]:
+    """The ``controls`` of :func:`rescore`: ``latent`` with structureless variance added or put in."""
+    rng = np.random.default_rng(seed)
+    if method == "pca":
+        head, tail = latent[:, :10], latent[:, 10:]
+        shuffled = np.stack([rng.permutation(column) for column in tail.T], axis=1)
+        noise = rng.normal(size=tail.shape) * np.sqrt(tail.var(0).sum() / tail.shape[1])
+        return [
+            ("pca[:10]+shuffled[10:]", np.hstack([head, shuffled]).astype(np.float32)),
+            (f"pca[:10]+noise{tail.shape[1]}", np.hstack([head, noise]).astype(np.float32)),
+        ]
+    total = latent.var(0).sum()
+    out = []
+    for share in (0.1, 0.3, 1.0):
+        noise = rng.normal(size=latent.shape) * np.sqrt(share * total / latent.shape[1])
+        out.append((f"{method}+noise{share:g}", (latent + noise).astype(np.float32)))
+    return out
 
 
 def _parse_variant(text: str) -> tuple[str, dict]:
@@ -395,6 +423,10 @@ def main() -> None:
         help="scVI's epochs without --max-epochs: those tl.autoencoder ran on the set (default) or scVI's own rule",
     )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run every method in this process")
+    parser.add_argument(
+        "--rescore-controls", action="store_true",
+        help="with --rescore: also score each space with structureless variance added (see rescore's docstring)",
+    )  # fmt: skip
     parser.add_argument("--dense", action="store_true", help="give every method the counts as a dense array")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -415,7 +447,7 @@ def main() -> None:
         print(json.dumps(scale_worker(spec) if "n_cells" in spec else worker(spec)))
         return
     if args.rescore:
-        rescore(args.rescore, args.data_dir, args.rescore_pca_dims)
+        rescore(args.rescore, args.data_dir, args.rescore_pca_dims, args.rescore_controls)
         return
     if args.means:
         print_means(args.means)
