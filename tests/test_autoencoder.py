@@ -252,6 +252,47 @@ def test_heads_are_one_stacked_linear_layer():
         other.load_state_dict({"weight": state["weight"][:-1], "bias": state["bias"]})
 
 
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_gene_dispersion_gradient_matches_autograd(likelihood, blocks, monkeypatch):
+    # dispersion="gene": the dispersion logit is one parameter per gene, broadcast to rows × G in the decoder's
+    # output; every parameter's gradient through the fused loss (which returns a rows × G gradient for the
+    # broadcast view, summed over the rows by autograd) must equal autograd's through the plain expression
+    if blocks:
+        monkeypatch.setattr(zinb, "BLOCK_ENTRIES", 64)  # several blocks of rows on a CPU
+    x, _, sf = _random_counts(6, n=40, g=12)
+    torch.manual_seed(0)
+    net = ae.Autoencoder(12, 3, (8,), likelihood=likelihood, dispersion="gene").double()
+    assert net.heads.n_heads == zinb.N_HEADS[likelihood] - 1 and net.dispersion_logit.shape == (12,)
+    with torch.no_grad():
+        net.dispersion_logit.copy_(torch.linspace(-3.0, 4.0, 12, dtype=torch.float64))  # θ from 0.05 to 4
+    inp = torch.log1p(x)
+    fused, plain, split = _losses(likelihood)
+    out = net(inp)
+    assert all(h.shape == x.shape for h in out)
+    np.testing.assert_array_equal(out[1][7].detach().numpy(), net.dispersion_logit.detach().numpy())
+    fused(list(out), x, sf).mul(3.0).backward()
+    got = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    plain(x, *split(list(net(inp)), 12), sf).mean().mul(3.0).backward()
+    assert set(got) == {n for n, _ in net.named_parameters()} and "dispersion_logit" in got
+    for name, p in net.named_parameters():
+        np.testing.assert_allclose(got[name].numpy(), p.grad.numpy(), rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+def test_gene_dispersion_network_shape_and_description():
+    for likelihood, heads in (("zinb", 2), ("nb", 1)):
+        net = ae.Autoencoder(9, 2, (4,), likelihood=likelihood, dispersion="gene")
+        assert net.heads.n_heads == heads and "dispersion_logit" in net.state_dict()
+    # the MSE has no dispersion: one description whatever was asked
+    assert ae.Autoencoder(9, 2, (4,), likelihood="mse", dispersion="gene").dispersion == "cell"
+    assert ae.Autoencoder(9, 2, (4,)).dispersion == "cell" and not hasattr(
+        ae.Autoencoder(9, 2, (4,)), "dispersion_logit"
+    )
+    with pytest.raises(ValueError, match="dispersion"):
+        ae.Autoencoder(9, 2, (4,), dispersion="batch")
+
+
 def test_mse_and_dispatch():
     gen = torch.Generator().manual_seed(0)
     out, x = torch.randn(5, 7, generator=gen), torch.rand(5, 7, generator=gen)
@@ -613,6 +654,32 @@ def test_nb_and_mse_likelihoods_and_gene_selection(sim):
     np.testing.assert_array_equal(model.transform(b), b.obsm["X_autoencoder"])
 
 
+def test_gene_dispersion_through_the_public_api(sim, tmp_path):
+    a = sim.copy()
+    model = se.tl.autoencoder(a, n_latent=3, hidden=(16,), dispersion="gene", return_model=True, **FAST)
+    g = a.uns["autoencoder"]["n_genes_used"]
+    assert a.uns["autoencoder"]["params"]["dispersion"] == "gene" and model.net.heads.out_features == 2 * g
+    assert "dispersion='gene'" in repr(model) and np.isfinite(a.obsm["X_autoencoder"]).all()
+    # the dispersion trained: no longer its initial 0
+    assert model.net.dispersion_logit.detach().abs().max() > 1e-3
+    model.save(tmp_path / "gene.pt")
+    loaded = se.tl.AutoencoderModel.load(tmp_path / "gene.pt", device="cpu")
+    assert loaded.net.dispersion == "gene"
+    np.testing.assert_array_equal(
+        loaded.net.dispersion_logit.detach().numpy(), model.net.dispersion_logit.detach().numpy()
+    )
+    np.testing.assert_array_equal(loaded.transform(a), a.obsm["X_autoencoder"])
+    # a model described without the choice (saved before it existed) is the per-cell network
+    meta = {k: v for k, v in model.metadata.items() if k != "dispersion"}
+    from scembed._engine.models.autoencoder import build_network
+
+    assert build_network(meta).dispersion == "cell"
+    # the default stays per cell, as scDeepCluster's network
+    b = sim.copy()
+    se.tl.autoencoder(b, n_latent=3, hidden=(16,), **FAST)
+    assert b.uns["autoencoder"]["params"]["dispersion"] == "cell"
+
+
 def _snapshot(adata):
     return (
         adata.X.copy(), list(adata.obs.columns), list(adata.obsm.keys()), list(adata.uns.keys()),
@@ -654,6 +721,7 @@ def _empty_genes(a):
         (_neg, {"likelihood": "mse"}, ValueError, "non-negative"),
         (None, {"layer": "missing"}, KeyError, "layer"),
         (None, {"likelihood": "poisson"}, ValueError, "likelihood"),
+        (None, {"dispersion": "batch"}, ValueError, "`dispersion`"),
         (None, {"n_latent": 0}, ValueError, "n_latent"),
         (None, {"validation_fraction": 1.0}, ValueError, "validation_fraction"),
         (None, {"n_top_genes": 1000}, ValueError, "n_top_genes"),

@@ -33,7 +33,7 @@ from .distributed import (
 from .mmd import BatchPenalty
 from .nn import mlp
 from .training import adam, train
-from .zinb import LIKELIHOODS, N_HEADS, reconstruction_loss
+from .zinb import DISPERSIONS, LIKELIHOODS, N_HEADS, reconstruction_loss
 
 #: default training length: about this many gradient steps, within the epoch bounds below
 TARGET_STEPS = 20_000
@@ -124,8 +124,11 @@ class Autoencoder(nn.Module):
     """Encoder G(+B) → hidden → latent (linear bottleneck); decoder latent(+B) → reversed hidden → heads.
 
     The heads (:class:`Heads`) give per gene the logits of the mean, dispersion and dropout (ZINB), of the mean
-    and dispersion (NB), or the reconstruction itself (MSE), each rows × G. With ``n_batches`` > 0 the one-hot
-    batch is appended to the decoder's input and, if ``batch_encoder``, to the encoder's.
+    and dispersion (NB), or the reconstruction itself (MSE), each rows × G. With ``dispersion="gene"`` (ZINB and
+    NB) the dispersion's logit is one free parameter per gene (``dispersion_logit``, as scVI's default) instead of
+    a head: the decoder has one Linear head fewer, and :meth:`decode` returns that parameter broadcast to rows ×
+    G in the dispersion's place, so that the losses see the same heads either way. With ``n_batches`` > 0 the
+    one-hot batch is appended to the decoder's input and, if ``batch_encoder``, to the encoder's.
     """
 
     def __init__(
@@ -137,17 +140,26 @@ class Autoencoder(nn.Module):
         *,
         likelihood: str = "zinb",
         batch_encoder: bool = False,
+        dispersion: str = "cell",
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"unknown dispersion {dispersion!r}; expected one of {DISPERSIONS}")
         self.n_genes, self.n_latent, self.n_batches, self.hidden = n_genes, n_latent, n_batches, tuple(hidden)
         self.likelihood = likelihood
+        # the MSE has no dispersion: "cell" there keeps one description of every network
+        self.dispersion = dispersion if likelihood != "mse" else "cell"
         self.batch_encoder = bool(batch_encoder and n_batches)
         self.encoder = mlp([n_genes + (n_batches if self.batch_encoder else 0), *hidden, n_latent], batchnorm=False)
         dec = [n_latent + n_batches, *reversed(self.hidden)]
         self.decoder = mlp(dec, batchnorm=False, final_activation=True)
-        self.heads = Heads(dec[-1], n_genes, N_HEADS[likelihood])
+        gene_wise = self.dispersion == "gene"
+        self.heads = Heads(dec[-1], n_genes, N_HEADS[likelihood] - gene_wise)
+        if gene_wise:
+            # softplus(0) ≈ 0.69: the inverse dispersion a per-cell head starts near (its logits start near 0)
+            self.dispersion_logit = nn.Parameter(torch.zeros(n_genes))
 
     @property
     def z_dim(self) -> int:
@@ -159,8 +171,14 @@ class Autoencoder(nn.Module):
         return self.encoder(x if onehot is None or not self.batch_encoder else torch.cat([x, onehot], 1))
 
     def decode(self, z: torch.Tensor, onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """The heads' outputs, ``N_HEADS[likelihood]`` tensors of rows × G (for the ZINB: ``a, b, c``)."""
-        return self.heads(self.decoder(z if onehot is None else torch.cat([z, onehot], 1)))
+        """The heads' outputs, ``N_HEADS[likelihood]`` tensors of rows × G (for the ZINB: ``a, b, c``).
+
+        With ``dispersion="gene"``, ``b`` is ``dispersion_logit`` broadcast to rows × G (a view: no copy).
+        """
+        out = self.heads(self.decoder(z if onehot is None else torch.cat([z, onehot], 1)))
+        if self.dispersion == "gene":
+            return (out[0], self.dispersion_logit.expand(len(z), -1), *out[1:])
+        return out
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         return self.decode(self.encode(x, onehot), onehot)

@@ -21,6 +21,9 @@ Likelihood = Literal["zinb", "nb", "mse"]
 LIKELIHOODS: tuple[str, ...] = ("zinb", "nb", "mse")
 #: output logits per gene of each likelihood
 N_HEADS = {"zinb": 3, "nb": 2, "mse": 1}
+#: where a count likelihood's dispersion comes from: a decoder head (one value per cell and gene) or one free
+#: parameter per gene
+DISPERSIONS: tuple[str, ...] = ("cell", "gene")
 
 #: clamps of the original's output activations: mean = clamp(exp, 1e-5, 1e6), dispersion = clamp(softplus, 1e-4, 1e4)
 MEAN_MIN, MEAN_MAX = 1e-5, 1e6

@@ -20,7 +20,7 @@ from .._engine.counts import (
 )
 from .._engine.distributed import check_inputs, world
 from .._engine.models.autoencoder import AutoencoderModel
-from .._engine.zinb import LIKELIHOODS
+from .._engine.zinb import DISPERSIONS, LIKELIHOODS
 from .._utils import (
     check_adata,
     check_bool,
@@ -42,10 +42,12 @@ from .._utils._validation import check_real_dtype
 AUTOENCODER = "autoencoder"
 
 
-def _check_settings(n_latent, likelihood, hidden, noise, batch_size, lr, fraction, patience):
+def _check_settings(n_latent, likelihood, dispersion, hidden, noise, batch_size, lr, fraction, patience):
     n_latent = check_positive_int(n_latent, "n_latent")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"`likelihood` must be one of {LIKELIHOODS}, got {likelihood!r}.")
+    if dispersion not in DISPERSIONS:
+        raise ValueError(f"`dispersion` must be one of {DISPERSIONS}, got {dispersion!r}.")
     hidden = tuple(check_int_sequence(hidden, "hidden"))
     noise = check_in_range(noise, "noise", low=0)
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -103,6 +105,7 @@ def autoencoder(
     layer: str | None = None,
     batch_key: str | None = None,
     likelihood: str = "zinb",
+    dispersion: str = "cell",
     hidden: Sequence[int] = (256, 64),
     batch_encoder: bool = False,
     noise: float = 1.0,
@@ -169,6 +172,10 @@ def autoencoder(
         Column of ``adata.obs`` with the batch of every cell (at least two batches); ``None`` for one batch.
     likelihood
         ``"zinb"`` (default), ``"nb"`` or ``"mse"``.
+    dispersion
+        For ``"zinb"`` and ``"nb"``: ``"cell"`` (default), the dispersion is a decoder output for every cell and
+        gene, as in DCA and scDeepCluster; ``"gene"``, one learnt dispersion per gene shared by all cells, as
+        scVI's default, which spares the decoder one of its G-wide output layers. Ignored for ``"mse"``.
     hidden
         Widths of the encoder's hidden layers; the decoder mirrors them.
     batch_encoder
@@ -258,7 +265,7 @@ def autoencoder(
     check_optional_bool(show_progress, "show_progress")
     keys = output_keys(key_added)
     n_latent, hidden, noise, batch_size, lr, validation_fraction, patience = _check_settings(
-        n_latent, likelihood, hidden, noise, batch_size, lr, validation_fraction, patience
+        n_latent, likelihood, dispersion, hidden, noise, batch_size, lr, validation_fraction, patience
     )
     batch_penalty = check_in_range(batch_penalty, "batch_penalty", low=0)
     counts = likelihood != "mse"
@@ -291,8 +298,9 @@ def autoencoder(
     get_logger().info(f"autoencoder ({likelihood}): {adata.n_obs} cells × {len(genes)} genes, {dev.type}")
     with seeded_torch(seed, dev) as noise_gen:
         net = engine.Autoencoder(
-            len(genes), n_latent, hidden, len(categories), likelihood=likelihood, batch_encoder=batch_encoder
-        ).to(dev)
+            len(genes), n_latent, hidden, len(categories), likelihood=likelihood, batch_encoder=batch_encoder,
+            dispersion=dispersion,
+        ).to(dev)  # fmt: skip
         history, n_run = engine.train_autoencoder(
             net, data, max_epochs=max_epochs, batch_size=batch_size, noise=noise, lr=lr, device=dev,
             generator=torch.Generator().manual_seed(seed), noise_generator=noise_gen, train_rows=train_rows,
@@ -301,8 +309,9 @@ def autoencoder(
         )  # fmt: skip
         z = engine.embed(net.eval(), data, dev)  # under torchrun: each rank encodes its own rows, then gathered
     record = _record(locals_=dict(
-        n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, hidden=hidden,
-        batch_encoder=batch_encoder, noise=noise, scale=scale, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+        n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, dispersion=net.dispersion,
+        hidden=hidden, batch_encoder=batch_encoder, noise=noise, scale=scale, max_epochs=max_epochs,
+        batch_size=batch_size, lr=lr,
         validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes,
         batch_penalty=batch_penalty, random_state=seed,
     ), history=history, n_run=n_run, has_validation=bool(val_rows.size), n_genes=len(genes))  # fmt: skip
@@ -340,7 +349,7 @@ def _record(locals_: dict, history: dict, n_run: int, has_validation: bool, n_ge
 def _model_metadata(params: dict, adata: AnnData, layer, batch_key, categories, data: CountData, genes) -> dict:
     """What :class:`AutoencoderModel` needs to embed new cells (JSON-serialisable)."""
     return {
-        **{k: params[k] for k in ("n_latent", "likelihood", "hidden", "batch_encoder")},
+        **{k: params[k] for k in ("n_latent", "likelihood", "dispersion", "hidden", "batch_encoder")},
         "layer": layer, "batch_key": batch_key, "batch_categories": categories,
         "normalize": params["likelihood"] != "mse", "var_names": list(map(str, adata.var_names)),
         "genes": genes.tolist(), "target_sum": data.target_sum, "gene_mean": data.gene_mean.tolist(),

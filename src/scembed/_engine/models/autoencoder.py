@@ -50,6 +50,7 @@ class AutoencoderModel(Model):
     def _repr_fields(self) -> dict[str, Any]:
         return {
             "likelihood": self.likelihood,
+            "dispersion": self.net.dispersion,
             "n_genes_used": len(self.metadata["genes"]),
             "n_latent": self.n_latent,
             "hidden": tuple(self.net.hidden),
@@ -149,4 +150,5 @@ def build_network(meta: Mapping[str, Any]) -> Autoencoder:
         len(meta["batch_categories"]) if meta.get("batch_key") else 0,
         likelihood=meta["likelihood"],
         batch_encoder=bool(meta["batch_encoder"]),
+        dispersion=meta.get("dispersion", "cell"),  # models saved before the choice existed: per cell
     )
