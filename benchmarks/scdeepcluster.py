@@ -924,10 +924,12 @@ def batch_run(
     maxiter: int,
     n_top_genes: int | None = None,
     options: dict | None = None,
+    ae_options: dict | None = None,
 ) -> dict:
     """Embedding and clusters of one method: scDeepCluster with ``n_clusters=0`` (batch-aware with its default
-    penalty or none, or without the batch), tl.autoencoder (the same) followed by Leiden, or Leiden (the same
-    resolution, 0.2) on 50 PCs of the log-normalised, scaled data, uncorrected or corrected by Harmony."""
+    penalty or none, or without the batch; ``options`` are its keywords), tl.autoencoder (the same; keywords
+    ``ae_options``) followed by Leiden, or Leiden (the same resolution, 0.2) on 50 PCs of the log-normalised,
+    scaled data, uncorrected or corrected by Harmony."""
     import scanpy as sc
 
     import scembed as se
@@ -945,7 +947,8 @@ def batch_run(
         from scembed._engine.scdeepcluster import leiden_labels
 
         t0 = time.perf_counter()
-        se.tl.autoencoder(adata, batch_key=key, n_top_genes=n_top_genes, random_state=seed, **penalty)
+        kwargs = {**penalty, **(ae_options or {})}
+        se.tl.autoencoder(adata, batch_key=key, n_top_genes=n_top_genes, random_state=seed, **kwargs)
         out["time"] = time.perf_counter() - t0
         emb = adata.obsm["X_autoencoder"]
         clusters = leiden_labels(emb, knn=20, resolution=0.2, random_state=seed)  # as scDeepCluster's K estimate
@@ -985,9 +988,12 @@ def batch_table(
     n_top_genes: int | None = None,
     json_path: Path | None = None,
     options: dict | None = None,
+    variants: list[tuple[str, dict]] | None = None,
 ) -> None:
     """Batch mixing and conservation of the types: iLISI, kBET, other-batch share among 30-NN, ARI, K, batch
-    entropy within the clusters; one row per (data set, method), the seeds' values side by side."""
+    entropy within the clusters; one row per (data set, method), the seeds' values side by side. ``variants``
+    (label, keywords): the scembed and autoencoder methods again with those keywords of their function, in the
+    same run (rows named ``method[label]``)."""
     import torch
     from _metrics import cluster_batch_entropy, ilisi, kbet, other_batch_share
     from sklearn.metrics import adjusted_rand_score
@@ -1001,11 +1007,25 @@ def batch_table(
     if options:
         print(f"scembed: tl.scdeepcluster(..., **{json.dumps(options)})")
     lines, rows = [], []
+    runs = []  # (row name, method, scDeepCluster keywords, autoencoder keywords)
+    for method in methods:
+        runs.append((method, method, options, None))
+        if method.startswith(("scembed", "autoencoder")):
+            for label, extra in variants or []:
+                ae = method.startswith("autoencoder")
+                runs.append(
+                    (
+                        f"{method}[{label}]",
+                        method,
+                        options if ae else {**(options or {}), **extra},
+                        extra if ae else None,
+                    )
+                )
     for dataset in datasets:
-        for method in methods:
+        for name, method, run_options, ae_options in runs:
             cols: dict[str, list] = {}
             for seed in seeds:
-                r = batch_run(method, dataset, seed, pretrain, maxiter, n_top_genes, options)
+                r = batch_run(method, dataset, seed, pretrain, maxiter, n_top_genes, run_options, ae_options)
                 batch, types = np.asarray(r["batch"]).astype(str), np.asarray(r["types"]).astype(str)
                 values = {
                     "ilisi": ilisi(r["emb"], batch),
@@ -1017,11 +1037,11 @@ def batch_table(
                     "time": r["time"],
                 }
                 rounded = {k: round(float(v), 3) for k, v in values.items()}
-                print(f"  {dataset} {method} seed {seed}: {json.dumps(rounded)}", flush=True)
+                print(f"  {dataset} {name} seed {seed}: {json.dumps(rounded)}", flush=True)
                 for key, v in values.items():
                     cols.setdefault(key, []).append(float(v))
                 k_true = len(np.unique(types))
-            rows.append({"dataset": dataset, "method": method, "k_true": k_true, "seeds": seeds, **cols})
+            rows.append({"dataset": dataset, "method": name, "k_true": k_true, "seeds": seeds, **cols})
             write_json(
                 json_path,
                 rows,
@@ -1033,7 +1053,7 @@ def batch_table(
             cells = [" / ".join(f"{v:.2f}" for v in cols[key]) for key in ("ilisi", "kbet", "other", "ari")]
             ks = "/".join(str(int(k)) for k in cols["k"])
             entropy = " / ".join(f"{v:.2f}" for v in cols["entropy"])
-            lines.append(f"| {dataset} | {method} | {' | '.join(cells)} | {ks} ({k_true}) | {entropy} |")
+            lines.append(f"| {dataset} | {name} | {' | '.join(cells)} | {ks} ({k_true}) | {entropy} |")
     print("| data set | method | iLISI | kBET | other batch in 30-NN | ARI | K (true) | cluster batch entropy |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(lines))
@@ -1120,7 +1140,8 @@ def main() -> None:
         default=[],
         metavar="LABEL:JSON",
         help="also run the scembed methods with these keywords on top of --scembed-options, in the same run, as "
-        'rows named \'method[LABEL]\' (repeatable), e.g. \'floor_noise1:{"scale": "floor", "noise": 1.0}\'',
+        'rows named \'method[LABEL]\' (repeatable), e.g. \'floor_noise1:{"scale": "floor", "noise": 1.0}\'; '
+        "with --batch also the autoencoder methods, the keywords then tl.autoencoder's",
     )
     parser.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1167,7 +1188,8 @@ def main() -> None:
         datasets = BATCH_DATASETS if args.datasets == DATASETS else args.datasets
         methods = BATCH_METHODS if args.methods == METHODS else args.methods
         options = json.loads(args.scembed_options or "{}")
-        batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json, options)
+        variants = parse_variants(args.variant)
+        batch_table(datasets, methods, seeds, pretrain, maxiter, args.n_top_genes, args.json, options, variants)
         return
     if args.cluster_curve:
         cluster_curve_table(args.datasets, seeds, args.checkpoints, args.cluster_lrs, maxiter, args.threads, args.json)
