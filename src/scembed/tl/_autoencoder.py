@@ -176,8 +176,9 @@ def autoencoder(
         For ``"zinb"`` and ``"nb"``: ``"cell"`` (default), the dispersion is a decoder output for every cell and
         gene, as in DCA and scDeepCluster; ``"gene"``, one learnt dispersion per gene shared by all cells, as
         scVI's default, which spares the decoder one of its G-wide output layers: less time per epoch at about
-        the same quality of the embedding (``benchmarks/README.md``, ``tl.autoencoder``, "One dispersion per
-        gene"). Ignored for ``"mse"``.
+        the same quality of the embedding, and with ``batch_key`` somewhat less batch mixing on the two-batch set
+        measured (``benchmarks/README.md``, ``tl.autoencoder``, "One dispersion per gene"). Ignored for
+        ``"mse"``.
     hidden
         Widths of the encoder's hidden layers; the decoder mirrors them.
     batch_encoder
