@@ -58,6 +58,34 @@ def test_batch_discrepancy_is_zero_for_one_batch_and_for_identical_samples():
     assert float(mmd.batch_discrepancy(shifted, onehot)) > 0.1
 
 
+def _filled_bank(stored, s_codes, s_rows, n_batches):
+    """A bank of the plain (not mutual-neighbour) statistic holding ``stored`` with batch codes ``s_codes``."""
+    bank = mmd.LatentBank(100, stored.shape[1], torch.device("cpu"), mutual=False)
+    onehot = torch.nn.functional.one_hot(torch.as_tensor(s_codes), n_batches).double()
+    bank.push(torch.as_tensor(stored), onehot, torch.as_tensor(s_rows))
+    return bank
+
+
+def _loop_statistic(current, codes, c_rows, stored, s_codes, s_rows, bandwidth, n_batches):
+    """Σ over batch pairs of n_b n_c MMD²_bc / Σ n_b n_c, by loops over cell pairs (a cell's pairs with its own
+    stored row left out)."""
+
+    def mean(b, c):
+        return np.mean([
+            _kernel(current[i], stored[j], bandwidth)
+            for i in np.flatnonzero(codes == b)
+            for j in np.flatnonzero(s_codes == c)
+            if c_rows[i] != s_rows[j]
+        ])  # fmt: skip
+
+    num = den = 0.0
+    for b, c in itertools.combinations(range(n_batches), 2):
+        w = (codes == b).sum() * (codes == c).sum()
+        num += w * (mean(b, b) + mean(c, c) - mean(b, c) - mean(c, b))
+        den += w
+    return num / den
+
+
 def test_bank_statistic_matches_loops():
     """Current cells against the stored ones, the pairs of a cell with its own stored code left out."""
     rng = np.random.default_rng(0)
@@ -65,26 +93,17 @@ def test_bank_statistic_matches_loops():
     s_codes, c_codes = rng.integers(0, 2, 25), rng.integers(0, 2, 12)
     s_codes[:2], c_codes[:2] = [0, 1], [0, 1]
     s_rows, c_rows = np.arange(25), np.arange(20, 32)  # rows 20..24 are on both sides
-    bank = mmd.LatentBank(100, 3, torch.device("cpu"), mutual=False)
-    oh = torch.nn.functional.one_hot
-    bank.push(torch.as_tensor(stored), oh(torch.as_tensor(s_codes), 2).double(), torch.as_tensor(s_rows))
+    bank = _filled_bank(stored, s_codes, s_rows, 2)
     value, null = bank.statistic(
-        torch.as_tensor(current), oh(torch.as_tensor(c_codes), 2).double(), torch.as_tensor(c_rows)
+        torch.as_tensor(current),
+        torch.nn.functional.one_hot(torch.as_tensor(c_codes), 2).double(),
+        torch.as_tensor(c_rows),
     )
     assert null.numel() == 0
     d2 = ((current[:, None] - stored[None]) ** 2).sum(-1)
-    keep = c_rows[:, None] != s_rows[None, :]
-    bandwidth = np.median(d2[keep])
-
-    def mean(b, c):
-        return np.mean([
-            _kernel(current[i], stored[j], bandwidth)
-            for i in np.flatnonzero(c_codes == b)
-            for j in np.flatnonzero(s_codes == c)
-            if c_rows[i] != s_rows[j]
-        ])  # fmt: skip
-
-    expected = mean(0, 0) + mean(1, 1) - mean(0, 1) - mean(1, 0)  # two batches: one pair, both orders
+    bandwidth = np.median(d2[c_rows[:, None] != s_rows[None, :]])
+    # two batches: one pair, both orders
+    expected = _loop_statistic(current, c_codes, c_rows, stored, s_codes, s_rows, bandwidth, 2)
     assert float(value) == pytest.approx(expected, rel=1e-10)
 
 
@@ -96,38 +115,21 @@ def test_bank_null_is_the_statistic_of_shuffled_labels():
     s_codes, c_codes = rng.integers(0, 3, 40), rng.integers(0, 3, 18)
     s_codes[:3], c_codes[:3] = [0, 1, 2], [0, 1, 2]
     s_rows, c_rows = np.arange(40), np.arange(35, 53)  # rows 35..39 on both sides
-    bank = mmd.LatentBank(100, 3, torch.device("cpu"), mutual=False)
-    oh = torch.nn.functional.one_hot
-    bank.push(torch.as_tensor(stored), oh(torch.as_tensor(s_codes), 3).double(), torch.as_tensor(s_rows))
+    bank = _filled_bank(stored, s_codes, s_rows, 3)
     _, null = bank.statistic(
         torch.as_tensor(current),
-        oh(torch.as_tensor(c_codes), 3).double(),
+        torch.nn.functional.one_hot(torch.as_tensor(c_codes), 3).double(),
         torch.as_tensor(c_rows),
         4,
         torch.Generator().manual_seed(7),
     )
     d2 = ((current[:, None] - stored[None]) ** 2).sum(-1)
     bandwidth = np.median(d2[c_rows[:, None] != s_rows[None, :]])
-
-    def statistic(codes):
-        def mean(b, c):
-            return np.mean([
-                _kernel(current[i], stored[j], bandwidth)
-                for i in np.flatnonzero(codes == b)
-                for j in np.flatnonzero(s_codes == c)
-                if c_rows[i] != s_rows[j]
-            ])  # fmt: skip
-
-        num = den = 0.0
-        for b, c in itertools.combinations(range(3), 2):
-            w = (codes == b).sum() * (codes == c).sum()
-            num += w * (mean(b, b) + mean(c, c) - mean(b, c) - mean(c, b))
-            den += w
-        return num / den
-
     generator = torch.Generator().manual_seed(7)
     orders = [torch.randperm(18, generator=generator).numpy() for _ in range(4)]
-    expected = [statistic(c_codes[order]) for order in orders]
+    expected = [
+        _loop_statistic(current, c_codes[order], c_rows, stored, s_codes, s_rows, bandwidth, 3) for order in orders
+    ]
     np.testing.assert_allclose(null.numpy(), expected, rtol=1e-10)
 
 

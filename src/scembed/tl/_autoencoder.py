@@ -314,9 +314,8 @@ def autoencoder(
     record = _record(locals_=dict(
         n_latent=n_latent, layer=layer, batch_key=batch_key, likelihood=likelihood, dispersion=net.dispersion,
         hidden=hidden, batch_encoder=batch_encoder, noise=noise, scale=scale, max_epochs=max_epochs,
-        batch_size=batch_size, lr=lr,
-        validation_fraction=validation_fraction, patience=patience, n_top_genes=n_top_genes,
-        batch_penalty=batch_penalty, random_state=seed,
+        batch_size=batch_size, lr=lr, validation_fraction=validation_fraction, patience=patience,
+        n_top_genes=n_top_genes, batch_penalty=batch_penalty, random_state=seed,
     ), history=history, n_run=n_run, has_validation=bool(val_rows.size), n_genes=len(genes))  # fmt: skip
     adata = copy_adata(adata) if copy else adata
     adata.obsm[keys.obsm] = z
