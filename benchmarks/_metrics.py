@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 from scipy.stats import spearmanr
+from sklearn.metrics import adjusted_rand_score, completeness_score, homogeneity_score
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
@@ -117,3 +118,37 @@ def cluster_batch_entropy(clusters: np.ndarray, batch: np.ndarray) -> float:
         p = p[p > 0]
         total += m.sum() * float(-(p * np.log(p)).sum() / np.log(n_batches))
     return total / len(clusters)
+
+
+#: a cluster is "pure" when at least this share of its cells carry one annotated type
+PURE_SHARE = 0.9
+
+
+def cluster_purity(truth: np.ndarray, labels: np.ndarray) -> dict:
+    """Homogeneity, completeness and the pure clusters (≥ :data:`PURE_SHARE` one type) of a clustering.
+
+    ``split``: for every annotated type, the number of pure clusters in which it is the majority; a type with two
+    or more was cut into groups that each hold (almost) only that type. ``shared``: the groups of two or more
+    annotated types whose cells lie mostly in one and the same cluster (types merged by the clustering).
+    """
+    clusters = sorted(set(labels.tolist()))
+    pure_majorities = []
+    for cluster in clusters:
+        types, counts = np.unique(truth[labels == cluster], return_counts=True)
+        if counts.max() >= PURE_SHARE * counts.sum():
+            pure_majorities.append((str(types[counts.argmax()]), int(counts.sum())))
+    split = {str(t): sum(m == t for m, _ in pure_majorities) for t in sorted(set(truth))}
+    home: dict[str, list[str]] = {}  # cluster → the types that have most of their cells in it
+    for cell_type in sorted(set(truth)):
+        found, counts = np.unique(labels[truth == cell_type], return_counts=True)
+        home.setdefault(str(found[counts.argmax()]), []).append(str(cell_type))
+    return {
+        "k": len(clusters),
+        "ari": float(adjusted_rand_score(truth, labels)),
+        "homogeneity": float(homogeneity_score(truth, labels)),
+        "completeness": float(completeness_score(truth, labels)),
+        "pure_clusters": len(pure_majorities),
+        "pure_share": sum(n for _, n in pure_majorities) / len(truth),
+        "split": {t: n for t, n in split.items() if n >= 2},
+        "shared": sorted(types for types in home.values() if len(types) >= 2),
+    }

@@ -14,6 +14,8 @@ RSS) and its wall time are its own. Quality: ARI and NMI against ``obs["celltype
                                                         # label-free rules for K on the same latent spaces
     python benchmarks/scdeepcluster.py --k-seed-consensus --seeds 0 1 2
                                                         # K from three pretraining seeds together
+    python benchmarks/scdeepcluster.py --label-structure --datasets worm_neuron_4k cite_pbmc_3762
+                                                        # separability of the annotated types, purity of clusters
     python benchmarks/scdeepcluster.py --step-profile --threads 2    # ms per part of a pretraining step
     python benchmarks/scdeepcluster.py --minibatch-routes --threads 2 --datasets cellbench_3cl_2batches pbmc_10x_4k
                                                         # ms per sparse mini-batch, per non-zero vs densified
@@ -48,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _metrics import PURE_SHARE, cluster_purity
 from _runner import DATA, run_child, script_command, write_json
 
 DATASETS = ["pbmc_10x_2100", "pbmc_10x_4k", "worm_neuron_2100", "worm_neuron_4k", "cite_pbmc_3762"]
@@ -165,6 +168,117 @@ def resolution_sweep(
     if rules:
         out.update(k_rules(z, truth, knn, seed))
     return out
+
+
+def type_separability(dataset: str, seed: int = 0) -> list[dict]:
+    """Per annotated type: its size and how well a 10-NN classifier (5-fold) recognises it on 50 PCs of the RNA.
+
+    Also on ``obsm["ADT"]`` (the protein counts as shipped) where the file has them. A type that the RNA's nearest
+    neighbours do not recognise, or one with fewer cells than the neighbour graph's k, cannot be a cluster of its
+    own for any rule on that graph, whatever K the rule chooses.
+    """
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    adata = ad.read_h5ad(DATA / f"{dataset}.h5ad")
+    truth = adata.obs["celltype"].astype(str).to_numpy()
+    spaces = {}
+    if "ADT" in adata.obsm:
+        spaces["adt"] = np.asarray(adata.obsm["ADT"], dtype=np.float64)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=50, random_state=seed)
+    spaces = {"rna": adata.obsm["X_pca"], **spaces}
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    predicted = {
+        name: cross_val_predict(KNeighborsClassifier(10), space, truth, cv=folds) for name, space in spaces.items()
+    }
+    rows = []
+    for cell_type in sorted(set(truth), key=lambda t: -(truth == t).sum()):
+        mask = truth == cell_type
+        row = {"type": cell_type, "n": int(mask.sum())}
+        for name, pred in predicted.items():
+            row[f"recall_{name}"] = float((pred[mask] == cell_type).mean())
+            others = [t for t in pred[mask] if t != cell_type]
+            row[f"confused_{name}"] = max(set(others), key=others.count) if others else ""
+        rows.append(row)
+    return rows
+
+
+def label_structure(datasets: list[str], seeds: list[int], threads: int, json_path) -> None:
+    """How far the annotated number of types is a number a label-free rule can find: three tables.
+
+    1. Every type's size and 10-NN recall on the RNA (and the protein, where present): :func:`type_separability`.
+    2. ``tl.scdeepcluster`` at its defaults with K estimated and with K given, per seed: K, ARI and the purity of the
+       clusters (:func:`cluster_purity`).
+    3. The same, means over the seeds, one row per set.
+    """
+    import anndata as ad
+    import torch
+
+    import scembed as se
+
+    torch.set_num_threads(threads)
+    se.settings.progress = False
+    out = []
+    print("Annotated types: cells, 10-NN recall on 50 PCs of the RNA (5-fold), the type most taken for it; and on the")
+    print("protein (obsm['ADT']) where the file has it")
+    print("| data set | type | cells | recall, RNA | taken for | recall, protein | taken for |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dataset in datasets:
+        types = type_separability(dataset)
+        out.append({"dataset": dataset, "types": types})
+        for row in types:
+            protein = f"{row['recall_adt']:.2f} | {row['confused_adt']}" if "recall_adt" in row else "– | –"
+            print(f"| {dataset} | {row['type']} | {row['n']} | {row['recall_rna']:.2f} | {row['confused_rna']} | "
+                  f"{protein} |")  # fmt: skip
+    print(f"\ntl.scdeepcluster at its defaults, K estimated ('est.') and given; pure cluster: ≥ {PURE_SHARE:.0%} of "
+          "its cells one type; 'split': types that are the majority of two or more pure clusters (how many); 'shared': "
+          "types with most of their cells in one cluster (K estimated)")  # fmt: skip
+    print("| data set (true K) | seed | K est. | ARI est. / given | homogeneity est. / given | completeness est. / "
+          "given | pure clusters est. / given | split (est.) | shared (est.) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for entry in out:
+        adata = ad.read_h5ad(DATA / f"{entry['dataset']}.h5ad")
+        truth = adata.obs["celltype"].astype(str).to_numpy()
+        entry["k_true"] = k_true = len(set(truth))
+        entry["runs"] = []
+        for seed in seeds:
+            runs = {}
+            for mode, n_clusters in (("auto", 0), ("given", k_true)):
+                a = adata.copy()
+                se.tl.scdeepcluster(a, n_clusters, random_state=seed, device="cpu")
+                runs[mode] = cluster_purity(truth, a.obs["scdeepcluster"].astype(str).to_numpy())
+            entry["runs"].append({"seed": seed, **runs})
+            auto, given = runs["auto"], runs["given"]
+            split = ", ".join(f"{t} ({n})" for t, n in auto["split"].items()) or "–"
+            shared = ", ".join("+".join(types) for types in auto["shared"]) or "–"
+            print(
+                f"| {entry['dataset']} ({k_true}) | {seed} | {auto['k']} | {auto['ari']:.3f} / {given['ari']:.3f} | "
+                f"{auto['homogeneity']:.3f} / {given['homogeneity']:.3f} | "
+                f"{auto['completeness']:.3f} / {given['completeness']:.3f} | "
+                f"{auto['pure_clusters']} / {given['pure_clusters']} | {split} | {shared} |",
+                flush=True,
+            )
+        # after every set, so that a stopped run keeps the sets it finished
+        write_json(json_path, out, script="scdeepcluster --label-structure", threads=threads)
+    print("\nMeans over the seeds")
+    print("| data set (true K) | K est. per seed | ARI est. | ARI given | homogeneity est. / given "
+          "| completeness est. / given |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
+    for entry in out:
+
+        def mean(mode: str, key: str, runs: list = entry["runs"]) -> float:
+            return float(np.mean([run[mode][key] for run in runs]))
+
+        ks = " / ".join(str(run["auto"]["k"]) for run in entry["runs"])
+        print(
+            f"| {entry['dataset']} ({entry['k_true']}) | {ks} | {mean('auto', 'ari'):.3f} | {mean('given', 'ari'):.3f} "
+            f"| {mean('auto', 'homogeneity'):.3f} / {mean('given', 'homogeneity'):.3f} "
+            f"| {mean('auto', 'completeness'):.3f} / {mean('given', 'completeness'):.3f} |"
+        )
 
 
 #: resolutions compared by ``--k-seed-consensus``
@@ -1111,6 +1225,11 @@ def main() -> None:
         help="K from several pretraining seeds (median; seed-stable resolution)",
     )
     parser.add_argument(
+        "--label-structure",
+        action="store_true",
+        help="annotated types: size and 10-NN recall; purity of tl.scdeepcluster's clusters, K estimated and given",
+    )
+    parser.add_argument(
         "--batch",
         action="store_true",
         help="batch mixing: scDeepCluster with batch_key vs without, uncorrected PCA and Harmony (iLISI, kBET, ARI, K)",
@@ -1196,6 +1315,9 @@ def main() -> None:
         return
     if args.pretrain_curve:
         curve_table(args.datasets, seeds, pretrain, args.every, args.threads, json.loads(args.options), args.json)
+        return
+    if args.label_structure:
+        label_structure(args.datasets, seeds, args.threads, args.json)
         return
     if args.k_seed_consensus:
         k_seed_consensus(args.datasets, seeds, pretrain, args.threads, args.json)

@@ -121,7 +121,10 @@ def scdeepcluster(
         and a few numbers per cell (latent, targets, labels), never cells × genes; in-memory input goes through
         the same reads and gives the same numbers. ``copy=True`` is refused for a backed AnnData.
     n_clusters
-        Number of clusters; 0 (default) estimates it by Leiden on the pretrained latent space.
+        Number of clusters; 0 (default) estimates it by Leiden on the pretrained latent space. The estimate counts
+        the groups the latent space separates, which need not be the number of annotated types: a type made of
+        several distinct groups can come out as several clusters, and a type of few cells (about ``n_neighbors``
+        or fewer) is merged into another (``benchmarks/README.md``, "What the annotated number of types is").
     layer
         Layer with the raw counts (default ``X``).
     batch_key
