@@ -20,6 +20,8 @@ scVI (``pip install scvi-tools``, in the ``bench`` extra) trains, on each set an
                                       # the same cells written to an .h5ad first, trained from it backed (X on disk)
     python benchmarks/autoencoder.py --save-latents latents && python benchmarks/autoencoder.py --rescore latents
                                       # how each latent space's Leiden clusters at 0.8 split or mix the types
+    python benchmarks/autoencoder.py --rescore latents --rescore-true-k
+                                      # Leiden and KMeans at the true K on the same spaces: what each splits or merges
     python benchmarks/autoencoder.py --seeds 0 1 --variant noise0.5:noise=0.5 --variant hvg:n_top_genes=1000
                                       # the defaults and candidate settings side by side (one table, every seed)
 
@@ -78,8 +80,11 @@ def _leiden_on(latent: np.ndarray, seed: int):
     return leiden
 
 
-def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int) -> dict:
-    """ARI/NMI of Leiden at resolution 0.8 and at the resolution giving the true K (bisection on the resolution)."""
+def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int, keep_labels: bool = False) -> dict:
+    """ARI/NMI of Leiden at resolution 0.8 and at the resolution giving the true K (bisection on the resolution).
+
+    ``keep_labels``: also return the labels at the true K's resolution (``labels_k``).
+    """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     leiden = _leiden_on(latent, seed)
@@ -104,6 +109,8 @@ def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int) -> dict:
         lo, hi = (mid, hi) if k < k_true else (lo, mid)
     out["resolution_k"], out["k_found"] = best[0], best[1]
     out["ari_k"], out["nmi_k"] = scores(best[2])
+    if keep_labels:
+        out["labels_k"] = best[2]
     return out
 
 
@@ -287,6 +294,43 @@ def rescore(folder: Path, data_dir: Path, pca_dims: list[int], controls: bool = 
             )
 
 
+def rescore_true_k(folder: Path, data_dir: Path) -> None:
+    """Every latent space saved by ``--save-latents`` clustered into the true number of types two ways.
+
+    Leiden at the resolution that gives the true K (the bisection of the main table, the same seed) and KMeans with
+    the true K (20 starts): each clustering's ARI, and which annotated types it cuts into several pure clusters
+    ("split") or puts mostly into one cluster together ("shared"), by :func:`_metrics.cluster_purity`.
+    """
+    import anndata as ad
+    from _metrics import cluster_purity
+    from sklearn.cluster import KMeans
+
+    def describe(purity: dict) -> str:
+        split = ", ".join(f"{t} into {n}" for t, n in purity["split"].items())
+        shared = ", ".join("+".join(types) for types in purity["shared"])
+        return " ".join(filter(None, [split and f"split: {split}", shared and f"shared: {shared}"])) or "–"
+
+    print("| data | method | seed | ARI, Leiden at true K | its clusters | ARI, KMeans at true K | its clusters |")
+    print("|" + " --- |" * 7)
+    for path in sorted(folder.glob("*.npy")):
+        stem, _, seed = path.stem.rpartition("_seed")
+        name = next((p.stem for p in sorted(data_dir.glob("*.h5ad"), key=lambda p: -len(p.stem))
+                     if stem.startswith(p.stem + "_")), None)  # fmt: skip
+        if name is None:
+            continue
+        truth = ad.read_h5ad(data_dir / f"{name}.h5ad", backed="r").obs["celltype"].astype(str).to_numpy()
+        latent = np.load(path)
+        k_true = len(set(truth))
+        leiden = _leiden_scores(latent, truth, int(seed), keep_labels=True)
+        by_leiden = cluster_purity(truth, leiden["labels_k"])
+        by_kmeans = cluster_purity(truth, KMeans(k_true, n_init=20, random_state=int(seed)).fit_predict(latent))
+        print(
+            f"| {name} | {stem[len(name) + 1 :]} | {seed} | {by_leiden['ari']:.3f} ({by_leiden['k']}) | "
+            f"{describe(by_leiden)} | {by_kmeans['ari']:.3f} | {describe(by_kmeans)} |",
+            flush=True,
+        )
+
+
 def _control_spaces(method: str, latent: np.ndarray, seed: int) -> list[tuple[str, np.ndarray]]:
     """The ``controls`` of :func:`rescore`: ``latent`` with structureless variance added or put in."""
     rng = np.random.default_rng(seed)
@@ -424,6 +468,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--in-process", action="store_true", help="run every method in this process")
     parser.add_argument(
+        "--rescore-true-k", action="store_true",
+        help="with --rescore: Leiden and KMeans at the true K on each space, which types they split or merge",
+    )  # fmt: skip
+    parser.add_argument(
         "--rescore-controls", action="store_true",
         help="with --rescore: also score each space with structureless variance added (see rescore's docstring)",
     )  # fmt: skip
@@ -445,6 +493,9 @@ def main() -> None:
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(scale_worker(spec) if "n_cells" in spec else worker(spec)))
+        return
+    if args.rescore and args.rescore_true_k:
+        rescore_true_k(args.rescore, args.data_dir)
         return
     if args.rescore:
         rescore(args.rescore, args.data_dir, args.rescore_pca_dims, args.rescore_controls)
