@@ -250,6 +250,20 @@ def effective_dimension(latent: np.ndarray) -> float:
     return float(eig.sum() ** 2 / (eig**2).sum())
 
 
+def _saved_latents(folder: Path, data_dir: Path):
+    """Every latent space saved by ``--save-latents`` in ``folder``: (data set, method, seed, cell types, latent)."""
+    import anndata as ad
+
+    by_length = sorted(data_dir.glob("*.h5ad"), key=lambda p: -len(p.stem))  # the longest matching name wins
+    for path in sorted(folder.glob("*.npy")):
+        stem, _, seed = path.stem.rpartition("_seed")
+        name = next((p.stem for p in by_length if stem.startswith(p.stem + "_")), None)
+        if name is None:
+            continue
+        truth = ad.read_h5ad(data_dir / f"{name}.h5ad", backed="r").obs["celltype"].astype(str).to_numpy()
+        yield name, stem[len(name) + 1 :], seed, truth, np.load(path)
+
+
 def rescore(folder: Path, data_dir: Path, pca_dims: list[int], controls: bool = False) -> None:
     """Leiden at resolution 0.8 on every latent space saved by ``--save-latents``: K, ARI, homogeneity, completeness.
 
@@ -266,20 +280,11 @@ def rescore(folder: Path, data_dir: Path, pca_dims: list[int], controls: bool = 
     Gaussian noise added whose total variance is 10, 30 or 100 % of the space's (``+noise0.3`` ...). Seeded by the
     run's seed.
     """
-    import anndata as ad
     from sklearn.metrics import adjusted_rand_score, completeness_score, homogeneity_score
 
     print("| data | method | seed | eff. dims | K true | K at 0.8 | ARI (0.8) | homogeneity | completeness |")
     print("|" + " --- |" * 9)
-    for path in sorted(folder.glob("*.npy")):
-        stem, _, seed = path.stem.rpartition("_seed")
-        name = next((p.stem for p in sorted(data_dir.glob("*.h5ad"), key=lambda p: -len(p.stem))
-                     if stem.startswith(p.stem + "_")), None)  # fmt: skip
-        if name is None:
-            continue
-        truth = ad.read_h5ad(data_dir / f"{name}.h5ad", backed="r").obs["celltype"].astype(str).to_numpy()
-        method = stem[len(name) + 1 :]
-        latent = np.load(path)
+    for name, method, seed, truth, latent in _saved_latents(folder, data_dir):
         spaces = [(method, latent)]
         if method == "pca":
             spaces += [(f"pca[:{d}]", latent[:, :d]) for d in pca_dims if d < latent.shape[1]]
@@ -301,7 +306,6 @@ def rescore_true_k(folder: Path, data_dir: Path) -> None:
     the true K (20 starts): each clustering's ARI, and which annotated types it cuts into several pure clusters
     ("split") or puts mostly into one cluster together ("shared"), by :func:`_metrics.cluster_purity`.
     """
-    import anndata as ad
     from _metrics import cluster_purity
     from sklearn.cluster import KMeans
 
@@ -312,20 +316,13 @@ def rescore_true_k(folder: Path, data_dir: Path) -> None:
 
     print("| data | method | seed | ARI, Leiden at true K | its clusters | ARI, KMeans at true K | its clusters |")
     print("|" + " --- |" * 7)
-    for path in sorted(folder.glob("*.npy")):
-        stem, _, seed = path.stem.rpartition("_seed")
-        name = next((p.stem for p in sorted(data_dir.glob("*.h5ad"), key=lambda p: -len(p.stem))
-                     if stem.startswith(p.stem + "_")), None)  # fmt: skip
-        if name is None:
-            continue
-        truth = ad.read_h5ad(data_dir / f"{name}.h5ad", backed="r").obs["celltype"].astype(str).to_numpy()
-        latent = np.load(path)
+    for name, method, seed, truth, latent in _saved_latents(folder, data_dir):
         k_true = len(set(truth))
         leiden = _leiden_scores(latent, truth, int(seed), keep_labels=True)
         by_leiden = cluster_purity(truth, leiden["labels_k"])
         by_kmeans = cluster_purity(truth, KMeans(k_true, n_init=20, random_state=int(seed)).fit_predict(latent))
         print(
-            f"| {name} | {stem[len(name) + 1 :]} | {seed} | {by_leiden['ari']:.3f} ({by_leiden['k']}) | "
+            f"| {name} | {method} | {seed} | {by_leiden['ari']:.3f} ({by_leiden['k']}) | "
             f"{describe(by_leiden)} | {by_kmeans['ari']:.3f} | {describe(by_kmeans)} |",
             flush=True,
         )
