@@ -80,11 +80,23 @@ def _leiden_on(latent: np.ndarray, seed: int):
     return leiden
 
 
-def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int, keep_labels: bool = False) -> dict:
-    """ARI/NMI of Leiden at resolution 0.8 and at the resolution giving the true K (bisection on the resolution).
+def _leiden_at_k(leiden, k_true: int) -> tuple[float, int, np.ndarray]:
+    """The resolution (bisection), K and labels of ``leiden`` (:func:`_leiden_on`) closest to ``k_true`` clusters."""
+    lo, hi, best = 0.01, 5.0, None
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        labels = leiden(mid)
+        k = len(set(labels))
+        if best is None or abs(k - k_true) < abs(best[1] - k_true):
+            best = (mid, k, labels)
+        if k == k_true:
+            break
+        lo, hi = (mid, hi) if k < k_true else (lo, mid)
+    return best
 
-    ``keep_labels``: also return the labels at the true K's resolution (``labels_k``).
-    """
+
+def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int) -> dict:
+    """ARI/NMI of Leiden at resolution 0.8 and at the resolution giving the true K (:func:`_leiden_at_k`)."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     leiden = _leiden_on(latent, seed)
@@ -96,21 +108,8 @@ def _leiden_scores(latent: np.ndarray, truth: np.ndarray, seed: int, keep_labels
     labels_08 = leiden(0.8)
     out["ari_08"], out["nmi_08"] = scores(labels_08)
     out["k_08"] = len(set(labels_08))
-    k_true = len(set(truth))
-    lo, hi, best = 0.01, 5.0, None
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        labels = leiden(mid)
-        k = len(set(labels))
-        if best is None or abs(k - k_true) < abs(best[1] - k_true):
-            best = (mid, k, labels)
-        if k == k_true:
-            break
-        lo, hi = (mid, hi) if k < k_true else (lo, mid)
-    out["resolution_k"], out["k_found"] = best[0], best[1]
-    out["ari_k"], out["nmi_k"] = scores(best[2])
-    if keep_labels:
-        out["labels_k"] = best[2]
+    out["resolution_k"], out["k_found"], labels_k = _leiden_at_k(leiden, len(set(truth)))
+    out["ari_k"], out["nmi_k"] = scores(labels_k)
     return out
 
 
@@ -304,7 +303,8 @@ def rescore_true_k(folder: Path, data_dir: Path) -> None:
 
     Leiden at the resolution that gives the true K (the bisection of the main table, the same seed) and KMeans with
     the true K (20 starts): each clustering's ARI, and which annotated types it cuts into several pure clusters
-    ("split") or puts mostly into one cluster together ("shared"), by :func:`_metrics.cluster_purity`.
+    ("split") or puts mostly into one cluster together ("shared"), by :func:`_metrics.cluster_purity`; then both
+    ARIs' means over the seeds of each data set and method.
     """
     from _metrics import cluster_purity
     from sklearn.cluster import KMeans
@@ -316,16 +316,22 @@ def rescore_true_k(folder: Path, data_dir: Path) -> None:
 
     print("| data | method | seed | ARI, Leiden at true K | its clusters | ARI, KMeans at true K | its clusters |")
     print("|" + " --- |" * 7)
+    aris: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for name, method, seed, truth, latent in _saved_latents(folder, data_dir):
         k_true = len(set(truth))
-        leiden = _leiden_scores(latent, truth, int(seed), keep_labels=True)
-        by_leiden = cluster_purity(truth, leiden["labels_k"])
+        by_leiden = cluster_purity(truth, _leiden_at_k(_leiden_on(latent, int(seed)), k_true)[2])
         by_kmeans = cluster_purity(truth, KMeans(k_true, n_init=20, random_state=int(seed)).fit_predict(latent))
+        aris.setdefault((name, method), []).append((by_leiden["ari"], by_kmeans["ari"]))
         print(
             f"| {name} | {method} | {seed} | {by_leiden['ari']:.3f} ({by_leiden['k']}) | "
             f"{describe(by_leiden)} | {by_kmeans['ari']:.3f} | {describe(by_kmeans)} |",
             flush=True,
         )
+    print("\n| data | method | seeds | ARI, Leiden at true K (mean) | ARI, KMeans at true K (mean) |")
+    print("|" + " --- |" * 5)
+    for (name, method), values in aris.items():
+        leiden_mean, kmeans_mean = np.mean(values, axis=0)
+        print(f"| {name} | {method} | {len(values)} | {leiden_mean:.3f} | {kmeans_mean:.3f} |")
 
 
 def _control_spaces(method: str, latent: np.ndarray, seed: int) -> list[tuple[str, np.ndarray]]:
