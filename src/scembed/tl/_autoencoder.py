@@ -172,12 +172,10 @@ def autoencoder(
         Column of ``adata.obs`` with the batch of every cell (at least two batches); ``None`` for one batch.
     likelihood
         ``"zinb"`` (default), ``"nb"`` or ``"mse"``. ``"nb"`` has no dropout output, so the decoder has one of
-        its G-wide layers fewer and an epoch takes less time (0.16–0.30 s against 0.20–0.38 s on five 2,000-gene
-        sets; 0.36 s against 0.43 s on 15,073 genes with a batch key, where scVI took 0.45 s), with about
-        the same quality on average (over five sets ARI at the true K 0.534 against 0.554, the same 10-NN
-        accuracy) but a latent space that separated the types of the two 10x PBMC sets measured less well, and,
-        with early stopping, more epochs (``benchmarks/README.md``, ``tl.autoencoder``, "Likelihood: NB
-        instead of ZINB").
+        its G-wide layers fewer and an epoch takes less time (on a set of 15,073 genes with a batch key, less
+        than scVI's), at about the same quality on average; but on the two 10x PBMC sets measured its latent
+        space separated the cell types less well than the ZINB's, and with early stopping it trains for more
+        epochs (``benchmarks/README.md``, ``tl.autoencoder``, "Likelihood: NB instead of ZINB").
     dispersion
         For ``"zinb"`` and ``"nb"``: ``"cell"`` (default), the dispersion is a decoder output for every cell and
         gene, as in DCA and scDeepCluster; ``"gene"``, one learnt dispersion per gene shared by all cells, as
